@@ -1,0 +1,232 @@
+//! The envelope: the one message format on every server→client frame and in the broker.
+//!
+//! ```json
+//! {"type":"message","payload":{"text":"hi"},"timestamp":"2025-01-01T00:00:00.000Z",
+//!  "from_user":"bob","message_id":"…","channel":"tenant:acme"}
+//! ```
+//! Payloads are kept as raw JSON text: they are validated once and never re-encoded.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::channel::Channel;
+use crate::id::{MessageId, UserId};
+use crate::time::Timestamp;
+
+/// Well-known values of the envelope `type` field.
+pub mod kind {
+    /// A client message relayed to its tenant.
+    pub const MESSAGE: &str = "message";
+    /// A webhook relayed to its tenant.
+    pub const WEBHOOK: &str = "webhook";
+    /// The first frame of every connection.
+    pub const WELCOME: &str = "welcome";
+    /// The answer to a client `ping`.
+    pub const PONG: &str = "pong";
+    /// A problem with what the client sent; the connection stays open.
+    pub const ERROR: &str = "error";
+}
+
+/// A message as clients receive it and as it travels through the broker.
+#[derive(Debug, Serialize)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub kind: Cow<'static, str>,
+    pub payload: Box<RawValue>,
+    pub timestamp: Timestamp,
+    pub from_user: Option<UserId>,
+    pub message_id: MessageId,
+    /// Present on every frame delivered through a channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<Channel>,
+}
+
+impl Envelope {
+    /// The envelope as one line of JSON.
+    pub fn to_json(&self) -> String {
+        // Every field is a string, a validated id or already-valid raw JSON: encoding cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Turns any serializable value into a raw JSON payload.
+pub fn raw_payload<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| null_payload())
+}
+
+/// The payload `null`.
+pub fn null_payload() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is valid JSON"))
+}
+
+/// Why a broker message cannot be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("broker message is not a JSON object with a string \"type\": {0}")]
+    Malformed(String),
+    #[error("broker message has an empty or overlong \"type\"")]
+    InvalidType,
+}
+
+/// A message read from the broker, possibly published by another service with fields missing.
+#[derive(Debug, Deserialize)]
+pub struct InboundEnvelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    from_user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+}
+
+/// Longest accepted envelope `type`, in bytes.
+pub const MAX_KIND_LEN: usize = 64;
+
+#[derive(Serialize)]
+struct Completed<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    payload: &'a RawValue,
+    timestamp: &'a str,
+    from_user: Option<&'a str>,
+    message_id: &'a str,
+    channel: &'a str,
+}
+
+impl<'a> InboundEnvelope<'a> {
+    /// Parses a broker message.
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] when the bytes are not a JSON object with a string `type` of 1 to 64
+    /// bytes.
+    pub fn parse(raw: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let first = raw.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(EnvelopeError::Malformed("not a JSON object".to_owned()));
+        }
+        let parsed: Self =
+            serde_json::from_slice(raw).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        if parsed.kind.is_empty() || parsed.kind.len() > MAX_KIND_LEN {
+            return Err(EnvelopeError::InvalidType);
+        }
+        Ok(parsed)
+    }
+
+    /// Whether the message already carries every field a client frame needs, for `channel`.
+    pub fn is_complete_for(&self, channel: &Channel) -> bool {
+        self.payload.is_some()
+            && self.timestamp.is_some()
+            && self.message_id.is_some()
+            && self.channel.as_deref().is_some_and(|c| *c == *channel.name())
+    }
+
+    /// The message as a client frame on `channel`, with a missing `timestamp` or `message_id`
+    /// taken from `fill`, a missing payload as `null` and `channel` set to `channel`.
+    pub fn complete(&self, channel: &Channel, fill: impl FnOnce() -> (Timestamp, MessageId)) -> String {
+        let (now, id) = if self.timestamp.is_none() || self.message_id.is_none() {
+            let (now, id) = fill();
+            (Some(now.to_string()), Some(id))
+        } else {
+            (None, None)
+        };
+        let null = null_payload();
+        let completed = Completed {
+            kind: &self.kind,
+            payload: self.payload.unwrap_or(&null),
+            timestamp: self.timestamp.as_deref().or(now.as_deref()).unwrap_or_default(),
+            from_user: self.from_user.as_deref(),
+            message_id: self.message_id.as_deref().or(id.as_ref().map(MessageId::as_str)).unwrap_or_default(),
+            channel: &channel.name(),
+        };
+        serde_json::to_string(&completed).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::TenantId;
+
+    fn acme() -> Channel {
+        Channel::Tenant(TenantId::parse("acme").expect("valid"))
+    }
+
+    #[test]
+    fn envelopes_serialize_in_the_documented_shape() {
+        let envelope = Envelope {
+            kind: kind::MESSAGE.into(),
+            payload: RawValue::from_string(r#"{"text":"hi"}"#.into()).expect("json"),
+            timestamp: Timestamp::from_unix_millis(1_735_689_600_000),
+            from_user: Some(UserId::parse("bob").expect("valid")),
+            message_id: MessageId::parse("m-1").expect("valid"),
+            channel: Some(acme()),
+        };
+        assert_eq!(
+            envelope.to_json(),
+            r#"{"type":"message","payload":{"text":"hi"},"timestamp":"2025-01-01T00:00:00.000Z","from_user":"bob","message_id":"m-1","channel":"tenant:acme"}"#
+        );
+    }
+
+    #[test]
+    fn frames_not_sent_through_a_channel_have_no_channel_field() {
+        let envelope = Envelope {
+            kind: kind::PONG.into(),
+            payload: null_payload(),
+            timestamp: Timestamp::from_unix_millis(0),
+            from_user: None,
+            message_id: MessageId::parse("m-2").expect("valid"),
+            channel: None,
+        };
+        assert_eq!(
+            envelope.to_json(),
+            r#"{"type":"pong","payload":null,"timestamp":"1970-01-01T00:00:00.000Z","from_user":null,"message_id":"m-2"}"#
+        );
+    }
+
+    #[test]
+    fn complete_broker_messages_are_recognised_as_such() {
+        let raw = br#"{"type":"notice","payload":1,"timestamp":"t","from_user":null,"message_id":"x","channel":"tenant:acme"}"#;
+        let parsed = InboundEnvelope::parse(raw).expect("valid");
+        assert!(parsed.is_complete_for(&acme()));
+        assert!(!parsed.is_complete_for(&Channel::Global));
+    }
+
+    #[test]
+    fn missing_fields_are_filled_in() {
+        let raw = br#"{"type":"notice","payload":{"a":1}}"#;
+        let parsed = InboundEnvelope::parse(raw).expect("valid");
+        assert!(!parsed.is_complete_for(&acme()));
+        let completed = parsed
+            .complete(&acme(), || (Timestamp::from_unix_millis(0), MessageId::parse("gen").expect("valid")));
+        assert_eq!(
+            completed,
+            r#"{"type":"notice","payload":{"a":1},"timestamp":"1970-01-01T00:00:00.000Z","from_user":null,"message_id":"gen","channel":"tenant:acme"}"#
+        );
+    }
+
+    #[test]
+    fn a_wrong_channel_field_is_replaced_by_the_channel_it_arrived_on() {
+        let raw = br#"{"type":"x","payload":2,"timestamp":"t","message_id":"m","channel":"tenant:other"}"#;
+        let parsed = InboundEnvelope::parse(raw).expect("valid");
+        let completed = parsed.complete(&acme(), || unreachable!("nothing to fill"));
+        assert!(completed.contains(r#""channel":"tenant:acme""#), "{completed}");
+        assert!(completed.contains(r#""message_id":"m""#), "{completed}");
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        for raw in
+            [&b"not json"[..], b"[1,2]", b"{\"payload\":1}", b"{\"type\":5}", b"{\"type\":\"\"}", b"\xff\xfe"]
+        {
+            assert!(InboundEnvelope::parse(raw).is_err(), "{raw:?}");
+        }
+    }
+}

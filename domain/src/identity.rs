@@ -1,0 +1,137 @@
+//! Who a token says the client is, and what it may do.
+
+use serde::Deserialize;
+
+use crate::id::{IdError, TenantId, UserId};
+
+/// The scope a token needs to open a WebSocket connection.
+pub const SCOPE_WS_CONNECT: &str = "ws:connect";
+
+/// The claims of a verified token that matter to the service. Signature, `exp` and `nbf` are
+/// checked by the token verifier before these are looked at.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub sub: Option<String>,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Space-separated scopes (OAuth 2.0 style).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Scopes as an array of strings.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Why claims do not make an identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimsError {
+    #[error("token has neither user_id nor sub")]
+    MissingUser,
+    #[error("token has no tenant_id")]
+    MissingTenant,
+    #[error("token user: {0}")]
+    InvalidUser(IdError),
+    #[error("token tenant: {0}")]
+    InvalidTenant(IdError),
+}
+
+/// An authenticated client: a user of a tenant with a set of scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    user_id: UserId,
+    tenant_id: TenantId,
+    scopes: Vec<String>,
+}
+
+impl Identity {
+    /// Builds an identity from verified claims. `user_id` wins over `sub` when both are present.
+    ///
+    /// # Errors
+    /// [`ClaimsError`] when the user or tenant is missing or not a valid id.
+    pub fn from_claims(claims: Claims) -> Result<Self, ClaimsError> {
+        let user = claims.user_id.or(claims.sub).ok_or(ClaimsError::MissingUser)?;
+        let user_id = UserId::parse(&user).map_err(ClaimsError::InvalidUser)?;
+        let tenant = claims.tenant_id.ok_or(ClaimsError::MissingTenant)?;
+        let tenant_id = TenantId::parse(&tenant).map_err(ClaimsError::InvalidTenant)?;
+        let mut scopes: Vec<String> =
+            claims.scope.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+        scopes.extend(claims.scopes.unwrap_or_default());
+        Ok(Self { user_id, tenant_id, scopes })
+    }
+
+    /// An identity with the given scopes.
+    pub fn new(user_id: UserId, tenant_id: TenantId, scopes: Vec<String>) -> Self {
+        Self { user_id, tenant_id, scopes }
+    }
+
+    pub fn user_id(&self) -> &UserId {
+        &self.user_id
+    }
+
+    pub fn tenant_id(&self) -> &TenantId {
+        &self.tenant_id
+    }
+
+    /// Whether the identity holds `scope` as a whole token: `ws:connect` is not granted by
+    /// `ws:connect-admin` nor by `ws`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(user: Option<&str>, sub: Option<&str>, tenant: Option<&str>) -> Claims {
+        Claims {
+            user_id: user.map(Into::into),
+            sub: sub.map(Into::into),
+            tenant_id: tenant.map(Into::into),
+            ..Claims::default()
+        }
+    }
+
+    #[test]
+    fn user_id_is_preferred_over_sub() {
+        let id = Identity::from_claims(claims(Some("u1"), Some("s1"), Some("t"))).expect("valid");
+        assert_eq!(id.user_id().as_str(), "u1");
+        let id = Identity::from_claims(claims(None, Some("s1"), Some("t"))).expect("valid");
+        assert_eq!(id.user_id().as_str(), "s1");
+    }
+
+    #[test]
+    fn missing_or_invalid_user_and_tenant_are_rejected() {
+        assert_eq!(Identity::from_claims(claims(None, None, Some("t"))), Err(ClaimsError::MissingUser));
+        assert_eq!(Identity::from_claims(claims(Some("u"), None, None)), Err(ClaimsError::MissingTenant));
+        assert!(matches!(
+            Identity::from_claims(claims(Some("u:x"), None, Some("t"))),
+            Err(ClaimsError::InvalidUser(_))
+        ));
+        assert!(matches!(
+            Identity::from_claims(claims(Some("u"), None, Some("t*"))),
+            Err(ClaimsError::InvalidTenant(_))
+        ));
+    }
+
+    #[test]
+    fn scopes_match_whole_space_separated_tokens_only() {
+        let mut c = claims(Some("u"), None, Some("t"));
+        c.scope = Some("read  ws:connect-admin\tws".into());
+        let id = Identity::from_claims(c.clone()).expect("valid");
+        assert!(!id.has_scope(SCOPE_WS_CONNECT));
+        assert!(id.has_scope("ws"));
+        c.scope = Some("read ws:connect".into());
+        assert!(Identity::from_claims(c).expect("valid").has_scope(SCOPE_WS_CONNECT));
+    }
+
+    #[test]
+    fn scopes_may_come_as_an_array() {
+        let mut c = claims(Some("u"), None, Some("t"));
+        c.scopes = Some(vec!["ws:connect".into()]);
+        assert!(Identity::from_claims(c).expect("valid").has_scope(SCOPE_WS_CONNECT));
+    }
+}

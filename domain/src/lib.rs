@@ -1,0 +1,29 @@
+//! The domain of lq-realtime: the rules that hold whatever the transport or the broker.
+//!
+//! This crate is pure: no I/O, no async runtime, no network types. It may depend on `serde`,
+//! `serde_json` and `thiserror` only. Everything else in the workspace depends on it.
+//!
+//! # Layout
+//! - [`id`]: validated identifiers (`TenantId`, `UserId`, `ConnectionId`, `MessageId`, `Provider`).
+//! - [`channel`]: the channels a message travels on and their wire names.
+//! - [`time`]: `Timestamp` and its RFC 3339 form.
+//! - [`envelope`]: the message format every server→client frame and every broker message uses.
+//! - [`identity`]: what a token must claim to become an `Identity`, and the scope check.
+//! - [`protocol`]: client→server frames, error codes and close reasons.
+//! - [`registry`]: the connection registry and its first/last-connection events.
+
+pub mod channel;
+pub mod envelope;
+pub mod id;
+pub mod identity;
+pub mod protocol;
+pub mod registry;
+pub mod time;
+
+pub use channel::{Channel, ChannelError};
+pub use envelope::{Envelope, InboundEnvelope};
+pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};
+pub use identity::{Claims, ClaimsError, Identity, SCOPE_WS_CONNECT};
+pub use protocol::{ClientCommand, CloseReason, ErrorCode, ProtocolError};
+pub use registry::{ConnectionInfo, ConnectionRegistry, RegistryError};
+pub use time::Timestamp;
