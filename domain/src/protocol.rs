@@ -133,7 +133,8 @@ mod tests {
 
     #[test]
     fn every_malformed_frame_gets_a_specific_error() {
-        let cases: [(&str, fn(&ProtocolError) -> bool); 7] = [
+        type Check = fn(&ProtocolError) -> bool;
+        let cases: [(&str, Check); 7] = [
             ("hello", |e| matches!(e, ProtocolError::NotJson(_))),
             ("[1]", |e| matches!(e, ProtocolError::NotAnObject)),
             ("42", |e| matches!(e, ProtocolError::NotAnObject)),

@@ -1,0 +1,102 @@
+//! The frames the server sends, each serialized once into shared bytes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use domain::envelope::{Envelope, kind, null_payload, raw_payload};
+use domain::{Channel, ConnectionInfo, ErrorCode, MessageId, UserId};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::ports::{Clock, IdGenerator};
+
+/// Stamps envelopes with the time and a fresh id, and serializes them.
+#[derive(Clone)]
+pub struct FrameFactory {
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
+}
+
+impl std::fmt::Debug for FrameFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameFactory").finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    connection_id: &'a str,
+    user_id: &'a str,
+    tenant_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorPayload<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl FrameFactory {
+    pub fn new(clock: Arc<dyn Clock>, ids: Arc<dyn IdGenerator>) -> Self {
+        Self { clock, ids }
+    }
+
+    /// A new envelope stamped now with a fresh message id.
+    pub fn envelope(
+        &self,
+        kind: &'static str,
+        payload: Box<RawValue>,
+        from_user: Option<UserId>,
+        channel: Option<Channel>,
+    ) -> Envelope {
+        Envelope {
+            kind: kind.into(),
+            payload,
+            timestamp: self.clock.now(),
+            from_user,
+            message_id: self.ids.message_id(),
+            channel,
+        }
+    }
+
+    /// The first frame of a connection.
+    pub fn welcome(&self, info: &ConnectionInfo) -> Bytes {
+        let payload = raw_payload(&Welcome {
+            connection_id: info.id.as_str(),
+            user_id: info.user_id.as_str(),
+            tenant_id: info.tenant_id.as_str(),
+        });
+        encode(&self.envelope(kind::WELCOME, payload, None, None))
+    }
+
+    /// The answer to a client `ping`.
+    pub fn pong(&self) -> Bytes {
+        encode(&self.envelope(kind::PONG, null_payload(), None, None))
+    }
+
+    /// An `error` frame with a stable code and a human-readable message.
+    pub fn error(&self, code: ErrorCode, message: &str) -> Bytes {
+        let payload = raw_payload(&ErrorPayload { code: code.as_str(), message });
+        encode(&self.envelope(kind::ERROR, payload, None, None))
+    }
+
+    /// A fresh message id.
+    pub fn message_id(&self) -> MessageId {
+        self.ids.message_id()
+    }
+
+    /// A fresh connection id.
+    pub fn connection_id(&self) -> domain::ConnectionId {
+        self.ids.connection_id()
+    }
+
+    /// The current time.
+    pub fn now(&self) -> domain::Timestamp {
+        self.clock.now()
+    }
+}
+
+/// The envelope as the bytes of a text frame.
+pub fn encode(envelope: &Envelope) -> Bytes {
+    Bytes::from(envelope.to_json())
+}

@@ -1,0 +1,216 @@
+//! The hub: this instance's live connections and the fan-out to them.
+//!
+//! The domain registry is split into shards by tenant, each behind its own lock, so a fan-out
+//! to one tenant locks one shard and never the whole instance, and connects of different
+//! tenants do not contend. Broker subscribe/unsubscribe calls are made while the shard lock is
+//! held: that is what keeps "last client of tenant T left" and "first client of tenant T
+//! arrived" in order at the broker.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use domain::{
+    Channel, CloseReason, ConnectionId, ConnectionInfo, ConnectionRegistry, RegistryError, TenantId,
+    Timestamp,
+};
+
+use crate::ports::{ClientSink, MessageBroker, PushError, SubscribeAck};
+
+/// Number of registry shards. A power of two well above the core count keeps lock contention
+/// negligible while a global fan-out still walks few locks.
+const SHARDS: usize = 64;
+
+/// One live connection as the hub sees it.
+pub struct ConnectionHandle {
+    info: ConnectionInfo,
+    sink: Arc<dyn ClientSink>,
+    /// Updated by the connection's reader on every frame, read by the idle sweep; an atomic so
+    /// activity never takes a lock.
+    last_activity: AtomicU64,
+}
+
+impl std::fmt::Debug for ConnectionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionHandle").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl ConnectionHandle {
+    pub fn new(info: ConnectionInfo, sink: Arc<dyn ClientSink>) -> Self {
+        let now = info.connected_at.unix_millis();
+        Self { info, sink, last_activity: AtomicU64::new(now) }
+    }
+
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Records client activity at `now`.
+    pub fn touch(&self, now: Timestamp) {
+        self.last_activity.fetch_max(now.unix_millis(), Ordering::Relaxed);
+    }
+
+    pub fn last_activity(&self) -> Timestamp {
+        Timestamp::from_unix_millis(self.last_activity.load(Ordering::Relaxed))
+    }
+
+    /// Queues a frame. A client whose queue is full is closed as a slow consumer rather than
+    /// silently skipped: it reconnects and knows it missed messages.
+    pub fn send(&self, frame: Bytes) -> Result<(), PushError> {
+        let result = self.sink.push(frame);
+        if result == Err(PushError::Full) {
+            self.sink.close(CloseReason::SlowConsumer);
+        }
+        result
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        self.sink.close(reason);
+    }
+}
+
+type Shard = RwLock<ConnectionRegistry<Arc<ConnectionHandle>>>;
+
+/// This instance's connections.
+pub struct Hub {
+    shards: Box<[Shard]>,
+    broker: Arc<dyn MessageBroker>,
+    registered: AtomicUsize,
+    admitted: Arc<AtomicUsize>,
+    max_connections: usize,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("registered", &self.registered)
+            .field("admitted", &self.admitted)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reserved connection slot, released when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    admitted: Arc<AtomicUsize>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Hub {
+    pub fn new(broker: Arc<dyn MessageBroker>, max_connections: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(ConnectionRegistry::new())).collect(),
+            broker,
+            registered: AtomicUsize::new(0),
+            admitted: Arc::new(AtomicUsize::new(0)),
+            max_connections,
+        }
+    }
+
+    fn shard(&self, tenant: &TenantId) -> &Shard {
+        let mut hasher = DefaultHasher::new();
+        tenant.hash(&mut hasher);
+        // The modulo keeps the index below SHARDS, which fits in usize.
+        &self.shards[(hasher.finish() % SHARDS as u64) as usize]
+    }
+
+    fn read(shard: &Shard) -> RwLockReadGuard<'_, ConnectionRegistry<Arc<ConnectionHandle>>> {
+        shard.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(shard: &Shard) -> RwLockWriteGuard<'_, ConnectionRegistry<Arc<ConnectionHandle>>> {
+        shard.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reserves a connection slot, or `None` when the instance is at its limit.
+    pub fn try_admit(&self) -> Option<Permit> {
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_connections).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit { admitted: self.admitted.clone() })
+    }
+
+    /// Adds a connection. Returns the broker's acknowledgement when the connection made a
+    /// channel needed that was not before.
+    ///
+    /// # Errors
+    /// [`RegistryError::Duplicate`] when the connection id is already registered.
+    pub fn register(&self, handle: Arc<ConnectionHandle>) -> Result<Option<SubscribeAck>, RegistryError> {
+        let mut shard = Self::write(self.shard(&handle.info.tenant_id));
+        let needed = shard.register(handle.info.clone(), handle)?;
+        self.registered.fetch_add(1, Ordering::AcqRel);
+        Ok((!needed.is_empty()).then(|| self.broker.subscribe(&needed)))
+    }
+
+    /// Removes a connection, unsubscribing the channels nobody else here needs.
+    pub fn unregister(&self, tenant: &TenantId, id: &ConnectionId) -> Option<Arc<ConnectionHandle>> {
+        let mut shard = Self::write(self.shard(tenant));
+        let (_, handle, released) = shard.unregister(id)?;
+        if !released.is_empty() {
+            self.broker.unsubscribe(&released);
+        }
+        self.registered.fetch_sub(1, Ordering::AcqRel);
+        Some(handle)
+    }
+
+    /// Queues `frame` for every local connection listening on `channel`; returns how many
+    /// accepted it. The bytes are shared, never copied per recipient.
+    pub fn fan_out(&self, channel: &Channel, frame: &Bytes) -> usize {
+        let send_all = |registry: &ConnectionRegistry<Arc<ConnectionHandle>>| {
+            registry.recipients(channel).filter(|handle| handle.send(frame.clone()).is_ok()).count()
+        };
+        match channel {
+            Channel::Tenant(tenant) | Channel::User(tenant, _) => send_all(&Self::read(self.shard(tenant))),
+            Channel::Global | Channel::System => {
+                self.shards.iter().map(|shard| send_all(&Self::read(shard))).sum()
+            }
+        }
+    }
+
+    /// Calls `f` on every connection, one shard at a time.
+    pub fn for_each(&self, mut f: impl FnMut(&ConnectionHandle)) {
+        for shard in self.shards.iter() {
+            for (_, handle) in Self::read(shard).iter() {
+                f(handle);
+            }
+        }
+    }
+
+    /// Closes every connection with `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        self.for_each(|handle| handle.close(reason));
+    }
+
+    /// Every tenant and user channel some local connection needs.
+    pub fn needed_channels(&self) -> Vec<Channel> {
+        self.shards.iter().flat_map(|shard| Self::read(shard).needed_channels().collect::<Vec<_>>()).collect()
+    }
+
+    /// Registered connections.
+    pub fn len(&self) -> usize {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Connection slots in use, including connections still completing their handshake.
+    pub fn admitted(&self) -> usize {
+        self.admitted.load(Ordering::Acquire)
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+}

@@ -1,0 +1,165 @@
+//! Ports: what the application needs from the outside world, named by role.
+//!
+//! Every port is `Send + Sync` and used as `Arc<dyn Port>`. With the `mocks` feature (and in
+//! this crate's tests) each has a mockall mock named `Mock<Port>`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use domain::{Channel, Claims, CloseReason, ConnectionId, MessageId, TenantId, Timestamp};
+
+/// Resolves once the broker confirmed a subscription.
+pub type SubscribeAck = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send>>;
+
+/// A broker failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached or refused the operation; retrying later may succeed.
+    #[error("message broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Carries messages between all instances of the service.
+///
+/// Guarantees:
+/// - A message published to a channel reaches the [`InboundHandler`] of every instance that is
+///   subscribed to that channel when the broker processes the message, at most once.
+/// - Messages published on one channel by one instance are delivered in publication order.
+/// - `subscribe` and `unsubscribe` take effect in the order they are called: an `unsubscribe`
+///   followed by a `subscribe` of the same channel leaves it subscribed. Callers hold the lock
+///   that orders their own bookkeeping while calling them, so both return without waiting.
+/// - Subscriptions survive broker reconnections: the broker re-subscribes by itself.
+/// - `global:broadcast` and `system:events` are subscribed for the broker's whole life.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait MessageBroker: Send + Sync {
+    /// Publishes `message` (an envelope, as JSON) on `channel`. Returns once the broker has
+    /// accepted the message.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the broker cannot take the message; it fails fast
+    /// rather than waiting for the broker to come back.
+    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError>;
+
+    /// Starts delivering messages of `channels` to this instance. Does not block; the returned
+    /// acknowledgement resolves once the subscription is active.
+    ///
+    /// # Errors
+    /// The acknowledgement resolves to [`BrokerError::Unavailable`] when the broker could not
+    /// confirm the subscription in time; the subscription stays wanted and is retried.
+    fn subscribe(&self, channels: &[Channel]) -> SubscribeAck;
+
+    /// Stops delivering messages of `channels` to this instance. Does not block.
+    fn unsubscribe(&self, channels: &[Channel]);
+
+    /// Whether publishing and receiving currently work.
+    fn is_ready(&self) -> bool;
+}
+
+/// Receives every message the broker delivers to this instance.
+///
+/// Called from the broker's receiving loop: implementations must not block or wait on clients.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait InboundHandler: Send + Sync {
+    /// One message (an envelope as JSON, possibly with fields missing) arrived on `channel`.
+    fn on_message(&self, channel: Channel, message: Bytes);
+}
+
+/// Why a token was refused. Every variant means HTTP 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token uses an algorithm other than the accepted one")]
+    WrongAlgorithm,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token lacks a required claim: {0}")]
+    MissingClaim(String),
+}
+
+/// Verifies client tokens.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait TokenVerifier: Send + Sync {
+    /// Checks the token's signature, algorithm and validity window and returns its claims.
+    ///
+    /// # Errors
+    /// [`TokenError`] naming the first check that failed.
+    async fn verify(&self, token: &str) -> Result<Claims, TokenError>;
+}
+
+/// Why a webhook signature was refused. Every variant means the same HTTP 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("signature header is missing")]
+    Missing,
+    #[error("signature header is not sha256=<hex>")]
+    Malformed,
+    #[error("signature does not match")]
+    Mismatch,
+    #[error("tenant has no webhook secret")]
+    UnknownTenant,
+}
+
+/// Verifies that a webhook body was signed with the tenant's secret.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait WebhookVerifier: Send + Sync {
+    /// Checks `signature` (the `x-signature` header, if any) against `body` for `tenant`, in
+    /// constant time.
+    ///
+    /// # Errors
+    /// [`SignatureError`] when the signature is missing, malformed or wrong, or the tenant has
+    /// no secret.
+    async fn verify<'a>(
+        &self,
+        tenant: &TenantId,
+        body: &[u8],
+        signature: Option<&'a str>,
+    ) -> Result<(), SignatureError>;
+}
+
+/// The current time.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+/// Unique identifiers.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait IdGenerator: Send + Sync {
+    /// A connection id never handed out before, by any instance.
+    fn connection_id(&self) -> ConnectionId;
+    /// A message id never handed out before, by any instance.
+    fn message_id(&self) -> MessageId;
+}
+
+/// Why a frame could not be queued for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("the client's outbound queue is full")]
+    Full,
+    #[error("the connection is closed")]
+    Closed,
+}
+
+/// The way out to one connected client: a bounded queue drained by the connection's writer.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait ClientSink: Send + Sync {
+    /// Queues one frame (a JSON text frame) without waiting.
+    ///
+    /// # Errors
+    /// [`PushError::Full`] when the queue is full, [`PushError::Closed`] when the connection
+    /// is gone. Nothing is queued then.
+    fn push(&self, frame: Bytes) -> Result<(), PushError>;
+
+    /// Closes the connection with `reason`'s close code, ahead of anything still queued.
+    fn close(&self, reason: CloseReason);
+}

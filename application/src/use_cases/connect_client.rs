@@ -1,0 +1,274 @@
+//! Connect a client: authenticate its token, admit it, register it, greet it.
+//!
+//! Split in two steps so that every refusal (401, 403, 503) happens before the WebSocket
+//! upgrade: [`ConnectClient::authorize`] checks the token and reserves a slot,
+//! [`ConnectClient::connect`] registers the connection and queues its welcome frame.
+
+use std::sync::Arc;
+
+use domain::{ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNECT, Timestamp};
+
+use crate::frames::FrameFactory;
+use crate::hub::{ConnectionHandle, Hub, Permit};
+use crate::ports::{BrokerError, ClientSink, TokenError, TokenVerifier};
+
+/// Why a client may not connect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// No token in the query string nor in an `Authorization: Bearer` header. HTTP 401.
+    #[error("missing token")]
+    MissingToken,
+    /// The token failed verification. HTTP 401.
+    #[error("invalid token: {0}")]
+    InvalidToken(TokenError),
+    /// The token is valid but does not name a valid user and tenant. HTTP 401.
+    #[error("invalid token claims: {0}")]
+    InvalidClaims(ClaimsError),
+    /// The token lacks the `ws:connect` scope. HTTP 403.
+    #[error("token lacks the ws:connect scope")]
+    Forbidden,
+    /// The instance holds `MAX_CONNECTIONS` connections. HTTP 503.
+    #[error("instance is at its connection limit")]
+    AtCapacity,
+    /// The broker could not subscribe the connection's channels. HTTP 503.
+    #[error(transparent)]
+    Broker(BrokerError),
+    /// The connection went away while it was being registered.
+    #[error("connection closed during registration")]
+    Gone,
+}
+
+/// A client that passed authentication and holds a connection slot.
+#[derive(Debug)]
+pub struct Admission {
+    identity: Identity,
+    permit: Permit,
+}
+
+impl Admission {
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
+
+/// A registered connection. Hand it back to [`crate::DisconnectClient`] when it ends.
+#[derive(Debug)]
+pub struct Session {
+    handle: Arc<ConnectionHandle>,
+    _permit: Permit,
+}
+
+impl Session {
+    pub fn info(&self) -> &ConnectionInfo {
+        self.handle.info()
+    }
+
+    pub fn connection_id(&self) -> &ConnectionId {
+        &self.handle.info().id
+    }
+
+    pub fn handle(&self) -> &Arc<ConnectionHandle> {
+        &self.handle
+    }
+
+    /// Records client activity at `now`.
+    pub fn touch(&self, now: Timestamp) {
+        self.handle.touch(now);
+    }
+}
+
+/// The connect use-case.
+pub struct ConnectClient {
+    tokens: Arc<dyn TokenVerifier>,
+    hub: Arc<Hub>,
+    frames: FrameFactory,
+}
+
+impl std::fmt::Debug for ConnectClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectClient").finish_non_exhaustive()
+    }
+}
+
+impl ConnectClient {
+    pub fn new(tokens: Arc<dyn TokenVerifier>, hub: Arc<Hub>, frames: FrameFactory) -> Self {
+        Self { tokens, hub, frames }
+    }
+
+    /// Verifies the token, checks the `ws:connect` scope and reserves a connection slot.
+    ///
+    /// # Errors
+    /// [`ConnectError::MissingToken`], [`ConnectError::InvalidToken`],
+    /// [`ConnectError::InvalidClaims`], [`ConnectError::Forbidden`] or
+    /// [`ConnectError::AtCapacity`], checked in that order.
+    pub async fn authorize(&self, token: Option<&str>) -> Result<Admission, ConnectError> {
+        let token = token.filter(|t| !t.is_empty()).ok_or(ConnectError::MissingToken)?;
+        let claims = self.tokens.verify(token).await.map_err(ConnectError::InvalidToken)?;
+        let identity = Identity::from_claims(claims).map_err(ConnectError::InvalidClaims)?;
+        if !identity.has_scope(SCOPE_WS_CONNECT) {
+            return Err(ConnectError::Forbidden);
+        }
+        let permit = self.hub.try_admit().ok_or(ConnectError::AtCapacity)?;
+        Ok(Admission { identity, permit })
+    }
+
+    /// Queues the welcome frame on `sink` and registers the connection, waiting until its
+    /// channels are subscribed: from the moment this returns, every message published to the
+    /// client's tenant reaches it, after the welcome frame.
+    ///
+    /// # Errors
+    /// [`ConnectError::Broker`] when the subscription could not be confirmed (the connection
+    /// is unregistered again), [`ConnectError::Gone`] when the sink is already closed.
+    pub async fn connect(
+        &self,
+        admission: Admission,
+        sink: Arc<dyn ClientSink>,
+    ) -> Result<Session, ConnectError> {
+        let Admission { identity, permit } = admission;
+        let info = ConnectionInfo {
+            id: self.frames.connection_id(),
+            user_id: identity.user_id().clone(),
+            tenant_id: identity.tenant_id().clone(),
+            connected_at: self.frames.now(),
+        };
+        // Queued before the connection becomes visible to fan-outs, so it is always first.
+        sink.push(self.frames.welcome(&info)).map_err(|_| ConnectError::Gone)?;
+        let handle = Arc::new(ConnectionHandle::new(info, sink));
+        let ack = self.hub.register(handle.clone()).map_err(|_| ConnectError::Gone)?;
+        if let Some(ack) = ack
+            && let Err(error) = ack.await
+        {
+            self.hub.unregister(&handle.info().tenant_id, &handle.info().id);
+            return Err(ConnectError::Broker(error));
+        }
+        Ok(Session { handle, _permit: permit })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::{MockMessageBroker, MockTokenVerifier};
+    use crate::use_cases::test_support::*;
+    use domain::Claims;
+
+    fn claims(scope: &str) -> Claims {
+        Claims {
+            user_id: Some("bob".into()),
+            tenant_id: Some("acme".into()),
+            scope: Some(scope.into()),
+            ..Claims::default()
+        }
+    }
+
+    fn verifier(result: Result<Claims, TokenError>) -> Arc<MockTokenVerifier> {
+        let mut tokens = MockTokenVerifier::new();
+        tokens.expect_verify().returning(move |_| result.clone());
+        Arc::new(tokens)
+    }
+
+    fn use_case(
+        tokens: Arc<MockTokenVerifier>,
+        broker: MockMessageBroker,
+        max: usize,
+    ) -> (ConnectClient, Arc<Hub>) {
+        let hub = Arc::new(Hub::new(Arc::new(broker), max));
+        (ConnectClient::new(tokens, hub.clone(), frames()), hub)
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_empty_token_is_refused_without_asking_the_verifier() {
+        let mut tokens = MockTokenVerifier::new();
+        tokens.expect_verify().never();
+        let (connect, _) = use_case(Arc::new(tokens), MockMessageBroker::new(), 10);
+        assert_eq!(connect.authorize(None).await.err(), Some(ConnectError::MissingToken));
+        assert_eq!(connect.authorize(Some("")).await.err(), Some(ConnectError::MissingToken));
+    }
+
+    #[tokio::test]
+    async fn a_token_the_verifier_rejects_is_refused_with_its_reason() {
+        let (connect, _) = use_case(verifier(Err(TokenError::Expired)), MockMessageBroker::new(), 10);
+        assert_eq!(
+            connect.authorize(Some("t")).await.err(),
+            Some(ConnectError::InvalidToken(TokenError::Expired))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_without_a_tenant_is_refused() {
+        let mut no_tenant = claims("ws:connect");
+        no_tenant.tenant_id = None;
+        let (connect, _) = use_case(verifier(Ok(no_tenant)), MockMessageBroker::new(), 10);
+        assert_eq!(
+            connect.authorize(Some("t")).await.err(),
+            Some(ConnectError::InvalidClaims(ClaimsError::MissingTenant))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_without_the_connect_scope_is_forbidden() {
+        let (connect, _) = use_case(verifier(Ok(claims("read ws:connected"))), MockMessageBroker::new(), 10);
+        assert_eq!(connect.authorize(Some("t")).await.err(), Some(ConnectError::Forbidden));
+    }
+
+    #[tokio::test]
+    async fn admission_stops_at_the_connection_limit_and_resumes_when_a_slot_frees() {
+        let (connect, _) = use_case(verifier(Ok(claims("ws:connect"))), MockMessageBroker::new(), 1);
+        let first = connect.authorize(Some("t")).await.expect("admitted");
+        assert_eq!(connect.authorize(Some("t")).await.err(), Some(ConnectError::AtCapacity));
+        drop(first);
+        assert!(connect.authorize(Some("t")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_first_connection_of_a_tenant_subscribes_its_channels_and_is_welcomed_first() {
+        let mut broker = MockMessageBroker::new();
+        broker
+            .expect_subscribe()
+            .withf(|channels| names(channels) == ["tenant:acme", "user:acme:bob"])
+            .times(1)
+            .returning(|_| ack_ok());
+        let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        let sink = RecordingSink::new();
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let session = connect.connect(admission, sink.clone()).await.expect("connected");
+        let frames = sink.frames();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["type"], "welcome");
+        assert_eq!(frames[0]["payload"]["connection_id"], session.connection_id().as_str());
+        assert_eq!(frames[0]["payload"]["user_id"], "bob");
+        assert_eq!(frames[0]["payload"]["tenant_id"], "acme");
+        assert_eq!(frames[0]["from_user"], serde_json::Value::Null);
+        assert!(frames[0].get("channel").is_none());
+        assert_eq!(hub.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_of_the_same_user_subscribes_nothing_new() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().times(1).returning(|_| ack_ok());
+        let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let admission = connect.authorize(Some("t")).await.expect("admitted");
+            sessions.push(connect.connect(admission, RecordingSink::new()).await.expect("connected"));
+        }
+        assert_eq!(hub.len(), 2);
+        assert_ne!(sessions[0].connection_id(), sessions[1].connection_id());
+    }
+
+    #[tokio::test]
+    async fn a_failed_subscription_refuses_the_connection_and_leaves_nothing_behind() {
+        let mut broker = MockMessageBroker::new();
+        broker
+            .expect_subscribe()
+            .returning(|_| Box::pin(async { Err(BrokerError::Unavailable("down".into())) }));
+        broker.expect_unsubscribe().times(1).returning(|_| ());
+        let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let result = connect.connect(admission, RecordingSink::new()).await;
+        assert_eq!(result.err(), Some(ConnectError::Broker(BrokerError::Unavailable("down".into()))));
+        assert_eq!(hub.len(), 0);
+        assert_eq!(hub.admitted(), 0);
+    }
+}

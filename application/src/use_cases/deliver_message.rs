@@ -1,0 +1,166 @@
+//! Deliver a broker message to the local connections of its channel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use domain::{Channel, InboundEnvelope};
+
+use crate::frames::FrameFactory;
+use crate::hub::Hub;
+use crate::ports::InboundHandler;
+
+/// At most one warning about invalid broker messages per this many milliseconds.
+const INVALID_WARNING_INTERVAL_MS: u64 = 10_000;
+
+/// The deliver-a-broker-message use-case. It is the broker's [`InboundHandler`].
+pub struct DeliverBrokerMessage {
+    hub: Arc<Hub>,
+    frames: FrameFactory,
+    invalid: AtomicU64,
+    last_warning: AtomicU64,
+}
+
+impl std::fmt::Debug for DeliverBrokerMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliverBrokerMessage").field("invalid", &self.invalid).finish_non_exhaustive()
+    }
+}
+
+impl DeliverBrokerMessage {
+    pub fn new(hub: Arc<Hub>, frames: FrameFactory) -> Self {
+        Self { hub, frames, invalid: AtomicU64::new(0), last_warning: AtomicU64::new(0) }
+    }
+
+    /// Broker messages dropped because they were not valid envelopes.
+    pub fn invalid_messages(&self) -> u64 {
+        self.invalid.load(Ordering::Relaxed)
+    }
+
+    fn reject(&self, channel: &Channel, error: &domain::envelope::EnvelopeError) {
+        let dropped = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.frames.now().unix_millis();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= INVALID_WARNING_INTERVAL_MS)
+            && self
+                .last_warning
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%channel, %error, dropped_so_far = dropped, "dropping invalid broker message");
+        }
+    }
+}
+
+impl InboundHandler for DeliverBrokerMessage {
+    /// Queues the message for every local connection on `channel`. A message that already is a
+    /// complete envelope for this channel is forwarded byte for byte; one with `timestamp` or
+    /// `message_id` missing is completed first. Anything that is not an envelope is counted
+    /// and dropped.
+    fn on_message(&self, channel: Channel, message: Bytes) {
+        let frame = match InboundEnvelope::parse(&message) {
+            Ok(envelope) if envelope.is_complete_for(&channel) => message.clone(),
+            Ok(envelope) => {
+                Bytes::from(envelope.complete(&channel, || (self.frames.now(), self.frames.message_id())))
+            }
+            Err(error) => return self.reject(&channel, &error),
+        };
+        self.hub.fan_out(&channel, &frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::MockMessageBroker;
+    use crate::use_cases::test_support::*;
+    use domain::{CloseReason, TenantId};
+
+    fn hub() -> Arc<Hub> {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ack_ok());
+        Arc::new(Hub::new(Arc::new(broker), 10))
+    }
+
+    fn acme() -> Channel {
+        Channel::Tenant(TenantId::parse("acme").expect("valid"))
+    }
+
+    #[tokio::test]
+    async fn a_complete_envelope_reaches_exactly_the_tenants_connections_byte_for_byte() {
+        let hub = hub();
+        let (bob, eve, mallory) = (RecordingSink::new(), RecordingSink::new(), RecordingSink::new());
+        let _s1 = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let _s2 = session_with_sink(&hub, "eve", "acme", eve.clone()).await;
+        let _s3 = session_with_sink(&hub, "bob", "globex", mallory.clone()).await;
+        let message = Bytes::from_static(
+            br#"{"type":"message","payload":{"x":1},"timestamp":"2025-01-01T00:00:00.000Z","from_user":"bob","message_id":"abc","channel":"tenant:acme"}"#,
+        );
+        DeliverBrokerMessage::new(hub, frames()).on_message(acme(), message.clone());
+        for sink in [&bob, &eve] {
+            let frames = sink.raw_frames();
+            assert_eq!(frames.len(), 2, "welcome then the message");
+            assert_eq!(frames[1], message);
+        }
+        assert_eq!(mallory.raw_frames().len(), 1, "only its welcome");
+    }
+
+    #[tokio::test]
+    async fn a_message_published_by_another_service_is_completed_before_delivery() {
+        let hub = hub();
+        let sink = RecordingSink::new();
+        let _s = session_with_sink(&hub, "bob", "acme", sink.clone()).await;
+        DeliverBrokerMessage::new(hub, frames())
+            .on_message(acme(), Bytes::from_static(br#"{"type":"notice","payload":{"text":"maintenance"}}"#));
+        let frame = &sink.frames()[1];
+        assert_eq!(frame["type"], "notice");
+        assert_eq!(frame["payload"]["text"], "maintenance");
+        assert_eq!(frame["timestamp"], "2025-01-01T00:00:00.000Z");
+        assert_eq!(frame["channel"], "tenant:acme");
+        assert!(frame["message_id"].as_str().is_some_and(|id| !id.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_counted_and_dropped_and_later_messages_still_arrive() {
+        let hub = hub();
+        let sink = RecordingSink::new();
+        let _s = session_with_sink(&hub, "bob", "acme", sink.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        deliver.on_message(acme(), Bytes::from_static(b"garbage"));
+        deliver.on_message(acme(), Bytes::from_static(b"{\"no\":\"type\"}"));
+        deliver.on_message(acme(), Bytes::from_static(br#"{"type":"notice","payload":1}"#));
+        assert_eq!(deliver.invalid_messages(), 2);
+        let frames = sink.frames();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1]["type"], "notice");
+    }
+
+    #[tokio::test]
+    async fn global_and_system_messages_reach_every_connection() {
+        let hub = hub();
+        let (a, b) = (RecordingSink::new(), RecordingSink::new());
+        let _s1 = session_with_sink(&hub, "bob", "acme", a.clone()).await;
+        let _s2 = session_with_sink(&hub, "bob", "globex", b.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        deliver.on_message(Channel::Global, Bytes::from_static(br#"{"type":"announcement","payload":1}"#));
+        deliver.on_message(Channel::System, Bytes::from_static(br#"{"type":"maintenance","payload":2}"#));
+        for sink in [a, b] {
+            let frames = sink.frames();
+            assert_eq!(frames[1]["channel"], "global:broadcast");
+            assert_eq!(frames[2]["channel"], "system:events");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_queue_is_full_is_closed_as_a_slow_consumer() {
+        let hub = hub();
+        let slow = RecordingSink::with_capacity(2);
+        let _s = session_with_sink(&hub, "bob", "acme", slow.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        for _ in 0..3 {
+            deliver.on_message(acme(), Bytes::from_static(br#"{"type":"notice","payload":1}"#));
+        }
+        assert_eq!(slow.raw_frames().len(), 2);
+        assert_eq!(slow.closed(), Some(CloseReason::SlowConsumer));
+    }
+}

@@ -1,0 +1,57 @@
+//! Disconnect a client: forget it and release the channels nobody else here needs.
+
+use std::sync::Arc;
+
+use crate::hub::Hub;
+use crate::use_cases::connect_client::Session;
+
+/// The disconnect use-case.
+#[derive(Debug)]
+pub struct DisconnectClient {
+    hub: Arc<Hub>,
+}
+
+impl DisconnectClient {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+
+    /// Unregisters the session's connection and frees its slot. Idempotent with respect to the
+    /// registry: a connection already gone is simply not found.
+    pub fn disconnect(&self, session: Session) {
+        let info = session.info();
+        self.hub.unregister(&info.tenant_id, &info.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::MockMessageBroker;
+    use crate::use_cases::test_support::*;
+
+    #[tokio::test]
+    async fn the_last_connection_of_a_tenant_leaving_unsubscribes_its_channels() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ack_ok());
+        broker
+            .expect_unsubscribe()
+            .withf(|channels| names(channels) == ["user:acme:bob"])
+            .times(1)
+            .returning(|_| ());
+        broker
+            .expect_unsubscribe()
+            .withf(|channels| names(channels) == ["tenant:acme", "user:acme:eve"])
+            .times(1)
+            .returning(|_| ());
+        let hub = Arc::new(Hub::new(Arc::new(broker), 10));
+        let bob = session(&hub, "bob", "acme").await;
+        let eve = session(&hub, "eve", "acme").await;
+        let disconnect = DisconnectClient::new(hub.clone());
+        disconnect.disconnect(bob);
+        assert_eq!(hub.len(), 1);
+        disconnect.disconnect(eve);
+        assert_eq!(hub.len(), 0);
+        assert_eq!(hub.admitted(), 0);
+    }
+}

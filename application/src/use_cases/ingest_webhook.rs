@@ -1,0 +1,178 @@
+//! Ingest a webhook: check who sent it, relay it to the tenant, and only then say "accepted".
+
+use std::sync::Arc;
+
+use domain::envelope::{kind, raw_payload};
+use domain::{Channel, IdError, MessageId, Provider, TenantId};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::frames::{FrameFactory, encode};
+use crate::ports::{BrokerError, MessageBroker, SignatureError, WebhookVerifier};
+
+/// A webhook as the HTTP adapter received it. The body size limit is the adapter's job.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookRequest<'a> {
+    pub provider: &'a str,
+    /// The `x-tenant-id` header.
+    pub tenant: Option<&'a str>,
+    /// The `x-signature` header.
+    pub signature: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// Why a webhook was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    /// The provider path segment is not `[a-z0-9_-]{1,64}`. HTTP 404.
+    #[error("unknown webhook provider: {0}")]
+    InvalidProvider(IdError),
+    /// No `x-tenant-id` header. HTTP 400.
+    #[error("missing x-tenant-id header")]
+    MissingTenant,
+    /// The `x-tenant-id` header is not a valid tenant id. HTTP 400.
+    #[error("invalid x-tenant-id header: {0}")]
+    InvalidTenant(IdError),
+    /// Missing or wrong signature, or a tenant without a secret. HTTP 401, the same answer in
+    /// every case so that tenants cannot be probed.
+    #[error("invalid signature")]
+    Unauthorized(SignatureError),
+    /// The body is not JSON. HTTP 400.
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The broker did not take the message. HTTP 503 with `Retry-After`.
+    #[error(transparent)]
+    Broker(BrokerError),
+}
+
+#[derive(Serialize)]
+struct WebhookPayload<'a> {
+    provider: &'a str,
+    data: &'a RawValue,
+}
+
+/// The ingest-webhook use-case.
+pub struct IngestWebhook {
+    verifier: Arc<dyn WebhookVerifier>,
+    broker: Arc<dyn MessageBroker>,
+    frames: FrameFactory,
+}
+
+impl std::fmt::Debug for IngestWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestWebhook").finish_non_exhaustive()
+    }
+}
+
+impl IngestWebhook {
+    pub fn new(
+        verifier: Arc<dyn WebhookVerifier>,
+        broker: Arc<dyn MessageBroker>,
+        frames: FrameFactory,
+    ) -> Self {
+        Self { verifier, broker, frames }
+    }
+
+    /// Verifies the webhook and publishes `{"provider":…,"data":<body>}` as a `webhook`
+    /// message to `tenant:<tenant>`. Returns the message id once the broker accepted it.
+    ///
+    /// # Errors
+    /// [`WebhookError`], checked in this order: provider, tenant header, signature, JSON,
+    /// broker.
+    pub async fn ingest(&self, request: WebhookRequest<'_>) -> Result<MessageId, WebhookError> {
+        let provider = Provider::parse(request.provider).map_err(WebhookError::InvalidProvider)?;
+        let tenant = request.tenant.ok_or(WebhookError::MissingTenant)?;
+        let tenant = TenantId::parse(tenant).map_err(WebhookError::InvalidTenant)?;
+        self.verifier
+            .verify(&tenant, request.body, request.signature)
+            .await
+            .map_err(WebhookError::Unauthorized)?;
+        let text = std::str::from_utf8(request.body)
+            .map_err(|_| WebhookError::InvalidJson("body is not UTF-8".to_owned()))?;
+        let data: &RawValue =
+            serde_json::from_str(text).map_err(|e| WebhookError::InvalidJson(e.to_string()))?;
+        let payload = raw_payload(&WebhookPayload { provider: provider.as_str(), data });
+        let channel = Channel::Tenant(tenant);
+        let envelope = self.frames.envelope(kind::WEBHOOK, payload, None, Some(channel.clone()));
+        self.broker.publish(&channel, encode(&envelope)).await.map_err(WebhookError::Broker)?;
+        Ok(envelope.message_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::{MockMessageBroker, MockWebhookVerifier};
+    use crate::use_cases::test_support::*;
+    use serde_json::{Value, json};
+
+    fn verifier(result: Result<(), SignatureError>) -> MockWebhookVerifier {
+        let mut verifier = MockWebhookVerifier::new();
+        verifier.expect_verify().returning(move |_, _, _| result.clone());
+        verifier
+    }
+
+    fn request<'a>(provider: &'a str, tenant: Option<&'a str>, body: &'a [u8]) -> WebhookRequest<'a> {
+        WebhookRequest { provider, tenant, signature: Some("sha256=00"), body }
+    }
+
+    fn use_case(verifier: MockWebhookVerifier, broker: MockMessageBroker) -> IngestWebhook {
+        IngestWebhook::new(Arc::new(verifier), Arc::new(broker), frames())
+    }
+
+    #[tokio::test]
+    async fn a_verified_webhook_is_published_to_its_tenant_and_its_id_returned() {
+        let mut broker = MockMessageBroker::new();
+        broker
+            .expect_publish()
+            .withf(|channel, bytes| {
+                let v: Value = serde_json::from_slice(bytes).expect("json");
+                channel.name() == "tenant:acme"
+                    && v["type"] == "webhook"
+                    && v["payload"] == json!({"provider": "github", "data": {"action": "opened"}})
+                    && v["from_user"] == Value::Null
+                    && v["channel"] == "tenant:acme"
+                    && v["message_id"] == "m1"
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
+        let id = use_case(verifier(Ok(())), broker)
+            .ingest(request("github", Some("acme"), br#"{"action":"opened"}"#))
+            .await
+            .expect("accepted");
+        assert_eq!(id.as_str(), "m1");
+    }
+
+    #[tokio::test]
+    async fn requests_are_checked_in_order_and_nothing_is_published_on_failure() {
+        type Check = fn(&WebhookError) -> bool;
+        let cases: Vec<(WebhookRequest<'_>, Result<(), SignatureError>, Check)> = vec![
+            (request("GitHub", Some("acme"), b"{}"), Ok(()), |e| {
+                matches!(e, WebhookError::InvalidProvider(_))
+            }),
+            (request("github", None, b"{}"), Ok(()), |e| matches!(e, WebhookError::MissingTenant)),
+            (request("github", Some("a:b"), b"{}"), Ok(()), |e| matches!(e, WebhookError::InvalidTenant(_))),
+            (request("github", Some("acme"), b"{}"), Err(SignatureError::Mismatch), |e| {
+                matches!(e, WebhookError::Unauthorized(SignatureError::Mismatch))
+            }),
+            (request("github", Some("acme"), b"not json"), Ok(()), |e| {
+                matches!(e, WebhookError::InvalidJson(_))
+            }),
+            (request("github", Some("acme"), b"\xff"), Ok(()), |e| matches!(e, WebhookError::InvalidJson(_))),
+        ];
+        for (req, signature, expected) in cases {
+            let mut broker = MockMessageBroker::new();
+            broker.expect_publish().never();
+            let err = use_case(verifier(signature), broker).ingest(req).await.expect_err("refused");
+            assert!(expected(&err), "{req:?}: {err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broker_failure_is_reported_so_the_sender_retries() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().returning(|_, _| Err(BrokerError::Unavailable("down".into())));
+        let err = use_case(verifier(Ok(())), broker).ingest(request("github", Some("acme"), b"[]")).await;
+        assert_eq!(err, Err(WebhookError::Broker(BrokerError::Unavailable("down".into()))));
+    }
+}
