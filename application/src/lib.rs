@@ -55,6 +55,8 @@ pub struct Realtime {
     pub frames: HandleClientFrame,
     pub webhooks: IngestWebhook,
     pub sweep: SweepInactiveConnections,
+    /// The broker's inbound handler; the broker only holds it weakly.
+    pub deliver: Arc<DeliverBrokerMessage>,
 }
 
 impl std::fmt::Debug for Realtime {
@@ -64,11 +66,16 @@ impl std::fmt::Debug for Realtime {
 }
 
 impl Realtime {
-    /// Wires the use-cases to `ports` around `hub`. The broker must deliver inbound messages
-    /// to a [`DeliverBrokerMessage`] built on the same hub.
-    pub fn new(ports: Ports, hub: Arc<Hub>, idle_timeout_ms: u64) -> Self {
+    /// Wires the use-cases to `ports` and starts the broker's deliveries to this instance's
+    /// connections.
+    pub fn new(ports: Ports, max_connections: usize, idle_timeout_ms: u64) -> Self {
         let frames = frames::FrameFactory::new(ports.clock.clone(), ports.ids.clone());
+        let hub = Arc::new(Hub::new(ports.broker.clone(), max_connections));
+        let deliver = Arc::new(DeliverBrokerMessage::new(hub.clone(), frames.clone()));
+        let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
+        ports.broker.start(Arc::downgrade(&handler));
         Self {
+            deliver,
             connect: ConnectClient::new(ports.tokens, hub.clone(), frames.clone()),
             disconnect: DisconnectClient::new(hub.clone()),
             frames: HandleClientFrame::new(ports.broker.clone(), frames.clone()),

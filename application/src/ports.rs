@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Weak;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -53,6 +54,10 @@ pub trait MessageBroker: Send + Sync {
 
     /// Stops delivering messages of `channels` to this instance. Does not block.
     fn unsubscribe(&self, channels: &[Channel]);
+
+    /// Starts delivering inbound messages to `handler`; called once, at start-up. The broker
+    /// holds the handler weakly: once the application is dropped, deliveries stop.
+    fn start(&self, handler: Weak<dyn InboundHandler>);
 
     /// Whether publishing and receiving currently work.
     fn is_ready(&self) -> bool;

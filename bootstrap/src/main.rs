@@ -1,1 +1,5 @@
-fn main() {}
+//! `lq-realtime`: see `docs/` and `lq-realtime --help`.
+
+fn main() -> std::process::ExitCode {
+    bootstrap::cli::main()
+}

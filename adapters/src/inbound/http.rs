@@ -1,0 +1,147 @@
+//! The HTTP surface: health, readiness and webhooks, with the WebSocket route mounted beside.
+
+use std::sync::Arc;
+
+use application::{Realtime, WebhookError, WebhookRequest};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::StatusCode;
+use serde_json::json;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::inbound::error::{ApiError, recover};
+use crate::inbound::ws::{self, WsSettings};
+
+/// Largest accepted webhook body: 1 MiB.
+pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
+
+/// Serves every route on `listener` until `stop` resolves, then finishes the requests in
+/// flight. Upgraded WebSocket connections are not waited for: they are closed by the caller.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<Realtime>,
+    ws_settings: WsSettings,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    warp::serve(routes(app, ws_settings)).incoming(listener).graceful(stop).run().await;
+}
+
+/// Every route of the service, errors answered as JSON.
+pub fn routes(
+    app: Arc<Realtime>,
+    ws_settings: WsSettings,
+) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static {
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+    let ready = warp::path!("ready").and(warp::get()).and(with(app.clone())).map(|app: Arc<Realtime>| {
+        if app.is_ready() {
+            warp::reply::json(&json!({"status": "ready"})).into_response()
+        } else {
+            ApiError::unavailable("message broker unavailable").into_response()
+        }
+    });
+    let webhooks = warp::path!("webhooks" / String)
+        .and(warp::post())
+        .and(with(app.clone()))
+        .and(warp::header::optional::<String>("x-tenant-id"))
+        .and(warp::header::optional::<String>("x-signature"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(webhook);
+    health
+        .or(ready)
+        .unify()
+        .or(ws::route(app, ws_settings))
+        .unify()
+        .or(webhooks)
+        .unify()
+        .recover(recover)
+        .unify()
+        .with(warp::log::custom(log_request))
+}
+
+fn with<T: Clone + Send + Sync + 'static>(
+    value: T,
+) -> impl Filter<Extract = (T,), Error = std::convert::Infallible> + Clone {
+    warp::any().map(move || value.clone())
+}
+
+/// Logs method, path and status — never the query string, which may carry a token.
+fn log_request(info: warp::log::Info<'_>) {
+    tracing::info!(
+        target: "lq_realtime::http",
+        method = %info.method(),
+        path = info.path(),
+        status = info.status().as_u16(),
+        elapsed_us = u64::try_from(info.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+}
+
+async fn read_limited<S, B>(mut body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| ApiError::bad_request("request body could not be read"))?;
+        if collected.len() + chunk.remaining() > limit {
+            return Err(too_large());
+        }
+        collected.put(chunk);
+    }
+    Ok(collected.freeze())
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "webhook body exceeds 1 MiB")
+}
+
+async fn webhook<S, B>(
+    provider: String,
+    app: Arc<Realtime>,
+    tenant: Option<String>,
+    signature: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+) -> Result<Response, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
+    B: Buf + Send,
+{
+    if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
+        return Err(warp::reject::custom(too_large()));
+    }
+    let body = read_limited(body, MAX_WEBHOOK_BODY).await?;
+    let request = WebhookRequest {
+        provider: &provider,
+        tenant: tenant.as_deref(),
+        signature: signature.as_deref(),
+        body: &body,
+    };
+    match app.webhooks.ingest(request).await {
+        Ok(message_id) => {
+            Ok(warp::reply::json(&json!({"status": "accepted", "message_id": message_id.as_str()}))
+                .into_response())
+        }
+        Err(error) => Err(warp::reject::custom(webhook_error(&error))),
+    }
+}
+
+fn webhook_error(error: &WebhookError) -> ApiError {
+    match error {
+        WebhookError::InvalidProvider(_) => ApiError::not_found(),
+        WebhookError::MissingTenant | WebhookError::InvalidTenant(_) => {
+            ApiError::bad_request(error.to_string())
+        }
+        // One answer for every signature problem, so tenants cannot be probed.
+        WebhookError::Unauthorized(_) => ApiError::unauthorized("invalid signature"),
+        WebhookError::InvalidJson(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", error.to_string())
+        }
+        WebhookError::Broker(_) => ApiError::unavailable("message broker unavailable, retry later"),
+    }
+}

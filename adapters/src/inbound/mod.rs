@@ -1,0 +1,5 @@
+//! Inbound adapters: the HTTP and WebSocket surface that drives the use-cases.
+
+pub mod error;
+pub mod http;
+pub mod ws;

@@ -1,0 +1,189 @@
+//! JSON Web Tokens: `JwtVerifier` for clients' tokens and `JwtIssuer` for the `token` command.
+//!
+//! The algorithm is pinned to HS256: a token whose header names any other algorithm — `none`
+//! included — is refused before its signature is looked at.
+
+use application::ports::{TokenError, TokenVerifier};
+use async_trait::async_trait;
+use domain::Claims;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::Serialize;
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// Verifies HS256 tokens signed with one shared secret.
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier").field("algorithm", &"HS256").finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    pub fn hs256(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        // Audiences are not part of the contract; a token carrying one is still accepted.
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
+        Self { key: DecodingKey::from_secret(secret), validation }
+    }
+}
+
+fn token_error(kind: &ErrorKind) -> TokenError {
+    match kind {
+        ErrorKind::InvalidSignature => TokenError::BadSignature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+            TokenError::WrongAlgorithm
+        }
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
+        _ => TokenError::Malformed,
+    }
+}
+
+#[async_trait]
+impl TokenVerifier for JwtVerifier {
+    async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| token_error(e.kind()))
+    }
+}
+
+/// Signs HS256 tokens, for trying the service and for scripts.
+pub struct JwtIssuer {
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for JwtIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtIssuer").finish_non_exhaustive()
+    }
+}
+
+/// What an issued token claims.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRequest {
+    pub user_id: String,
+    pub tenant_id: String,
+    pub scope: String,
+    /// Issued-at, seconds since the Unix epoch.
+    pub iat: u64,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+/// Why a token could not be signed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot sign token: {0}")]
+pub struct SigningError(String);
+
+impl JwtIssuer {
+    pub fn hs256(secret: &[u8]) -> Self {
+        Self { key: EncodingKey::from_secret(secret) }
+    }
+
+    /// Signs `claims`.
+    ///
+    /// # Errors
+    /// [`SigningError`] when the crypto backend refuses to sign.
+    pub fn issue(&self, claims: &TokenRequest) -> Result<String, SigningError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.key)
+            .map_err(|e| SigningError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn sign(claims: &serde_json::Value, alg: Algorithm, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret)).expect("signed")
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            }
+        }
+        out
+    }
+
+    async fn verify(token: &str) -> Result<Claims, TokenError> {
+        JwtVerifier::hs256(SECRET).verify(token).await
+    }
+
+    #[tokio::test]
+    async fn an_issued_token_verifies_and_carries_its_claims() {
+        let token = JwtIssuer::hs256(SECRET)
+            .issue(&TokenRequest {
+                user_id: "bob".into(),
+                tenant_id: "acme".into(),
+                scope: "ws:connect".into(),
+                iat: now(),
+                exp: now() + 60,
+            })
+            .expect("signed");
+        let claims = verify(&token).await.expect("valid");
+        assert_eq!(claims.user_id.as_deref(), Some("bob"));
+        assert_eq!(claims.tenant_id.as_deref(), Some("acme"));
+        assert_eq!(claims.scope.as_deref(), Some("ws:connect"));
+    }
+
+    #[tokio::test]
+    async fn every_bad_token_is_refused_with_its_reason() {
+        let good = serde_json::json!({"sub": "bob", "tenant_id": "acme", "exp": now() + 60});
+        assert_eq!(verify("garbage").await, Err(TokenError::Malformed));
+        assert_eq!(
+            verify(&sign(&good, Algorithm::HS256, b"another secret of 32 bytes......")).await,
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(verify(&sign(&good, Algorithm::HS512, SECRET)).await, Err(TokenError::WrongAlgorithm));
+        let expired = serde_json::json!({"sub": "bob", "exp": now() - 3600});
+        assert_eq!(verify(&sign(&expired, Algorithm::HS256, SECRET)).await, Err(TokenError::Expired));
+        let early = serde_json::json!({"sub": "bob", "exp": now() + 3600, "nbf": now() + 600});
+        assert_eq!(verify(&sign(&early, Algorithm::HS256, SECRET)).await, Err(TokenError::NotYetValid));
+        let no_exp = serde_json::json!({"sub": "bob"});
+        assert_eq!(
+            verify(&sign(&no_exp, Algorithm::HS256, SECRET)).await,
+            Err(TokenError::MissingClaim("exp".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_token_with_alg_none_is_refused() {
+        let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+        let body =
+            b64(format!(r#"{{"sub":"bob","tenant_id":"acme","scope":"ws:connect","exp":{}}}"#, now() + 60)
+                .as_bytes());
+        for token in [format!("{header}.{body}."), format!("{header}.{body}")] {
+            assert!(verify(&token).await.is_err(), "{token}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_within_the_leeway_is_still_accepted() {
+        let almost = serde_json::json!({"sub": "bob", "exp": now() - 2});
+        assert!(verify(&sign(&almost, Algorithm::HS256, SECRET)).await.is_ok());
+    }
+}

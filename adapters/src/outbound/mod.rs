@@ -1,0 +1,6 @@
+//! Outbound adapters: implementations of the application's ports.
+
+pub mod hmac;
+pub mod jwt;
+pub mod memory;
+pub mod system;

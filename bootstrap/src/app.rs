@@ -1,0 +1,152 @@
+//! Wiring: build every adapter from the configuration, bind the listener, serve until told to
+//! stop, then shut down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters::inbound::http::serve;
+use adapters::inbound::ws::WsSettings;
+use adapters::outbound::hmac::HmacWebhookVerifier;
+use adapters::outbound::jwt::{JwtIssuer, JwtVerifier, TokenRequest};
+use adapters::outbound::memory::InMemoryBroker;
+use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
+use application::ports::{Clock, MessageBroker};
+use application::{Ports, Realtime};
+use domain::{CloseReason, SCOPE_WS_CONNECT};
+use tokio::net::TcpListener;
+
+use crate::config::{Config, JwtSecret};
+
+/// Everything a shutdown may take: stop accepting, close every client, finish.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(8);
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("BIND_ADDR: cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "REDIS_URL: the Redis broker is not available in this build; unset REDIS_URL to use the in-process broker"
+    )]
+    RedisUnsupported,
+    #[error("{0}")]
+    Randomness(String),
+}
+
+/// A bound, wired instance, ready to [`run`](Application::run_until).
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    realtime: Arc<Realtime>,
+    config: Config,
+    /// Set when no `JWT_SECRET_KEY` was configured: the generated secret, to mint a demo token.
+    ephemeral_secret: Option<JwtSecret>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Wires the adapters and binds `config.bind_addr` (port 0 picks a free port).
+    ///
+    /// # Errors
+    /// [`StartError`] when the address cannot be bound or a configured part is unavailable.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        if config.redis_url.is_some() {
+            return Err(StartError::RedisUnsupported);
+        }
+        let (secret, ephemeral_secret) = match &config.jwt_secret {
+            Some(secret) => (secret.clone(), None),
+            None => {
+                let bytes = random_bytes(32).map_err(|e| StartError::Randomness(e.to_string()))?;
+                let secret = JwtSecret::new(bytes);
+                (secret.clone(), Some(secret))
+            }
+        };
+        let broker: Arc<dyn MessageBroker> = Arc::new(InMemoryBroker::new());
+        let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
+        let ports = Ports {
+            broker,
+            tokens: Arc::new(JwtVerifier::hs256(secret.as_bytes())),
+            webhooks: Arc::new(HmacWebhookVerifier::new(config.webhook_secrets.clone())),
+            clock: Arc::new(SystemClock),
+            ids: Arc::new(ids),
+        };
+        let idle_ms = u64::try_from(config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let realtime = Arc::new(Realtime::new(ports, config.max_connections, idle_ms));
+        let listener = TcpListener::bind(config.bind_addr)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
+        let addr =
+            listener.local_addr().map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
+        Ok(Self { listener, addr, realtime, config, ephemeral_secret })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// When no `JWT_SECRET_KEY` was configured: a token for user `demo` of tenant `demo`,
+    /// valid for an hour, signed with this process's ephemeral secret.
+    pub fn demo_token(&self) -> Option<String> {
+        let secret = self.ephemeral_secret.as_ref()?;
+        let now = SystemClock.now().unix_seconds();
+        JwtIssuer::hs256(secret.as_bytes())
+            .issue(&TokenRequest {
+                user_id: "demo".into(),
+                tenant_id: "demo".into(),
+                scope: SCOPE_WS_CONNECT.into(),
+                iat: now,
+                exp: now + 3600,
+            })
+            .ok()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, closes every WebSocket with
+    /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
+        let Self { listener, addr, realtime, config, .. } = self;
+        let ws = WsSettings::default();
+        let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, realtime.clone(), ws, async {
+            let _ = accepting_stopped.await;
+        }));
+        let sweeper = tokio::spawn(sweep_periodically(realtime.clone(), config.idle_timeout));
+        tracing::info!(%addr, max_connections = config.max_connections, "lq-realtime listening");
+
+        shutdown.await;
+        tracing::info!(connections = realtime.hub.len(), "shutting down: closing every connection with 1001");
+        sweeper.abort();
+        let _ = stop_accepting.send(());
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        // Repeated, so that a connection completing its handshake during shutdown is closed too.
+        while realtime.hub.admitted() > 0 && tokio::time::Instant::now() < deadline {
+            realtime.hub.close_all(CloseReason::GoingAway);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(remaining, server).await.is_err() {
+            tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");
+        }
+        tracing::info!(connections_left = realtime.hub.len(), "stopped");
+    }
+}
+
+async fn sweep_periodically(realtime: Arc<Realtime>, idle_timeout: Duration) {
+    let period = (idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let closed = realtime.sweep.sweep();
+        if closed > 0 {
+            tracing::info!(closed, "closed idle connections");
+        }
+    }
+}

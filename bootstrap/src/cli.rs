@@ -1,0 +1,221 @@
+//! The command line: `lq-realtime` serves; `lq-realtime token …` mints a token.
+
+use std::process::ExitCode;
+
+use adapters::outbound::jwt::{JwtIssuer, TokenRequest};
+use adapters::outbound::system::SystemClock;
+use application::ports::Clock;
+use domain::{SCOPE_WS_CONNECT, TenantId, UserId};
+
+use crate::app::Application;
+use crate::config::{Config, ENV_JWT_SECRET_KEY, jwt_secret_from_lookup};
+use crate::telemetry;
+
+const USAGE: &str = "\
+usage:
+  lq-realtime                      serve (configured by environment variables, see docs/configuration.md)
+  lq-realtime token --user U --tenant T [--ttl SECS] [--scope \"ws:connect\"]
+                                   print a token signed with JWT_SECRET_KEY
+  lq-realtime --help | --version";
+
+/// Exit code for bad configuration or usage.
+const EXIT_CONFIG: u8 = 2;
+
+/// Runs the command line with the process's arguments and environment.
+pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let lookup = |key: &str| std::env::var(key).ok();
+    match args.first().map(String::as_str) {
+        None => serve(lookup),
+        Some("token") => token(&args[1..], lookup),
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("--version" | "-V") => {
+            println!("lq-realtime {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("error: unknown command {other:?}\n{USAGE}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn serve(lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
+    let config = match Config::from_lookup(lookup) {
+        Ok(config) => config,
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("configuration error: {error}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init(&config.log_filter, config.log_format);
+    runtime.block_on(async {
+        let app = match Application::build(config).await {
+            Ok(app) => app,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(token) = app.demo_token() {
+            let port = app.local_addr().port();
+            tracing::warn!(
+                "JWT_SECRET_KEY is not set: tokens are signed with a random secret that dies with this \
+                 process. Set JWT_SECRET_KEY (32+ bytes) for anything but a trial. A demo token for \
+                 user demo of tenant demo is printed on stdout."
+            );
+            println!("demo token (user demo, tenant demo, valid 1 h): {token}");
+            println!("connect:    ws://127.0.0.1:{port}/ws?token={token}");
+        }
+        app.run_until(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The options of `lq-realtime token`.
+#[derive(Debug, PartialEq, Eq)]
+struct TokenArgs {
+    user: UserId,
+    tenant: TenantId,
+    ttl_secs: u64,
+    scope: String,
+}
+
+fn parse_token_args(args: &[String]) -> Result<TokenArgs, String> {
+    let (mut user, mut tenant, mut ttl, mut scope) = (None, None, None, None);
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let mut value = || iter.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--user" => user = Some(value()?),
+            "--tenant" => tenant = Some(value()?),
+            "--ttl" => ttl = Some(value()?),
+            "--scope" => scope = Some(value()?),
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    let user = UserId::parse(&user.ok_or("--user is required")?).map_err(|e| format!("--user: {e}"))?;
+    let tenant =
+        TenantId::parse(&tenant.ok_or("--tenant is required")?).map_err(|e| format!("--tenant: {e}"))?;
+    let ttl_secs = match ttl {
+        None => 3600,
+        Some(raw) => match raw.parse::<u64>() {
+            Ok(n) if (1..=31_536_000).contains(&n) => n,
+            _ => return Err(format!("--ttl: expected seconds between 1 and 31536000, got {raw:?}")),
+        },
+    };
+    Ok(TokenArgs { user, tenant, ttl_secs, scope: scope.unwrap_or_else(|| SCOPE_WS_CONNECT.to_owned()) })
+}
+
+fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
+    let args = match parse_token_args(args) {
+        Ok(args) => args,
+        Err(problem) => {
+            eprintln!("error: {problem}\n{USAGE}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let secret = match jwt_secret_from_lookup(lookup) {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            eprintln!(
+                "configuration error: {ENV_JWT_SECRET_KEY}: must be set to mint tokens (an instance started \
+                 without it prints its own demo token)"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(error) => {
+            eprintln!("configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let now = SystemClock.now().unix_seconds();
+    let request = TokenRequest {
+        user_id: args.user.to_string(),
+        tenant_id: args.tenant.to_string(),
+        scope: args.scope,
+        iat: now,
+        exp: now + args.ttl_secs,
+    };
+    match JwtIssuer::hs256(secret.as_bytes()).issue(&request) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn token_options_have_defaults_for_ttl_and_scope() {
+        let parsed = parse_token_args(&args(&["--user", "bob", "--tenant", "acme"])).expect("valid");
+        assert_eq!(parsed.user.as_str(), "bob");
+        assert_eq!(parsed.tenant.as_str(), "acme");
+        assert_eq!(parsed.ttl_secs, 3600);
+        assert_eq!(parsed.scope, "ws:connect");
+        let parsed =
+            parse_token_args(&args(&["--tenant", "t", "--user", "u", "--ttl", "60", "--scope", "a b"]))
+                .expect("valid");
+        assert_eq!((parsed.ttl_secs, parsed.scope.as_str()), (60, "a b"));
+    }
+
+    #[test]
+    fn bad_token_options_are_explained() {
+        for (list, expected) in [
+            (&["--tenant", "t"][..], "--user is required"),
+            (&["--user", "u"][..], "--tenant is required"),
+            (&["--user", "u:x", "--tenant", "t"][..], "--user:"),
+            (&["--user", "u", "--tenant", "t", "--ttl", "0"][..], "--ttl"),
+            (&["--user"][..], "--user needs a value"),
+            (&["--nope"][..], "unknown option"),
+        ] {
+            let error = parse_token_args(&args(list)).expect_err("invalid");
+            assert!(error.contains(expected), "{list:?}: {error}");
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Configuration from the environment.
+//!
+//! Every variable is a named constant with its default beside it, parsed by
+//! [`Config::from_lookup`] from any lookup function, so tests pass a map instead of touching
+//! the process environment. Every problem is reported, one line each, naming the variable.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use adapters::outbound::hmac::Secret;
+use domain::TenantId;
+
+/// HTTP + WebSocket listen address.
+pub const ENV_BIND_ADDR: &str = "BIND_ADDR";
+pub const DEFAULT_BIND_ADDR: &str = "0.0.0.0:8080";
+/// HS256 secret for client tokens, at least [`MIN_JWT_SECRET_BYTES`] bytes.
+pub const ENV_JWT_SECRET_KEY: &str = "JWT_SECRET_KEY";
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+/// Redis URL of the broker; unset means the in-process broker.
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
+/// JSON object mapping tenant id to webhook secret.
+pub const ENV_WEBHOOK_SECRETS: &str = "WEBHOOK_SECRETS";
+/// WebSocket connections per instance.
+pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Seconds without any frame from a client after which it is closed with 4408.
+pub const ENV_IDLE_TIMEOUT_SECS: &str = "IDLE_TIMEOUT_SECS";
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 3600;
+/// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+pub const ENV_RUST_LOG: &str = "RUST_LOG";
+pub const DEFAULT_RUST_LOG: &str = "info";
+/// `text` or `json`.
+pub const ENV_LOG_FORMAT: &str = "LOG_FORMAT";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The HS256 secret for client tokens. Its `Debug` output never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtSecret(Vec<u8>);
+
+impl JwtSecret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for JwtSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JwtSecret(<redacted>)")
+    }
+}
+
+/// Redis URL, kept out of `Debug` output since it may carry a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisUrl(<redacted>)")
+    }
+}
+
+/// The validated configuration of one instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind_addr: SocketAddr,
+    /// `None`: an ephemeral secret is generated at start.
+    pub jwt_secret: Option<JwtSecret>,
+    pub redis_url: Option<RedisUrl>,
+    pub webhook_secrets: HashMap<TenantId, Secret>,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.problem)
+    }
+}
+
+/// Every configuration problem found, one per line when displayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+struct Reader<F> {
+    lookup: F,
+    errors: Vec<ConfigError>,
+}
+
+impl<F: Fn(&str) -> Option<String>> Reader<F> {
+    /// The variable's value; empty counts as unset.
+    fn get(&self, variable: &str) -> Option<String> {
+        (self.lookup)(variable).filter(|v| !v.trim().is_empty())
+    }
+
+    fn fail(&mut self, variable: &'static str, problem: impl Into<String>) {
+        self.errors.push(ConfigError { variable, problem: problem.into() });
+    }
+
+    fn parse<T>(
+        &mut self,
+        variable: &'static str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        let Some(raw) = self.get(variable) else { return default };
+        parse(raw.trim()).unwrap_or_else(|problem| {
+            self.fail(variable, problem);
+            default
+        })
+    }
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T, String> {
+    match raw.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!("expected a positive whole number, got {raw:?}")),
+    }
+}
+
+fn webhook_secrets(raw: &str) -> Result<HashMap<TenantId, Secret>, String> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw).map_err(|e| {
+        format!("expected a JSON object mapping tenant id to secret, e.g. {{\"acme\":\"s3cret\"}}: {e}")
+    })?;
+    let mut secrets = HashMap::with_capacity(map.len());
+    let mut problems = Vec::new();
+    for (tenant, secret) in map {
+        match (TenantId::parse(&tenant), secret) {
+            (Err(e), _) => problems.push(format!("key {tenant:?}: {e}")),
+            (Ok(_), serde_json::Value::String(s)) if s.is_empty() => {
+                problems.push(format!("tenant {tenant:?}: secret is empty"));
+            }
+            (Ok(id), serde_json::Value::String(s)) => {
+                secrets.insert(id, Secret::new(s));
+            }
+            (Ok(_), _) => problems.push(format!("tenant {tenant:?}: secret must be a string")),
+        }
+    }
+    if problems.is_empty() { Ok(secrets) } else { Err(problems.join("; ")) }
+}
+
+/// Parses `JWT_SECRET_KEY` alone, for commands that need nothing else.
+///
+/// # Errors
+/// [`ConfigError`] when the secret is set but shorter than 32 bytes.
+pub fn jwt_secret_from_lookup(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<JwtSecret>, ConfigError> {
+    match lookup(ENV_JWT_SECRET_KEY) {
+        None => Ok(None),
+        Some(secret) if secret.len() < MIN_JWT_SECRET_BYTES => Err(ConfigError {
+            variable: ENV_JWT_SECRET_KEY,
+            problem: format!(
+                "too short: {} bytes, at least {MIN_JWT_SECRET_BYTES} required (e.g. `openssl rand -hex 32`)",
+                secret.len()
+            ),
+        }),
+        Some(secret) => Ok(Some(JwtSecret::new(secret.into_bytes()))),
+    }
+}
+
+impl Config {
+    /// Reads the configuration through `lookup` (`std::env::var` in production).
+    ///
+    /// # Errors
+    /// [`ConfigErrors`] listing every problem, one per variable.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let mut r = Reader { lookup, errors: Vec::new() };
+        let fallback_addr = SocketAddr::from(([0, 0, 0, 0], 8080));
+        let bind_addr = r.parse(ENV_BIND_ADDR, fallback_addr, |raw| {
+            raw.parse().map_err(|_| format!("expected host:port such as {DEFAULT_BIND_ADDR}, got {raw:?}"))
+        });
+        // An empty secret is refused, not taken as unset: it is almost always a missing
+        // variable in a deployment template.
+        let jwt_secret = jwt_secret_from_lookup(&r.lookup).unwrap_or_else(|error| {
+            r.errors.push(error);
+            None
+        });
+        let redis_url = r.get(ENV_REDIS_URL).map(|raw| RedisUrl(raw.trim().to_owned()));
+        if let Some(url) = &redis_url
+            && !(url.0.starts_with("redis://") || url.0.starts_with("rediss://"))
+        {
+            r.fail(ENV_REDIS_URL, "expected a redis:// or rediss:// URL");
+        }
+        let webhook_secrets = r.parse(ENV_WEBHOOK_SECRETS, HashMap::new(), webhook_secrets);
+        let max_connections = r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, positive::<usize>);
+        let idle_secs = r.parse(ENV_IDLE_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, positive::<u64>);
+        let log_filter = r.get(ENV_RUST_LOG).unwrap_or_else(|| DEFAULT_RUST_LOG.to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+            r.fail(ENV_RUST_LOG, format!("invalid filter: {e}"));
+        }
+        let log_format = r.parse(ENV_LOG_FORMAT, LogFormat::Text, |raw| match raw {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected text or json, got {other:?}")),
+        });
+        if !r.errors.is_empty() {
+            return Err(ConfigErrors(r.errors));
+        }
+        Ok(Self {
+            bind_addr,
+            jwt_secret,
+            redis_url,
+            webhook_secrets,
+            max_connections,
+            idle_timeout: Duration::from_secs(idle_secs),
+            log_filter,
+            log_format,
+        })
+    }
+
+    /// The configuration with every default, listening on `bind_addr`.
+    pub fn with_defaults(bind_addr: SocketAddr) -> Self {
+        let mut config = Self::from_lookup(|_| None).unwrap_or_else(|_| unreachable!("defaults are valid"));
+        config.bind_addr = bind_addr;
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let map: HashMap<String, String> =
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::from_lookup(|key| map.get(key).cloned())
+    }
+
+    #[test]
+    fn no_configuration_at_all_gives_the_documented_defaults() {
+        let config = parse(&[]).expect("valid");
+        assert_eq!(config.bind_addr.to_string(), DEFAULT_BIND_ADDR);
+        assert_eq!(config.jwt_secret, None);
+        assert!(config.redis_url.is_none());
+        assert!(config.webhook_secrets.is_empty());
+        assert_eq!(config.max_connections, 10_000);
+        assert_eq!(config.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(config.log_filter, "info");
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let config = parse(&[
+            (ENV_BIND_ADDR, "127.0.0.1:9000"),
+            (ENV_JWT_SECRET_KEY, "0123456789abcdef0123456789abcdef"),
+            (ENV_REDIS_URL, "redis://127.0.0.1:6380/0"),
+            (ENV_WEBHOOK_SECRETS, r#"{"acme":"s3cret","globex":"other"}"#),
+            (ENV_MAX_CONNECTIONS, "5"),
+            (ENV_IDLE_TIMEOUT_SECS, "60"),
+            (ENV_RUST_LOG, "debug,hyper=info"),
+            (ENV_LOG_FORMAT, "json"),
+        ])
+        .expect("valid");
+        assert_eq!(config.bind_addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(config.jwt_secret.map(|s| s.as_bytes().len()), Some(32));
+        assert_eq!(
+            config.redis_url.map(|u| u.as_str().to_owned()).as_deref(),
+            Some("redis://127.0.0.1:6380/0")
+        );
+        assert_eq!(config.webhook_secrets.len(), 2);
+        assert_eq!(config.max_connections, 5);
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_problem_is_reported_on_its_own_line_naming_its_variable() {
+        let errors = parse(&[
+            (ENV_BIND_ADDR, "nowhere"),
+            (ENV_JWT_SECRET_KEY, "short"),
+            (ENV_REDIS_URL, "http://x"),
+            (ENV_WEBHOOK_SECRETS, "{not json"),
+            (ENV_MAX_CONNECTIONS, "0"),
+            (ENV_IDLE_TIMEOUT_SECS, "-1"),
+            (ENV_RUST_LOG, "[[["),
+            (ENV_LOG_FORMAT, "yaml"),
+        ])
+        .expect_err("invalid");
+        let text = errors.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 8, "{text}");
+        for (line, variable) in lines.iter().zip([
+            ENV_BIND_ADDR,
+            ENV_JWT_SECRET_KEY,
+            ENV_REDIS_URL,
+            ENV_WEBHOOK_SECRETS,
+            ENV_MAX_CONNECTIONS,
+            ENV_IDLE_TIMEOUT_SECS,
+            ENV_RUST_LOG,
+            ENV_LOG_FORMAT,
+        ]) {
+            assert!(line.starts_with(&format!("{variable}: ")), "{line}");
+        }
+        assert!(!text.contains("short\""), "the secret itself is not echoed: {text}");
+    }
+
+    #[test]
+    fn webhook_secrets_must_map_valid_tenants_to_non_empty_strings() {
+        for bad in [r#"["acme"]"#, r#"{"a:b":"x"}"#, r#"{"acme":""}"#, r#"{"acme":5}"#] {
+            let errors = parse(&[(ENV_WEBHOOK_SECRETS, bad)]).expect_err(bad);
+            assert_eq!(errors.0.len(), 1);
+            assert_eq!(errors.0[0].variable, ENV_WEBHOOK_SECRETS);
+        }
+    }
+
+    #[test]
+    fn an_empty_jwt_secret_is_refused_rather_than_replaced() {
+        let errors = parse(&[(ENV_JWT_SECRET_KEY, "")]).expect_err("empty");
+        assert_eq!(errors.0[0].variable, ENV_JWT_SECRET_KEY);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = parse(&[
+            (ENV_JWT_SECRET_KEY, "0123456789abcdef0123456789abcdef-topsecret"),
+            (ENV_WEBHOOK_SECRETS, r#"{"acme":"webhook-topsecret"}"#),
+            (ENV_REDIS_URL, "redis://:redis-topsecret@localhost"),
+        ])
+        .expect("valid");
+        assert!(!format!("{config:?}").contains("topsecret"));
+    }
+}
