@@ -1,1 +1,9 @@
-fn main() {}
+//! Black-box tests of lq-realtime: the application on a real port, driven by a real WebSocket
+//! client and a real HTTP client; the binary itself for signals and the command line.
+
+mod helpers;
+
+mod operations;
+mod process;
+mod webhooks;
+mod websocket;

@@ -37,13 +37,20 @@ pub struct WsSettings {
     pub queue_capacity: usize,
     /// Largest client message accepted; larger ones close the connection with 1009.
     pub max_message_bytes: usize,
-    /// How long a close handshake, or one write, may take before the socket is dropped.
+    /// How long one batch of writes may take before the socket is dropped.
     pub io_timeout: Duration,
+    /// How long the server waits for the client's half of a close handshake.
+    pub close_timeout: Duration,
 }
 
 impl Default for WsSettings {
     fn default() -> Self {
-        Self { queue_capacity: 1024, max_message_bytes: 64 * 1024, io_timeout: Duration::from_secs(10) }
+        Self {
+            queue_capacity: 1024,
+            max_message_bytes: 64 * 1024,
+            io_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -319,14 +326,14 @@ impl Connection<'_> {
     /// Sends a close frame (or the echo of the client's) and waits, bounded, for the
     /// handshake to finish.
     async fn close_handshake(&mut self, socket: &mut Socket, code: CloseCode, reason: &'static str) {
-        let io_timeout = self.settings.io_timeout;
+        let close_timeout = self.settings.close_timeout;
         let handshake = async {
             let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
             // After a client-initiated close this only flushes the queued echo.
             let _ = socket.close(Some(frame)).await;
             while let Some(Ok(_)) = socket.next().await {}
         };
-        let _ = tokio::time::timeout(io_timeout, handshake).await;
+        let _ = tokio::time::timeout(close_timeout, handshake).await;
     }
 }
 

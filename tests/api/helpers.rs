@@ -1,0 +1,277 @@
+//! `spawn_app()` and the clients the tests drive it with.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bootstrap::{Application, Config};
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The JWT secret every test instance uses.
+pub(crate) const JWT_SECRET: &str = "integration-tests-jwt-secret-0123456789";
+/// Webhook secrets of the test tenants; `nosecret` deliberately has none.
+pub(crate) const ACME_SECRET: &str = "acme-webhook-secret";
+pub(crate) const GLOBEX_SECRET: &str = "globex-webhook-secret";
+
+/// How long a test waits for something that should happen.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(5);
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs()
+}
+
+/// Signs arbitrary claims with `secret` and `alg`.
+pub(crate) fn sign_claims(claims: &Value, alg: jsonwebtoken::Algorithm, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signed")
+}
+
+/// A valid token for `user` of `tenant` with the `ws:connect` scope.
+pub(crate) fn token(user: &str, tenant: &str) -> String {
+    sign_claims(
+        &json!({"user_id": user, "tenant_id": tenant, "scope": "ws:connect", "exp": now_secs() + 600}),
+        jsonwebtoken::Algorithm::HS256,
+        JWT_SECRET,
+    )
+}
+
+/// `sha256=<hex>` of the body under `secret`, computed independently of the service.
+pub(crate) fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// One running instance on a free port, stopped when dropped.
+pub(crate) struct TestApp {
+    pub(crate) addr: SocketAddr,
+    pub(crate) http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The test configuration: port 0, the test secrets, and whatever `adjust` changes.
+pub(crate) fn test_config(adjust: impl FnOnce(&mut HashMap<String, String>)) -> Config {
+    let mut vars = HashMap::from([
+        ("BIND_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("JWT_SECRET_KEY".to_owned(), JWT_SECRET.to_owned()),
+        ("WEBHOOK_SECRETS".to_owned(), json!({"acme": ACME_SECRET, "globex": GLOBEX_SECRET}).to_string()),
+    ]);
+    adjust(&mut vars);
+    Config::from_lookup(|key| vars.get(key).cloned()).expect("valid test configuration")
+}
+
+pub(crate) async fn spawn_app() -> TestApp {
+    spawn_app_with(test_config(|_| {})).await
+}
+
+pub(crate) async fn spawn_app_with(config: Config) -> TestApp {
+    let app = Application::build(config).await.expect("application starts");
+    let addr = app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    TestApp { addr, http: reqwest::Client::new(), stop: Some(stop), task: Some(task) }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// An HTTP answer: status, headers and the body parsed as JSON (`Null` when it is not JSON).
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Value,
+}
+
+impl Answer {
+    pub(crate) async fn from_response(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        Self { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
+    }
+}
+
+impl TestApp {
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub(crate) fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{query}", self.addr)
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> Answer {
+        Answer::from_response(self.http.get(self.url(path)).send().await.expect("request")).await
+    }
+
+    /// Posts a webhook; `tenant` and `signature` are sent only when given.
+    pub(crate) async fn post_webhook(
+        &self,
+        provider: &str,
+        tenant: Option<&str>,
+        signature: Option<&str>,
+        body: Vec<u8>,
+    ) -> Answer {
+        let mut request = self.http.post(self.url(&format!("/webhooks/{provider}"))).body(body);
+        if let Some(tenant) = tenant {
+            request = request.header("x-tenant-id", tenant);
+        }
+        if let Some(signature) = signature {
+            request = request.header("x-signature", signature);
+        }
+        Answer::from_response(request.send().await.expect("request")).await
+    }
+
+    /// Posts a correctly signed webhook for `tenant`.
+    pub(crate) async fn post_signed_webhook(
+        &self,
+        provider: &str,
+        tenant: &str,
+        secret: &str,
+        body: &Value,
+    ) -> Answer {
+        let body = serde_json::to_vec(body).expect("json");
+        let signature = signature(secret, &body);
+        self.post_webhook(provider, Some(tenant), Some(&signature), body).await
+    }
+
+    /// Stops the instance as a signal would, and waits until it has finished.
+    pub(crate) async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("stops in time")
+                .expect("no panic");
+        }
+    }
+
+    /// Connects with `?token=`; on refusal returns the HTTP status and JSON body.
+    pub(crate) async fn try_connect(&self, token: &str) -> Result<WsClient, (u16, Value)> {
+        let request = self.ws_url(&format!("?token={token}")).into_client_request().expect("request");
+        WsClient::connect(request).await
+    }
+
+    /// Connects `user` of `tenant` and consumes the welcome frame.
+    pub(crate) async fn connect(&self, user: &str, tenant: &str) -> WsClient {
+        let mut client = self.try_connect(&token(user, tenant)).await.expect("connected");
+        let welcome = client.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        client
+    }
+}
+
+/// A real WebSocket client.
+pub(crate) struct WsClient {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    pub(crate) async fn connect(
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Self, (u16, Value)> {
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(Self { socket }),
+            Err(tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
+                Err((status, body))
+            }
+            Err(other) => panic!("WebSocket connection failed unexpectedly: {other}"),
+        }
+    }
+
+    /// The next frame, which must arrive within [`PATIENCE`].
+    pub(crate) async fn next_message(&mut self) -> Message {
+        match tokio::time::timeout(PATIENCE, self.socket.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(error))) => panic!("socket error: {error}"),
+            Ok(None) => panic!("socket closed"),
+            Err(_) => panic!("no frame within {PATIENCE:?}"),
+        }
+    }
+
+    /// The next data frame, parsed as JSON; control frames are skipped.
+    pub(crate) async fn next_json(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Message::Text(text) => return serde_json::from_str(&text).expect("text frames are JSON"),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub(crate) async fn send_text(&mut self, text: &str) {
+        self.socket.send(Message::text(text)).await.expect("sent");
+    }
+
+    pub(crate) async fn send_json(&mut self, value: &Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub(crate) async fn send(&mut self, message: Message) {
+        self.socket.send(message).await.expect("sent");
+    }
+
+    /// Proves that nothing else was queued for this client: a ping's pong must be the very next
+    /// frame. Everything published before the ping was delivered before the pong.
+    pub(crate) async fn expect_nothing_pending(&mut self) {
+        self.send_json(&json!({"type": "ping"})).await;
+        let next = self.next_json().await;
+        assert_eq!(next["type"], "pong", "expected nothing before the pong, got {next}");
+    }
+
+    /// Waits for the server's close frame and returns it.
+    pub(crate) async fn expect_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.socket.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    // Reading on sends the client's half of the close handshake, as a
+                    // well-behaved client does.
+                    let _ = tokio::time::timeout(PATIENCE, self.socket.next()).await;
+                    return frame;
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(error))) => panic!("socket error before the close frame: {error}"),
+                Ok(None) => panic!("socket ended without a close frame"),
+                Err(_) => panic!("no close frame within {PATIENCE:?}"),
+            }
+        }
+    }
+
+    pub(crate) async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.socket.next()).await {}
+    }
+}

@@ -1,0 +1,251 @@
+//! The `lq-realtime` binary as a process: signals, bad configuration, the token command, logs.
+
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::helpers::*;
+
+/// The `lq-realtime` binary, built on first use in the profile of this test binary.
+fn binary() -> &'static std::path::Path {
+    static BINARY: OnceLock<std::path::PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        // target/<profile>/deps/api-<hash> → target/<profile>
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target");
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "bootstrap", "--bin", "lq-realtime", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(workspace)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building lq-realtime failed");
+        profile_dir.join("lq-realtime")
+    })
+}
+
+/// A running `lq-realtime` process, killed if the test ends early.
+struct Process {
+    child: Child,
+    addr: String,
+    output: tokio::task::JoinHandle<Vec<String>>,
+}
+
+fn command(env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(binary());
+    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// Starts the binary on a free port with JSON logs and waits for its "listening" line.
+async fn start(extra_env: &[(&str, &str)]) -> Process {
+    let mut env = vec![("BIND_ADDR", "127.0.0.1:0"), ("JWT_SECRET_KEY", JWT_SECRET), ("LOG_FORMAT", "json")];
+    env.extend_from_slice(extra_env);
+    let mut child = command(&env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starts");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            seen.push(line.clone());
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["message"] == "lq-realtime listening"
+            {
+                return log["addr"].as_str().expect("addr field").to_owned();
+            }
+        }
+        panic!("the process ended before listening: {seen:?}");
+    })
+    .await
+    .expect("listening within 30 s");
+    let output = tokio::spawn(async move {
+        let mut lines = seen;
+        loop {
+            tokio::select! {
+                line = stdout.next_line() => match line { Ok(Some(line)) => lines.push(line), _ => break },
+                line = stderr.next_line() => match line { Ok(Some(line)) => lines.push(line), _ => break },
+            }
+        }
+        while let Ok(Some(line)) = stderr.next_line().await {
+            lines.push(line);
+        }
+        lines
+    });
+    Process { child, addr, output }
+}
+
+impl Process {
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status =
+            std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().expect("kill runs");
+        assert!(status.success());
+    }
+
+    async fn connect(&self, user: &str, tenant: &str) -> WsClient {
+        let url = format!("ws://{}/ws?token={}", self.addr, token(user, tenant));
+        let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .expect("request");
+        let mut client = WsClient::connect(request).await.expect("connected");
+        assert_eq!(client.next_json().await["type"], "welcome");
+        client
+    }
+
+    /// Waits for the exit (at most `within`) and returns its code and everything it printed.
+    async fn exit(mut self, within: Duration) -> (Option<i32>, Vec<String>) {
+        let status =
+            tokio::time::timeout(within, self.child.wait()).await.expect("exits in time").expect("status");
+        let output = self.output.await.expect("output");
+        (status.code(), output)
+    }
+}
+
+async fn sigterm_or_sigint_closes_clients_with_1001_and_exits_0(signal: &str) {
+    let process = start(&[]).await;
+    let mut a = process.connect("bob", "acme").await;
+    let mut b = process.connect("eve", "globex").await;
+    process.signal(signal);
+    for client in [&mut a, &mut b] {
+        let frame = client.expect_close().await.expect("a close frame with a code");
+        assert_eq!(frame.code, CloseCode::Away);
+    }
+    let (code, output) = process.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{output:#?}");
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_client_with_1001_and_exits_0_within_10_s() {
+    sigterm_or_sigint_closes_clients_with_1001_and_exits_0("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_closes_every_client_with_1001_and_exits_0_within_10_s() {
+    sigterm_or_sigint_closes_clients_with_1001_and_exits_0("INT").await;
+}
+
+#[tokio::test]
+async fn bad_configuration_stops_the_process_with_one_line_per_problem() {
+    let output = command(&[
+        ("BIND_ADDR", "not-an-address"),
+        ("JWT_SECRET_KEY", "short"),
+        ("WEBHOOK_SECRETS", "{broken"),
+        ("MAX_CONNECTIONS", "many"),
+        ("LOG_FORMAT", "xml"),
+    ])
+    .output()
+    .await
+    .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 5, "{stderr}");
+    for variable in ["BIND_ADDR", "JWT_SECRET_KEY", "WEBHOOK_SECRETS", "MAX_CONNECTIONS", "LOG_FORMAT"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("configuration error: {variable}: "))),
+            "{variable}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_port_already_in_use_is_reported_without_a_panic() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output =
+        command(&[("BIND_ADDR", &addr), ("JWT_SECRET_KEY", JWT_SECRET)]).output().await.expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("BIND_ADDR") && stderr.contains(&addr), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_token_command_prints_a_token_the_service_accepts() {
+    let output = command(&[("JWT_SECRET_KEY", JWT_SECRET)])
+        .args(["token", "--user", "dana", "--tenant", "acme", "--ttl", "120"])
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let token = stdout.lines().last().expect("a line").trim().to_owned();
+    let app = spawn_app().await;
+    let mut client = app.try_connect(&token).await.expect("the minted token is accepted");
+    assert_eq!(client.next_json().await["payload"]["user_id"], "dana");
+}
+
+#[tokio::test]
+async fn the_token_command_explains_what_is_missing() {
+    let output =
+        command(&[]).args(["token", "--user", "dana", "--tenant", "acme"]).output().await.expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_SECRET_KEY"));
+    let output = command(&[("JWT_SECRET_KEY", JWT_SECRET)])
+        .args(["token", "--tenant", "acme"])
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--user is required"));
+}
+
+#[tokio::test]
+async fn with_no_configuration_at_all_it_prints_a_demo_token_that_works() {
+    let mut child = command(&[("BIND_ADDR", "127.0.0.1:0"), ("LOG_FORMAT", "json")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            if let Some(url) = line.strip_prefix("connect:") {
+                return url.trim().to_owned();
+            }
+        }
+        panic!("no connect line");
+    })
+    .await
+    .expect("printed in time");
+    let request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).expect("request");
+    let mut client = WsClient::connect(request).await.expect("the demo URL connects");
+    assert_eq!(client.next_json().await["payload"]["tenant_id"], "demo");
+}
+
+#[tokio::test]
+async fn tokens_and_secrets_never_appear_in_the_logs() {
+    let process =
+        start(&[("RUST_LOG", "trace"), ("WEBHOOK_SECRETS", r#"{"acme":"webhook-secret-in-env"}"#)]).await;
+    let token = token("bob", "acme");
+    let url = format!("ws://{}/ws?token={token}", process.addr);
+    let request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).expect("request");
+    let mut client = WsClient::connect(request).await.expect("connected");
+    assert_eq!(client.next_json().await["type"], "welcome");
+    // A refused token is not logged either.
+    let refused = format!("ws://{}/ws?token={token}x", process.addr);
+    let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(refused)
+        .expect("request");
+    assert!(WsClient::connect(request).await.is_err());
+    client.close().await;
+    process.signal("TERM");
+    let (code, output) = process.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    let all = output.join("\n");
+    assert!(all.contains("/ws"), "requests are logged: {all}");
+    assert!(!all.contains(&token), "a token leaked into the logs");
+    assert!(!all.contains(JWT_SECRET), "the JWT secret leaked into the logs");
+    assert!(!all.contains("webhook-secret-in-env"), "a webhook secret leaked into the logs");
+}

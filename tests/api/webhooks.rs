@@ -1,0 +1,111 @@
+//! `POST /webhooks/{provider}`: signatures, delivery and every error status.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_signed_webhook_is_accepted_and_delivered_to_every_client_of_its_tenant_only() {
+    let app = spawn_app().await;
+    let mut bob = app.connect("bob", "acme").await;
+    let mut eve = app.connect("eve", "acme").await;
+    let mut outsider = app.connect("bob", "globex").await;
+
+    let body = json!({"action": "opened", "number": 42});
+    let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &body).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.body["status"], "accepted");
+    let message_id = answer.body["message_id"].as_str().expect("message id").to_owned();
+
+    for client in [&mut bob, &mut eve] {
+        let frame = client.next_json().await;
+        assert_eq!(frame["type"], "webhook");
+        assert_eq!(frame["payload"], json!({"provider": "github", "data": body}));
+        assert_eq!(frame["from_user"], serde_json::Value::Null);
+        assert_eq!(frame["channel"], "tenant:acme");
+        assert_eq!(frame["message_id"], message_id.as_str());
+    }
+    outsider.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn any_json_body_is_relayed_verbatim() {
+    let app = spawn_app().await;
+    let mut client = app.connect("bob", "acme").await;
+    for body in [json!([1, "two", {"three": 3}]), json!("text"), json!(7), json!(null)] {
+        let answer = app.post_signed_webhook("stripe", "acme", ACME_SECRET, &body).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(client.next_json().await["payload"]["data"], body);
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_without_a_tenant_header_is_refused_with_400() {
+    let app = spawn_app().await;
+    let body = b"{}".to_vec();
+    let answer = app.post_webhook("github", None, Some(&signature(ACME_SECRET, &body)), body).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.body["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn every_signature_failure_gets_the_same_401_so_tenants_cannot_be_probed() {
+    let app = spawn_app().await;
+    let body = br#"{"a":1}"#.to_vec();
+    let cases = [
+        ("missing signature", "acme", None),
+        ("wrong secret", "acme", Some(signature(GLOBEX_SECRET, &body))),
+        ("signature of another body", "acme", Some(signature(ACME_SECRET, b"{\"a\":2}"))),
+        ("not sha256=", "acme", Some("sha1=0123".to_owned())),
+        ("tenant without a secret", "nosecret", Some(signature(ACME_SECRET, &body))),
+        ("unknown tenant", "initech", Some(signature("anything", &body))),
+    ];
+    let mut bodies = Vec::new();
+    for (case, tenant, signature) in cases {
+        let answer = app.post_webhook("github", Some(tenant), signature.as_deref(), body.clone()).await;
+        assert_eq!(answer.status, 401, "{case}");
+        bodies.push(answer.body);
+    }
+    assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "{bodies:?}");
+    assert_eq!(bodies[0]["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_refused_with_400() {
+    let app = spawn_app().await;
+    let body = b"action=opened".to_vec();
+    let answer = app.post_webhook("github", Some("acme"), Some(&signature(ACME_SECRET, &body)), body).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.body["code"], "invalid_json");
+}
+
+#[tokio::test]
+async fn a_body_over_one_mebibyte_is_refused_with_413() {
+    let app = spawn_app().await;
+    let body = format!("\"{}\"", "x".repeat(1024 * 1024)).into_bytes();
+    let answer = app.post_webhook("github", Some("acme"), Some(&signature(ACME_SECRET, &body)), body).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.body["code"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn a_body_of_exactly_one_mebibyte_is_accepted() {
+    let app = spawn_app().await;
+    let body = format!("\"{}\"", "x".repeat(1024 * 1024 - 2)).into_bytes();
+    assert_eq!(body.len(), 1024 * 1024);
+    let answer = app.post_webhook("github", Some("acme"), Some(&signature(ACME_SECRET, &body)), body).await;
+    assert_eq!(answer.status, 200);
+}
+
+#[tokio::test]
+async fn an_invalid_provider_name_is_not_found() {
+    let app = spawn_app().await;
+    let body = b"{}".to_vec();
+    for provider in ["GitHub", "a.b", &"p".repeat(65)] {
+        let answer = app
+            .post_webhook(provider, Some("acme"), Some(&signature(ACME_SECRET, &body)), body.clone())
+            .await;
+        assert_eq!(answer.status, 404, "{provider}");
+        assert_eq!(answer.body["code"], "not_found");
+    }
+}
