@@ -26,7 +26,7 @@ pub enum ProtocolError {
     MissingType,
     #[error("unknown frame type {0:?}; expected \"message\" or \"ping\"")]
     UnknownType(String),
-    #[error("a \"message\" frame needs a non-null \"payload\"")]
+    #[error("a \"message\" frame needs a \"payload\"")]
     MissingPayload,
     #[error("binary frames are not supported; send JSON text frames")]
     Binary,
@@ -36,8 +36,13 @@ pub enum ProtocolError {
 struct RawFrame<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    /// `Some` whenever the field is present, `null` included.
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 impl<'a> ClientCommand<'a> {
@@ -148,10 +153,10 @@ mod tests {
             assert!(expected(&err), "{text}: {err:?}");
         }
         assert!(matches!(ClientCommand::parse("{\"type\":\"message\""), Err(ProtocolError::NotJson(_))));
-        assert!(matches!(
-            ClientCommand::parse(r#"{"type":"message","payload":null}"#),
-            Err(ProtocolError::MissingPayload)
-        ));
+        match ClientCommand::parse(r#"{"type":"message","payload":null}"#) {
+            Ok(ClientCommand::Message { payload }) => assert_eq!(payload.get(), "null"),
+            other => panic!("a null payload is a payload: {other:?}"),
+        }
     }
 
     #[test]
