@@ -140,16 +140,26 @@ impl Hub {
             .map(|_| Permit { admitted: self.admitted.clone() })
     }
 
-    /// Adds a connection. Returns the broker's acknowledgement when the connection made a
-    /// channel needed that was not before.
+    /// Adds a connection, subscribing the channels it is the first to need. Returns the
+    /// broker's confirmation that the connection's channels are active — awaited by every
+    /// connection, not only the first, since the first one's subscription may still be on its
+    /// way.
     ///
     /// # Errors
     /// [`RegistryError::Duplicate`] when the connection id is already registered.
-    pub fn register(&self, handle: Arc<ConnectionHandle>) -> Result<Option<SubscribeAck>, RegistryError> {
-        let mut shard = Self::write(self.shard(&handle.info.tenant_id));
-        let needed = shard.register(handle.info.clone(), handle)?;
+    pub fn register(&self, handle: Arc<ConnectionHandle>) -> Result<SubscribeAck, RegistryError> {
+        let info = handle.info.clone();
+        let mut shard = Self::write(self.shard(&info.tenant_id));
+        let needed = shard.register(info.clone(), handle)?;
         self.registered.fetch_add(1, Ordering::AcqRel);
-        Ok((!needed.is_empty()).then(|| self.broker.subscribe(&needed)))
+        if !needed.is_empty() {
+            self.broker.subscribe(&needed);
+        }
+        drop(shard);
+        Ok(self.broker.until_active(&[
+            Channel::Tenant(info.tenant_id.clone()),
+            Channel::User(info.tenant_id, info.user_id),
+        ]))
     }
 
     /// Removes a connection, unsubscribing the channels nobody else here needs.

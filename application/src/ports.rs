@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use domain::{Channel, Claims, CloseReason, ConnectionId, MessageId, TenantId, Timestamp};
 
-/// Resolves once the broker confirmed a subscription.
+/// Resolves once the broker confirmed that channels are subscribed.
 pub type SubscribeAck = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send>>;
 
 /// A broker failure.
@@ -28,9 +28,10 @@ pub enum BrokerError {
 /// - A message published to a channel reaches the [`InboundHandler`] of every instance that is
 ///   subscribed to that channel when the broker processes the message, at most once.
 /// - Messages published on one channel by one instance are delivered in publication order.
-/// - `subscribe` and `unsubscribe` take effect in the order they are called: an `unsubscribe`
-///   followed by a `subscribe` of the same channel leaves it subscribed. Callers hold the lock
-///   that orders their own bookkeeping while calling them, so both return without waiting.
+/// - `subscribe` and `unsubscribe` record what the instance wants and return at once; the broker
+///   converges on the latest wish (an `unsubscribe` followed by a `subscribe` of the same channel
+///   leaves it subscribed). Callers hold the lock that orders their own bookkeeping while
+///   calling them. [`MessageBroker::until_active`] tells when the wish is in effect.
 /// - Subscriptions survive broker reconnections: the broker re-subscribes by itself.
 /// - `global:broadcast` and `system:events` are subscribed for the broker's whole life.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
@@ -44,16 +45,20 @@ pub trait MessageBroker: Send + Sync {
     /// rather than waiting for the broker to come back.
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError>;
 
-    /// Starts delivering messages of `channels` to this instance. Does not block; the returned
-    /// acknowledgement resolves once the subscription is active.
-    ///
-    /// # Errors
-    /// The acknowledgement resolves to [`BrokerError::Unavailable`] when the broker could not
-    /// confirm the subscription in time; the subscription stays wanted and is retried.
-    fn subscribe(&self, channels: &[Channel]) -> SubscribeAck;
+    /// Starts delivering messages of `channels` to this instance. Does not block.
+    fn subscribe(&self, channels: &[Channel]);
 
     /// Stops delivering messages of `channels` to this instance. Does not block.
     fn unsubscribe(&self, channels: &[Channel]);
+
+    /// Resolves once every one of `channels` (all previously passed to `subscribe`) is
+    /// subscribed at the broker, so that every message published to them from then on reaches
+    /// this instance. Resolves at once when they already are.
+    ///
+    /// # Errors
+    /// The future resolves to [`BrokerError::Unavailable`] when the broker could not confirm
+    /// in time; the subscriptions stay wanted and are retried.
+    fn until_active(&self, channels: &[Channel]) -> SubscribeAck;
 
     /// Starts delivering inbound messages to `handler`; called once, at start-up. The broker
     /// holds the handler weakly: once the application is dropped, deliveries stop.

@@ -49,8 +49,11 @@ impl MessageBroker for InMemoryBroker {
         Ok(())
     }
 
-    fn subscribe(&self, channels: &[Channel]) -> SubscribeAck {
+    fn subscribe(&self, channels: &[Channel]) {
         self.subscribed.write().unwrap_or_else(PoisonError::into_inner).extend(channels.iter().cloned());
+    }
+
+    fn until_active(&self, _channels: &[Channel]) -> SubscribeAck {
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -95,7 +98,8 @@ mod tests {
         let collect = Arc::new(Collect::default());
         let handler: Arc<dyn InboundHandler> = collect.clone();
         broker.start(Arc::downgrade(&handler));
-        broker.subscribe(&[tenant("acme")]).await.expect("subscribed");
+        broker.subscribe(&[tenant("acme")]);
+        broker.until_active(&[tenant("acme")]).await.expect("subscribed");
         for (channel, body) in
             [(tenant("acme"), "1"), (tenant("globex"), "2"), (Channel::Global, "3"), (tenant("acme"), "4")]
         {

@@ -135,9 +135,7 @@ impl ConnectClient {
         sink.push(self.frames.welcome(&info)).map_err(|_| ConnectError::Gone)?;
         let handle = Arc::new(ConnectionHandle::new(info, sink));
         let ack = self.hub.register(handle.clone()).map_err(|_| ConnectError::Gone)?;
-        if let Some(ack) = ack
-            && let Err(error) = ack.await
-        {
+        if let Err(error) = ack.await {
             self.hub.unregister(&handle.info().tenant_id, &handle.info().id);
             return Err(ConnectError::Broker(error));
         }
@@ -227,6 +225,11 @@ mod tests {
             .expect_subscribe()
             .withf(|channels| names(channels) == ["tenant:acme", "user:acme:bob"])
             .times(1)
+            .returning(|_| ());
+        broker
+            .expect_until_active()
+            .withf(|channels| names(channels) == ["tenant:acme", "user:acme:bob"])
+            .times(1)
             .returning(|_| ack_ok());
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let sink = RecordingSink::new();
@@ -246,7 +249,8 @@ mod tests {
     #[tokio::test]
     async fn a_second_connection_of_the_same_user_subscribes_nothing_new() {
         let mut broker = MockMessageBroker::new();
-        broker.expect_subscribe().times(1).returning(|_| ack_ok());
+        broker.expect_subscribe().times(1).returning(|_| ());
+        broker.expect_until_active().times(2).returning(|_| ack_ok());
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let mut sessions = Vec::new();
         for _ in 0..2 {
@@ -261,8 +265,9 @@ mod tests {
     async fn a_failed_subscription_refuses_the_connection_and_leaves_nothing_behind() {
         let mut broker = MockMessageBroker::new();
         broker
-            .expect_subscribe()
+            .expect_until_active()
             .returning(|_| Box::pin(async { Err(BrokerError::Unavailable("down".into())) }));
+        broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().times(1).returning(|_| ());
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let admission = connect.authorize(Some("t")).await.expect("admitted");

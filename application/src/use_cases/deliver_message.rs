@@ -78,7 +78,8 @@ mod tests {
 
     fn hub() -> Arc<Hub> {
         let mut broker = MockMessageBroker::new();
-        broker.expect_subscribe().returning(|_| ack_ok());
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
         Arc::new(Hub::new(Arc::new(broker), 10))
     }
 

@@ -33,7 +33,8 @@ mod tests {
     #[tokio::test]
     async fn the_last_connection_of_a_tenant_leaving_unsubscribes_its_channels() {
         let mut broker = MockMessageBroker::new();
-        broker.expect_subscribe().returning(|_| ack_ok());
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
         broker
             .expect_unsubscribe()
             .withf(|channels| names(channels) == ["user:acme:bob"])

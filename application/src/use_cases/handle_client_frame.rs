@@ -91,7 +91,8 @@ mod tests {
     async fn run(broker: MockMessageBroker, frame: ClientFrame<'_>) -> Option<Value> {
         let broker: Arc<MockMessageBroker> = Arc::new(broker);
         let mut hub_broker = MockMessageBroker::new();
-        hub_broker.expect_subscribe().returning(|_| ack_ok());
+        hub_broker.expect_subscribe().returning(|_| ());
+        hub_broker.expect_until_active().returning(|_| ack_ok());
         let hub = Arc::new(Hub::new(Arc::new(hub_broker), 10));
         let session = session(&hub, "bob", "acme").await;
         let reply = HandleClientFrame::new(broker, frames()).handle(&session, frame).await;

@@ -51,7 +51,8 @@ mod tests {
     #[tokio::test]
     async fn only_connections_idle_for_longer_than_the_timeout_are_closed() {
         let mut broker = MockMessageBroker::new();
-        broker.expect_subscribe().returning(|_| ack_ok());
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
         let hub = Arc::new(Hub::new(Arc::new(broker), 10));
         let (idle, active) = (RecordingSink::new(), RecordingSink::new());
         let _idle = session_with_sink(&hub, "bob", "acme", idle.clone()).await;
