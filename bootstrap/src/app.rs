@@ -11,13 +11,14 @@ use adapters::inbound::ws::WsSettings;
 use adapters::outbound::hmac::HmacWebhookVerifier;
 use adapters::outbound::jwt::{JwtIssuer, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
+use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
 use application::ports::{Clock, MessageBroker};
 use application::{Ports, Realtime};
 use domain::{CloseReason, SCOPE_WS_CONNECT};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, JwtSecret};
+use crate::config::{BrokerConfig, Config, JwtSecret};
 
 /// Everything a shutdown may take: stop accepting, close every client, finish.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(8);
@@ -27,10 +28,8 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(8);
 pub enum StartError {
     #[error("BIND_ADDR: cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error(
-        "REDIS_URL: the Redis broker is not available in this build; unset REDIS_URL to use the in-process broker"
-    )]
-    RedisUnsupported,
+    #[error("Redis broker: {0}")]
+    Redis(String),
     #[error("{0}")]
     Randomness(String),
 }
@@ -57,9 +56,6 @@ impl Application {
     /// # Errors
     /// [`StartError`] when the address cannot be bound or a configured part is unavailable.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        if config.redis_url.is_some() {
-            return Err(StartError::RedisUnsupported);
-        }
         let (secret, ephemeral_secret) = match &config.jwt_secret {
             Some(secret) => (secret.clone(), None),
             None => {
@@ -68,7 +64,14 @@ impl Application {
                 (secret.clone(), Some(secret))
             }
         };
-        let broker: Arc<dyn MessageBroker> = Arc::new(InMemoryBroker::new());
+        let broker: Arc<dyn MessageBroker> = match &config.broker {
+            BrokerConfig::InProcess => Arc::new(InMemoryBroker::new()),
+            BrokerConfig::Redis { target, pool_size } => {
+                let mut settings = RedisBrokerSettings::new(target.clone());
+                settings.pool_size = *pool_size;
+                Arc::new(RedisBroker::new(settings).map_err(|e| StartError::Redis(e.to_string()))?)
+            }
+        };
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
         let ports = Ports {
             broker,

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use adapters::outbound::hmac::Secret;
+use adapters::outbound::redis::RedisTarget;
 use domain::TenantId;
 
 /// HTTP + WebSocket listen address.
@@ -18,8 +19,15 @@ pub const DEFAULT_BIND_ADDR: &str = "0.0.0.0:8080";
 /// HS256 secret for client tokens, at least [`MIN_JWT_SECRET_BYTES`] bytes.
 pub const ENV_JWT_SECRET_KEY: &str = "JWT_SECRET_KEY";
 pub const MIN_JWT_SECRET_BYTES: usize = 32;
-/// Redis URL of the broker; unset means the in-process broker.
+/// Redis URL of the broker; unset (and no Sentinel) means the in-process broker.
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
+/// Connections in the Redis publish pool.
+pub const ENV_REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 200;
+/// Comma-separated `host:port` of Redis Sentinels; selects the Sentinel-managed master.
+pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
+/// Name of the master the sentinels monitor.
+pub const ENV_REDIS_SENTINEL_MASTER: &str = "REDIS_SENTINEL_MASTER";
 /// JSON object mapping tenant id to webhook secret.
 pub const ENV_WEBHOOK_SECRETS: &str = "WEBHOOK_SECRETS";
 /// WebSocket connections per instance.
@@ -61,20 +69,13 @@ impl fmt::Debug for JwtSecret {
     }
 }
 
-/// Redis URL, kept out of `Debug` output since it may carry a password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisUrl(String);
-
-impl RedisUrl {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for RedisUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RedisUrl(<redacted>)")
-    }
+/// Which broker joins this instance to the others.
+#[derive(Debug, Clone)]
+pub enum BrokerConfig {
+    /// No Redis configured: a single instance with the in-process broker.
+    InProcess,
+    /// Redis, reached directly or through Sentinel.
+    Redis { target: RedisTarget, pool_size: usize },
 }
 
 /// The validated configuration of one instance.
@@ -83,7 +84,7 @@ pub struct Config {
     pub bind_addr: SocketAddr,
     /// `None`: an ephemeral secret is generated at start.
     pub jwt_secret: Option<JwtSecret>,
-    pub redis_url: Option<RedisUrl>,
+    pub broker: BrokerConfig,
     pub webhook_secrets: HashMap<TenantId, Secret>,
     pub max_connections: usize,
     pub idle_timeout: Duration,
@@ -142,6 +143,57 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
             default
         })
     }
+}
+
+fn broker<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> BrokerConfig {
+    let url = r.get(ENV_REDIS_URL).map(|raw| raw.trim().to_owned());
+    let sentinels = r.get(ENV_REDIS_SENTINELS);
+    let master = r.get(ENV_REDIS_SENTINEL_MASTER).map(|m| m.trim().to_owned());
+    let pool_size = r.parse(ENV_REDIS_POOL_SIZE, DEFAULT_REDIS_POOL_SIZE, positive::<usize>);
+    if let Some(url) = &url
+        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+    {
+        r.fail(ENV_REDIS_URL, "expected a redis:// or rediss:// URL");
+    }
+    let target = match (url, sentinels, master) {
+        (None, None, None) => return BrokerConfig::InProcess,
+        (Some(_), Some(_), _) => {
+            r.fail(ENV_REDIS_URL, format!("set either {ENV_REDIS_URL} or {ENV_REDIS_SENTINELS}, not both"));
+            return BrokerConfig::InProcess;
+        }
+        (Some(url), None, master) => {
+            if master.is_some() {
+                r.fail(ENV_REDIS_SENTINEL_MASTER, format!("only used with {ENV_REDIS_SENTINELS}"));
+            }
+            RedisTarget::Url(url)
+        }
+        (None, Some(list), master) => {
+            let mut sentinels = Vec::new();
+            for entry in list.split(',').map(str::trim) {
+                match entry.rsplit_once(':') {
+                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                        sentinels.push(entry.to_owned());
+                    }
+                    _ => {
+                        r.fail(ENV_REDIS_SENTINELS, format!("expected host:port[,host:port…], got {entry:?}"))
+                    }
+                }
+            }
+            let Some(master) = master else {
+                r.fail(ENV_REDIS_SENTINEL_MASTER, format!("required with {ENV_REDIS_SENTINELS}"));
+                return BrokerConfig::InProcess;
+            };
+            if master.chars().any(char::is_whitespace) {
+                r.fail(ENV_REDIS_SENTINEL_MASTER, "must not contain whitespace");
+            }
+            RedisTarget::Sentinel { sentinels, master }
+        }
+        (None, None, Some(_)) => {
+            r.fail(ENV_REDIS_SENTINEL_MASTER, format!("only used with {ENV_REDIS_SENTINELS}"));
+            return BrokerConfig::InProcess;
+        }
+    };
+    BrokerConfig::Redis { target, pool_size }
 }
 
 fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T, String> {
@@ -209,12 +261,7 @@ impl Config {
             r.errors.push(error);
             None
         });
-        let redis_url = r.get(ENV_REDIS_URL).map(|raw| RedisUrl(raw.trim().to_owned()));
-        if let Some(url) = &redis_url
-            && !(url.0.starts_with("redis://") || url.0.starts_with("rediss://"))
-        {
-            r.fail(ENV_REDIS_URL, "expected a redis:// or rediss:// URL");
-        }
+        let broker = broker(&mut r);
         let webhook_secrets = r.parse(ENV_WEBHOOK_SECRETS, HashMap::new(), webhook_secrets);
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, positive::<usize>);
         let idle_secs = r.parse(ENV_IDLE_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, positive::<u64>);
@@ -233,7 +280,7 @@ impl Config {
         Ok(Self {
             bind_addr,
             jwt_secret,
-            redis_url,
+            broker,
             webhook_secrets,
             max_connections,
             idle_timeout: Duration::from_secs(idle_secs),
@@ -265,7 +312,7 @@ mod tests {
         let config = parse(&[]).expect("valid");
         assert_eq!(config.bind_addr.to_string(), DEFAULT_BIND_ADDR);
         assert_eq!(config.jwt_secret, None);
-        assert!(config.redis_url.is_none());
+        assert!(matches!(config.broker, BrokerConfig::InProcess));
         assert!(config.webhook_secrets.is_empty());
         assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.idle_timeout, Duration::from_secs(3600));
@@ -288,10 +335,10 @@ mod tests {
         .expect("valid");
         assert_eq!(config.bind_addr.to_string(), "127.0.0.1:9000");
         assert_eq!(config.jwt_secret.map(|s| s.as_bytes().len()), Some(32));
-        assert_eq!(
-            config.redis_url.map(|u| u.as_str().to_owned()).as_deref(),
-            Some("redis://127.0.0.1:6380/0")
-        );
+        assert!(matches!(
+            config.broker,
+            BrokerConfig::Redis { target: RedisTarget::Url(url), pool_size: 200 } if url == "redis://127.0.0.1:6380/0"
+        ));
         assert_eq!(config.webhook_secrets.len(), 2);
         assert_eq!(config.max_connections, 5);
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
@@ -335,6 +382,40 @@ mod tests {
             let errors = parse(&[(ENV_WEBHOOK_SECRETS, bad)]).expect_err(bad);
             assert_eq!(errors.0.len(), 1);
             assert_eq!(errors.0[0].variable, ENV_WEBHOOK_SECRETS);
+        }
+    }
+
+    #[test]
+    fn sentinel_settings_select_the_sentinel_managed_master() {
+        let config = parse(&[
+            (ENV_REDIS_SENTINELS, "10.0.0.1:26379, sentinel-2:26379"),
+            (ENV_REDIS_SENTINEL_MASTER, "mymaster"),
+            (ENV_REDIS_POOL_SIZE, "16"),
+        ])
+        .expect("valid");
+        match config.broker {
+            BrokerConfig::Redis { target: RedisTarget::Sentinel { sentinels, master }, pool_size } => {
+                assert_eq!(sentinels, ["10.0.0.1:26379", "sentinel-2:26379"]);
+                assert_eq!(master, "mymaster");
+                assert_eq!(pool_size, 16);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn inconsistent_redis_settings_are_refused() {
+        for (vars, variable) in [
+            (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_SENTINELS, "a:1")][..], ENV_REDIS_URL),
+            (&[(ENV_REDIS_SENTINELS, "a:1")][..], ENV_REDIS_SENTINEL_MASTER),
+            (&[(ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINEL_MASTER),
+            (&[(ENV_REDIS_SENTINELS, "a"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
+            (&[(ENV_REDIS_SENTINELS, "a:0"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
+            (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_POOL_SIZE, "0")][..], ENV_REDIS_POOL_SIZE),
+        ] {
+            let errors = parse(vars).expect_err("invalid");
+            assert_eq!(errors.0.len(), 1, "{vars:?}: {errors}");
+            assert_eq!(errors.0[0].variable, variable, "{vars:?}");
         }
     }
 

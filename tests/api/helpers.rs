@@ -124,6 +124,15 @@ impl TestApp {
         format!("ws://{}/ws{query}", self.addr)
     }
 
+    /// Waits until `/ready` answers 200.
+    pub(crate) async fn wait_ready(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.get("/ready").await.status != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "not ready within {within:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub(crate) async fn get(&self, path: &str) -> Answer {
         Answer::from_response(self.http.get(self.url(path)).send().await.expect("request")).await
     }

@@ -2,8 +2,11 @@
 //! client and a real HTTP client; the binary itself for signals and the command line.
 
 mod helpers;
+mod redis_support;
 
+mod broker_contract;
 mod operations;
 mod process;
+mod scale_out;
 mod webhooks;
 mod websocket;

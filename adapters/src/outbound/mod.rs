@@ -3,4 +3,5 @@
 pub mod hmac;
 pub mod jwt;
 pub mod memory;
+pub mod redis;
 pub mod system;

@@ -1,0 +1,243 @@
+//! `RedisBroker`: the broker that joins any number of instances through Redis Pub/Sub.
+//!
+//! - PUBLISH goes through a `deadpool-redis` pool whose wait, create and recycle timeouts, plus
+//!   a timeout around each command, make a dead Redis fail a publish within about a second.
+//! - One dedicated subscriber connection per instance (not from the pool) carries every
+//!   SUBSCRIBE. The application's subscribe/unsubscribe calls only record what is wanted; the
+//!   subscriber reconciles Redis with that wish, batching everything pending into one SUBSCRIBE
+//!   and one UNSUBSCRIBE. On every (re)connection it subscribes the whole wish again.
+//! - The subscriber socket is drained by redis-rs's own task into memory and each message is
+//!   handed to the application without waiting on any client.
+//! - A probe message published every second through the pool must come back through the
+//!   subscriber; when it stops coming back the subscriber is presumed deaf (the state a
+//!   connection can be left in after a failover) and is reconnected.
+//! - With Sentinel, both the pool and the subscriber ask the sentinels for the current master.
+//!
+//! # Layout
+//! - [`mod@self`]: settings, the broker and its port implementation.
+//! - `subscriber`: the subscriber connection's life: connect, reconcile, dispatch, probe.
+//! - `target`: a plain Redis URL or a Sentinel-managed master.
+
+mod subscriber;
+mod target;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use application::ports::{BrokerError, InboundHandler, MessageBroker, SubscribeAck};
+use async_trait::async_trait;
+use bytes::Bytes;
+use domain::Channel;
+use tokio::sync::{Notify, watch};
+
+pub use target::{RedisTarget, TargetError};
+
+use crate::outbound::system::random_bytes;
+use target::PublishPool;
+
+/// Tuning of the Redis broker. The defaults suit production; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct RedisBrokerSettings {
+    pub target: RedisTarget,
+    /// Connections in the publish pool.
+    pub pool_size: usize,
+    /// Longest wait for one Redis operation (pool checkout, connect, command).
+    pub op_timeout: Duration,
+    /// Period of the subscriber probe.
+    pub probe_interval: Duration,
+    /// Longest pause between two reconnection attempts.
+    pub max_backoff: Duration,
+    /// How long `until_active` waits for Redis to confirm a subscription.
+    pub confirm_timeout: Duration,
+}
+
+impl RedisBrokerSettings {
+    pub fn new(target: RedisTarget) -> Self {
+        Self {
+            target,
+            pool_size: 200,
+            op_timeout: Duration::from_secs(1),
+            probe_interval: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
+            confirm_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the instance wants subscribed and what the current connection has confirmed.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    wanted: HashSet<String>,
+    active: HashSet<String>,
+}
+
+/// State shared by the broker handle and its subscriber task.
+struct Shared {
+    settings: RedisBrokerSettings,
+    pool: PublishPool,
+    /// Per-instance channel of the probe; never a valid application channel name.
+    probe_channel: String,
+    handler: OnceLock<Weak<dyn InboundHandler>>,
+    subscriptions: Mutex<Subscriptions>,
+    /// Wakes the subscriber when the wish changed.
+    wish_changed: Notify,
+    /// Bumped whenever `active` or the connection state changes; `until_active` waits on it.
+    progress: watch::Sender<u64>,
+    subscriber_up: AtomicBool,
+    publisher_up: AtomicBool,
+    stopped: AtomicBool,
+    stop: Notify,
+    probe_published: AtomicU64,
+    probe_received: AtomicU64,
+    invalid_channels: AtomicU64,
+}
+
+impl Shared {
+    fn subscriptions(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+        self.subscriptions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn all_active(&self, names: &[String]) -> bool {
+        self.subscriber_up.load(Ordering::Acquire) && {
+            let subscriptions = self.subscriptions();
+            names.iter().all(|name| subscriptions.active.contains(name))
+        }
+    }
+
+    async fn publish_bytes(&self, channel: &str, message: &[u8]) -> Result<(), BrokerError> {
+        let result =
+            tokio::time::timeout(self.settings.op_timeout, self.pool.publish(channel, message)).await;
+        let result = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(BrokerError::Unavailable(error)),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "no answer from Redis within {:?}",
+                self.settings.op_timeout
+            ))),
+        };
+        self.publisher_up.store(result.is_ok(), Ordering::Release);
+        result
+    }
+}
+
+/// The Redis broker. Dropping it stops its subscriber.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("probe_channel", &self.shared.probe_channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Creates the broker. Nothing is connected yet: Redis may be down at start, and the
+    /// instance becomes ready once it is reachable.
+    ///
+    /// # Errors
+    /// [`TargetError`] when the URL or the Sentinel settings are invalid.
+    pub fn new(settings: RedisBrokerSettings) -> Result<Self, TargetError> {
+        let pool = PublishPool::new(&settings)?;
+        let nonce: String = random_bytes(8)
+            .map_err(|e| TargetError(e.to_string()))?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let shared = Arc::new(Shared {
+            settings,
+            pool,
+            probe_channel: format!("lq-realtime:probe:{nonce}"),
+            handler: OnceLock::new(),
+            subscriptions: Mutex::new(Subscriptions::default()),
+            wish_changed: Notify::new(),
+            progress: watch::Sender::new(0),
+            subscriber_up: AtomicBool::new(false),
+            publisher_up: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+            probe_published: AtomicU64::new(0),
+            probe_received: AtomicU64::new(0),
+            invalid_channels: AtomicU64::new(0),
+        });
+        Ok(Self { shared })
+    }
+
+    /// Messages received on channels that are not application channels.
+    pub fn invalid_channel_messages(&self) -> u64 {
+        self.shared.invalid_channels.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        self.shared.stop.notify_waiters();
+        self.shared.wish_changed.notify_one();
+    }
+}
+
+#[async_trait]
+impl MessageBroker for RedisBroker {
+    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
+        self.shared.publish_bytes(&channel.name(), &message).await
+    }
+
+    fn subscribe(&self, channels: &[Channel]) {
+        let mut subscriptions = self.shared.subscriptions();
+        subscriptions.wanted.extend(channels.iter().map(Channel::name));
+        drop(subscriptions);
+        self.shared.wish_changed.notify_one();
+    }
+
+    fn unsubscribe(&self, channels: &[Channel]) {
+        let mut subscriptions = self.shared.subscriptions();
+        for channel in channels {
+            subscriptions.wanted.remove(&channel.name());
+        }
+        drop(subscriptions);
+        self.shared.wish_changed.notify_one();
+    }
+
+    fn until_active(&self, channels: &[Channel]) -> SubscribeAck {
+        let shared = self.shared.clone();
+        let names: Vec<String> = channels.iter().map(Channel::name).collect();
+        Box::pin(async move {
+            let mut progress = shared.progress.subscribe();
+            let deadline = tokio::time::sleep(shared.settings.confirm_timeout);
+            tokio::pin!(deadline);
+            loop {
+                if shared.all_active(&names) {
+                    return Ok(());
+                }
+                tokio::select! {
+                    changed = progress.changed() => if changed.is_err() {
+                        return Err(BrokerError::Unavailable("broker stopped".to_owned()));
+                    },
+                    () = &mut deadline => return Err(BrokerError::Unavailable(format!(
+                        "Redis did not confirm the subscription within {:?}",
+                        shared.settings.confirm_timeout
+                    ))),
+                }
+            }
+        })
+    }
+
+    fn start(&self, handler: Weak<dyn InboundHandler>) {
+        if self.shared.handler.set(handler).is_ok() {
+            tokio::spawn(subscriber::run(self.shared.clone()));
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.subscriber_up.load(Ordering::Acquire) && self.shared.publisher_up.load(Ordering::Acquire)
+    }
+}

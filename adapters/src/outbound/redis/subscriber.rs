@@ -1,0 +1,189 @@
+//! The subscriber connection: connect (with capped exponential backoff), subscribe everything
+//! wanted, dispatch messages, reconcile wishes, and probe that deliveries still arrive.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::redis::Msg;
+use deadpool_redis::redis::aio::PubSubSink;
+use domain::Channel;
+use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
+use futures_util::StreamExt;
+
+use super::Shared;
+use super::target::connect_pubsub;
+
+/// First pause after a failed connection; doubled up to `max_backoff`.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// Channels per SUBSCRIBE or UNSUBSCRIBE command.
+const BATCH: usize = 500;
+/// Probes published without coming back before the subscriber is presumed deaf.
+const MISSED_PROBES_LIMIT: u32 = 2;
+
+/// Why a subscriber session ended.
+enum End {
+    Stopped,
+    Lost(String),
+}
+
+pub(super) async fn run(shared: Arc<Shared>) {
+    let mut backoff = INITIAL_BACKOFF;
+    let mut reported_down = false;
+    while !shared.stopped.load(Ordering::Acquire) {
+        match connect_pubsub(&shared.settings.target, shared.settings.op_timeout).await {
+            Ok(pubsub) => {
+                backoff = INITIAL_BACKOFF;
+                let end = session(&shared, pubsub).await;
+                shared.subscriber_up.store(false, Ordering::Release);
+                shared.subscriptions().active.clear();
+                shared.bump();
+                match end {
+                    End::Stopped => return,
+                    End::Lost(reason) => {
+                        tracing::warn!(%reason, "Redis subscriber connection lost; reconnecting");
+                        reported_down = true;
+                        // A failover may have left pooled connections on the old master.
+                        shared.pool.reset();
+                    }
+                }
+            }
+            Err(reason) => {
+                if !reported_down {
+                    tracing::warn!(%reason, "Redis unreachable; retrying with backoff");
+                    reported_down = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shared.stop.notified() => {}
+        }
+        backoff = (backoff * 2).min(shared.settings.max_backoff);
+    }
+}
+
+async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSub) -> End {
+    let (mut sink, mut stream) = pubsub.split();
+    let op_timeout = shared.settings.op_timeout;
+    let base = [GLOBAL_CHANNEL.to_owned(), SYSTEM_CHANNEL.to_owned(), shared.probe_channel.clone()];
+    match tokio::time::timeout(op_timeout, sink.subscribe(&base[..])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return End::Lost(format!("SUBSCRIBE failed: {error}")),
+        Err(_) => return End::Lost("SUBSCRIBE not confirmed in time".to_owned()),
+    }
+    shared.subscriber_up.store(true, Ordering::Release);
+    if let Err(reason) = reconcile(shared, &mut sink).await {
+        return End::Lost(reason);
+    }
+    tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
+    // Probes published before this session do not count against it.
+    shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
+    let mut probe = tokio::time::interval(shared.settings.probe_interval);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missed = 0u32;
+    loop {
+        if shared.stopped.load(Ordering::Acquire) {
+            return End::Stopped;
+        }
+        tokio::select! {
+            biased;
+            () = shared.stop.notified() => return End::Stopped,
+            message = stream.next() => match message {
+                Some(message) => {
+                    if !dispatch(shared, &message) {
+                        return End::Stopped;
+                    }
+                }
+                None => return End::Lost("connection closed".to_owned()),
+            },
+            () = shared.wish_changed.notified() => {
+                if let Err(reason) = reconcile(shared, &mut sink).await {
+                    return End::Lost(reason);
+                }
+            }
+            _ = probe.tick() => {
+                let published = shared.probe_published.load(Ordering::Acquire);
+                if shared.probe_received.load(Ordering::Acquire) < published {
+                    missed += 1;
+                    if missed >= MISSED_PROBES_LIMIT {
+                        return End::Lost("probe messages stopped arriving".to_owned());
+                    }
+                } else {
+                    missed = 0;
+                }
+                tokio::spawn(send_probe(shared.clone()));
+            }
+        }
+    }
+}
+
+/// Publishes the next probe through the pool; only a probe Redis accepted is expected back.
+async fn send_probe(shared: Arc<Shared>) {
+    let next = shared.probe_published.load(Ordering::Acquire) + 1;
+    if shared.publish_bytes(&shared.probe_channel, next.to_string().as_bytes()).await.is_ok() {
+        shared.probe_published.fetch_max(next, Ordering::AcqRel);
+    }
+}
+
+/// Hands one message to the application. Returns `false` once the application is gone.
+fn dispatch(shared: &Shared, message: &Msg) -> bool {
+    let name = message.get_channel_name();
+    if name == shared.probe_channel {
+        if let Some(seq) = std::str::from_utf8(message.get_payload_bytes()).ok().and_then(|s| s.parse().ok())
+        {
+            shared.probe_received.fetch_max(seq, Ordering::AcqRel);
+        }
+        return true;
+    }
+    let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) else {
+        return false;
+    };
+    match Channel::parse(name) {
+        Ok(channel) => handler.on_message(channel, Bytes::copy_from_slice(message.get_payload_bytes())),
+        Err(error) => {
+            let count = shared.invalid_channels.fetch_add(1, Ordering::Relaxed);
+            if count.is_power_of_two() || count == 0 {
+                tracing::warn!(%error, dropped_so_far = count + 1, "message on an unknown channel dropped");
+            }
+        }
+    }
+    true
+}
+
+/// Brings Redis in line with what is wanted: one SUBSCRIBE for everything missing, one
+/// UNSUBSCRIBE for everything no longer wanted (in batches of [`BATCH`]).
+async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String> {
+    let (add, remove): (Vec<String>, Vec<String>) = {
+        let subscriptions = shared.subscriptions();
+        (
+            subscriptions.wanted.difference(&subscriptions.active).cloned().collect(),
+            subscriptions.active.difference(&subscriptions.wanted).cloned().collect(),
+        )
+    };
+    let op_timeout = shared.settings.op_timeout;
+    for chunk in add.chunks(BATCH) {
+        match tokio::time::timeout(op_timeout, sink.subscribe(chunk)).await {
+            Ok(Ok(())) => {
+                shared.subscriptions().active.extend(chunk.iter().cloned());
+                shared.bump();
+            }
+            Ok(Err(error)) => return Err(format!("SUBSCRIBE failed: {error}")),
+            Err(_) => return Err("SUBSCRIBE not confirmed in time".to_owned()),
+        }
+    }
+    for chunk in remove.chunks(BATCH) {
+        match tokio::time::timeout(op_timeout, sink.unsubscribe(chunk)).await {
+            Ok(Ok(())) => {
+                let mut subscriptions = shared.subscriptions();
+                for name in chunk {
+                    subscriptions.active.remove(name);
+                }
+            }
+            Ok(Err(error)) => return Err(format!("UNSUBSCRIBE failed: {error}")),
+            Err(_) => return Err("UNSUBSCRIBE not confirmed in time".to_owned()),
+        }
+    }
+    Ok(())
+}

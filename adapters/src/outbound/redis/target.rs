@@ -1,0 +1,125 @@
+//! Where Redis is: one URL, or a master found through Sentinel.
+
+use std::time::Duration;
+
+use deadpool_redis::redis::sentinel::{SentinelClient, SentinelServerType};
+use deadpool_redis::redis::{self, aio::PubSub};
+use deadpool_redis::{PoolConfig, Runtime, Timeouts};
+
+use super::RedisBrokerSettings;
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub enum RedisTarget {
+    /// `redis://…` or `rediss://…`.
+    Url(String),
+    /// The master named `master`, as the sentinels at `sentinels` (`host:port`) report it.
+    Sentinel { sentinels: Vec<String>, master: String },
+}
+
+impl std::fmt::Debug for RedisTarget {
+    // URLs may carry passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Url(_) => f.write_str("RedisTarget::Url(<redacted>)"),
+            Self::Sentinel { sentinels, master } => f
+                .debug_struct("RedisTarget::Sentinel")
+                .field("sentinels", sentinels)
+                .field("master", master)
+                .finish(),
+        }
+    }
+}
+
+/// Why the Redis settings are unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TargetError(pub String);
+
+fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
+    sentinels.iter().map(|s| format!("redis://{s}")).collect()
+}
+
+/// The pool PUBLISH goes through.
+pub(super) enum PublishPool {
+    Direct(deadpool_redis::Pool),
+    Sentinel(deadpool_redis::sentinel::Pool),
+}
+
+fn pool_config(settings: &RedisBrokerSettings) -> PoolConfig {
+    let timeout = Some(settings.op_timeout);
+    let mut config = PoolConfig::new(settings.pool_size.max(1));
+    config.timeouts = Timeouts { wait: timeout, create: timeout, recycle: timeout };
+    config
+}
+
+impl PublishPool {
+    pub(super) fn new(settings: &RedisBrokerSettings) -> Result<Self, TargetError> {
+        let runtime = Some(Runtime::Tokio1);
+        match &settings.target {
+            RedisTarget::Url(url) => {
+                redis::Client::open(url.as_str())
+                    .map_err(|e| TargetError(format!("invalid Redis URL: {e}")))?;
+                let mut config = deadpool_redis::Config::from_url(url.clone());
+                config.pool = Some(pool_config(settings));
+                config.create_pool(runtime).map(Self::Direct).map_err(|e| TargetError(e.to_string()))
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let mut config = deadpool_redis::sentinel::Config::from_urls(
+                    sentinel_urls(sentinels),
+                    master.clone(),
+                    deadpool_redis::sentinel::SentinelServerType::Master,
+                );
+                config.pool = Some(pool_config(settings));
+                config.create_pool(runtime).map(Self::Sentinel).map_err(|e| TargetError(e.to_string()))
+            }
+        }
+    }
+
+    /// PUBLISH on a pooled connection; errors are described, never carrying the URL.
+    pub(super) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
+        let mut command = redis::cmd("PUBLISH");
+        command.arg(channel).arg(message);
+        let result: redis::RedisResult<i64> = match self {
+            Self::Direct(pool) => match pool.get().await {
+                Ok(mut connection) => command.query_async(&mut connection).await,
+                Err(error) => return Err(format!("no Redis connection: {error}")),
+            },
+            Self::Sentinel(pool) => match pool.get().await {
+                Ok(mut connection) => command.query_async(&mut connection).await,
+                Err(error) => return Err(format!("no Redis connection: {error}")),
+            },
+        };
+        result.map(|_| ()).map_err(|e| format!("PUBLISH failed: {e}"))
+    }
+
+    /// Drops every idle pooled connection, so the next publish connects afresh (after a
+    /// failover, to the new master).
+    pub(super) fn reset(&self) {
+        match self {
+            Self::Direct(pool) => pool.retain(|_, _| false),
+            Self::Sentinel(pool) => pool.retain(|_, _| false),
+        };
+    }
+}
+
+/// Opens a dedicated Pub/Sub connection to the current master.
+pub(super) async fn connect_pubsub(target: &RedisTarget, timeout: Duration) -> Result<PubSub, String> {
+    let connect = async {
+        let client = match target {
+            RedisTarget::Url(url) => redis::Client::open(url.as_str()).map_err(|e| e.to_string())?,
+            RedisTarget::Sentinel { sentinels, master } => {
+                let mut sentinel = SentinelClient::build(
+                    sentinel_urls(sentinels),
+                    master.clone(),
+                    None,
+                    SentinelServerType::Master,
+                )
+                .map_err(|e| e.to_string())?;
+                sentinel.async_get_client().await.map_err(|e| format!("no master from Sentinel: {e}"))?
+            }
+        };
+        client.get_async_pubsub().await.map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, connect).await.map_err(|_| format!("no connection within {timeout:?}"))?
+}

@@ -1,0 +1,233 @@
+//! Several instances joined by a real `redis-server`: cross-instance fan-out, messages injected
+//! by other services, subscription reference counting, Redis outages and Sentinel failover.
+
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis;
+use serde_json::json;
+
+use crate::helpers::*;
+use crate::redis_support::{RedisServer, pubsub_channels};
+
+async fn instance(redis_url: &str) -> TestApp {
+    let url = redis_url.to_owned();
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("REDIS_URL".into(), url);
+    }))
+    .await;
+    app.wait_ready(Duration::from_secs(10)).await;
+    app
+}
+
+/// Polls `check` every 25 ms until it holds or `within` has passed.
+async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn messages_and_webhooks_reach_the_tenant_on_every_instance_and_no_one_else() {
+    let redis = RedisServer::start();
+    let (a, b) = (instance(&redis.url()).await, instance(&redis.url()).await);
+    let mut bob_on_a = a.connect("bob", "acme").await;
+    let mut eve_on_b = b.connect("eve", "acme").await;
+    let mut outsider_on_b = b.connect("bob", "globex").await;
+
+    bob_on_a.send_json(&json!({"type": "message", "payload": {"text": "from a"}})).await;
+    for client in [&mut bob_on_a, &mut eve_on_b] {
+        let frame = client.next_json().await;
+        assert_eq!(frame["payload"]["text"], "from a");
+        assert_eq!(frame["from_user"], "bob");
+        assert_eq!(frame["channel"], "tenant:acme");
+    }
+
+    let answer = a.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": 1})).await;
+    assert_eq!(answer.status, 200);
+    for client in [&mut bob_on_a, &mut eve_on_b] {
+        let frame = client.next_json().await;
+        assert_eq!(frame["type"], "webhook");
+        assert_eq!(frame["message_id"], answer.body["message_id"]);
+    }
+    outsider_on_b.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_message_published_to_redis_by_another_service_reaches_the_right_clients() {
+    let redis = RedisServer::start();
+    let app = instance(&redis.url()).await;
+    let mut acme = app.connect("bob", "acme").await;
+    let mut globex = app.connect("bob", "globex").await;
+    let mut connection = redis.client().await;
+
+    let publish =
+        |channel: &'static str, body: &'static str| redis::cmd("PUBLISH").arg(channel).arg(body).clone();
+    let _: i64 = publish("tenant:acme", r#"{"type":"notice","payload":{"text":"maintenance at 5"}}"#)
+        .query_async(&mut connection)
+        .await
+        .expect("PUBLISH");
+    let frame = acme.next_json().await;
+    assert_eq!(frame["type"], "notice");
+    assert_eq!(frame["payload"]["text"], "maintenance at 5");
+    assert_eq!(frame["channel"], "tenant:acme");
+    assert!(frame["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "filled in: {frame}");
+    assert!(frame["message_id"].as_str().is_some_and(|id| !id.is_empty()), "filled in: {frame}");
+
+    // Garbage is dropped, and what follows still arrives.
+    for garbage in ["not json", "[1,2]", r#"{"payload":1}"#] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("tenant:acme")
+            .arg(garbage)
+            .query_async(&mut connection)
+            .await
+            .expect("PUBLISH");
+    }
+    let _: i64 = publish("user:acme:bob", r#"{"type":"direct","payload":"just bob"}"#)
+        .query_async(&mut connection)
+        .await
+        .expect("PUBLISH");
+    let _: i64 = publish("global:broadcast", r#"{"type":"announcement","payload":"everyone"}"#)
+        .query_async(&mut connection)
+        .await
+        .expect("PUBLISH");
+    let direct = acme.next_json().await;
+    assert_eq!(
+        (direct["type"].as_str(), direct["channel"].as_str()),
+        (Some("direct"), Some("user:acme:bob"))
+    );
+    assert_eq!(acme.next_json().await["payload"], "everyone");
+    assert_eq!(globex.next_json().await["payload"], "everyone");
+    globex.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_tenant_channel_is_subscribed_exactly_while_a_local_client_of_the_tenant_is_connected() {
+    let redis = RedisServer::start();
+    let app = instance(&redis.url()).await;
+    let mut connection = redis.client().await;
+    let base = ["global:broadcast", "system:events"];
+    assert_eq!(pubsub_channels(&mut connection).await, base);
+
+    let bob = app.connect("bob", "acme").await;
+    assert_eq!(
+        pubsub_channels(&mut connection).await,
+        ["global:broadcast", "system:events", "tenant:acme", "user:acme:bob"],
+        "subscribed before the welcome frame"
+    );
+    let eve = app.connect("eve", "acme").await;
+    bob.close().await;
+    eventually(Duration::from_secs(5), "user:acme:bob unsubscribed", async || {
+        pubsub_channels(&mut redis.client().await).await
+            == ["global:broadcast", "system:events", "tenant:acme", "user:acme:eve"]
+    })
+    .await;
+    eve.close().await;
+    eventually(Duration::from_secs(5), "tenant:acme unsubscribed", async || {
+        pubsub_channels(&mut redis.client().await).await == base
+    })
+    .await;
+    // Back again: subscribed again.
+    let _carol = app.connect("carol", "acme").await;
+    assert_eq!(
+        pubsub_channels(&mut connection).await,
+        ["global:broadcast", "system:events", "tenant:acme", "user:acme:carol"]
+    );
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_clients_connected_fails_fast_and_heals_within_two_seconds() {
+    let mut redis = RedisServer::start();
+    let app = instance(&redis.url()).await;
+    let mut client = app.connect("bob", "acme").await;
+
+    redis.kill();
+    eventually(Duration::from_secs(5), "/ready turning 503", async || app.get("/ready").await.status == 503)
+        .await;
+
+    let started = Instant::now();
+    let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"during": "outage"})).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "the webhook failed fast: {:?}", started.elapsed());
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.body["code"], "unavailable");
+    assert!(answer.headers.contains_key("retry-after"));
+
+    client.send_json(&json!({"type": "message", "payload": "during outage"})).await;
+    let error = client.next_json().await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["payload"]["code"], "unavailable");
+    client.expect_nothing_pending().await;
+
+    redis.restart();
+    let back = Instant::now();
+    eventually(Duration::from_secs(5), "/ready turning 200", async || app.get("/ready").await.status == 200)
+        .await;
+    let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"after": "outage"})).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(client.next_json().await["payload"]["data"]["after"], "outage");
+    let healed = back.elapsed();
+    assert!(healed < Duration::from_secs(2), "delivery resumed {healed:?} after Redis came back");
+}
+
+#[tokio::test]
+async fn delivery_resumes_within_five_seconds_of_a_sentinel_failover() {
+    let mut master = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let mut replica_connection = replica.client().await;
+    eventually(Duration::from_secs(10), "the replica in sync", async || {
+        let info: String =
+            redis::cmd("INFO").arg("replication").query_async(&mut replica_connection).await.expect("INFO");
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let sentinel = RedisServer::sentinel("lqmaster", master.port);
+    let mut sentinel_connection = sentinel.client().await;
+    eventually(Duration::from_secs(15), "the sentinel discovering the replica", async || {
+        let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg("lqmaster")
+            .query_async(&mut sentinel_connection)
+            .await
+            .unwrap_or_default();
+        !replicas.is_empty()
+    })
+    .await;
+
+    let sentinels = format!("127.0.0.1:{}", sentinel.port);
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("REDIS_SENTINELS".into(), sentinels);
+        vars.insert("REDIS_SENTINEL_MASTER".into(), "lqmaster".into());
+    }))
+    .await;
+    app.wait_ready(Duration::from_secs(10)).await;
+    let mut client = app.connect("bob", "acme").await;
+    assert_eq!(
+        app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": "before"})).await.status,
+        200
+    );
+    assert_eq!(client.next_json().await["payload"]["data"]["n"], "before");
+
+    master.kill();
+    let replica_port = replica.port.to_string();
+    eventually(Duration::from_secs(30), "Sentinel promoting the replica", async || {
+        let addr: Vec<String> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg("lqmaster")
+            .query_async(&mut sentinel_connection)
+            .await
+            .unwrap_or_default();
+        addr.get(1) == Some(&replica_port)
+    })
+    .await;
+    let promoted = Instant::now();
+    eventually(Duration::from_secs(5), "/ready after the failover", async || {
+        app.get("/ready").await.status == 200
+    })
+    .await;
+    let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": "after"})).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(client.next_json().await["payload"]["data"]["n"], "after");
+    let resumed = promoted.elapsed();
+    assert!(resumed < Duration::from_secs(5), "delivery resumed {resumed:?} after the promotion");
+}
