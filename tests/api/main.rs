@@ -7,6 +7,7 @@ mod redis_support;
 mod broker_contract;
 mod operations;
 mod process;
+mod proxy;
 mod scale_out;
 mod webhooks;
 mod websocket;

@@ -7,6 +7,7 @@ use deadpool_redis::redis;
 use serde_json::json;
 
 use crate::helpers::*;
+use crate::proxy::FreezableProxy;
 use crate::redis_support::{RedisServer, pubsub_channels};
 
 async fn instance(redis_url: &str) -> TestApp {
@@ -230,4 +231,52 @@ async fn delivery_resumes_within_five_seconds_of_a_sentinel_failover() {
     assert_eq!(client.next_json().await["payload"]["data"]["n"], "after");
     let resumed = promoted.elapsed();
     assert!(resumed < Duration::from_secs(5), "delivery resumed {resumed:?} after the promotion");
+}
+
+#[tokio::test]
+async fn a_subscriber_connection_that_silently_stops_delivering_is_replaced() {
+    let redis = RedisServer::start();
+    let proxy = FreezableProxy::start(redis.port).await;
+    let app = instance(&format!("redis://127.0.0.1:{}", proxy.port)).await;
+    let mut client = app.connect("bob", "acme").await;
+    assert_eq!(
+        app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": "before"})).await.status,
+        200
+    );
+    assert_eq!(client.next_json().await["payload"]["data"]["n"], "before");
+
+    // Every Redis connection of the instance goes deaf without being closed.
+    proxy.freeze_existing();
+    let frozen = Instant::now();
+    let mut delivered = false;
+    while !delivered {
+        assert!(frozen.elapsed() < Duration::from_secs(15), "deliveries never resumed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if app.get("/ready").await.status != 200 {
+            continue;
+        }
+        let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": "after"})).await;
+        if answer.status == 200 {
+            // Accepted by Redis: it must arrive, unless the subscriber was still the deaf one,
+            // in which case the next round retries.
+            let frame = tokio::time::timeout(Duration::from_secs(1), client.next_json()).await;
+            delivered = frame.is_ok_and(|frame| frame["payload"]["data"]["n"] == "after");
+        }
+    }
+}
+
+#[tokio::test]
+async fn churn_of_the_last_and_first_client_of_a_tenant_never_leaves_it_unsubscribed() {
+    let redis = RedisServer::start();
+    let (a, b) = (instance(&redis.url()).await, instance(&redis.url()).await);
+    for round in 0..20 {
+        // The tenant's only client on A leaves while the next one arrives.
+        let leaving = a.connect("bob", "acme").await;
+        let (arriving, ()) = tokio::join!(a.connect("eve", "acme"), leaving.close());
+        let mut arriving = arriving;
+        let answer = b.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"round": round})).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(arriving.next_json().await["payload"]["data"]["round"], round, "round {round}");
+        arriving.close().await;
+    }
 }

@@ -87,6 +87,8 @@ struct Shared {
     progress: watch::Sender<u64>,
     subscriber_up: AtomicBool,
     publisher_up: AtomicBool,
+    /// Set while published probes are not coming back through the subscriber.
+    probe_missing: AtomicBool,
     stopped: AtomicBool,
     stop: Notify,
     probe_published: AtomicU64,
@@ -162,6 +164,7 @@ impl RedisBroker {
             progress: watch::Sender::new(0),
             subscriber_up: AtomicBool::new(false),
             publisher_up: AtomicBool::new(false),
+            probe_missing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
             probe_published: AtomicU64::new(0),
@@ -238,6 +241,8 @@ impl MessageBroker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.shared.subscriber_up.load(Ordering::Acquire) && self.shared.publisher_up.load(Ordering::Acquire)
+        self.shared.subscriber_up.load(Ordering::Acquire)
+            && self.shared.publisher_up.load(Ordering::Acquire)
+            && !self.shared.probe_missing.load(Ordering::Acquire)
     }
 }

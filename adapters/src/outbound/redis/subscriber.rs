@@ -73,10 +73,12 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
         Ok(Err(error)) => return End::Lost(format!("SUBSCRIBE failed: {error}")),
         Err(_) => return End::Lost("SUBSCRIBE not confirmed in time".to_owned()),
     }
-    shared.subscriber_up.store(true, Ordering::Release);
     if let Err(reason) = reconcile(shared, &mut sink).await {
         return End::Lost(reason);
     }
+    shared.probe_missing.store(false, Ordering::Release);
+    shared.subscriber_up.store(true, Ordering::Release);
+    shared.bump();
     tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
     // Probes published before this session do not count against it.
     shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
@@ -107,11 +109,13 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                 let published = shared.probe_published.load(Ordering::Acquire);
                 if shared.probe_received.load(Ordering::Acquire) < published {
                     missed += 1;
+                    shared.probe_missing.store(true, Ordering::Release);
                     if missed >= MISSED_PROBES_LIMIT {
                         return End::Lost("probe messages stopped arriving".to_owned());
                     }
                 } else {
                     missed = 0;
+                    shared.probe_missing.store(false, Ordering::Release);
                 }
                 tokio::spawn(send_probe(shared.clone()));
             }
