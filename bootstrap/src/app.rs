@@ -121,7 +121,12 @@ impl Application {
             let _ = accepting_stopped.await;
         }));
         let sweeper = tokio::spawn(sweep_periodically(realtime.clone(), config.idle_timeout));
-        tracing::info!(%addr, max_connections = config.max_connections, "lq-realtime listening");
+        let broker = match &config.broker {
+            BrokerConfig::InProcess => "in-process (single instance)",
+            BrokerConfig::Redis { target: adapters::outbound::redis::RedisTarget::Url(_), .. } => "redis",
+            BrokerConfig::Redis { .. } => "redis via sentinel",
+        };
+        tracing::info!(%addr, max_connections = config.max_connections, broker, "lq-realtime listening");
 
         shutdown.await;
         tracing::info!(connections = realtime.hub.len(), "shutting down: closing every connection with 1001");

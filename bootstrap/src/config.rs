@@ -150,10 +150,12 @@ fn broker<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> BrokerConfig {
     let sentinels = r.get(ENV_REDIS_SENTINELS);
     let master = r.get(ENV_REDIS_SENTINEL_MASTER).map(|m| m.trim().to_owned());
     let pool_size = r.parse(ENV_REDIS_POOL_SIZE, DEFAULT_REDIS_POOL_SIZE, positive::<usize>);
-    if let Some(url) = &url
-        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-    {
-        r.fail(ENV_REDIS_URL, "expected a redis:// or rediss:// URL");
+    if let Some(url) = &url {
+        if url.starts_with("rediss://") {
+            r.fail(ENV_REDIS_URL, "rediss:// (Redis over TLS) is not supported by this build; use redis://");
+        } else if !url.starts_with("redis://") {
+            r.fail(ENV_REDIS_URL, "expected a redis:// URL such as redis://redis:6379");
+        }
     }
     let target = match (url, sentinels, master) {
         (None, None, None) => return BrokerConfig::InProcess,
@@ -350,7 +352,7 @@ mod tests {
         let errors = parse(&[
             (ENV_BIND_ADDR, "nowhere"),
             (ENV_JWT_SECRET_KEY, "short"),
-            (ENV_REDIS_URL, "http://x"),
+            (ENV_REDIS_URL, "rediss://x"),
             (ENV_WEBHOOK_SECRETS, "{not json"),
             (ENV_MAX_CONNECTIONS, "0"),
             (ENV_IDLE_TIMEOUT_SECS, "-1"),

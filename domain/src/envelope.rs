@@ -68,6 +68,8 @@ pub enum EnvelopeError {
     Malformed(String),
     #[error("broker message has an empty or overlong \"type\"")]
     InvalidType,
+    #[error("broker message of {0} bytes exceeds the size limit")]
+    TooLarge(usize),
 }
 
 /// A message read from the broker, possibly published by another service with fields missing.

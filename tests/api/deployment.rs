@@ -110,7 +110,10 @@ fn docker_compose_runs_redis_three_instances_and_nginx_as_the_only_entry_point()
     assert_eq!(ports, ["8080:80"]);
     let config = nginx_config(&compose);
     for instance in INSTANCES {
-        assert!(config.contains(&format!("server {instance}:8080;")), "{instance} in the upstream");
+        assert!(
+            config.contains(&format!("server {instance}:8080 max_fails=0;")),
+            "{instance} in the upstream"
+        );
     }
     let directives: String =
         config.lines().map(|line| line.split('#').next().unwrap_or_default()).collect::<Vec<_>>().join("\n");
@@ -148,7 +151,7 @@ impl Nginx {
         let mut site = config.to_owned();
         for (name, instance_port) in INSTANCES.iter().zip(instance_ports) {
             site =
-                site.replace(&format!("server {name}:8080;"), &format!("server 127.0.0.1:{instance_port};"));
+                site.replace(&format!("server {name}:8080 "), &format!("server 127.0.0.1:{instance_port} "));
         }
         site = site.replace("listen 80;", &format!("listen 127.0.0.1:{port};"));
         site = site.replace("listen 80 default_server;", &format!("listen 127.0.0.1:{port} default_server;"));
@@ -158,7 +161,7 @@ impl Nginx {
         std::fs::write(
             dir.join("nginx.conf"),
             format!(
-                "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
                  events {{ worker_connections 256; }}\n\
                  http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
                  fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\

@@ -59,7 +59,8 @@ impl WsSettings {
         WebSocketConfig::default()
             .read_buffer_size(4 * 1024)
             .write_buffer_size(16 * 1024)
-            .max_write_buffer_size(4 * 1024 * 1024)
+            // Above the largest frame the service sends (a 2 MiB broker message).
+            .max_write_buffer_size(8 * 1024 * 1024)
             .max_message_size(Some(self.max_message_bytes))
             .max_frame_size(Some(self.max_message_bytes))
     }

@@ -13,6 +13,10 @@ use crate::ports::InboundHandler;
 /// At most one warning about invalid broker messages per this many milliseconds.
 const INVALID_WARNING_INTERVAL_MS: u64 = 10_000;
 
+/// Largest broker message delivered to clients: room for a 1 MiB webhook body and its
+/// envelope, and well within what a connection's writer accepts.
+pub const MAX_BROKER_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
 /// The deliver-a-broker-message use-case. It is the broker's [`InboundHandler`].
 pub struct DeliverBrokerMessage {
     hub: Arc<Hub>,
@@ -58,6 +62,9 @@ impl InboundHandler for DeliverBrokerMessage {
     /// `message_id` missing is completed first. Anything that is not an envelope is counted
     /// and dropped.
     fn on_message(&self, channel: Channel, message: Bytes) {
+        if message.len() > MAX_BROKER_MESSAGE_BYTES {
+            return self.reject(&channel, &domain::envelope::EnvelopeError::TooLarge(message.len()));
+        }
         let frame = match InboundEnvelope::parse(&message) {
             Ok(envelope) if envelope.is_complete_for(&channel) => message.clone(),
             Ok(envelope) => {
@@ -134,6 +141,18 @@ mod tests {
         let frames = sink.frames();
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[1]["type"], "notice");
+    }
+
+    #[tokio::test]
+    async fn a_message_over_two_mebibytes_is_dropped_and_counted() {
+        let hub = hub();
+        let sink = RecordingSink::new();
+        let _s = session_with_sink(&hub, "bob", "acme", sink.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        let huge = format!(r#"{{"type":"notice","payload":"{}"}}"#, "x".repeat(MAX_BROKER_MESSAGE_BYTES));
+        deliver.on_message(acme(), Bytes::from(huge));
+        assert_eq!(deliver.invalid_messages(), 1);
+        assert_eq!(sink.raw_frames().len(), 1, "only the welcome");
     }
 
     #[tokio::test]

@@ -92,14 +92,8 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
         tokio::select! {
             biased;
             () = shared.stop.notified() => return End::Stopped,
-            message = stream.next() => match message {
-                Some(message) => {
-                    if !dispatch(shared, &message) {
-                        return End::Stopped;
-                    }
-                }
-                None => return End::Lost("connection closed".to_owned()),
-            },
+            // Subscription changes and probes come before messages, so a busy channel never
+            // delays a new connection's subscription or the health check.
             () = shared.wish_changed.notified() => {
                 if let Err(reason) = reconcile(shared, &mut sink).await {
                     return End::Lost(reason);
@@ -119,6 +113,14 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                 }
                 tokio::spawn(send_probe(shared.clone()));
             }
+            message = stream.next() => match message {
+                Some(message) => {
+                    if !dispatch(shared, &message) {
+                        return End::Stopped;
+                    }
+                }
+                None => return End::Lost("connection closed".to_owned()),
+            },
         }
     }
 }
@@ -178,13 +180,16 @@ async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String>
         }
     }
     for chunk in remove.chunks(BATCH) {
-        match tokio::time::timeout(op_timeout, sink.unsubscribe(chunk)).await {
-            Ok(Ok(())) => {
-                let mut subscriptions = shared.subscriptions();
-                for name in chunk {
-                    subscriptions.active.remove(name);
-                }
+        // No longer counted as active from the moment the UNSUBSCRIBE leaves: a connection that
+        // wants the channel again meanwhile waits for the next SUBSCRIBE, not for this one.
+        {
+            let mut subscriptions = shared.subscriptions();
+            for name in chunk {
+                subscriptions.active.remove(name);
             }
+        }
+        match tokio::time::timeout(op_timeout, sink.unsubscribe(chunk)).await {
+            Ok(Ok(())) => {}
             Ok(Err(error)) => return Err(format!("UNSUBSCRIBE failed: {error}")),
             Err(_) => return Err("UNSUBSCRIBE not confirmed in time".to_owned()),
         }
