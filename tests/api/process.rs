@@ -1,7 +1,6 @@
 //! The `lq-realtime` binary as a process: signals, bad configuration, the token command, logs.
 
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -11,24 +10,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::helpers::*;
 
-/// The `lq-realtime` binary, built on first use in the profile of this test binary.
+/// The `lq-realtime` entry point (`bootstrap::cli::main`), built by cargo with this test.
 fn binary() -> &'static std::path::Path {
-    static BINARY: OnceLock<std::path::PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        // target/<profile>/deps/api-<hash> → target/<profile>
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
-        let target_dir = profile_dir.parent().expect("target");
-        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "bootstrap", "--bin", "lq-realtime", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(workspace)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building lq-realtime failed");
-        profile_dir.join("lq-realtime")
-    })
+    std::path::Path::new(env!("CARGO_BIN_EXE_lq-realtime-under-test"))
 }
 
 /// A running `lq-realtime` process, killed if the test ends early.
