@@ -22,13 +22,19 @@ use crate::ports::{ClientSink, MessageBroker, PushError, SubscribeAck};
 /// negligible while a global fan-out still walks few locks.
 const SHARDS: usize = 64;
 
-/// One live connection as the hub sees it.
+/// One live connection as the hub sees it. The timestamps are atomics, in Unix milliseconds,
+/// so the connection's reader and the heartbeat never take a lock for them.
 pub struct ConnectionHandle {
     info: ConnectionInfo,
     sink: Arc<dyn ClientSink>,
-    /// Updated by the connection's reader on every frame, read by the idle sweep; an atomic so
-    /// activity never takes a lock.
+    /// Any frame from the client, control frames (pongs) included.
+    last_seen: AtomicU64,
+    /// The client's last data frame.
     last_activity: AtomicU64,
+    /// The last heartbeat ping sent.
+    last_ping: AtomicU64,
+    /// When the connection's token stops being valid (leeway included); 0 for never.
+    expires_at: AtomicU64,
 }
 
 impl std::fmt::Debug for ConnectionHandle {
@@ -38,22 +44,66 @@ impl std::fmt::Debug for ConnectionHandle {
 }
 
 impl ConnectionHandle {
-    pub fn new(info: ConnectionInfo, sink: Arc<dyn ClientSink>) -> Self {
+    /// A handle for a connection whose token expires at `expires_at` (never when `None`).
+    pub fn new(info: ConnectionInfo, sink: Arc<dyn ClientSink>, expires_at: Option<Timestamp>) -> Self {
         let now = info.connected_at.unix_millis();
-        Self { info, sink, last_activity: AtomicU64::new(now) }
+        Self {
+            info,
+            sink,
+            last_seen: AtomicU64::new(now),
+            last_activity: AtomicU64::new(now),
+            last_ping: AtomicU64::new(now),
+            expires_at: AtomicU64::new(expires_at.map_or(0, Timestamp::unix_millis)),
+        }
     }
 
     pub fn info(&self) -> &ConnectionInfo {
         &self.info
     }
 
-    /// Records client activity at `now`.
+    /// Records a data frame from the client at `now`.
     pub fn touch(&self, now: Timestamp) {
         self.last_activity.fetch_max(now.unix_millis(), Ordering::Relaxed);
+        self.seen(now);
+    }
+
+    /// Records any frame from the client (a pong too) at `now`.
+    pub fn seen(&self, now: Timestamp) {
+        self.last_seen.fetch_max(now.unix_millis(), Ordering::Relaxed);
     }
 
     pub fn last_activity(&self) -> Timestamp {
         Timestamp::from_unix_millis(self.last_activity.load(Ordering::Relaxed))
+    }
+
+    pub fn last_seen(&self) -> Timestamp {
+        Timestamp::from_unix_millis(self.last_seen.load(Ordering::Relaxed))
+    }
+
+    /// When the connection's token expires, if ever.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        match self.expires_at.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Timestamp::from_unix_millis(ms)),
+        }
+    }
+
+    /// Moves the expiry to `expires_at` (a refreshed token; never for `None`).
+    pub fn extend(&self, expires_at: Option<Timestamp>) {
+        self.expires_at.store(expires_at.map_or(0, Timestamp::unix_millis), Ordering::Relaxed);
+    }
+
+    /// Sends a heartbeat ping if the last one is at least `interval_ms` old.
+    pub fn ping_if_due(&self, now: Timestamp, interval_ms: u64) {
+        let last = self.last_ping.load(Ordering::Relaxed);
+        if now.unix_millis().saturating_sub(last) >= interval_ms
+            && self
+                .last_ping
+                .compare_exchange(last, now.unix_millis(), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.sink.ping();
+        }
     }
 
     /// Queues a frame. A client whose queue is full is closed as a slow consumer rather than
@@ -80,6 +130,16 @@ pub struct Hub {
     registered: AtomicUsize,
     admitted: Arc<AtomicUsize>,
     max_connections: usize,
+    max_per_user: usize,
+}
+
+/// Why a connection cannot be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("the user already has {0} connections on this instance")]
+    UserLimit(usize),
 }
 
 impl std::fmt::Debug for Hub {
@@ -106,12 +166,23 @@ impl Drop for Permit {
 
 impl Hub {
     pub fn new(broker: Arc<dyn MessageBroker>, max_connections: usize) -> Self {
+        Self::with_user_limit(broker, max_connections, 0)
+    }
+
+    /// A hub that refuses a user's connection beyond `max_per_user` on this instance (0: no
+    /// limit).
+    pub fn with_user_limit(
+        broker: Arc<dyn MessageBroker>,
+        max_connections: usize,
+        max_per_user: usize,
+    ) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(ConnectionRegistry::new())).collect(),
             broker,
             registered: AtomicUsize::new(0),
             admitted: Arc::new(AtomicUsize::new(0)),
             max_connections,
+            max_per_user,
         }
     }
 
@@ -146,10 +217,15 @@ impl Hub {
     /// way.
     ///
     /// # Errors
-    /// [`RegistryError::Duplicate`] when the connection id is already registered.
-    pub fn register(&self, handle: Arc<ConnectionHandle>) -> Result<SubscribeAck, RegistryError> {
+    /// [`RegisterError::Registry`] when the connection id is already registered,
+    /// [`RegisterError::UserLimit`] when the user is at the per-user limit.
+    pub fn register(&self, handle: Arc<ConnectionHandle>) -> Result<SubscribeAck, RegisterError> {
         let info = handle.info.clone();
         let mut shard = Self::write(self.shard(&info.tenant_id));
+        if self.max_per_user > 0 && shard.connections_of(&info.tenant_id, &info.user_id) >= self.max_per_user
+        {
+            return Err(RegisterError::UserLimit(self.max_per_user));
+        }
         let needed = shard.register(info.clone(), handle)?;
         self.registered.fetch_add(1, Ordering::AcqRel);
         if !needed.is_empty() {

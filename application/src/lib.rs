@@ -20,13 +20,13 @@ pub mod use_cases;
 
 use std::sync::Arc;
 
-pub use hub::{ConnectionHandle, Hub};
+pub use hub::{ConnectionHandle, Hub, RegisterError};
 pub use use_cases::connect_client::{Admission, ConnectClient, ConnectError, Session};
 pub use use_cases::deliver_message::DeliverBrokerMessage;
 pub use use_cases::disconnect_client::DisconnectClient;
-pub use use_cases::handle_client_frame::{ClientFrame, HandleClientFrame};
+pub use use_cases::handle_client_frame::{ClientFrame, FrameOutcome, HandleClientFrame};
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
-pub use use_cases::sweep_inactive::SweepInactiveConnections;
+pub use use_cases::sweep_inactive::{SweepInactiveConnections, SweepReport};
 
 use ports::{Clock, IdGenerator, MessageBroker, TokenVerifier, WebhookVerifier};
 
@@ -43,6 +43,42 @@ pub struct Ports {
 impl std::fmt::Debug for Ports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ports").finish_non_exhaustive()
+    }
+}
+
+/// The limits and timings of one instance.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// WebSocket connections on this instance.
+    pub max_connections: usize,
+    /// Connections of one user on this instance; 0 for no limit.
+    pub max_connections_per_user: usize,
+    /// Period of the heartbeat ping.
+    pub ping_interval_ms: u64,
+    /// A connection from which nothing (not even a pong) arrived for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A connection whose client sent no data frame for this long is closed.
+    pub inactivity_timeout_ms: u64,
+    /// Client frames per second a connection may send; 0 for no limit.
+    pub rate_per_sec: u32,
+    /// Client frames a connection may send at once.
+    pub rate_burst: u32,
+    /// Seconds a token stays usable after its `exp`.
+    pub token_leeway_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_connections_per_user: 0,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            inactivity_timeout_ms: 3_600_000,
+            rate_per_sec: 50,
+            rate_burst: 100,
+            token_leeway_secs: 5,
+        }
     }
 }
 
@@ -68,19 +104,23 @@ impl std::fmt::Debug for Realtime {
 impl Realtime {
     /// Wires the use-cases to `ports` and starts the broker's deliveries to this instance's
     /// connections.
-    pub fn new(ports: Ports, max_connections: usize, idle_timeout_ms: u64) -> Self {
+    pub fn new(ports: Ports, settings: &Settings) -> Self {
         let frames = frames::FrameFactory::new(ports.clock.clone(), ports.ids.clone());
-        let hub = Arc::new(Hub::new(ports.broker.clone(), max_connections));
+        let hub = Arc::new(Hub::with_user_limit(
+            ports.broker.clone(),
+            settings.max_connections,
+            settings.max_connections_per_user,
+        ));
         let deliver = Arc::new(DeliverBrokerMessage::new(hub.clone(), frames.clone()));
         let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
         ports.broker.start(Arc::downgrade(&handler));
         Self {
             deliver,
-            connect: ConnectClient::new(ports.tokens, hub.clone(), frames.clone()),
+            connect: ConnectClient::new(ports.tokens.clone(), hub.clone(), frames.clone(), settings),
             disconnect: DisconnectClient::new(hub.clone()),
-            frames: HandleClientFrame::new(ports.broker.clone(), frames.clone()),
+            frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings),
             webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone()),
-            sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, idle_timeout_ms),
+            sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings),
             broker: ports.broker,
             hub,
         }

@@ -92,6 +92,12 @@ pub enum TokenError {
     NotYetValid,
     #[error("token lacks a required claim: {0}")]
     MissingClaim(String),
+    #[error("token issuer is not the accepted one")]
+    WrongIssuer,
+    #[error("token audience does not include the accepted one")]
+    WrongAudience,
+    #[error("token header lists critical extensions that are not understood")]
+    UnsupportedCritical,
 }
 
 /// Verifies client tokens.
@@ -172,4 +178,7 @@ pub trait ClientSink: Send + Sync {
 
     /// Closes the connection with `reason`'s close code, ahead of anything still queued.
     fn close(&self, reason: CloseReason);
+
+    /// Sends a transport-level heartbeat (a WebSocket ping) ahead of anything still queued.
+    fn ping(&self);
 }

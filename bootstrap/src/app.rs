@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::inbound::http::serve;
+use adapters::inbound::http::{HttpSettings, serve};
 use adapters::inbound::ws::WsSettings;
 use adapters::outbound::hmac::HmacWebhookVerifier;
-use adapters::outbound::jwt::{JwtIssuer, JwtVerifier, TokenRequest};
+use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
@@ -32,6 +32,8 @@ pub enum StartError {
     Redis(String),
     #[error("{0}")]
     Randomness(String),
+    #[error("JWT_PUBLIC_KEY_FILE: {0}")]
+    PublicKey(String),
 }
 
 /// A bound, wired instance, ready to [`run`](Application::run_until).
@@ -56,12 +58,26 @@ impl Application {
     /// # Errors
     /// [`StartError`] when the address cannot be bound or a configured part is unavailable.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let (secret, ephemeral_secret) = match &config.jwt_secret {
-            Some(secret) => (secret.clone(), None),
-            None => {
+        let rules = JwtRules {
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+            leeway_secs: config.settings.token_leeway_secs,
+        };
+        let mut ephemeral_secret = None;
+        let tokens = match (&config.jwt_secret, &config.jwt_public_key_file) {
+            (_, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| StartError::PublicKey(format!("cannot read {}: {e}", path.display())))?;
+                JwtVerifier::with_public_key(&pem, &rules)
+                    .map_err(|e| StartError::PublicKey(format!("{}: {e}", path.display())))?
+            }
+            (Some(secret), None) => JwtVerifier::with_secret(secret.as_bytes(), &rules),
+            (None, None) => {
                 let bytes = random_bytes(32).map_err(|e| StartError::Randomness(e.to_string()))?;
                 let secret = JwtSecret::new(bytes);
-                (secret.clone(), Some(secret))
+                let verifier = JwtVerifier::with_secret(secret.as_bytes(), &rules);
+                ephemeral_secret = Some(secret);
+                verifier
             }
         };
         let broker: Arc<dyn MessageBroker> = match &config.broker {
@@ -75,13 +91,12 @@ impl Application {
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
         let ports = Ports {
             broker,
-            tokens: Arc::new(JwtVerifier::hs256(secret.as_bytes())),
+            tokens: Arc::new(tokens),
             webhooks: Arc::new(HmacWebhookVerifier::new(config.webhook_secrets.clone())),
             clock: Arc::new(SystemClock),
             ids: Arc::new(ids),
         };
-        let idle_ms = u64::try_from(config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-        let realtime = Arc::new(Realtime::new(ports, config.max_connections, idle_ms));
+        let realtime = Arc::new(Realtime::new(ports, &config.settings));
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
@@ -107,6 +122,8 @@ impl Application {
                 scope: SCOPE_WS_CONNECT.into(),
                 iat: now,
                 exp: now + 3600,
+                iss: self.config.jwt_issuer.clone(),
+                aud: self.config.jwt_audience.clone(),
             })
             .ok()
     }
@@ -115,18 +132,24 @@ impl Application {
     /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
         let Self { listener, addr, realtime, config, .. } = self;
-        let ws = WsSettings::default();
+        let ws = WsSettings {
+            outbound_queue_bytes: config.outbound_queue_bytes,
+            max_message_bytes: config.max_message_bytes,
+            allowed_origins: config.allowed_origins.clone(),
+            ..WsSettings::default()
+        };
+        let http = HttpSettings { header_read_timeout: config.header_read_timeout };
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, realtime.clone(), ws, async {
+        let server = tokio::spawn(serve(listener, realtime.clone(), ws, http, async {
             let _ = accepting_stopped.await;
         }));
-        let sweeper = tokio::spawn(sweep_periodically(realtime.clone(), config.idle_timeout));
+        let sweeper = tokio::spawn(sweep_periodically(realtime.clone()));
         let broker = match &config.broker {
             BrokerConfig::InProcess => "in-process (single instance)",
             BrokerConfig::Redis { target: adapters::outbound::redis::RedisTarget::Url(_), .. } => "redis",
             BrokerConfig::Redis { .. } => "redis via sentinel",
         };
-        tracing::info!(%addr, max_connections = config.max_connections, broker, "lq-realtime listening");
+        tracing::info!(%addr, max_connections = config.settings.max_connections, broker, "lq-realtime listening");
 
         shutdown.await;
         tracing::info!(connections = realtime.hub.len(), "shutting down: closing every connection with 1001");
@@ -146,15 +169,22 @@ impl Application {
     }
 }
 
-async fn sweep_periodically(realtime: Arc<Realtime>, idle_timeout: Duration) {
-    let period = (idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-    let mut ticks = tokio::time::interval(period);
+/// How often every connection's time limits are checked and heartbeats sent when due.
+const SWEEP_PERIOD: Duration = Duration::from_millis(250);
+
+async fn sweep_periodically(realtime: Arc<Realtime>) {
+    let mut ticks = tokio::time::interval(SWEEP_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let closed = realtime.sweep.sweep();
-        if closed > 0 {
-            tracing::info!(closed, "closed idle connections");
+        let report = realtime.sweep.sweep();
+        if report.closed() > 0 {
+            tracing::info!(
+                token_expired = report.expired,
+                idle = report.idle,
+                inactive = report.inactive,
+                "closed connections"
+            );
         }
     }
 }

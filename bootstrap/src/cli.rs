@@ -8,7 +8,7 @@ use application::ports::Clock;
 use domain::{SCOPE_WS_CONNECT, TenantId, UserId};
 
 use crate::app::Application;
-use crate::config::{Config, ENV_JWT_SECRET_KEY, jwt_secret_from_lookup};
+use crate::config::{Config, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_SECRET_KEY, jwt_secret_from_lookup};
 use crate::telemetry;
 
 const USAGE: &str = "\
@@ -149,7 +149,7 @@ fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let secret = match jwt_secret_from_lookup(lookup) {
+    let secret = match jwt_secret_from_lookup(&lookup) {
         Ok(Some(secret)) => secret,
         Ok(None) => {
             eprintln!(
@@ -170,6 +170,8 @@ fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
         scope: args.scope,
         iat: now,
         exp: now + args.ttl_secs,
+        iss: lookup(ENV_JWT_ISSUER).filter(|v| !v.trim().is_empty()).map(|v| v.trim().to_owned()),
+        aud: lookup(ENV_JWT_AUDIENCE).filter(|v| !v.trim().is_empty()).map(|v| v.trim().to_owned()),
     };
     match JwtIssuer::hs256(secret.as_bytes()).issue(&request) {
         Ok(token) => {

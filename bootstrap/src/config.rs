@@ -4,13 +4,15 @@
 //! [`Config::from_lookup`] from any lookup function, so tests pass a map instead of touching
 //! the process environment. Every problem is reported, one line each, naming the variable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use adapters::outbound::hmac::Secret;
 use adapters::outbound::redis::RedisTarget;
+use application::Settings;
 use domain::TenantId;
 
 /// HTTP + WebSocket listen address.
@@ -33,9 +35,43 @@ pub const ENV_WEBHOOK_SECRETS: &str = "WEBHOOK_SECRETS";
 /// WebSocket connections per instance.
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Seconds without any frame from a client after which it is closed with 4408.
+/// Seconds between heartbeat pings.
+pub const ENV_PING_INTERVAL_SECS: &str = "PING_INTERVAL_SECS";
+pub const DEFAULT_PING_INTERVAL_SECS: u64 = 25;
+/// Seconds without any frame (pongs included) after which a connection is closed with 1001.
 pub const ENV_IDLE_TIMEOUT_SECS: &str = "IDLE_TIMEOUT_SECS";
-pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 3600;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Seconds without a data frame after which a connection is closed with 4003.
+pub const ENV_INACTIVITY_TIMEOUT_SECS: &str = "INACTIVITY_TIMEOUT_SECS";
+pub const DEFAULT_INACTIVITY_TIMEOUT_SECS: u64 = 3600;
+/// Connections of one user on one instance; 0 for no limit.
+pub const ENV_MAX_CONNECTIONS_PER_USER: &str = "MAX_CONNECTIONS_PER_USER";
+/// Client frames per second per connection (token bucket rate); 0 for no limit.
+pub const ENV_RATE_LIMIT_PER_SEC: &str = "RATE_LIMIT_PER_SEC";
+pub const DEFAULT_RATE_LIMIT_PER_SEC: u32 = 50;
+/// Client frames a connection may send at once (token bucket size).
+pub const ENV_RATE_LIMIT_BURST: &str = "RATE_LIMIT_BURST";
+pub const DEFAULT_RATE_LIMIT_BURST: u32 = 100;
+/// Largest client message or frame, in bytes.
+pub const ENV_MAX_MESSAGE_BYTES: &str = "MAX_MESSAGE_BYTES";
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 65_536;
+/// Bytes of frames that may wait for one client before it is closed with 4008.
+pub const ENV_OUTBOUND_QUEUE_BYTES: &str = "OUTBOUND_QUEUE_BYTES";
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 1_048_576;
+/// Comma-separated origins allowed to open a WebSocket from a browser; unset: every origin.
+pub const ENV_ALLOWED_ORIGINS: &str = "ALLOWED_ORIGINS";
+/// Seconds a client has to send a complete request head.
+pub const ENV_HEADER_READ_TIMEOUT_SECS: &str = "HEADER_READ_TIMEOUT_SECS";
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// PEM file of an RSA or EC public key verifying client tokens (RS256 or ES256).
+pub const ENV_JWT_PUBLIC_KEY_FILE: &str = "JWT_PUBLIC_KEY_FILE";
+/// When set, tokens must carry this `iss`.
+pub const ENV_JWT_ISSUER: &str = "JWT_ISSUER";
+/// When set, tokens' `aud` must contain this value.
+pub const ENV_JWT_AUDIENCE: &str = "JWT_AUDIENCE";
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub const ENV_JWT_LEEWAY_SECS: &str = "JWT_LEEWAY_SECS";
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 5;
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const ENV_RUST_LOG: &str = "RUST_LOG";
 pub const DEFAULT_RUST_LOG: &str = "info";
@@ -82,12 +118,20 @@ pub enum BrokerConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub bind_addr: SocketAddr,
-    /// `None`: an ephemeral secret is generated at start.
+    /// `None` (and no public key file): an ephemeral secret is generated at start.
     pub jwt_secret: Option<JwtSecret>,
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
     pub broker: BrokerConfig,
     pub webhook_secrets: HashMap<TenantId, Secret>,
-    pub max_connections: usize,
-    pub idle_timeout: Duration,
+    /// `None`: every origin may connect.
+    pub allowed_origins: Option<HashSet<String>>,
+    /// Connection limits, timings and the token leeway.
+    pub settings: Settings,
+    pub max_message_bytes: usize,
+    pub outbound_queue_bytes: usize,
+    pub header_read_timeout: Duration,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -205,6 +249,33 @@ fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(raw: &str) -> Result<T
     }
 }
 
+/// A whole number, zero included.
+fn whole<T: std::str::FromStr>(raw: &str) -> Result<T, String> {
+    raw.parse::<T>().map_err(|_| format!("expected a whole number (0 or more), got {raw:?}"))
+}
+
+/// `scheme://host[:port]` entries, compared exactly; no wildcards.
+fn origins(raw: &str) -> Result<HashSet<String>, String> {
+    let mut set = HashSet::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let rest = entry.strip_prefix("https://").or_else(|| entry.strip_prefix("http://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.contains(['/', '*', '?', '#', ' ']) => {
+                set.insert(entry.to_owned());
+            }
+            _ => {
+                return Err(format!(
+                    "expected comma-separated origins such as https://app.example.com (scheme and host, no path, no wildcard), got {entry:?}"
+                ));
+            }
+        }
+    }
+    if set.is_empty() {
+        return Err("lists no origin".to_owned());
+    }
+    Ok(set)
+}
+
 fn webhook_secrets(raw: &str) -> Result<HashMap<TenantId, Secret>, String> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw).map_err(|e| {
         format!("expected a JSON object mapping tenant id to secret, e.g. {{\"acme\":\"s3cret\"}}: {e}")
@@ -265,8 +336,56 @@ impl Config {
         });
         let broker = broker(&mut r);
         let webhook_secrets = r.parse(ENV_WEBHOOK_SECRETS, HashMap::new(), webhook_secrets);
+        let jwt_public_key_file = r.get(ENV_JWT_PUBLIC_KEY_FILE).map(|p| PathBuf::from(p.trim()));
+        if jwt_public_key_file.is_some() && (r.lookup)(ENV_JWT_SECRET_KEY).is_some() {
+            r.fail(
+                ENV_JWT_PUBLIC_KEY_FILE,
+                format!("set either {ENV_JWT_SECRET_KEY} or {ENV_JWT_PUBLIC_KEY_FILE}, not both"),
+            );
+        }
+        let jwt_issuer = r.get(ENV_JWT_ISSUER).map(|v| v.trim().to_owned());
+        let jwt_audience = r.get(ENV_JWT_AUDIENCE).map(|v| v.trim().to_owned());
+        let jwt_leeway = r.parse(ENV_JWT_LEEWAY_SECS, DEFAULT_JWT_LEEWAY_SECS, |raw| {
+            raw.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= 600)
+                .ok_or_else(|| format!("expected 0 to 600 seconds, got {raw:?}"))
+        });
+        let allowed_origins = r.get(ENV_ALLOWED_ORIGINS).and_then(|raw| match origins(&raw) {
+            Ok(set) => Some(set),
+            Err(problem) => {
+                r.fail(ENV_ALLOWED_ORIGINS, problem);
+                None
+            }
+        });
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, positive::<usize>);
+        let per_user = r.parse(ENV_MAX_CONNECTIONS_PER_USER, 0, whole::<usize>);
+        let ping_secs = r.parse(ENV_PING_INTERVAL_SECS, DEFAULT_PING_INTERVAL_SECS, positive::<u64>);
         let idle_secs = r.parse(ENV_IDLE_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, positive::<u64>);
+        if idle_secs <= ping_secs {
+            r.fail(
+                ENV_IDLE_TIMEOUT_SECS,
+                format!("must be greater than {ENV_PING_INTERVAL_SECS} ({ping_secs}), or live clients are closed between two pings"),
+            );
+        }
+        let inactivity_secs =
+            r.parse(ENV_INACTIVITY_TIMEOUT_SECS, DEFAULT_INACTIVITY_TIMEOUT_SECS, positive::<u64>);
+        let rate = r.parse(ENV_RATE_LIMIT_PER_SEC, DEFAULT_RATE_LIMIT_PER_SEC, whole::<u32>);
+        let burst = r.parse(ENV_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_BURST, positive::<u32>);
+        let max_message_bytes = r.parse(ENV_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES, |raw| {
+            positive::<usize>(raw)
+                .ok()
+                .filter(|n| (1024..=16 * 1024 * 1024).contains(n))
+                .ok_or_else(|| format!("expected 1024 to 16777216 bytes, got {raw:?}"))
+        });
+        let outbound_queue_bytes = r.parse(ENV_OUTBOUND_QUEUE_BYTES, DEFAULT_OUTBOUND_QUEUE_BYTES, |raw| {
+            positive::<usize>(raw)
+                .ok()
+                .filter(|n| *n >= 4096)
+                .ok_or_else(|| format!("expected at least 4096 bytes, got {raw:?}"))
+        });
+        let header_secs =
+            r.parse(ENV_HEADER_READ_TIMEOUT_SECS, DEFAULT_HEADER_READ_TIMEOUT_SECS, positive::<u64>);
         let log_filter = r.get(ENV_RUST_LOG).unwrap_or_else(|| DEFAULT_RUST_LOG.to_owned());
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             r.fail(ENV_RUST_LOG, format!("invalid filter: {e}"));
@@ -282,10 +401,25 @@ impl Config {
         Ok(Self {
             bind_addr,
             jwt_secret,
+            jwt_public_key_file,
+            jwt_issuer,
+            jwt_audience,
             broker,
             webhook_secrets,
-            max_connections,
-            idle_timeout: Duration::from_secs(idle_secs),
+            allowed_origins,
+            settings: Settings {
+                max_connections,
+                max_connections_per_user: per_user,
+                ping_interval_ms: ping_secs.saturating_mul(1000),
+                idle_timeout_ms: idle_secs.saturating_mul(1000),
+                inactivity_timeout_ms: inactivity_secs.saturating_mul(1000),
+                rate_per_sec: rate,
+                rate_burst: burst,
+                token_leeway_secs: jwt_leeway,
+            },
+            max_message_bytes,
+            outbound_queue_bytes,
+            header_read_timeout: Duration::from_secs(header_secs),
             log_filter,
             log_format,
         })
@@ -316,8 +450,22 @@ mod tests {
         assert_eq!(config.jwt_secret, None);
         assert!(matches!(config.broker, BrokerConfig::InProcess));
         assert!(config.webhook_secrets.is_empty());
-        assert_eq!(config.max_connections, 10_000);
-        assert_eq!(config.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(config.settings.max_connections, 10_000);
+        assert_eq!(config.settings.max_connections_per_user, 0);
+        assert_eq!(config.settings.ping_interval_ms, 25_000);
+        assert_eq!(config.settings.idle_timeout_ms, 60_000);
+        assert_eq!(config.settings.inactivity_timeout_ms, 3_600_000);
+        assert_eq!((config.settings.rate_per_sec, config.settings.rate_burst), (50, 100));
+        assert_eq!(config.settings.token_leeway_secs, 5);
+        assert_eq!(config.max_message_bytes, 65_536);
+        assert_eq!(config.outbound_queue_bytes, 1_048_576);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert!(config.allowed_origins.is_none());
+        assert!(
+            config.jwt_issuer.is_none()
+                && config.jwt_audience.is_none()
+                && config.jwt_public_key_file.is_none()
+        );
         assert_eq!(config.log_filter, "info");
         assert_eq!(config.log_format, LogFormat::Text);
     }
@@ -330,7 +478,10 @@ mod tests {
             (ENV_REDIS_URL, "redis://127.0.0.1:6380/0"),
             (ENV_WEBHOOK_SECRETS, r#"{"acme":"s3cret","globex":"other"}"#),
             (ENV_MAX_CONNECTIONS, "5"),
-            (ENV_IDLE_TIMEOUT_SECS, "60"),
+            (ENV_IDLE_TIMEOUT_SECS, "90"),
+            (ENV_ALLOWED_ORIGINS, "https://app.example.com, http://localhost:3000"),
+            (ENV_MAX_CONNECTIONS_PER_USER, "3"),
+            (ENV_RATE_LIMIT_PER_SEC, "0"),
             (ENV_RUST_LOG, "debug,hyper=info"),
             (ENV_LOG_FORMAT, "json"),
         ])
@@ -342,8 +493,11 @@ mod tests {
             BrokerConfig::Redis { target: RedisTarget::Url(url), pool_size: 200 } if url == "redis://127.0.0.1:6380/0"
         ));
         assert_eq!(config.webhook_secrets.len(), 2);
-        assert_eq!(config.max_connections, 5);
-        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.settings.max_connections, 5);
+        assert_eq!(config.settings.idle_timeout_ms, 90_000);
+        assert_eq!(config.settings.max_connections_per_user, 3);
+        assert_eq!(config.settings.rate_per_sec, 0);
+        assert_eq!(config.allowed_origins.map(|o| o.len()), Some(2));
         assert_eq!(config.log_format, LogFormat::Json);
     }
 

@@ -25,6 +25,8 @@ pub mod kind {
     pub const WELCOME: &str = "welcome";
     /// The answer to a client `ping`.
     pub const PONG: &str = "pong";
+    /// The answer to a valid `refresh`.
+    pub const REFRESHED: &str = "refreshed";
     /// A problem with what the client sent; the connection stays open.
     pub const ERROR: &str = "error";
 }

@@ -23,6 +23,10 @@ pub struct Claims {
     /// Scopes as an array of strings.
     #[serde(default)]
     pub scopes: Option<Vec<String>>,
+    /// Expiry, seconds since the Unix epoch (checked by the verifier; kept to end the
+    /// connection when it passes).
+    #[serde(default)]
+    pub exp: Option<u64>,
 }
 
 /// Why claims do not make an identity.
@@ -44,6 +48,7 @@ pub struct Identity {
     user_id: UserId,
     tenant_id: TenantId,
     scopes: Vec<String>,
+    expires_at: Option<u64>,
 }
 
 impl Identity {
@@ -59,12 +64,22 @@ impl Identity {
         let mut scopes: Vec<String> =
             claims.scope.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
         scopes.extend(claims.scopes.unwrap_or_default());
-        Ok(Self { user_id, tenant_id, scopes })
+        Ok(Self { user_id, tenant_id, scopes, expires_at: claims.exp })
     }
 
-    /// An identity with the given scopes.
+    /// An identity with the given scopes and no expiry.
     pub fn new(user_id: UserId, tenant_id: TenantId, scopes: Vec<String>) -> Self {
-        Self { user_id, tenant_id, scopes }
+        Self { user_id, tenant_id, scopes, expires_at: None }
+    }
+
+    /// When the token that proved this identity expires, in seconds since the Unix epoch.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.expires_at
+    }
+
+    /// Whether `other` is the same user of the same tenant.
+    pub fn same_principal(&self, other: &Identity) -> bool {
+        self.user_id == other.user_id && self.tenant_id == other.tenant_id
     }
 
     pub fn user_id(&self) -> &UserId {

@@ -10,6 +10,7 @@
 //! - [`envelope`]: the message format every server→client frame and every broker message uses.
 //! - [`identity`]: what a token must claim to become an `Identity`, and the scope check.
 //! - [`protocol`]: client→server frames, error codes and close reasons.
+//! - [`rate_limit`]: the per-connection token bucket.
 //! - [`registry`]: the connection registry and its first/last-connection events.
 
 pub mod channel;
@@ -17,6 +18,7 @@ pub mod envelope;
 pub mod id;
 pub mod identity;
 pub mod protocol;
+pub mod rate_limit;
 pub mod registry;
 pub mod time;
 
@@ -25,5 +27,6 @@ pub use envelope::{Envelope, InboundEnvelope};
 pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};
 pub use identity::{Claims, ClaimsError, Identity, SCOPE_WS_CONNECT};
 pub use protocol::{ClientCommand, CloseReason, ErrorCode, ProtocolError};
+pub use rate_limit::{RateDecision, TokenBucket};
 pub use registry::{ConnectionInfo, ConnectionRegistry, RegistryError};
 pub use time::Timestamp;

@@ -7,12 +7,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// A valid client→server frame.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ClientCommand<'a> {
     /// `{"type":"message","payload":…}`: publish to the sender's tenant.
     Message { payload: &'a RawValue },
     /// `{"type":"ping"}`: answered with a `pong` frame.
     Ping,
+    /// `{"type":"refresh","token":"<JWT>"}`: extend the connection's lifetime.
+    Refresh { token: Cow<'a, str> },
 }
 
 /// Why a client frame was refused. Answered with an `error` frame; the connection stays open.
@@ -24,8 +26,10 @@ pub enum ProtocolError {
     NotAnObject,
     #[error("frame has no string \"type\" field")]
     MissingType,
-    #[error("unknown frame type {0:?}; expected \"message\" or \"ping\"")]
+    #[error("unknown frame type {0:?}; expected \"message\", \"ping\" or \"refresh\"")]
     UnknownType(String),
+    #[error("a \"refresh\" frame needs a non-empty string \"token\"")]
+    MissingToken,
     #[error("a \"message\" frame needs a \"payload\"")]
     MissingPayload,
     #[error("binary frames are not supported; send JSON text frames")]
@@ -39,6 +43,8 @@ struct RawFrame<'a> {
     /// `Some` whenever the field is present, `null` included.
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -58,7 +64,13 @@ impl<'a> ClientCommand<'a> {
             });
         }
         let frame: RawFrame<'a> = serde_json::from_str(text).map_err(|e| {
-            if e.is_data() { ProtocolError::MissingType } else { ProtocolError::NotJson(e.to_string()) }
+            if !e.is_data() {
+                ProtocolError::NotJson(e.to_string())
+            } else if text.contains("\"token\"") {
+                ProtocolError::MissingToken
+            } else {
+                ProtocolError::MissingType
+            }
         })?;
         match frame.kind.as_deref() {
             Some("message") => match frame.payload {
@@ -66,26 +78,52 @@ impl<'a> ClientCommand<'a> {
                 None => Err(ProtocolError::MissingPayload),
             },
             Some("ping") => Ok(Self::Ping),
+            Some("refresh") => match frame.token {
+                Some(token) if !token.is_empty() => Ok(Self::Refresh { token }),
+                _ => Err(ProtocolError::MissingToken),
+            },
             Some(other) => Err(ProtocolError::UnknownType(other.chars().take(64).collect())),
             None => Err(ProtocolError::MissingType),
         }
     }
 }
 
-/// The stable `code` of an `error` frame or an HTTP error body.
+impl ProtocolError {
+    /// The `code` of the `error` frame that answers this frame.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Binary => ErrorCode::Unsupported,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+}
+
+/// The stable `code` of an `error` frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
-    /// The frame or request is malformed.
+    /// The frame is malformed.
     BadRequest,
+    /// The frame is of a kind the service does not take (binary frames).
+    Unsupported,
     /// The broker is unreachable; retry later.
     Unavailable,
+    /// Over the connection's message rate; the frame was dropped.
+    RateLimited,
+    /// A `refresh` token failed verification.
+    Unauthorized,
+    /// A `refresh` token names another user or tenant, or lacks the `ws:connect` scope.
+    Forbidden,
 }
 
 impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadRequest => "bad_request",
+            Self::Unsupported => "unsupported",
             Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -95,18 +133,34 @@ impl ErrorCode {
 pub enum CloseReason {
     /// 1001: the instance is shutting down; reconnect (to another instance).
     GoingAway,
-    /// 4408: no frame from the client for longer than the idle timeout.
+    /// 1001: nothing at all (not even a pong) from the client for the idle timeout; the peer
+    /// is presumed gone. A client that is still there reconnects.
     IdleTimeout,
-    /// 4429: the client reads too slowly and its outbound queue is full.
+    /// 1008: the client kept sending past its rate limit.
+    PolicyViolation,
+    /// 1009: a client message over the size limit.
+    MessageTooBig,
+    /// 1011: the server failed; reconnect with backoff.
+    InternalError,
+    /// 4001: the token expired and was not refreshed; reconnect with a fresh token.
+    TokenExpired,
+    /// 4003: closed on purpose (no message for the inactivity timeout); do not reconnect
+    /// automatically.
+    Inactive,
+    /// 4008: the client reads too slowly and its outbound queue overflowed.
     SlowConsumer,
 }
 
 impl CloseReason {
     pub fn code(self) -> u16 {
         match self {
-            Self::GoingAway => 1001,
-            Self::IdleTimeout => 4408,
-            Self::SlowConsumer => 4429,
+            Self::GoingAway | Self::IdleTimeout => 1001,
+            Self::PolicyViolation => 1008,
+            Self::MessageTooBig => 1009,
+            Self::InternalError => 1011,
+            Self::TokenExpired => 4001,
+            Self::Inactive => 4003,
+            Self::SlowConsumer => 4008,
         }
     }
 
@@ -114,6 +168,11 @@ impl CloseReason {
         match self {
             Self::GoingAway => "server shutting down",
             Self::IdleTimeout => "idle timeout",
+            Self::PolicyViolation => "rate limit exceeded",
+            Self::MessageTooBig => "message too big",
+            Self::InternalError => "internal error",
+            Self::TokenExpired => "token expired",
+            Self::Inactive => "inactive",
             Self::SlowConsumer => "slow consumer",
         }
     }
@@ -160,9 +219,32 @@ mod tests {
     }
 
     #[test]
+    fn refresh_frames_carry_a_token() {
+        match ClientCommand::parse(r#"{"type":"refresh","token":"a.b.c"}"#) {
+            Ok(ClientCommand::Refresh { token }) => assert_eq!(token, "a.b.c"),
+            other => panic!("unexpected {other:?}"),
+        }
+        for bad in
+            [r#"{"type":"refresh"}"#, r#"{"type":"refresh","token":""}"#, r#"{"type":"refresh","token":5}"#]
+        {
+            assert!(matches!(ClientCommand::parse(bad), Err(ProtocolError::MissingToken)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn binary_frames_are_unsupported_and_the_rest_bad_requests() {
+        assert_eq!(ProtocolError::Binary.code(), ErrorCode::Unsupported);
+        assert_eq!(ProtocolError::MissingType.code(), ErrorCode::BadRequest);
+    }
+
+    #[test]
     fn close_codes_are_the_documented_ones() {
         assert_eq!(CloseReason::GoingAway.code(), 1001);
-        assert_eq!(CloseReason::IdleTimeout.code(), 4408);
-        assert_eq!(CloseReason::SlowConsumer.code(), 4429);
+        assert_eq!(CloseReason::PolicyViolation.code(), 1008);
+        assert_eq!(CloseReason::MessageTooBig.code(), 1009);
+        assert_eq!(CloseReason::InternalError.code(), 1011);
+        assert_eq!(CloseReason::TokenExpired.code(), 4001);
+        assert_eq!(CloseReason::Inactive.code(), 4003);
+        assert_eq!(CloseReason::SlowConsumer.code(), 4008);
     }
 }

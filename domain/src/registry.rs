@@ -114,6 +114,11 @@ impl<H: Clone> ConnectionRegistry<H> {
         }
     }
 
+    /// How many connections `user` of `tenant` has.
+    pub fn connections_of(&self, tenant: &TenantId, user: &UserId) -> usize {
+        self.users.get(&(tenant.clone(), user.clone())).map_or(0, HashMap::len)
+    }
+
     /// Every tenant and user channel some registered connection needs.
     pub fn needed_channels(&self) -> impl Iterator<Item = Channel> + '_ {
         let tenants = self.tenants.keys().map(|t| Channel::Tenant(t.clone()));

@@ -1,11 +1,16 @@
 //! The HTTP surface: health, readiness and webhooks, with the WebSocket route mounted beside.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use application::{Realtime, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -16,15 +21,64 @@ use crate::inbound::ws::{self, WsSettings};
 /// Largest accepted webhook body: 1 MiB.
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 
+/// Tuning of the HTTP server.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// A connection that has not sent a complete request head within this time is closed
+    /// (slow-loris protection); also the limit on an idle keep-alive connection.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { header_read_timeout: Duration::from_secs(10) }
+    }
+}
+
 /// Serves every route on `listener` until `stop` resolves, then finishes the requests in
 /// flight. Upgraded WebSocket connections are not waited for: they are closed by the caller.
+///
+/// warp's own server has no header-read timeout, so the connections are served here by
+/// hyper-util with a timer.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<Realtime>,
     ws_settings: WsSettings,
+    http: HttpSettings,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    warp::serve(routes(app, ws_settings)).incoming(listener).graceful(stop).run().await;
+    let service = warp::service(routes(app, ws_settings));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout);
+    let builder = builder.http1_only();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors, typically: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(service.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Every route of the service, errors answered as JSON.

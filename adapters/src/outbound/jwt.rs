@@ -1,7 +1,9 @@
 //! JSON Web Tokens: `JwtVerifier` for clients' tokens and `JwtIssuer` for the `token` command.
 //!
-//! The algorithm is pinned to HS256: a token whose header names any other algorithm — `none`
-//! included — is refused before its signature is looked at.
+//! The algorithm is pinned by the key: HS256 for a shared secret, RS256 or ES256 for an RSA or
+//! EC public key. A token whose header names any other algorithm — `none` included — is
+//! refused before its signature is looked at, and so is one with a `crit` header (no JWS
+//! extension is understood here, RFC 7515 §4.1.11).
 
 use application::ports::{TokenError, TokenVerifier};
 use async_trait::async_trait;
@@ -10,31 +12,94 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Serialize;
 
-/// Seconds of clock skew tolerated on `exp` and `nbf`.
+/// Default seconds of clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 5;
 
-/// Verifies HS256 tokens signed with one shared secret.
+/// What else a token must satisfy besides its signature and validity window.
+#[derive(Debug, Clone)]
+pub struct JwtRules {
+    /// When set, the `iss` claim must equal it.
+    pub issuer: Option<String>,
+    /// When set, the `aud` claim must contain it.
+    pub audience: Option<String>,
+    /// Seconds of clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl Default for JwtRules {
+    fn default() -> Self {
+        Self { issuer: None, audience: None, leeway_secs: LEEWAY_SECS }
+    }
+}
+
+/// Why a verification key is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a PEM-encoded RSA or EC (P-256) public key")]
+pub struct KeyError;
+
+/// Verifies client tokens with one key and one algorithm.
 pub struct JwtVerifier {
     key: DecodingKey,
+    algorithm: Algorithm,
     validation: Validation,
 }
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier").field("algorithm", &"HS256").finish_non_exhaustive()
+        f.debug_struct("JwtVerifier").field("algorithm", &self.algorithm).finish_non_exhaustive()
     }
 }
 
 impl JwtVerifier {
+    /// HS256 with a shared secret and the default rules.
     pub fn hs256(secret: &[u8]) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECS;
+        Self::with_secret(secret, &JwtRules::default())
+    }
+
+    /// HS256 with a shared secret.
+    pub fn with_secret(secret: &[u8], rules: &JwtRules) -> Self {
+        Self::new(DecodingKey::from_secret(secret), Algorithm::HS256, rules)
+    }
+
+    /// RS256 or ES256, chosen by the type of the PEM public key.
+    ///
+    /// # Errors
+    /// [`KeyError`] when `pem` is neither an RSA nor an EC public key.
+    pub fn with_public_key(pem: &[u8], rules: &JwtRules) -> Result<Self, KeyError> {
+        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            return Ok(Self::new(key, Algorithm::RS256, rules));
+        }
+        if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            return Ok(Self::new(key, Algorithm::ES256, rules));
+        }
+        Err(KeyError)
+    }
+
+    fn new(key: DecodingKey, algorithm: Algorithm, rules: &JwtRules) -> Self {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = rules.leeway_secs;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        // Audiences are not part of the contract; a token carrying one is still accepted.
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp"]);
-        Self { key: DecodingKey::from_secret(secret), validation }
+        let mut required = vec!["exp"];
+        match &rules.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            // Without a configured audience, a token carrying one is still accepted.
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &rules.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Self { key, algorithm, validation }
+    }
+
+    /// The algorithm every accepted token must name.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
     }
 }
 
@@ -47,6 +112,8 @@ fn token_error(kind: &ErrorKind) -> TokenError {
         ErrorKind::ExpiredSignature => TokenError::Expired,
         ErrorKind::ImmatureSignature => TokenError::NotYetValid,
         ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
         _ => TokenError::Malformed,
     }
 }
@@ -54,6 +121,13 @@ fn token_error(kind: &ErrorKind) -> TokenError {
 #[async_trait]
 impl TokenVerifier for JwtVerifier {
     async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| token_error(e.kind()))?;
+        if header.alg != self.algorithm {
+            return Err(TokenError::WrongAlgorithm);
+        }
+        if header.crit.is_some() {
+            return Err(TokenError::UnsupportedCritical);
+        }
         jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map(|data| data.claims)
             .map_err(|e| token_error(e.kind()))
@@ -81,6 +155,12 @@ pub struct TokenRequest {
     pub iat: u64,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Issuer, when verifiers require one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience, when verifiers require one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 /// Why a token could not be signed.
@@ -142,6 +222,8 @@ mod tests {
                 scope: "ws:connect".into(),
                 iat: now(),
                 exp: now() + 60,
+                iss: None,
+                aud: None,
             })
             .expect("signed");
         let claims = verify(&token).await.expect("valid");

@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
-use domain::{ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNECT, Timestamp};
+use domain::{ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNECT, Timestamp, TokenBucket};
 
+use crate::Settings;
 use crate::frames::FrameFactory;
-use crate::hub::{ConnectionHandle, Hub, Permit};
+use crate::hub::{ConnectionHandle, Hub, Permit, RegisterError};
 use crate::ports::{BrokerError, ClientSink, TokenError, TokenVerifier};
 
 /// Why a client may not connect.
@@ -30,6 +31,9 @@ pub enum ConnectError {
     /// The instance holds `MAX_CONNECTIONS` connections. HTTP 503.
     #[error("instance is at its connection limit")]
     AtCapacity,
+    /// The user holds `MAX_CONNECTIONS_PER_USER` connections on this instance. HTTP 429.
+    #[error("too many connections for this user: at most {0} per instance")]
+    TooManyConnections(usize),
     /// The broker could not subscribe the connection's channels. HTTP 503.
     #[error(transparent)]
     Broker(BrokerError),
@@ -55,6 +59,8 @@ impl Admission {
 #[derive(Debug)]
 pub struct Session {
     handle: Arc<ConnectionHandle>,
+    /// Only the connection's reader uses it, so it needs no lock.
+    pub(crate) rate: TokenBucket,
     _permit: Permit,
 }
 
@@ -71,7 +77,7 @@ impl Session {
         &self.handle
     }
 
-    /// Records client activity at `now`.
+    /// Records a data frame from the client at `now`.
     pub fn touch(&self, now: Timestamp) {
         self.handle.touch(now);
     }
@@ -82,6 +88,7 @@ pub struct ConnectClient {
     tokens: Arc<dyn TokenVerifier>,
     hub: Arc<Hub>,
     frames: FrameFactory,
+    settings: Settings,
 }
 
 impl std::fmt::Debug for ConnectClient {
@@ -91,8 +98,13 @@ impl std::fmt::Debug for ConnectClient {
 }
 
 impl ConnectClient {
-    pub fn new(tokens: Arc<dyn TokenVerifier>, hub: Arc<Hub>, frames: FrameFactory) -> Self {
-        Self { tokens, hub, frames }
+    pub fn new(
+        tokens: Arc<dyn TokenVerifier>,
+        hub: Arc<Hub>,
+        frames: FrameFactory,
+        settings: &Settings,
+    ) -> Self {
+        Self { tokens, hub, frames, settings: settings.clone() }
     }
 
     /// Verifies the token, checks the `ws:connect` scope and reserves a connection slot.
@@ -117,6 +129,7 @@ impl ConnectClient {
     /// client's tenant reaches it, after the welcome frame.
     ///
     /// # Errors
+    /// [`ConnectError::TooManyConnections`] when the user is at the per-user limit,
     /// [`ConnectError::Broker`] when the subscription could not be confirmed (the connection
     /// is unregistered again), [`ConnectError::Gone`] when the sink is already closed.
     pub async fn connect(
@@ -125,22 +138,35 @@ impl ConnectClient {
         sink: Arc<dyn ClientSink>,
     ) -> Result<Session, ConnectError> {
         let Admission { identity, permit } = admission;
+        let now = self.frames.now();
         let info = ConnectionInfo {
             id: self.frames.connection_id(),
             user_id: identity.user_id().clone(),
             tenant_id: identity.tenant_id().clone(),
-            connected_at: self.frames.now(),
+            connected_at: now,
         };
+        let expires_at = token_deadline(&identity, self.settings.token_leeway_secs);
         // Queued before the connection becomes visible to fan-outs, so it is always first.
         sink.push(self.frames.welcome(&info)).map_err(|_| ConnectError::Gone)?;
-        let handle = Arc::new(ConnectionHandle::new(info, sink));
-        let ack = self.hub.register(handle.clone()).map_err(|_| ConnectError::Gone)?;
+        let handle = Arc::new(ConnectionHandle::new(info, sink, expires_at));
+        let ack = self.hub.register(handle.clone()).map_err(|error| match error {
+            RegisterError::UserLimit(limit) => ConnectError::TooManyConnections(limit),
+            RegisterError::Registry(_) => ConnectError::Gone,
+        })?;
         if let Err(error) = ack.await {
             self.hub.unregister(&handle.info().tenant_id, &handle.info().id);
             return Err(ConnectError::Broker(error));
         }
-        Ok(Session { handle, _permit: permit })
+        let rate = TokenBucket::new(self.settings.rate_per_sec, self.settings.rate_burst, now);
+        Ok(Session { handle, rate, _permit: permit })
     }
+}
+
+/// The instant a connection proved by `identity` must end: its token's `exp` plus the leeway.
+pub(crate) fn token_deadline(identity: &Identity, leeway_secs: u64) -> Option<Timestamp> {
+    identity
+        .expires_at()
+        .map(|exp| Timestamp::from_unix_millis(exp.saturating_add(leeway_secs).saturating_mul(1000)))
 }
 
 #[cfg(test)]
@@ -171,7 +197,7 @@ mod tests {
         max: usize,
     ) -> (ConnectClient, Arc<Hub>) {
         let hub = Arc::new(Hub::new(Arc::new(broker), max));
-        (ConnectClient::new(tokens, hub.clone(), frames()), hub)
+        (ConnectClient::new(tokens, hub.clone(), frames(), &Settings::default()), hub)
     }
 
     #[tokio::test]
@@ -259,6 +285,46 @@ mod tests {
         }
         assert_eq!(hub.len(), 2);
         assert_ne!(sessions[0].connection_id(), sessions[1].connection_id());
+    }
+
+    #[tokio::test]
+    async fn a_user_at_the_per_user_limit_is_refused_until_a_connection_ends() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        let hub = Arc::new(Hub::with_user_limit(Arc::new(broker), 10, 2));
+        let connect = ConnectClient::new(
+            verifier(Ok(claims("ws:connect"))),
+            hub.clone(),
+            frames(),
+            &Settings::default(),
+        );
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let admission = connect.authorize(Some("t")).await.expect("admitted");
+            sessions.push(connect.connect(admission, RecordingSink::new()).await.expect("connected"));
+        }
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let refused = connect.connect(admission, RecordingSink::new()).await;
+        assert_eq!(refused.err(), Some(ConnectError::TooManyConnections(2)));
+        assert_eq!(hub.admitted(), 2, "the refused attempt released its slot");
+        crate::DisconnectClient::new(hub.clone()).disconnect(sessions.remove(0));
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        assert!(connect.connect(admission, RecordingSink::new()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_connection_ends_when_its_token_expires_plus_the_leeway() {
+        let mut with_exp = claims("ws:connect");
+        with_exp.exp = Some(2_000_000_000);
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        let (connect, _) = use_case(verifier(Ok(with_exp)), broker, 10);
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let session = connect.connect(admission, RecordingSink::new()).await.expect("connected");
+        assert_eq!(session.handle().expires_at(), Some(Timestamp::from_unix_millis(2_000_000_005_000)));
     }
 
     #[tokio::test]

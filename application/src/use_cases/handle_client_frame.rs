@@ -1,15 +1,20 @@
-//! Handle a frame a client sent: relay a message to its tenant, answer a ping, or explain
-//! what is wrong with the frame.
+//! Handle a frame a client sent: relay a message to its tenant, answer a ping, refresh the
+//! connection's token, or explain what is wrong with the frame — within the connection's rate
+//! limit.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use domain::envelope::kind;
-use domain::{Channel, ClientCommand, ErrorCode, ProtocolError};
+use domain::envelope::{kind, raw_payload};
+use domain::{
+    Channel, ClientCommand, CloseReason, ErrorCode, Identity, ProtocolError, RateDecision, SCOPE_WS_CONNECT,
+};
+use serde::Serialize;
 
+use crate::Settings;
 use crate::frames::{FrameFactory, encode};
-use crate::ports::MessageBroker;
-use crate::use_cases::connect_client::Session;
+use crate::ports::{MessageBroker, TokenVerifier};
+use crate::use_cases::connect_client::{Session, token_deadline};
 
 /// A frame as received from the client.
 #[derive(Debug, Clone, Copy)]
@@ -18,10 +23,28 @@ pub enum ClientFrame<'a> {
     Binary,
 }
 
+/// What the connection does after a client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameOutcome {
+    /// Nothing to send back.
+    Nothing,
+    /// Send this frame back to the client.
+    Reply(Bytes),
+    /// Close the connection.
+    Close(CloseReason),
+}
+
+#[derive(Serialize)]
+struct Refreshed {
+    exp: u64,
+}
+
 /// The handle-a-client-frame use-case.
 pub struct HandleClientFrame {
     broker: Arc<dyn MessageBroker>,
+    tokens: Arc<dyn TokenVerifier>,
     frames: FrameFactory,
+    token_leeway_secs: u64,
 }
 
 impl std::fmt::Debug for HandleClientFrame {
@@ -31,30 +54,50 @@ impl std::fmt::Debug for HandleClientFrame {
 }
 
 impl HandleClientFrame {
-    pub fn new(broker: Arc<dyn MessageBroker>, frames: FrameFactory) -> Self {
-        Self { broker, frames }
+    pub fn new(
+        broker: Arc<dyn MessageBroker>,
+        tokens: Arc<dyn TokenVerifier>,
+        frames: FrameFactory,
+        settings: &Settings,
+    ) -> Self {
+        Self { broker, tokens, frames, token_leeway_secs: settings.token_leeway_secs }
     }
 
-    /// Records client activity that carries no data (a WebSocket ping or pong).
-    pub fn touch(&self, session: &Session) {
-        session.touch(self.frames.now());
+    /// Records a control frame from the client (a WebSocket ping or pong): the connection is
+    /// alive, though not active.
+    pub fn seen(&self, session: &Session) {
+        session.handle().seen(self.frames.now());
     }
 
-    /// Handles one frame and returns the frame to send back to this client, if any.
+    /// Handles one data frame.
     ///
-    /// - `message`: published to `tenant:<tenant>`; nothing is returned when the broker took
+    /// - Over the rate limit: an `error` frame with code `rate_limited`, nothing published;
+    ///   after 10 s of that without a break, close with 1008.
+    /// - `message`: published to `tenant:<tenant>`; nothing is sent back when the broker took
     ///   it (the sender receives its own message through the channel like everyone else), an
     ///   `error` frame with code `unavailable` when it did not.
     /// - `ping`: a `pong` frame.
+    /// - `refresh`: a `refreshed` frame with the new expiry, or an `error` frame (`unauthorized`
+    ///   for a token that fails verification, `forbidden` for another user or tenant or a
+    ///   token without `ws:connect`) that changes nothing.
+    /// - a binary frame: an `error` frame with code `unsupported`.
     /// - anything else: an `error` frame with code `bad_request`.
-    pub async fn handle(&self, session: &Session, frame: ClientFrame<'_>) -> Option<Bytes> {
-        session.touch(self.frames.now());
+    pub async fn handle(&self, session: &mut Session, frame: ClientFrame<'_>) -> FrameOutcome {
+        let now = self.frames.now();
+        session.touch(now);
+        match session.rate.check(now) {
+            RateDecision::Allowed => {}
+            RateDecision::Limited => {
+                return self.error(ErrorCode::RateLimited, "rate limit exceeded: frame dropped, slow down");
+            }
+            RateDecision::Flooding => return FrameOutcome::Close(CloseReason::PolicyViolation),
+        }
         let command = match frame {
             ClientFrame::Text(text) => ClientCommand::parse(text),
             ClientFrame::Binary => Err(ProtocolError::Binary),
         };
         match command {
-            Ok(ClientCommand::Ping) => Some(self.frames.pong()),
+            Ok(ClientCommand::Ping) => FrameOutcome::Reply(self.frames.pong()),
             Ok(ClientCommand::Message { payload }) => {
                 let info = session.info();
                 let channel = Channel::Tenant(info.tenant_id.clone());
@@ -65,18 +108,44 @@ impl HandleClientFrame {
                     Some(channel.clone()),
                 );
                 match self.broker.publish(&channel, encode(&envelope)).await {
-                    Ok(()) => None,
+                    Ok(()) => FrameOutcome::Nothing,
                     Err(error) => {
                         tracing::warn!(%error, connection_id = %info.id, "client message not published");
-                        Some(self.frames.error(
+                        self.error(
                             ErrorCode::Unavailable,
                             "message not delivered: broker unavailable, retry later",
-                        ))
+                        )
                     }
                 }
             }
-            Err(error) => Some(self.frames.error(ErrorCode::BadRequest, &error.to_string())),
+            Ok(ClientCommand::Refresh { token }) => self.refresh(session, &token).await,
+            Err(error) => self.error(error.code(), &error.to_string()),
         }
+    }
+
+    async fn refresh(&self, session: &Session, token: &str) -> FrameOutcome {
+        let identity = match self.tokens.verify(token).await.map(Identity::from_claims) {
+            Ok(Ok(identity)) => identity,
+            Ok(Err(error)) => {
+                return self.error(ErrorCode::Unauthorized, &format!("refresh refused: {error}"));
+            }
+            Err(error) => return self.error(ErrorCode::Unauthorized, &format!("refresh refused: {error}")),
+        };
+        let info = session.info();
+        if identity.user_id() != &info.user_id || identity.tenant_id() != &info.tenant_id {
+            return self
+                .error(ErrorCode::Forbidden, "refresh refused: the token is for another user or tenant");
+        }
+        if !identity.has_scope(SCOPE_WS_CONNECT) {
+            return self.error(ErrorCode::Forbidden, "refresh refused: the token lacks the ws:connect scope");
+        }
+        session.handle().extend(token_deadline(&identity, self.token_leeway_secs));
+        let payload = raw_payload(&Refreshed { exp: identity.expires_at().unwrap_or_default() });
+        FrameOutcome::Reply(encode(&self.frames.envelope(kind::REFRESHED, payload, None, None)))
+    }
+
+    fn error(&self, code: ErrorCode, message: &str) -> FrameOutcome {
+        FrameOutcome::Reply(self.frames.error(code, message))
     }
 }
 
@@ -84,19 +153,33 @@ impl HandleClientFrame {
 mod tests {
     use super::*;
     use crate::hub::Hub;
-    use crate::ports::{BrokerError, MockMessageBroker};
+    use crate::ports::{BrokerError, MockMessageBroker, MockTokenVerifier, TokenError};
     use crate::use_cases::test_support::*;
+    use domain::{Claims, Timestamp};
     use serde_json::Value;
 
-    async fn run(broker: MockMessageBroker, frame: ClientFrame<'_>) -> Option<Value> {
-        let broker: Arc<MockMessageBroker> = Arc::new(broker);
+    fn hub() -> Arc<Hub> {
         let mut hub_broker = MockMessageBroker::new();
         hub_broker.expect_subscribe().returning(|_| ());
         hub_broker.expect_until_active().returning(|_| ack_ok());
-        let hub = Arc::new(Hub::new(Arc::new(hub_broker), 10));
-        let session = session(&hub, "bob", "acme").await;
-        let reply = HandleClientFrame::new(broker, frames()).handle(&session, frame).await;
-        reply.map(|bytes| serde_json::from_slice(&bytes).expect("json"))
+        Arc::new(Hub::new(Arc::new(hub_broker), 10))
+    }
+
+    fn use_case(broker: MockMessageBroker, tokens: MockTokenVerifier) -> HandleClientFrame {
+        HandleClientFrame::new(Arc::new(broker), Arc::new(tokens), frames(), &Settings::default())
+    }
+
+    fn json(outcome: FrameOutcome) -> Option<Value> {
+        match outcome {
+            FrameOutcome::Reply(bytes) => Some(serde_json::from_slice(&bytes).expect("json")),
+            FrameOutcome::Nothing => None,
+            FrameOutcome::Close(reason) => panic!("unexpected close {reason:?}"),
+        }
+    }
+
+    async fn run(broker: MockMessageBroker, frame: ClientFrame<'_>) -> Option<Value> {
+        let mut session = session(&hub(), "bob", "acme").await;
+        json(use_case(broker, MockTokenVerifier::new()).handle(&mut session, frame).await)
     }
 
     #[tokio::test]
@@ -140,20 +223,90 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn malformed_frames_are_answered_with_bad_request_errors() {
-        for frame in [
-            ClientFrame::Text("not json"),
-            ClientFrame::Text("[1,2]"),
-            ClientFrame::Text(r#"{"type":"dance"}"#),
-            ClientFrame::Text(r#"{"type":"message"}"#),
-            ClientFrame::Binary,
+    async fn malformed_frames_are_answered_with_bad_request_errors_and_binary_with_unsupported() {
+        for (frame, code) in [
+            (ClientFrame::Text("not json"), "bad_request"),
+            (ClientFrame::Text("[1,2]"), "bad_request"),
+            (ClientFrame::Text(r#"{"type":"dance"}"#), "bad_request"),
+            (ClientFrame::Text(r#"{"type":"message"}"#), "bad_request"),
+            (ClientFrame::Text(r#"{"type":"refresh"}"#), "bad_request"),
+            (ClientFrame::Binary, "unsupported"),
         ] {
             let mut broker = MockMessageBroker::new();
             broker.expect_publish().never();
             let reply = run(broker, frame).await.expect("reply");
             assert_eq!(reply["type"], "error", "{frame:?}");
-            assert_eq!(reply["payload"]["code"], "bad_request", "{frame:?}");
+            assert_eq!(reply["payload"]["code"], code, "{frame:?}");
             assert!(reply["payload"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_over_the_rate_limit_are_refused_and_not_published() {
+        let mut broker = MockMessageBroker::new();
+        // The default burst is 100 frames.
+        broker.expect_publish().times(100).returning(|_, _| Ok(()));
+        let handle = use_case(broker, MockTokenVerifier::new());
+        let mut session = session(&hub(), "bob", "acme").await;
+        for _ in 0..100 {
+            let outcome =
+                handle.handle(&mut session, ClientFrame::Text(r#"{"type":"message","payload":1}"#)).await;
+            assert_eq!(outcome, FrameOutcome::Nothing);
+        }
+        let reply =
+            json(handle.handle(&mut session, ClientFrame::Text(r#"{"type":"message","payload":1}"#)).await);
+        assert_eq!(reply.expect("reply")["payload"]["code"], "rate_limited");
+    }
+
+    fn refresh_verifier(result: Result<Claims, TokenError>) -> MockTokenVerifier {
+        let mut tokens = MockTokenVerifier::new();
+        tokens.expect_verify().returning(move |_| result.clone());
+        tokens
+    }
+
+    fn claims(user: &str, tenant: &str, scope: &str, exp: u64) -> Claims {
+        Claims {
+            user_id: Some(user.into()),
+            tenant_id: Some(tenant.into()),
+            scope: Some(scope.into()),
+            exp: Some(exp),
+            ..Claims::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_valid_refresh_extends_the_connection_and_says_until_when() {
+        let handle = use_case(
+            MockMessageBroker::new(),
+            refresh_verifier(Ok(claims("bob", "acme", "ws:connect", 2_000_000_000))),
+        );
+        let mut session = session(&hub(), "bob", "acme").await;
+        let reply =
+            json(handle.handle(&mut session, ClientFrame::Text(r#"{"type":"refresh","token":"t"}"#)).await);
+        let reply = reply.expect("reply");
+        assert_eq!(reply["type"], "refreshed");
+        assert_eq!(reply["payload"]["exp"], 2_000_000_000u64);
+        assert_eq!(session.handle().expires_at(), Some(Timestamp::from_unix_millis(2_000_000_005_000)));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_that_fails_changes_nothing() {
+        let cases = [
+            (Err(TokenError::Expired), "unauthorized"),
+            (Ok(Claims { tenant_id: None, ..claims("bob", "acme", "ws:connect", 1) }), "unauthorized"),
+            (Ok(claims("eve", "acme", "ws:connect", 2_000_000_000)), "forbidden"),
+            (Ok(claims("bob", "globex", "ws:connect", 2_000_000_000)), "forbidden"),
+            (Ok(claims("bob", "acme", "read", 2_000_000_000)), "forbidden"),
+        ];
+        for (result, code) in cases {
+            let handle = use_case(MockMessageBroker::new(), refresh_verifier(result.clone()));
+            let mut session = session(&hub(), "bob", "acme").await;
+            let before = session.handle().expires_at();
+            let reply = json(
+                handle.handle(&mut session, ClientFrame::Text(r#"{"type":"refresh","token":"t"}"#)).await,
+            );
+            assert_eq!(reply.expect("reply")["payload"]["code"], code, "{result:?}");
+            assert_eq!(session.handle().expires_at(), before, "{result:?}");
         }
     }
 }

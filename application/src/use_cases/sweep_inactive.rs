@@ -1,43 +1,84 @@
-//! Sweep inactive connections: close those that sent nothing for longer than the idle timeout.
+//! Sweep connections: the heartbeat and every time limit of a live connection, in one pass
+//! over the hub. Run it every fraction of a second; each connection costs a few atomic reads.
+//!
+//! For each connection, in this order:
+//! 1. its token expired (plus leeway) and was not refreshed → close 4001;
+//! 2. nothing at all (not even a pong) for the idle timeout → close 1001 (peer presumed gone);
+//! 3. no data frame for the inactivity timeout → close 4003;
+//! 4. otherwise, ping it if the last heartbeat ping is a ping interval old.
 
 use std::sync::Arc;
 
 use domain::CloseReason;
 
+use crate::Settings;
 use crate::hub::Hub;
 use crate::ports::Clock;
 
-/// The sweep use-case. Run it periodically.
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub expired: usize,
+    pub idle: usize,
+    pub inactive: usize,
+}
+
+impl SweepReport {
+    pub fn closed(&self) -> usize {
+        self.expired + self.idle + self.inactive
+    }
+}
+
+/// The sweep use-case.
 pub struct SweepInactiveConnections {
     hub: Arc<Hub>,
     clock: Arc<dyn Clock>,
+    ping_interval_ms: u64,
     idle_timeout_ms: u64,
+    inactivity_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for SweepInactiveConnections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SweepInactiveConnections").field("idle_timeout_ms", &self.idle_timeout_ms).finish()
+        f.debug_struct("SweepInactiveConnections")
+            .field("ping_interval_ms", &self.ping_interval_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("inactivity_timeout_ms", &self.inactivity_timeout_ms)
+            .finish_non_exhaustive()
     }
 }
 
 impl SweepInactiveConnections {
-    pub fn new(hub: Arc<Hub>, clock: Arc<dyn Clock>, idle_timeout_ms: u64) -> Self {
-        Self { hub, clock, idle_timeout_ms }
+    pub fn new(hub: Arc<Hub>, clock: Arc<dyn Clock>, settings: &Settings) -> Self {
+        Self {
+            hub,
+            clock,
+            ping_interval_ms: settings.ping_interval_ms,
+            idle_timeout_ms: settings.idle_timeout_ms,
+            inactivity_timeout_ms: settings.inactivity_timeout_ms,
+        }
     }
 
-    /// Closes, with close code 4408, every connection whose last frame is older than the idle
-    /// timeout. Returns how many were closed. The connections unregister themselves once
-    /// their socket is closed.
-    pub fn sweep(&self) -> usize {
+    /// One pass over every connection. Closed connections unregister themselves once their
+    /// socket is closed.
+    pub fn sweep(&self) -> SweepReport {
         let now = self.clock.now();
-        let mut closed = 0;
+        let mut report = SweepReport::default();
         self.hub.for_each(|handle| {
-            if now.millis_since(handle.last_activity()) > self.idle_timeout_ms {
+            if handle.expires_at().is_some_and(|deadline| now > deadline) {
+                handle.close(CloseReason::TokenExpired);
+                report.expired += 1;
+            } else if now.millis_since(handle.last_seen()) > self.idle_timeout_ms {
                 handle.close(CloseReason::IdleTimeout);
-                closed += 1;
+                report.idle += 1;
+            } else if now.millis_since(handle.last_activity()) > self.inactivity_timeout_ms {
+                handle.close(CloseReason::Inactive);
+                report.inactive += 1;
+            } else {
+                handle.ping_if_due(now, self.ping_interval_ms);
             }
         });
-        closed
+        report
     }
 }
 
@@ -48,23 +89,73 @@ mod tests {
     use crate::use_cases::test_support::*;
     use domain::Timestamp;
 
-    #[tokio::test]
-    async fn only_connections_idle_for_longer_than_the_timeout_are_closed() {
+    fn hub() -> Arc<Hub> {
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
-        let hub = Arc::new(Hub::new(Arc::new(broker), 10));
-        let (idle, active) = (RecordingSink::new(), RecordingSink::new());
-        let _idle = session_with_sink(&hub, "bob", "acme", idle.clone()).await;
-        let active_session = session_with_sink(&hub, "eve", "acme", active.clone()).await;
-        active_session.touch(Timestamp::from_unix_millis(NOW + 50_000));
+        Arc::new(Hub::new(Arc::new(broker), 10))
+    }
 
-        let sweep = SweepInactiveConnections::new(hub.clone(), Arc::new(clock_at(NOW + 60_001)), 60_000);
-        assert_eq!(sweep.sweep(), 1);
-        assert_eq!(idle.closed(), Some(CloseReason::IdleTimeout));
-        assert_eq!(active.closed(), None);
+    fn settings() -> Settings {
+        Settings {
+            ping_interval_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            inactivity_timeout_ms: 100_000,
+            ..Settings::default()
+        }
+    }
 
-        let not_yet = SweepInactiveConnections::new(hub, Arc::new(clock_at(NOW + 60_000)), 60_000);
-        assert_eq!(not_yet.sweep(), 0, "idle for exactly the timeout is not longer than it");
+    fn sweep_at(hub: &Arc<Hub>, millis: u64) -> SweepReport {
+        SweepInactiveConnections::new(hub.clone(), Arc::new(clock_at(millis)), &settings()).sweep()
+    }
+
+    #[tokio::test]
+    async fn live_connections_are_pinged_once_per_interval() {
+        let hub = hub();
+        let sink = RecordingSink::new();
+        let session = session_with_sink(&hub, "bob", "acme", sink.clone()).await;
+        assert_eq!(sweep_at(&hub, NOW + 5_000), SweepReport::default());
+        assert_eq!(sink.pings(), 0, "not due yet");
+        sweep_at(&hub, NOW + 10_000);
+        sweep_at(&hub, NOW + 12_000);
+        assert_eq!(sink.pings(), 1);
+        session.handle().seen(Timestamp::from_unix_millis(NOW + 15_000));
+        sweep_at(&hub, NOW + 20_000);
+        assert_eq!(sink.pings(), 2);
+        assert_eq!(sink.closed(), None);
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_closed_after_the_idle_timeout_but_a_ponging_one_is_not() {
+        let hub = hub();
+        let (silent, ponging) = (RecordingSink::new(), RecordingSink::new());
+        let _silent = session_with_sink(&hub, "bob", "acme", silent.clone()).await;
+        let alive = session_with_sink(&hub, "eve", "acme", ponging.clone()).await;
+        alive.handle().seen(Timestamp::from_unix_millis(NOW + 25_000));
+        assert_eq!(sweep_at(&hub, NOW + 30_000).idle, 0, "exactly the timeout is not longer than it");
+        assert_eq!(sweep_at(&hub, NOW + 30_001).idle, 1);
+        assert_eq!(silent.closed(), Some(CloseReason::IdleTimeout));
+        assert_eq!(ponging.closed(), None);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_only_pongs_is_closed_after_the_inactivity_timeout() {
+        let hub = hub();
+        let sink = RecordingSink::new();
+        let session = session_with_sink(&hub, "bob", "acme", sink.clone()).await;
+        session.handle().seen(Timestamp::from_unix_millis(NOW + 95_000));
+        assert_eq!(sweep_at(&hub, NOW + 100_001).inactive, 1);
+        assert_eq!(sink.closed(), Some(CloseReason::Inactive));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_token_expired_is_closed_with_4001() {
+        let hub = hub();
+        let sink = RecordingSink::new();
+        let session = session_with_sink(&hub, "bob", "acme", sink.clone()).await;
+        session.handle().extend(Some(Timestamp::from_unix_millis(NOW + 1_000)));
+        assert_eq!(sweep_at(&hub, NOW + 1_000).expired, 0);
+        assert_eq!(sweep_at(&hub, NOW + 1_001).expired, 1);
+        assert_eq!(sink.closed(), Some(CloseReason::TokenExpired));
     }
 }

@@ -53,6 +53,7 @@ pub(crate) struct RecordingSink {
     frames: Mutex<Vec<Bytes>>,
     closed: Mutex<Option<CloseReason>>,
     capacity: Option<usize>,
+    pings: AtomicU64,
 }
 
 impl RecordingSink {
@@ -71,6 +72,10 @@ impl RecordingSink {
 
     pub(crate) fn raw_frames(&self) -> Vec<Bytes> {
         self.frames.lock().expect("lock").clone()
+    }
+
+    pub(crate) fn pings(&self) -> u64 {
+        self.pings.load(Ordering::Relaxed)
     }
 
     pub(crate) fn closed(&self) -> Option<CloseReason> {
@@ -94,6 +99,10 @@ impl ClientSink for RecordingSink {
     fn close(&self, reason: CloseReason) {
         self.closed.lock().expect("lock").get_or_insert(reason);
     }
+
+    fn ping(&self) {
+        self.pings.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Connects `user` of `tenant` to `hub` through the real connect use-case.
@@ -111,7 +120,7 @@ pub(crate) async fn session_with_sink(
     };
     let mut tokens = MockTokenVerifier::new();
     tokens.expect_verify().returning(move |_| Ok(claims.clone()));
-    let connect = ConnectClient::new(Arc::new(tokens), hub.clone(), frames());
+    let connect = ConnectClient::new(Arc::new(tokens), hub.clone(), frames(), &crate::Settings::default());
     let admission = connect.authorize(Some("token")).await.expect("admitted");
     connect.connect(admission, sink).await.expect("connected")
 }

@@ -5,38 +5,47 @@
 //! stream with a small [`WebSocketConfig`]. warp's built-in `ws()` gives every connection a
 //! 128 KiB read buffer that cannot be configured; this way an idle connection costs a few KiB.
 //!
-//! Each connection is one task that owns the socket: it drains the bounded outbound queue
-//! (welcome first, then fan-out deliveries and replies), reads client frames, and honours a
-//! close request (shutdown, idle timeout, slow consumer) ahead of anything still queued.
+//! Each connection is one task that owns the socket: it drains the outbound queue (welcome
+//! first, then fan-out deliveries and replies), reads client frames, and honours a close
+//! request (shutdown, time limits, slow consumer) ahead of anything still queued.
+//!
+//! # Layout
+//! - [`mod@self`]: the route, the checks before the upgrade and the `101` answer.
+//! - `outbox`: the per-connection queue, bounded in bytes.
+//! - `connection`: the task that owns an upgraded socket.
 
-use std::sync::{Arc, OnceLock};
+mod connection;
+mod outbox;
+
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use application::ports::{ClientSink, PushError};
-use application::{ClientFrame, ConnectError, Realtime, Session};
-use bytes::Bytes;
-use domain::CloseReason;
-use futures_util::{SinkExt, StreamExt};
+use application::{ConnectError, Realtime};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::error::ApiError;
+use connection::Connection;
+use outbox::Outbox;
 
 /// Tuning of WebSocket connections.
 #[derive(Debug, Clone)]
 pub struct WsSettings {
-    /// Frames a client may have queued before it is closed as a slow consumer (4429).
-    pub queue_capacity: usize,
-    /// Largest client message accepted; larger ones close the connection with 1009.
+    /// Bytes of frames that may wait for a client before it is closed as a slow consumer
+    /// (4008).
+    pub outbound_queue_bytes: usize,
+    /// Largest client message or frame accepted; larger ones close the connection with 1009.
     pub max_message_bytes: usize,
+    /// When set, the only `Origin` values accepted on an upgrade (exact match). Requests
+    /// without an `Origin` header are accepted either way.
+    pub allowed_origins: Option<HashSet<String>>,
     /// How long one batch of writes may take before the socket is dropped.
     pub io_timeout: Duration,
     /// How long the server waits for the client's half of a close handshake.
@@ -46,8 +55,9 @@ pub struct WsSettings {
 impl Default for WsSettings {
     fn default() -> Self {
         Self {
-            queue_capacity: 1024,
+            outbound_queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
+            allowed_origins: None,
             io_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
         }
@@ -104,6 +114,9 @@ fn connect_rejection(error: &ConnectError) -> Rejection {
         ConnectError::AtCapacity => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "at_capacity", error.to_string()).retry_after(1)
         }
+        ConnectError::TooManyConnections(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", error.to_string())
+        }
         ConnectError::Broker(_) | ConnectError::Gone => ApiError::unavailable(error.to_string()),
     };
     warp::reject::custom(api)
@@ -116,6 +129,17 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Refuses a browser page of an origin outside `allowed` (cross-site WebSocket hijacking).
+fn check_origin(allowed: Option<&HashSet<String>>, headers: &HeaderMap) -> Result<(), ApiError> {
+    let (Some(allowed), Some(origin)) = (allowed, headers.get(header::ORIGIN)) else {
+        return Ok(());
+    };
+    match origin.to_str() {
+        Ok(origin) if allowed.contains(origin) => Ok(()),
+        _ => Err(ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin may not connect")),
+    }
 }
 
 /// Checks the upgrade headers and returns `Sec-WebSocket-Accept`.
@@ -150,14 +174,15 @@ async fn upgrade(
     headers: HeaderMap,
     on_upgrade: Option<OnUpgrade>,
 ) -> Result<Response, Rejection> {
+    check_origin(settings.allowed_origins.as_ref(), &headers).map_err(warp::reject::custom)?;
     let token = token(query.as_deref(), &headers);
     let admission = app.connect.authorize(token.as_deref()).await.map_err(|e| connect_rejection(&e))?;
     let accept = accept_key(&headers).map_err(warp::reject::custom)?;
     let on_upgrade = on_upgrade
         .ok_or_else(|| warp::reject::custom(ApiError::bad_request("this connection cannot be upgraded")))?;
-    let (sink, outbound) = WsSink::new(settings.queue_capacity);
-    let close = sink.close.clone();
-    let session = app.connect.connect(admission, sink).await.map_err(|e| connect_rejection(&e))?;
+    let outbox = Arc::new(Outbox::new(settings.outbound_queue_bytes));
+    let mut session =
+        app.connect.connect(admission, outbox.clone()).await.map_err(|e| connect_rejection(&e))?;
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -165,8 +190,7 @@ async fn upgrade(
                 let socket =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                         .await;
-                let connection =
-                    Connection { app: app.clone(), settings, session: &session, outbound, close };
+                let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
                 connection.run(socket).await;
             }
             Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete"),
@@ -181,166 +205,6 @@ async fn upgrade(
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     Ok(response.into_response())
-}
-
-/// A close request, set once, read by the connection task.
-#[derive(Debug, Default)]
-struct CloseSignal {
-    reason: OnceLock<CloseReason>,
-    notify: Notify,
-}
-
-/// The [`ClientSink`] of one connection: a bounded queue and a close signal.
-#[derive(Debug)]
-struct WsSink {
-    queue: mpsc::Sender<Bytes>,
-    close: Arc<CloseSignal>,
-}
-
-impl WsSink {
-    fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<Bytes>) {
-        let (queue, outbound) = mpsc::channel(capacity.max(1));
-        (Arc::new(Self { queue, close: Arc::new(CloseSignal::default()) }), outbound)
-    }
-}
-
-impl ClientSink for WsSink {
-    fn push(&self, frame: Bytes) -> Result<(), PushError> {
-        if self.close.reason.get().is_some() {
-            return Err(PushError::Closed);
-        }
-        self.queue.try_send(frame).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => PushError::Full,
-            mpsc::error::TrySendError::Closed(_) => PushError::Closed,
-        })
-    }
-
-    fn close(&self, reason: CloseReason) {
-        if self.close.reason.set(reason).is_ok() {
-            self.close.notify.notify_one();
-        }
-    }
-}
-
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
-
-/// Frames written per flush at most, so one busy connection cannot starve its own reads.
-const WRITE_BATCH: usize = 64;
-
-struct Connection<'a> {
-    app: Arc<Realtime>,
-    settings: Arc<WsSettings>,
-    session: &'a Session,
-    outbound: mpsc::Receiver<Bytes>,
-    close: Arc<CloseSignal>,
-}
-
-enum Next {
-    Continue,
-    Close(CloseCode, &'static str),
-    Stop,
-}
-
-impl Connection<'_> {
-    async fn run(mut self, mut socket: Socket) {
-        loop {
-            let next = tokio::select! {
-                biased;
-                () = self.close.notify.notified() => {
-                    let reason = self.close.reason.get().copied().unwrap_or(CloseReason::GoingAway);
-                    Next::Close(CloseCode::from(reason.code()), reason.reason())
-                }
-                frame = self.outbound.recv() => match frame {
-                    Some(frame) => self.write(&mut socket, frame).await,
-                    None => Next::Stop,
-                },
-                incoming = socket.next() => self.read(incoming).await,
-            };
-            match next {
-                Next::Continue => {}
-                Next::Stop => break,
-                Next::Close(code, reason) => {
-                    self.close_handshake(&mut socket, code, reason).await;
-                    break;
-                }
-            }
-        }
-    }
-
-    async fn write(&mut self, socket: &mut Socket, first: Bytes) -> Next {
-        let io_timeout = self.settings.io_timeout;
-        let batch = async {
-            socket.feed(text(first)).await?;
-            for _ in 1..WRITE_BATCH {
-                match self.outbound.try_recv() {
-                    Ok(frame) => socket.feed(text(frame)).await?,
-                    Err(_) => break,
-                }
-            }
-            socket.flush().await
-        };
-        match tokio::time::timeout(io_timeout, batch).await {
-            Ok(Ok(())) => Next::Continue,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "write failed");
-                Next::Stop
-            }
-            Err(_) => {
-                tracing::debug!("write timed out");
-                Next::Stop
-            }
-        }
-    }
-
-    async fn read(&mut self, incoming: Option<Result<Message, tungstenite::Error>>) -> Next {
-        let frame = match incoming {
-            Some(Ok(Message::Text(text))) => {
-                self.app.frames.handle(self.session, ClientFrame::Text(text.as_str())).await
-            }
-            Some(Ok(Message::Binary(_))) => self.app.frames.handle(self.session, ClientFrame::Binary).await,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                self.app.frames.touch(self.session);
-                None
-            }
-            Some(Ok(Message::Frame(_))) => None,
-            // The client started the close handshake; tungstenite has queued the echo, which
-            // the close path flushes.
-            Some(Ok(Message::Close(_))) => return Next::Close(CloseCode::Normal, ""),
-            Some(Err(tungstenite::Error::Capacity(_))) => {
-                return Next::Close(CloseCode::Size, "message too big");
-            }
-            Some(Err(tungstenite::Error::Utf8(_))) => {
-                return Next::Close(CloseCode::Invalid, "invalid UTF-8");
-            }
-            Some(Err(tungstenite::Error::Protocol(_))) => {
-                return Next::Close(CloseCode::Protocol, "protocol error");
-            }
-            Some(Err(_)) | None => return Next::Stop,
-        };
-        if let Some(reply) = frame {
-            // Through the queue, so replies keep their place among deliveries.
-            let _ = self.session.handle().send(reply);
-        }
-        Next::Continue
-    }
-
-    /// Sends a close frame (or the echo of the client's) and waits, bounded, for the
-    /// handshake to finish.
-    async fn close_handshake(&mut self, socket: &mut Socket, code: CloseCode, reason: &'static str) {
-        let close_timeout = self.settings.close_timeout;
-        let handshake = async {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-            // After a client-initiated close this only flushes the queued echo.
-            let _ = socket.close(Some(frame)).await;
-            while let Some(Ok(_)) = socket.next().await {}
-        };
-        let _ = tokio::time::timeout(close_timeout, handshake).await;
-    }
-}
-
-fn text(frame: Bytes) -> Message {
-    // Frames are produced by serde_json and are valid UTF-8; the check does not copy.
-    Message::Text(Utf8Bytes::try_from(frame).unwrap_or_else(|_| Utf8Bytes::from_static("{}")))
 }
 
 #[cfg(test)]
@@ -359,6 +223,23 @@ mod tests {
         assert_eq!(token(Some("token=q"), &headers), Some("q".into()));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcg=="));
         assert_eq!(token(None, &headers), None);
+    }
+
+    #[test]
+    fn origins_match_exactly_and_requests_without_one_pass() {
+        let allowed: HashSet<String> = ["https://app.example.com".to_owned()].into();
+        let mut headers = HeaderMap::new();
+        assert!(check_origin(Some(&allowed), &headers).is_ok(), "no Origin: not a browser");
+        for (origin, ok) in [
+            ("https://app.example.com", true),
+            ("https://app.example.com.evil.test", false),
+            ("http://app.example.com", false),
+            ("null", false),
+        ] {
+            headers.insert(header::ORIGIN, HeaderValue::from_static(origin));
+            assert_eq!(check_origin(Some(&allowed), &headers).is_ok(), ok, "{origin}");
+            assert!(check_origin(None, &headers).is_ok(), "unset: every origin");
+        }
     }
 
     #[test]
