@@ -72,6 +72,10 @@ pub enum EnvelopeError {
     InvalidType,
     #[error("broker message of {0} bytes exceeds the size limit")]
     TooLarge(usize),
+    #[error("broker message has an invalid \"from_user\": {0}")]
+    InvalidUser(crate::id::IdError),
+    #[error("broker message has an invalid \"message_id\": {0}")]
+    InvalidMessageId(crate::id::IdError),
 }
 
 /// A message read from the broker, possibly published by another service with fields missing.
@@ -120,6 +124,12 @@ impl<'a> InboundEnvelope<'a> {
             serde_json::from_slice(raw).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if parsed.kind.is_empty() || parsed.kind.len() > MAX_KIND_LEN {
             return Err(EnvelopeError::InvalidType);
+        }
+        if let Some(user) = &parsed.from_user {
+            UserId::parse(user).map_err(EnvelopeError::InvalidUser)?;
+        }
+        if let Some(id) = &parsed.message_id {
+            MessageId::parse(id).map_err(EnvelopeError::InvalidMessageId)?;
         }
         Ok(parsed)
     }
@@ -227,9 +237,16 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected() {
-        for raw in
-            [&b"not json"[..], b"[1,2]", b"{\"payload\":1}", b"{\"type\":5}", b"{\"type\":\"\"}", b"\xff\xfe"]
-        {
+        for raw in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"{\"payload\":1}",
+            b"{\"type\":5}",
+            b"{\"type\":\"\"}",
+            b"\xff\xfe",
+            br#"{"type":"x","from_user":"bob:admin"}"#,
+            br#"{"type":"x","message_id":"a b"}"#,
+        ] {
             assert!(InboundEnvelope::parse(raw).is_err(), "{raw:?}");
         }
     }
