@@ -6,6 +6,9 @@ use crate::time::Timestamp;
 /// How long a client may keep sending past its limit before it is disconnected.
 pub const FLOOD_WINDOW_MS: u64 = 10_000;
 
+/// A pause this long without a refused frame ends a flood.
+pub const FLOOD_PAUSE_MS: u64 = 1_000;
+
 /// What to do with one client frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RateDecision {
@@ -25,7 +28,9 @@ pub struct TokenBucket {
     burst: f64,
     tokens: f64,
     last_ms: u64,
+    /// First refusal of the current flood.
     limited_since_ms: Option<u64>,
+    last_limited_ms: u64,
 }
 
 impl TokenBucket {
@@ -38,6 +43,7 @@ impl TokenBucket {
             tokens: burst,
             last_ms: now.unix_millis(),
             limited_since_ms: None,
+            last_limited_ms: 0,
         }
     }
 
@@ -52,9 +58,12 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.limited_since_ms = None;
+            if now_ms.saturating_sub(self.last_limited_ms) >= FLOOD_PAUSE_MS {
+                self.limited_since_ms = None;
+            }
             return RateDecision::Allowed;
         }
+        self.last_limited_ms = now_ms;
         let since = *self.limited_since_ms.get_or_insert(now_ms);
         if now_ms.saturating_sub(since) >= FLOOD_WINDOW_MS {
             RateDecision::Flooding
@@ -90,33 +99,40 @@ mod tests {
     }
 
     #[test]
-    fn flooding_for_the_whole_window_is_detected_and_a_pause_forgives() {
+    fn sending_over_the_rate_for_the_whole_window_is_flooding_even_if_some_frames_pass() {
         let mut bucket = TokenBucket::new(1, 1, at(0));
-        assert_eq!(bucket.check(at(0)), RateDecision::Allowed);
-        assert_eq!(bucket.check(at(1)), RateDecision::Limited);
-        // Tokens keep arriving at 1/s, but every one is spent at once: still flooding.
-        let mut t = 1;
-        let mut last = RateDecision::Limited;
-        while t < 10_001 {
-            t += 100;
+        let mut t = 0;
+        let mut last = RateDecision::Allowed;
+        // Ten frames a second against a limit of one: one in ten passes.
+        while t <= 10_100 {
             last = bucket.check(at(t));
-            if last == RateDecision::Allowed {
+            if last == RateDecision::Flooding {
                 break;
             }
+            t += 100;
         }
-        assert_eq!(last, RateDecision::Allowed, "a token after a second resets the flood clock");
+        assert_eq!(last, RateDecision::Flooding);
+        assert!((10_000..=10_200).contains(&t), "flooding declared at {t} ms");
+    }
+
+    #[test]
+    fn a_pause_ends_a_flood() {
         let mut bucket = TokenBucket::new(1, 1, at(0));
-        bucket.check(at(0));
-        assert_eq!(bucket.check(at(500)), RateDecision::Limited);
-        assert_eq!(bucket.check(at(900)), RateDecision::Limited);
-        // Continuously limited since 500 ms: flooding once the window has passed.
-        let mut flood = TokenBucket::new(0, 1, at(0));
-        assert_eq!(flood.check(at(0)), RateDecision::Allowed, "zero means unlimited");
-        let mut strict = TokenBucket::new(1, 1, at(0));
-        strict.tokens = 0.0;
-        strict.per_sec = 0.000_01;
-        assert_eq!(strict.check(at(1)), RateDecision::Limited);
-        assert_eq!(strict.check(at(5_000)), RateDecision::Limited);
-        assert_eq!(strict.check(at(10_001)), RateDecision::Flooding);
+        assert_eq!(bucket.check(at(0)), RateDecision::Allowed);
+        assert_eq!(bucket.check(at(100)), RateDecision::Limited);
+        // Quiet for over a second: the next frame passes and the flood clock restarts.
+        assert_eq!(bucket.check(at(5_000)), RateDecision::Allowed);
+        assert_eq!(bucket.check(at(5_100)), RateDecision::Limited);
+        assert_eq!(bucket.check(at(14_000)), RateDecision::Allowed, "a token, and no refusal for a second");
+        assert_eq!(bucket.check(at(14_050)), RateDecision::Limited);
+        assert_eq!(bucket.check(at(14_900)), RateDecision::Limited, "a refusal, not a flood yet");
+    }
+
+    #[test]
+    fn a_rate_of_zero_is_unlimited() {
+        let mut bucket = TokenBucket::new(0, 1, at(0));
+        for t in 0..1000 {
+            assert_eq!(bucket.check(at(t)), RateDecision::Allowed);
+        }
     }
 }

@@ -49,6 +49,40 @@ pub(crate) fn token(user: &str, tenant: &str) -> String {
     )
 }
 
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64url without padding, as in JWTs.
+pub(crate) fn b64url(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// Decodes base64url without padding.
+pub(crate) fn b64url_decode(text: &str) -> Vec<u8> {
+    let values: Vec<u32> =
+        text.bytes().map(|c| B64.iter().position(|&b| b == c).expect("base64url") as u32).collect();
+    let mut out = Vec::new();
+    for chunk in values.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, v)| acc | (v << (18 - 6 * i)));
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// A token with `alg: none` (any spelling) and no signature.
+pub(crate) fn unsigned_token(alg: &str, claims: &Value) -> String {
+    let header = json!({"alg": alg, "typ": "JWT"}).to_string();
+    format!("{}.{}.", b64url(header.as_bytes()), b64url(claims.to_string().as_bytes()))
+}
+
 /// `sha256=<hex>` of the body under `secret`, computed independently of the service.
 pub(crate) fn signature(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
@@ -220,6 +254,19 @@ impl WsClient {
         }
     }
 
+    /// Connects over a TCP socket whose receive buffer is `recv_buffer` bytes, so that a client
+    /// that stops reading pushes back on the server quickly.
+    pub(crate) async fn connect_with_small_buffer(url: &str, recv_buffer: u32) -> Self {
+        let request = url.into_client_request().expect("request");
+        let host = request.uri().authority().expect("authority").as_str().to_owned();
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        let stream = socket.connect(host.parse().expect("addr")).await.expect("tcp connect");
+        let (socket, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await.expect("handshake");
+        Self { socket }
+    }
+
     /// The next frame, which must arrive within [`PATIENCE`].
     pub(crate) async fn next_message(&mut self) -> Message {
         match tokio::time::timeout(PATIENCE, self.socket.next()).await {
@@ -259,6 +306,19 @@ impl WsClient {
         self.send_json(&json!({"type": "ping"})).await;
         let next = self.next_json().await;
         assert_eq!(next["type"], "pong", "expected nothing before the pong, got {next}");
+    }
+
+    /// Reads (and so answers pings) for `duration`; the connection must stay open.
+    pub(crate) async fn pump_for(&mut self, duration: Duration) {
+        let deadline = tokio::time::Instant::now() + duration;
+        while let Ok(next) = tokio::time::timeout_at(deadline, self.socket.next()).await {
+            match next {
+                Some(Ok(Message::Close(frame))) => panic!("closed while pumping: {frame:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => panic!("socket error while pumping: {error}"),
+                None => panic!("socket ended while pumping"),
+            }
+        }
     }
 
     /// Waits for the server's close frame and returns it.

@@ -10,5 +10,6 @@ mod operations;
 mod process;
 mod proxy;
 mod scale_out;
+mod security;
 mod webhooks;
 mod websocket;

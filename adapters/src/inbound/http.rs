@@ -21,6 +21,9 @@ use crate::inbound::ws::{self, WsSettings};
 /// Largest accepted webhook body: 1 MiB.
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 
+/// Kernel send buffer of each client socket (Linux doubles it for bookkeeping).
+const SOCKET_SEND_BUFFER: usize = 128 * 1024;
+
 /// Tuning of the HTTP server.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
@@ -68,6 +71,9 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Bounds the kernel's buffering towards a client that stops reading, so a slow
+        // consumer fills its (bounded) outbound queue instead of server memory.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
         let service = TowerToHyperService::new(service.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);

@@ -75,16 +75,25 @@ impl Connection<'_> {
             }
             socket.flush().await
         };
-        let next = match tokio::time::timeout(io_timeout, write).await {
-            Ok(Ok(())) => Next::Continue,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "write failed");
-                Next::Stop
-            }
-            Err(_) => {
-                tracing::debug!("write timed out");
-                Next::Stop
-            }
+        let outbox = self.outbox.clone();
+        let next = tokio::select! {
+            written = tokio::time::timeout(io_timeout, write) => match written {
+                Ok(Ok(())) => Next::Continue,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "write failed");
+                    Next::Stop
+                }
+                Err(_) => {
+                    tracing::debug!("write timed out");
+                    Next::Stop
+                }
+            },
+            // A client that does not read blocks the write; a close request (a slow consumer,
+            // typically) stops waiting and queues the close frame behind what is pending.
+            () = outbox.closing.notified() => match self.outbox.take(0).close {
+                Some(reason) => close_with(reason),
+                None => Next::Continue,
+            },
         };
         if batch.more {
             self.outbox.wake.notify_one();

@@ -38,13 +38,21 @@ pub(super) struct Batch {
 #[derive(Debug)]
 pub(super) struct Outbox {
     state: Mutex<State>,
+    /// Something is due: frames, a ping or a close request.
     pub(super) wake: Notify,
+    /// A close request, for a writer blocked on a client that does not read.
+    pub(super) closing: Notify,
     limit: usize,
 }
 
 impl Outbox {
     pub(super) fn new(limit: usize) -> Self {
-        Self { state: Mutex::new(State::default()), wake: Notify::new(), limit: limit.max(1) }
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            closing: Notify::new(),
+            limit: limit.max(1),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -104,6 +112,7 @@ impl ClientSink for Outbox {
             state.close = Some(reason);
             drop(state);
             self.wake.notify_one();
+            self.closing.notify_one();
         }
     }
 
