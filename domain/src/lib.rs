@@ -22,6 +22,9 @@ pub mod rate_limit;
 pub mod registry;
 pub mod time;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use channel::{Channel, ChannelError};
 pub use envelope::{Envelope, InboundEnvelope};
 pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};

@@ -154,3 +154,61 @@ mod tests {
         assert!(!format!("{:?}", verifier()).contains("s3cret"));
     }
 }
+
+/// Property-based fuzz target for the `x-signature` header parser and check. Run longer with
+/// `PROPTEST_CASES=<n> cargo test --release -p adapters fuzz_`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BODY: &[u8] = br#"{"action":"opened"}"#;
+
+    fn verifier() -> HmacWebhookVerifier {
+        HmacWebhookVerifier::new(HashMap::from([(
+            TenantId::parse("acme").expect("valid"),
+            Secret::new("s3cret"),
+        )]))
+    }
+
+    /// Headers near the real one: the true signature with one character changed, inserted or
+    /// removed, other prefixes, other lengths, arbitrary text.
+    fn headers() -> impl Strategy<Value = String> {
+        let real = HmacWebhookVerifier::sign(b"s3cret", BODY);
+        let mutated = (any::<usize>(), any::<char>(), 0..3u8).prop_map(move |(at, c, op)| {
+            let mut chars: Vec<char> = real.chars().collect();
+            let at = at % chars.len();
+            match op {
+                0 => chars[at] = c,
+                1 => chars.insert(at, c),
+                _ => {
+                    chars.remove(at);
+                }
+            }
+            chars.into_iter().collect::<String>()
+        });
+        prop_oneof![mutated, "sha(1|256|512)?=[0-9a-fA-F]{0,70}", any::<String>(),]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fuzz_signature_header(header in headers()) {
+            let real = HmacWebhookVerifier::sign(b"s3cret", BODY);
+            let result = futures_executor_block_on(verifier().verify(
+                &TenantId::parse("acme").expect("valid"),
+                BODY,
+                Some(&header),
+            ));
+            let is_real = header.trim().strip_prefix(SIGNATURE_PREFIX).is_some_and(|hex| hex.eq_ignore_ascii_case(&real[7..]));
+            prop_assert_eq!(result.is_ok(), is_real, "header {:?}", header);
+        }
+    }
+
+    /// The verifier never awaits anything: polling it once completes it.
+    fn futures_executor_block_on<F: std::future::Future>(future: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(future)
+    }
+}
