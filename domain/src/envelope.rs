@@ -53,6 +53,42 @@ impl Envelope {
     }
 }
 
+/// Whether valid JSON text `raw` is free of lone UTF-16 surrogate escapes (`"\ud800"`). RFC 8259
+/// lets the grammar through but leaves their meaning undefined, and strict parsers refuse
+/// them, so the service neither accepts nor relays them. Linear, allocation-free.
+pub fn has_lone_surrogate(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    let hex = |at: usize| -> Option<u32> {
+        let digits = raw.get(at..at + 4)?;
+        u32::from_str_radix(digits, 16).ok()
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        match hex(i + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let low = (bytes.get(i + 6) == Some(&b'\\') && bytes.get(i + 7) == Some(&b'u'))
+                    .then(|| hex(i + 8))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 12;
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => i += 6,
+        }
+    }
+    false
+}
+
 /// Turns any serializable value into a raw JSON payload.
 pub fn raw_payload<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
     serde_json::value::to_raw_value(value).unwrap_or_else(|_| null_payload())
@@ -122,6 +158,9 @@ impl<'a> InboundEnvelope<'a> {
         }
         let parsed: Self =
             serde_json::from_slice(raw).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        if std::str::from_utf8(raw).is_ok_and(has_lone_surrogate) {
+            return Err(EnvelopeError::Malformed("lone UTF-16 surrogate escape".to_owned()));
+        }
         if parsed.kind.is_empty() || parsed.kind.len() > MAX_KIND_LEN {
             return Err(EnvelopeError::InvalidType);
         }
@@ -132,6 +171,11 @@ impl<'a> InboundEnvelope<'a> {
             MessageId::parse(id).map_err(EnvelopeError::InvalidMessageId)?;
         }
         Ok(parsed)
+    }
+
+    /// The envelope's `timestamp`, when it is present and in the service's RFC 3339 form.
+    pub fn timestamp(&self) -> Option<Timestamp> {
+        self.timestamp.as_deref().and_then(Timestamp::parse_rfc3339)
     }
 
     /// Whether the message already carries every field a client frame needs, for `channel`.
@@ -236,6 +280,16 @@ mod tests {
     }
 
     #[test]
+    fn lone_surrogates_are_found_and_pairs_are_not() {
+        assert!(!has_lone_surrogate(r#"{"a":"\ud83d\ude00","b":"\\ud800","c":"\u00e9"}"#));
+        assert!(has_lone_surrogate(r#""\ud83d""#));
+        assert!(has_lone_surrogate(r#""\ud83dx""#));
+        assert!(has_lone_surrogate(r#""\ude00""#));
+        assert!(has_lone_surrogate(r#""\ud83d\u0041""#));
+        assert!(!has_lone_surrogate(r#""\\ude00""#), "an escaped backslash, not an escape");
+    }
+
+    #[test]
     fn garbage_is_rejected() {
         for raw in [
             &b"not json"[..],
@@ -246,6 +300,7 @@ mod tests {
             b"\xff\xfe",
             br#"{"type":"x","from_user":"bob:admin"}"#,
             br#"{"type":"x","message_id":"a b"}"#,
+            br#"{"type":"x","payload":"\ud83d"}"#,
         ] {
             assert!(InboundEnvelope::parse(raw).is_err(), "{raw:?}");
         }

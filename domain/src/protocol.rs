@@ -74,6 +74,9 @@ impl<'a> ClientCommand<'a> {
         })?;
         match frame.kind.as_deref() {
             Some("message") => match frame.payload {
+                Some(payload) if crate::envelope::has_lone_surrogate(payload.get()) => {
+                    Err(ProtocolError::NotJson("lone UTF-16 surrogate escape in payload".to_owned()))
+                }
                 Some(payload) => Ok(Self::Message { payload }),
                 None => Err(ProtocolError::MissingPayload),
             },

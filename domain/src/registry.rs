@@ -114,6 +114,11 @@ impl<H: Clone> ConnectionRegistry<H> {
         }
     }
 
+    /// How many tenant and user channels the registered connections need.
+    pub fn channel_count(&self) -> usize {
+        self.tenants.len() + self.users.len()
+    }
+
     /// How many connections `user` of `tenant` has.
     pub fn connections_of(&self, tenant: &TenantId, user: &UserId) -> usize {
         self.users.get(&(tenant.clone(), user.clone())).map_or(0, HashMap::len)

@@ -1,6 +1,7 @@
 //! Ingest a webhook: check who sent it, relay it to the tenant, and only then say "accepted".
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use domain::envelope::{kind, raw_payload};
 use domain::{Channel, IdError, MessageId, Provider, TenantId};
@@ -8,7 +9,9 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::frames::{FrameFactory, encode};
-use crate::ports::{BrokerError, MessageBroker, SignatureError, WebhookVerifier};
+use crate::ports::{
+    BrokerError, MessageBroker, MessageSource, Metrics, NoMetrics, SignatureError, WebhookVerifier,
+};
 
 /// A webhook as the HTTP adapter received it. The body size limit is the adapter's job.
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +59,7 @@ pub struct IngestWebhook {
     verifier: Arc<dyn WebhookVerifier>,
     broker: Arc<dyn MessageBroker>,
     frames: FrameFactory,
+    metrics: Arc<dyn Metrics>,
 }
 
 impl std::fmt::Debug for IngestWebhook {
@@ -70,7 +74,13 @@ impl IngestWebhook {
         broker: Arc<dyn MessageBroker>,
         frames: FrameFactory,
     ) -> Self {
-        Self { verifier, broker, frames }
+        Self { verifier, broker, frames, metrics: Arc::new(NoMetrics) }
+    }
+
+    /// Reports to `metrics` instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Verifies the webhook and publishes `{"provider":…,"data":<body>}` as a `webhook`
@@ -80,6 +90,29 @@ impl IngestWebhook {
     /// [`WebhookError`], checked in this order: provider, tenant header, signature, JSON,
     /// broker.
     pub async fn ingest(&self, request: WebhookRequest<'_>) -> Result<MessageId, WebhookError> {
+        let started = Instant::now();
+        let mut authenticated = None;
+        let result = self.process(request, &mut authenticated).await;
+        let label = match &result {
+            Ok(_) => "accepted",
+            Err(WebhookError::InvalidProvider(_)) => "not_found",
+            Err(WebhookError::MissingTenant | WebhookError::InvalidTenant(_)) => "bad_request",
+            Err(WebhookError::Unauthorized(_)) => "unauthorized",
+            Err(WebhookError::InvalidJson(_)) => "invalid_json",
+            Err(WebhookError::Broker(_)) => "unavailable",
+        };
+        // Only a verified sender names a provider in the metrics, so nobody else can create
+        // label values.
+        let provider = authenticated.as_ref().map_or("unverified", Provider::as_str);
+        self.metrics.webhook(provider, label, started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn process(
+        &self,
+        request: WebhookRequest<'_>,
+        authenticated: &mut Option<Provider>,
+    ) -> Result<MessageId, WebhookError> {
         let provider = Provider::parse(request.provider).map_err(WebhookError::InvalidProvider)?;
         let tenant = request.tenant.ok_or(WebhookError::MissingTenant)?;
         let tenant = TenantId::parse(tenant).map_err(WebhookError::InvalidTenant)?;
@@ -87,14 +120,22 @@ impl IngestWebhook {
             .verify(&tenant, request.body, request.signature)
             .await
             .map_err(WebhookError::Unauthorized)?;
+        *authenticated = Some(provider.clone());
         let text = std::str::from_utf8(request.body)
             .map_err(|_| WebhookError::InvalidJson("body is not UTF-8".to_owned()))?;
         let data: &RawValue =
             serde_json::from_str(text).map_err(|e| WebhookError::InvalidJson(e.to_string()))?;
+        if domain::envelope::has_lone_surrogate(data.get()) {
+            return Err(WebhookError::InvalidJson("lone UTF-16 surrogate escape".to_owned()));
+        }
         let payload = raw_payload(&WebhookPayload { provider: provider.as_str(), data });
         let channel = Channel::Tenant(tenant);
         let envelope = self.frames.envelope(kind::WEBHOOK, payload, None, Some(channel.clone()));
-        self.broker.publish(&channel, encode(&envelope)).await.map_err(WebhookError::Broker)?;
+        self.metrics.message_received(MessageSource::Webhook);
+        let publishing = Instant::now();
+        let published = self.broker.publish(&channel, encode(&envelope)).await;
+        self.metrics.broker_publish(publishing.elapsed().as_secs_f64());
+        published.map_err(WebhookError::Broker)?;
         Ok(envelope.message_id)
     }
 }
@@ -159,6 +200,9 @@ mod tests {
                 matches!(e, WebhookError::InvalidJson(_))
             }),
             (request("github", Some("acme"), b"\xff"), Ok(()), |e| matches!(e, WebhookError::InvalidJson(_))),
+            (request("github", Some("acme"), br#"{"a":"\ud800"}"#), Ok(()), |e| {
+                matches!(e, WebhookError::InvalidJson(_))
+            }),
         ];
         for (req, signature, expected) in cases {
             let mut broker = MockMessageBroker::new();
