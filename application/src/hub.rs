@@ -35,6 +35,8 @@ pub struct ConnectionHandle {
     last_ping: AtomicU64,
     /// When the connection's token stops being valid (leeway included); 0 for never.
     expires_at: AtomicU64,
+    /// The server asked the connection to close; a drain skips it.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ConnectionHandle {
@@ -54,6 +56,7 @@ impl ConnectionHandle {
             last_activity: AtomicU64::new(now),
             last_ping: AtomicU64::new(now),
             expires_at: AtomicU64::new(expires_at.map_or(0, Timestamp::unix_millis)),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -117,7 +120,13 @@ impl ConnectionHandle {
     }
 
     pub fn close(&self, reason: CloseReason) {
+        self.closing.store(true, Ordering::Relaxed);
         self.sink.close(reason);
+    }
+
+    /// Whether the server already asked this connection to close.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -131,6 +140,15 @@ pub struct Hub {
     admitted: Arc<AtomicUsize>,
     max_connections: usize,
     max_per_user: usize,
+}
+
+/// What one fan-out did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FanOut {
+    /// Recipients whose queue took the frame.
+    pub delivered: u64,
+    /// Recipients whose queue was full: closed as slow consumers.
+    pub overflowed: u64,
 }
 
 /// Why a connection cannot be registered.
@@ -251,16 +269,36 @@ impl Hub {
 
     /// Queues `frame` for every local connection listening on `channel`; returns how many
     /// accepted it. The bytes are shared, never copied per recipient.
-    pub fn fan_out(&self, channel: &Channel, frame: &Bytes) -> usize {
-        let send_all = |registry: &ConnectionRegistry<Arc<ConnectionHandle>>| {
-            registry.recipients(channel).filter(|handle| handle.send(frame.clone()).is_ok()).count()
+    pub fn fan_out(&self, channel: &Channel, frame: &Bytes) -> FanOut {
+        let mut outcome = FanOut::default();
+        let mut send_all = |registry: &ConnectionRegistry<Arc<ConnectionHandle>>| {
+            for handle in registry.recipients(channel) {
+                match handle.send(frame.clone()) {
+                    Ok(()) => outcome.delivered += 1,
+                    Err(PushError::Full) => outcome.overflowed += 1,
+                    Err(PushError::Closed) => {}
+                }
+            }
         };
         match channel {
             Channel::Tenant(tenant) | Channel::User(tenant, _) => send_all(&Self::read(self.shard(tenant))),
             Channel::Global | Channel::System => {
-                self.shards.iter().map(|shard| send_all(&Self::read(shard))).sum()
+                for shard in self.shards.iter() {
+                    send_all(&Self::read(shard));
+                }
             }
         }
+        outcome
+    }
+
+    /// Tenant and user channels some local connection needs.
+    pub fn channel_count(&self) -> usize {
+        self.shards.iter().map(|shard| Self::read(shard).channel_count()).sum()
+    }
+
+    /// Whether the broker can publish and receive.
+    pub fn broker_ready(&self) -> bool {
+        self.broker.is_ready()
     }
 
     /// Calls `f` on every connection, one shard at a time.
@@ -270,6 +308,26 @@ impl Hub {
                 f(handle);
             }
         }
+    }
+
+    /// Closes up to `n` connections not already closing; returns how many it closed.
+    pub fn close_batch(&self, n: usize, reason: CloseReason) -> usize {
+        let mut closed = 0;
+        for shard in self.shards.iter() {
+            if closed >= n {
+                break;
+            }
+            for (_, handle) in Self::read(shard).iter() {
+                if closed >= n {
+                    break;
+                }
+                if !handle.is_closing() {
+                    handle.close(reason);
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     /// Closes every connection with `reason`.

@@ -20,7 +20,7 @@ pub mod use_cases;
 
 use std::sync::Arc;
 
-pub use hub::{ConnectionHandle, Hub, RegisterError};
+pub use hub::{ConnectionHandle, FanOut, Hub, RegisterError};
 pub use use_cases::connect_client::{Admission, ConnectClient, ConnectError, Session};
 pub use use_cases::deliver_message::DeliverBrokerMessage;
 pub use use_cases::disconnect_client::DisconnectClient;
@@ -28,7 +28,7 @@ pub use use_cases::handle_client_frame::{ClientFrame, FrameOutcome, HandleClient
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
 pub use use_cases::sweep_inactive::{SweepInactiveConnections, SweepReport};
 
-use ports::{Clock, IdGenerator, MessageBroker, TokenVerifier, WebhookVerifier};
+use ports::{Clock, IdGenerator, MessageBroker, Metrics, TokenVerifier, WebhookVerifier};
 
 /// The ports a [`Realtime`] is built from.
 #[derive(Clone)]
@@ -38,6 +38,7 @@ pub struct Ports {
     pub webhooks: Arc<dyn WebhookVerifier>,
     pub clock: Arc<dyn Clock>,
     pub ids: Arc<dyn IdGenerator>,
+    pub metrics: Arc<dyn Metrics>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -93,6 +94,7 @@ pub struct Realtime {
     pub sweep: SweepInactiveConnections,
     /// The broker's inbound handler; the broker only holds it weakly.
     pub deliver: Arc<DeliverBrokerMessage>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Realtime {
@@ -111,23 +113,40 @@ impl Realtime {
             settings.max_connections,
             settings.max_connections_per_user,
         ));
-        let deliver = Arc::new(DeliverBrokerMessage::new(hub.clone(), frames.clone()));
+        let metrics = ports.metrics.clone();
+        let deliver =
+            Arc::new(DeliverBrokerMessage::new(hub.clone(), frames.clone()).with_metrics(metrics.clone()));
         let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
         ports.broker.start(Arc::downgrade(&handler));
         Self {
+            draining: std::sync::atomic::AtomicBool::new(false),
             deliver,
-            connect: ConnectClient::new(ports.tokens.clone(), hub.clone(), frames.clone(), settings),
-            disconnect: DisconnectClient::new(hub.clone()),
-            frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings),
-            webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone()),
-            sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings),
+            connect: ConnectClient::new(ports.tokens.clone(), hub.clone(), frames.clone(), settings)
+                .with_metrics(metrics.clone()),
+            disconnect: DisconnectClient::new(hub.clone()).with_metrics(ports.clock.clone(), metrics.clone()),
+            frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings)
+                .with_metrics(metrics.clone()),
+            webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
+                .with_metrics(metrics.clone()),
+            sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings).with_metrics(metrics),
             broker: ports.broker,
             hub,
         }
     }
 
-    /// Whether the instance can publish and receive messages.
+    /// Whether the instance should receive new clients: the broker works and the instance is
+    /// not draining.
     pub fn is_ready(&self) -> bool {
-        self.broker.is_ready()
+        !self.is_draining() && self.broker.is_ready()
+    }
+
+    /// From now on the instance reports itself not ready, so load balancers send new clients
+    /// elsewhere.
+    pub fn start_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 }

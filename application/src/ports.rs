@@ -77,6 +77,23 @@ pub trait InboundHandler: Send + Sync {
     fn on_message(&self, channel: Channel, message: Bytes);
 }
 
+impl TokenError {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadSignature => "bad_signature",
+            Self::WrongAlgorithm => "wrong_algorithm",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::WrongIssuer => "wrong_issuer",
+            Self::WrongAudience => "wrong_audience",
+            Self::UnsupportedCritical => "unsupported_critical",
+        }
+    }
+}
+
 /// Why a token was refused. Every variant means HTTP 401.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -181,4 +198,116 @@ pub trait ClientSink: Send + Sync {
 
     /// Sends a transport-level heartbeat (a WebSocket ping) ahead of anything still queued.
     fn ping(&self);
+}
+
+/// How a WebSocket connection attempt ended, as counted by [`Metrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionOutcome {
+    Accepted,
+    Unauthorized,
+    Forbidden,
+    OverCapacity,
+    RateLimited,
+    Unavailable,
+}
+
+impl ConnectionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::OverCapacity => "over_capacity",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Where a message entered the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageSource {
+    /// A client's `message` frame.
+    Client,
+    /// An accepted webhook.
+    Webhook,
+    /// A message the broker delivered to this instance.
+    Broker,
+}
+
+impl MessageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Webhook => "webhook",
+            Self::Broker => "broker",
+        }
+    }
+}
+
+/// Why a message or frame was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A recipient's outbound queue was full (the recipient is closed with 4008).
+    SlowConsumer,
+    /// A broker message that is not a valid envelope.
+    Invalid,
+    /// A client frame over the connection's rate limit.
+    RateLimited,
+    /// A client message the broker did not take.
+    BrokerUnavailable,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SlowConsumer => "slow_consumer",
+            Self::Invalid => "invalid",
+            Self::RateLimited => "rate_limited",
+            Self::BrokerUnavailable => "broker_unavailable",
+        }
+    }
+}
+
+/// What the use-cases report about their work. Implementations must be cheap and never block:
+/// they are called on every message.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait Metrics: Send + Sync {
+    /// A WebSocket connection attempt ended with `outcome`; `Accepted` opens a connection.
+    fn connection_attempt(&self, outcome: ConnectionOutcome);
+    /// An accepted connection closed after `seconds`.
+    fn connection_closed(&self, seconds: f64);
+    /// A token was refused; `reason` is a short stable label.
+    fn auth_failure(&self, reason: &'static str);
+    fn message_received(&self, source: MessageSource);
+    /// Frames queued for clients by a fan-out.
+    fn messages_sent(&self, frames: u64);
+    fn messages_dropped(&self, reason: DropReason, count: u64);
+    /// A webhook ended with `result` after `seconds`; `provider` is only the real name for
+    /// authenticated webhooks, so unauthenticated callers cannot create label values.
+    fn webhook(&self, provider: &str, result: &'static str, seconds: f64);
+    /// One broker publish took `seconds` (successful or not).
+    fn broker_publish(&self, seconds: f64);
+    /// A broker message arrived `seconds` after the time in its envelope.
+    fn pubsub_lag(&self, seconds: f64);
+    fn broker_up(&self, up: bool);
+    fn subscribed_channels(&self, count: usize);
+}
+
+/// Metrics that go nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMetrics;
+
+impl Metrics for NoMetrics {
+    fn connection_attempt(&self, _: ConnectionOutcome) {}
+    fn connection_closed(&self, _: f64) {}
+    fn auth_failure(&self, _: &'static str) {}
+    fn message_received(&self, _: MessageSource) {}
+    fn messages_sent(&self, _: u64) {}
+    fn messages_dropped(&self, _: DropReason, _: u64) {}
+    fn webhook(&self, _: &str, _: &'static str, _: f64) {}
+    fn broker_publish(&self, _: f64) {}
+    fn pubsub_lag(&self, _: f64) {}
+    fn broker_up(&self, _: bool) {}
+    fn subscribed_channels(&self, _: usize) {}
 }

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::inbound::http::{HttpSettings, serve};
+use adapters::inbound::http::{HttpSettings, serve, serve_metrics};
 use adapters::inbound::ws::WsSettings;
 use adapters::outbound::hmac::HmacWebhookVerifier;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
+use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
 use application::ports::{Clock, MessageBroker};
@@ -34,11 +35,15 @@ pub enum StartError {
     Randomness(String),
     #[error("JWT_PUBLIC_KEY_FILE: {0}")]
     PublicKey(String),
+    #[error("METRICS_ADDR: cannot listen on {addr}: {source}")]
+    MetricsBind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A bound, wired instance, ready to [`run`](Application::run_until).
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    metrics: Arc<PrometheusMetrics>,
     addr: SocketAddr,
     realtime: Arc<Realtime>,
     config: Config,
@@ -89,25 +94,38 @@ impl Application {
             }
         };
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
+        let metrics = Arc::new(PrometheusMetrics::new(env!("CARGO_PKG_VERSION")));
         let ports = Ports {
             broker,
             tokens: Arc::new(tokens),
             webhooks: Arc::new(HmacWebhookVerifier::new(config.webhook_secrets.clone())),
             clock: Arc::new(SystemClock),
             ids: Arc::new(ids),
+            metrics: metrics.clone(),
         };
         let realtime = Arc::new(Realtime::new(ports, &config.settings));
+        let metrics_listener = match config.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.map_err(|source| StartError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
         let addr =
             listener.local_addr().map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
-        Ok(Self { listener, addr, realtime, config, ephemeral_secret })
+        Ok(Self { listener, metrics_listener, addr, realtime, metrics, config, ephemeral_secret })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address `/metrics` is served on when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// When no `JWT_SECRET_KEY` was configured: a token for user `demo` of tenant `demo`,
@@ -131,14 +149,34 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, closes every WebSocket with
     /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
-        let Self { listener, addr, realtime, config, .. } = self;
+        let Self { listener, metrics_listener, addr, realtime, metrics, config, .. } = self;
         let ws = WsSettings {
             outbound_queue_bytes: config.outbound_queue_bytes,
             max_message_bytes: config.max_message_bytes,
             allowed_origins: config.allowed_origins.clone(),
             ..WsSettings::default()
         };
-        let http = HttpSettings { header_read_timeout: config.header_read_timeout };
+        let http = HttpSettings {
+            header_read_timeout: config.header_read_timeout,
+            metrics: Some(metrics.clone()),
+            separate_metrics_listener: metrics_listener.is_some(),
+        };
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(serve_metrics(listener, metrics.clone(), async {
+                let _ = metrics_stopped.await;
+            }));
+        }
+        let upkeep = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                let mut ticks = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    ticks.tick().await;
+                    metrics.run_upkeep();
+                }
+            }
+        });
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, realtime.clone(), ws, http, async {
             let _ = accepting_stopped.await;
@@ -152,9 +190,19 @@ impl Application {
         tracing::info!(%addr, max_connections = config.settings.max_connections, broker, "lq-realtime listening");
 
         shutdown.await;
-        tracing::info!(connections = realtime.hub.len(), "shutting down: closing every connection with 1001");
-        sweeper.abort();
+        realtime.start_draining();
+        tracing::info!(
+            connections = realtime.hub.len(),
+            grace_secs = config.drain_grace.as_secs(),
+            drain_secs = config.drain.as_secs(),
+            "draining: /ready now answers 503"
+        );
+        tokio::time::sleep(config.drain_grace).await;
         let _ = stop_accepting.send(());
+        drain(&realtime, config.drain).await;
+        sweeper.abort();
+        upkeep.abort();
+        let _ = stop_metrics.send(());
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
         // Repeated, so that a connection completing its handshake during shutdown is closed too.
         while realtime.hub.admitted() > 0 && tokio::time::Instant::now() < deadline {
@@ -166,6 +214,18 @@ impl Application {
             tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");
         }
         tracing::info!(connections_left = realtime.hub.len(), "stopped");
+    }
+}
+
+/// Closes every connection with 1001, in batches spread over `over`, so clients reconnect to
+/// other instances without arriving all at once.
+async fn drain(realtime: &Realtime, over: Duration) {
+    const STEP: Duration = Duration::from_millis(100);
+    let steps = (over.as_millis() / STEP.as_millis()).max(1) as usize;
+    let batch = realtime.hub.len().div_ceil(steps).max(1);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < over && realtime.hub.close_batch(batch, CloseReason::GoingAway) > 0 {
+        tokio::time::sleep(STEP).await;
     }
 }
 

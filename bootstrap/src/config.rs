@@ -63,6 +63,14 @@ pub const ENV_ALLOWED_ORIGINS: &str = "ALLOWED_ORIGINS";
 /// Seconds a client has to send a complete request head.
 pub const ENV_HEADER_READ_TIMEOUT_SECS: &str = "HEADER_READ_TIMEOUT_SECS";
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Separate `host:port` for `GET /metrics`; unset: served on `BIND_ADDR`.
+pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
+/// Seconds between turning `/ready` to 503 and closing the first client, on SIGTERM.
+pub const ENV_DRAIN_GRACE_SECS: &str = "DRAIN_GRACE_SECS";
+pub const DEFAULT_DRAIN_GRACE_SECS: u64 = 5;
+/// Seconds over which clients are closed in batches, on SIGTERM.
+pub const ENV_DRAIN_SECS: &str = "DRAIN_SECS";
+pub const DEFAULT_DRAIN_SECS: u64 = 10;
 /// PEM file of an RSA or EC public key verifying client tokens (RS256 or ES256).
 pub const ENV_JWT_PUBLIC_KEY_FILE: &str = "JWT_PUBLIC_KEY_FILE";
 /// When set, tokens must carry this `iss`.
@@ -132,6 +140,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
     pub header_read_timeout: Duration,
+    /// `None`: `/metrics` is served on `bind_addr`.
+    pub metrics_addr: Option<SocketAddr>,
+    pub drain_grace: Duration,
+    pub drain: Duration,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -386,6 +398,21 @@ impl Config {
         });
         let header_secs =
             r.parse(ENV_HEADER_READ_TIMEOUT_SECS, DEFAULT_HEADER_READ_TIMEOUT_SECS, positive::<u64>);
+        let metrics_addr = r.get(ENV_METRICS_ADDR).and_then(|raw| match raw.trim().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                r.fail(ENV_METRICS_ADDR, format!("expected host:port such as 0.0.0.0:9090, got {raw:?}"));
+                None
+            }
+        });
+        let drain_grace = r.parse(ENV_DRAIN_GRACE_SECS, DEFAULT_DRAIN_GRACE_SECS, whole::<u64>);
+        let drain = r.parse(ENV_DRAIN_SECS, DEFAULT_DRAIN_SECS, whole::<u64>);
+        if drain_grace + drain > 300 {
+            r.fail(
+                ENV_DRAIN_SECS,
+                format!("{ENV_DRAIN_GRACE_SECS} + {ENV_DRAIN_SECS} must not exceed 300 seconds"),
+            );
+        }
         let log_filter = r.get(ENV_RUST_LOG).unwrap_or_else(|| DEFAULT_RUST_LOG.to_owned());
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             r.fail(ENV_RUST_LOG, format!("invalid filter: {e}"));
@@ -420,6 +447,9 @@ impl Config {
             max_message_bytes,
             outbound_queue_bytes,
             header_read_timeout: Duration::from_secs(header_secs),
+            metrics_addr,
+            drain_grace: Duration::from_secs(drain_grace),
+            drain: Duration::from_secs(drain),
             log_filter,
             log_format,
         })

@@ -105,6 +105,9 @@ pub(crate) fn test_config(adjust: impl FnOnce(&mut HashMap<String, String>)) -> 
         ("BIND_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("JWT_SECRET_KEY".to_owned(), JWT_SECRET.to_owned()),
         ("WEBHOOK_SECRETS".to_owned(), json!({"acme": ACME_SECRET, "globex": GLOBEX_SECRET}).to_string()),
+        // Shut down at once unless a test is about draining.
+        ("DRAIN_GRACE_SECS".to_owned(), "0".to_owned()),
+        ("DRAIN_SECS".to_owned(), "0".to_owned()),
     ]);
     adjust(&mut vars);
     Config::from_lookup(|key| vars.get(key).cloned()).expect("valid test configuration")

@@ -34,7 +34,13 @@ fn command(env: &[(&str, &str)]) -> Command {
 
 /// Starts the binary on a free port with JSON logs and waits for its "listening" line.
 async fn start(extra_env: &[(&str, &str)]) -> Process {
-    let mut env = vec![("BIND_ADDR", "127.0.0.1:0"), ("JWT_SECRET_KEY", JWT_SECRET), ("LOG_FORMAT", "json")];
+    let mut env = vec![
+        ("BIND_ADDR", "127.0.0.1:0"),
+        ("JWT_SECRET_KEY", JWT_SECRET),
+        ("LOG_FORMAT", "json"),
+        ("DRAIN_GRACE_SECS", "0"),
+        ("DRAIN_SECS", "1"),
+    ];
     env.extend_from_slice(extra_env);
     let mut child = command(&env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starts");
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -232,4 +238,39 @@ async fn tokens_and_secrets_never_appear_in_the_logs() {
     assert!(!all.contains(&token), "a token leaked into the logs");
     assert!(!all.contains(JWT_SECRET), "the JWT secret leaked into the logs");
     assert!(!all.contains("webhook-secret-in-env"), "a webhook secret leaked into the logs");
+}
+
+#[tokio::test]
+async fn on_sigterm_ready_turns_503_before_any_client_is_closed_and_all_are_closed_within_the_drain() {
+    let process = start(&[("DRAIN_GRACE_SECS", "1"), ("DRAIN_SECS", "2")]).await;
+    let mut clients = Vec::new();
+    for n in 0..10 {
+        clients.push(process.connect(&format!("user-{n}"), "acme").await);
+    }
+    let ready = |addr: String| async move {
+        reqwest::get(format!("http://{addr}/ready")).await.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    assert_eq!(ready(process.addr.clone()).await, 200);
+    let signalled = std::time::Instant::now();
+    process.signal("TERM");
+    // Within the grace period: not ready, and every client still connected.
+    let mut saw_503 = false;
+    while signalled.elapsed() < Duration::from_millis(800) {
+        if ready(process.addr.clone()).await == 503 {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_503, "/ready did not turn 503 during the grace period");
+    for client in &mut clients {
+        client.expect_nothing_pending().await;
+    }
+    for client in &mut clients {
+        let frame = client.expect_close().await.expect("a close frame with a code");
+        assert_eq!(frame.code, CloseCode::Away);
+    }
+    assert!(signalled.elapsed() < Duration::from_secs(4), "closed after {:?}", signalled.elapsed());
+    let (code, output) = process.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{output:#?}");
 }

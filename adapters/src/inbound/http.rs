@@ -17,6 +17,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::error::{ApiError, recover};
 use crate::inbound::ws::{self, WsSettings};
+use crate::outbound::prometheus::PrometheusMetrics;
 
 /// Largest accepted webhook body: 1 MiB.
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
@@ -30,12 +31,26 @@ pub struct HttpSettings {
     /// A connection that has not sent a complete request head within this time is closed
     /// (slow-loris protection); also the limit on an idle keep-alive connection.
     pub header_read_timeout: Duration,
+    /// Served at `GET /metrics`.
+    pub metrics: Option<Arc<PrometheusMetrics>>,
+    /// `/metrics` is served by [`serve_metrics`] on its own listener, not on the main one.
+    pub separate_metrics_listener: bool,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(10) }
+        Self { header_read_timeout: Duration::from_secs(10), metrics: None, separate_metrics_listener: false }
     }
+}
+
+/// Serves only `GET /metrics` on `listener` until `stop` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<PrometheusMetrics>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let routes = metrics_route(Some(metrics)).recover(recover).unify();
+    warp::serve(routes).incoming(listener).graceful(stop).run().await;
 }
 
 /// Serves every route on `listener` until `stop` resolves, then finishes the requests in
@@ -50,7 +65,8 @@ pub async fn serve(
     http: HttpSettings,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let service = warp::service(routes(app, ws_settings));
+    let metrics = if http.separate_metrics_listener { None } else { http.metrics.clone() };
+    let service = warp::service(routes(app, ws_settings, metrics));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout);
@@ -91,12 +107,15 @@ pub async fn serve(
 pub fn routes(
     app: Arc<Realtime>,
     ws_settings: WsSettings,
+    metrics: Option<Arc<PrometheusMetrics>>,
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static {
     let health = warp::path!("health")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
     let ready = warp::path!("ready").and(warp::get()).and(with(app.clone())).map(|app: Arc<Realtime>| {
-        if app.is_ready() {
+        if app.is_draining() {
+            ApiError::unavailable("instance is draining").into_response()
+        } else if app.is_ready() {
             warp::reply::json(&json!({"status": "ready"})).into_response()
         } else {
             ApiError::unavailable("message broker unavailable").into_response()
@@ -113,6 +132,8 @@ pub fn routes(
     health
         .or(ready)
         .unify()
+        .or(metrics_route(metrics))
+        .unify()
         .or(ws::route(app, ws_settings))
         .unify()
         .or(webhooks)
@@ -120,6 +141,24 @@ pub fn routes(
         .recover(recover)
         .unify()
         .with(warp::log::custom(log_request))
+}
+
+/// `GET /metrics` when `metrics` is set; otherwise the route does not exist.
+pub fn metrics_route(
+    metrics: Option<Arc<PrometheusMetrics>>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+    warp::path!("metrics").and(warp::get()).and_then(move || {
+        let metrics = metrics.clone();
+        async move {
+            let Some(metrics) = metrics else { return Err(warp::reject::not_found()) };
+            let mut response = Response::new(metrics.render().into());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
+    })
 }
 
 fn with<T: Clone + Send + Sync + 'static>(

@@ -3,5 +3,6 @@
 pub mod hmac;
 pub mod jwt;
 pub mod memory;
+pub mod prometheus;
 pub mod redis;
 pub mod system;

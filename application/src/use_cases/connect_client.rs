@@ -11,7 +11,9 @@ use domain::{ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNE
 use crate::Settings;
 use crate::frames::FrameFactory;
 use crate::hub::{ConnectionHandle, Hub, Permit, RegisterError};
-use crate::ports::{BrokerError, ClientSink, TokenError, TokenVerifier};
+use crate::ports::{
+    BrokerError, ClientSink, ConnectionOutcome, Metrics, NoMetrics, TokenError, TokenVerifier,
+};
 
 /// Why a client may not connect.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +91,7 @@ pub struct ConnectClient {
     hub: Arc<Hub>,
     frames: FrameFactory,
     settings: Settings,
+    metrics: Arc<dyn Metrics>,
 }
 
 impl std::fmt::Debug for ConnectClient {
@@ -104,7 +107,39 @@ impl ConnectClient {
         frames: FrameFactory,
         settings: &Settings,
     ) -> Self {
-        Self { tokens, hub, frames, settings: settings.clone() }
+        Self { tokens, hub, frames, settings: settings.clone(), metrics: Arc::new(NoMetrics) }
+    }
+
+    /// Reports to `metrics` instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn refused(&self, error: ConnectError) -> ConnectError {
+        let outcome = match &error {
+            ConnectError::MissingToken => {
+                self.metrics.auth_failure("missing_token");
+                ConnectionOutcome::Unauthorized
+            }
+            ConnectError::InvalidToken(reason) => {
+                self.metrics.auth_failure(reason.label());
+                ConnectionOutcome::Unauthorized
+            }
+            ConnectError::InvalidClaims(_) => {
+                self.metrics.auth_failure("invalid_claims");
+                ConnectionOutcome::Unauthorized
+            }
+            ConnectError::Forbidden => {
+                self.metrics.auth_failure("missing_scope");
+                ConnectionOutcome::Forbidden
+            }
+            ConnectError::AtCapacity => ConnectionOutcome::OverCapacity,
+            ConnectError::TooManyConnections(_) => ConnectionOutcome::RateLimited,
+            ConnectError::Broker(_) | ConnectError::Gone => ConnectionOutcome::Unavailable,
+        };
+        self.metrics.connection_attempt(outcome);
+        error
     }
 
     /// Verifies the token, checks the `ws:connect` scope and reserves a connection slot.
@@ -114,6 +149,10 @@ impl ConnectClient {
     /// [`ConnectError::InvalidClaims`], [`ConnectError::Forbidden`] or
     /// [`ConnectError::AtCapacity`], checked in that order.
     pub async fn authorize(&self, token: Option<&str>) -> Result<Admission, ConnectError> {
+        self.check(token).await.map_err(|error| self.refused(error))
+    }
+
+    async fn check(&self, token: Option<&str>) -> Result<Admission, ConnectError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(ConnectError::MissingToken)?;
         let claims = self.tokens.verify(token).await.map_err(ConnectError::InvalidToken)?;
         let identity = Identity::from_claims(claims).map_err(ConnectError::InvalidClaims)?;
@@ -133,6 +172,16 @@ impl ConnectClient {
     /// [`ConnectError::Broker`] when the subscription could not be confirmed (the connection
     /// is unregistered again), [`ConnectError::Gone`] when the sink is already closed.
     pub async fn connect(
+        &self,
+        admission: Admission,
+        sink: Arc<dyn ClientSink>,
+    ) -> Result<Session, ConnectError> {
+        let session = self.register(admission, sink).await.map_err(|error| self.refused(error))?;
+        self.metrics.connection_attempt(ConnectionOutcome::Accepted);
+        Ok(session)
+    }
+
+    async fn register(
         &self,
         admission: Admission,
         sink: Arc<dyn ClientSink>,
@@ -216,6 +265,45 @@ mod tests {
             connect.authorize(Some("t")).await.err(),
             Some(ConnectError::InvalidToken(TokenError::Expired))
         );
+    }
+
+    #[tokio::test]
+    async fn every_attempt_and_auth_failure_is_reported() {
+        use crate::ports::{ConnectionOutcome, MockMetrics};
+        let mut metrics = MockMetrics::new();
+        metrics.expect_auth_failure().withf(|r| r == "expired").times(1).returning(|_| ());
+        metrics
+            .expect_connection_attempt()
+            .withf(|o| *o == ConnectionOutcome::Unauthorized)
+            .times(1)
+            .returning(|_| ());
+        let (connect, _) = use_case(verifier(Err(TokenError::Expired)), MockMessageBroker::new(), 10);
+        let connect = connect.with_metrics(Arc::new(metrics));
+        assert!(connect.authorize(Some("t")).await.is_err());
+
+        let mut metrics = MockMetrics::new();
+        metrics.expect_auth_failure().withf(|r| r == "missing_scope").times(1).returning(|_| ());
+        metrics
+            .expect_connection_attempt()
+            .withf(|o| *o == ConnectionOutcome::Forbidden)
+            .times(1)
+            .returning(|_| ());
+        let (connect, _) = use_case(verifier(Ok(claims("read"))), MockMessageBroker::new(), 10);
+        assert!(connect.with_metrics(Arc::new(metrics)).authorize(Some("t")).await.is_err());
+
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        let mut metrics = MockMetrics::new();
+        metrics
+            .expect_connection_attempt()
+            .withf(|o| *o == ConnectionOutcome::Accepted)
+            .times(1)
+            .returning(|_| ());
+        let (connect, _) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        let connect = connect.with_metrics(Arc::new(metrics));
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        assert!(connect.connect(admission, RecordingSink::new()).await.is_ok());
     }
 
     #[tokio::test]

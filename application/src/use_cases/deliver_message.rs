@@ -8,7 +8,7 @@ use domain::{Channel, InboundEnvelope};
 
 use crate::frames::FrameFactory;
 use crate::hub::Hub;
-use crate::ports::InboundHandler;
+use crate::ports::{DropReason, InboundHandler, MessageSource, Metrics, NoMetrics};
 
 /// At most one warning about invalid broker messages per this many milliseconds.
 const INVALID_WARNING_INTERVAL_MS: u64 = 10_000;
@@ -21,6 +21,7 @@ pub const MAX_BROKER_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 pub struct DeliverBrokerMessage {
     hub: Arc<Hub>,
     frames: FrameFactory,
+    metrics: Arc<dyn Metrics>,
     invalid: AtomicU64,
     last_warning: AtomicU64,
 }
@@ -33,7 +34,19 @@ impl std::fmt::Debug for DeliverBrokerMessage {
 
 impl DeliverBrokerMessage {
     pub fn new(hub: Arc<Hub>, frames: FrameFactory) -> Self {
-        Self { hub, frames, invalid: AtomicU64::new(0), last_warning: AtomicU64::new(0) }
+        Self {
+            hub,
+            frames,
+            metrics: Arc::new(NoMetrics),
+            invalid: AtomicU64::new(0),
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// Reports to `metrics` instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Broker messages dropped because they were not valid envelopes.
@@ -43,6 +56,7 @@ impl DeliverBrokerMessage {
 
     fn reject(&self, channel: &Channel, error: &domain::envelope::EnvelopeError) {
         let dropped = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.messages_dropped(DropReason::Invalid, 1);
         let now = self.frames.now().unix_millis();
         let last = self.last_warning.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= INVALID_WARNING_INTERVAL_MS)
@@ -62,17 +76,29 @@ impl InboundHandler for DeliverBrokerMessage {
     /// `message_id` missing is completed first. Anything that is not an envelope is counted
     /// and dropped.
     fn on_message(&self, channel: Channel, message: Bytes) {
+        self.metrics.message_received(MessageSource::Broker);
         if message.len() > MAX_BROKER_MESSAGE_BYTES {
             return self.reject(&channel, &domain::envelope::EnvelopeError::TooLarge(message.len()));
         }
+        let now = self.frames.now();
         let frame = match InboundEnvelope::parse(&message) {
-            Ok(envelope) if envelope.is_complete_for(&channel) => message.clone(),
             Ok(envelope) => {
-                Bytes::from(envelope.complete(&channel, || (self.frames.now(), self.frames.message_id())))
+                if let Some(sent) = envelope.timestamp() {
+                    self.metrics.pubsub_lag(now.millis_since(sent) as f64 / 1000.0);
+                }
+                if envelope.is_complete_for(&channel) {
+                    message.clone()
+                } else {
+                    Bytes::from(envelope.complete(&channel, || (now, self.frames.message_id())))
+                }
             }
             Err(error) => return self.reject(&channel, &error),
         };
-        self.hub.fan_out(&channel, &frame);
+        let outcome = self.hub.fan_out(&channel, &frame);
+        self.metrics.messages_sent(outcome.delivered);
+        if outcome.overflowed > 0 {
+            self.metrics.messages_dropped(DropReason::SlowConsumer, outcome.overflowed);
+        }
     }
 }
 
@@ -153,6 +179,36 @@ mod tests {
         deliver.on_message(acme(), Bytes::from(huge));
         assert_eq!(deliver.invalid_messages(), 1);
         assert_eq!(sink.raw_frames().len(), 1, "only the welcome");
+    }
+
+    #[tokio::test]
+    async fn deliveries_drops_and_lag_are_reported() {
+        use crate::ports::{DropReason, MessageSource, MockMetrics};
+        let hub = hub();
+        let _a = session_with_sink(&hub, "bob", "acme", RecordingSink::new()).await;
+        let _b = session_with_sink(&hub, "eve", "acme", RecordingSink::new()).await;
+        let _slow = session_with_sink(&hub, "carol", "acme", RecordingSink::with_capacity(1)).await;
+        let mut metrics = MockMetrics::new();
+        metrics.expect_message_received().withf(|s| *s == MessageSource::Broker).times(2).returning(|_| ());
+        metrics.expect_messages_sent().withf(|n| *n == 2).times(1).returning(|_| ());
+        metrics
+            .expect_messages_dropped()
+            .withf(|r, n| *r == DropReason::SlowConsumer && *n == 1)
+            .times(1)
+            .returning(|_, _| ());
+        metrics
+            .expect_messages_dropped()
+            .withf(|r, n| *r == DropReason::Invalid && *n == 1)
+            .times(1)
+            .returning(|_, _| ());
+        // Stamped one second before the test clock's now.
+        metrics.expect_pubsub_lag().withf(|s| (*s - 1.0).abs() < 1e-9).times(1).returning(|_| ());
+        let deliver = DeliverBrokerMessage::new(hub, frames()).with_metrics(Arc::new(metrics));
+        deliver.on_message(
+            acme(),
+            Bytes::from_static(br#"{"type":"n","payload":1,"timestamp":"2024-12-31T23:59:59.000Z"}"#),
+        );
+        deliver.on_message(acme(), Bytes::from_static(b"garbage"));
     }
 
     #[tokio::test]

@@ -3,24 +3,42 @@
 use std::sync::Arc;
 
 use crate::hub::Hub;
+use crate::ports::{Clock, Metrics, NoMetrics};
 use crate::use_cases::connect_client::Session;
 
 /// The disconnect use-case.
-#[derive(Debug)]
 pub struct DisconnectClient {
     hub: Arc<Hub>,
+    clock: Option<Arc<dyn Clock>>,
+    metrics: Arc<dyn Metrics>,
+}
+
+impl std::fmt::Debug for DisconnectClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DisconnectClient").finish_non_exhaustive()
+    }
 }
 
 impl DisconnectClient {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self { hub, clock: None, metrics: Arc::new(NoMetrics) }
+    }
+
+    /// Reports each connection's duration, measured with `clock`, to `metrics`.
+    pub fn with_metrics(mut self, clock: Arc<dyn Clock>, metrics: Arc<dyn Metrics>) -> Self {
+        self.clock = Some(clock);
+        self.metrics = metrics;
+        self
     }
 
     /// Unregisters the session's connection and frees its slot. Idempotent with respect to the
     /// registry: a connection already gone is simply not found.
     pub fn disconnect(&self, session: Session) {
         let info = session.info();
-        self.hub.unregister(&info.tenant_id, &info.id);
+        if self.hub.unregister(&info.tenant_id, &info.id).is_some() {
+            let now = self.clock.as_ref().map_or(info.connected_at, |clock| clock.now());
+            self.metrics.connection_closed(now.millis_since(info.connected_at) as f64 / 1000.0);
+        }
     }
 }
 

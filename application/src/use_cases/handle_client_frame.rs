@@ -3,6 +3,7 @@
 //! limit.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use domain::envelope::{kind, raw_payload};
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use crate::Settings;
 use crate::frames::{FrameFactory, encode};
-use crate::ports::{MessageBroker, TokenVerifier};
+use crate::ports::{DropReason, MessageBroker, MessageSource, Metrics, NoMetrics, TokenVerifier};
 use crate::use_cases::connect_client::{Session, token_deadline};
 
 /// A frame as received from the client.
@@ -45,6 +46,7 @@ pub struct HandleClientFrame {
     tokens: Arc<dyn TokenVerifier>,
     frames: FrameFactory,
     token_leeway_secs: u64,
+    metrics: Arc<dyn Metrics>,
 }
 
 impl std::fmt::Debug for HandleClientFrame {
@@ -60,7 +62,19 @@ impl HandleClientFrame {
         frames: FrameFactory,
         settings: &Settings,
     ) -> Self {
-        Self { broker, tokens, frames, token_leeway_secs: settings.token_leeway_secs }
+        Self {
+            broker,
+            tokens,
+            frames,
+            token_leeway_secs: settings.token_leeway_secs,
+            metrics: Arc::new(NoMetrics),
+        }
+    }
+
+    /// Reports to `metrics` instead of nowhere.
+    pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Records a control frame from the client (a WebSocket ping or pong): the connection is
@@ -88,6 +102,7 @@ impl HandleClientFrame {
         match session.rate.check(now) {
             RateDecision::Allowed => {}
             RateDecision::Limited => {
+                self.metrics.messages_dropped(DropReason::RateLimited, 1);
                 return self.error(ErrorCode::RateLimited, "rate limit exceeded: frame dropped, slow down");
             }
             RateDecision::Flooding => return FrameOutcome::Close(CloseReason::PolicyViolation),
@@ -99,6 +114,7 @@ impl HandleClientFrame {
         match command {
             Ok(ClientCommand::Ping) => FrameOutcome::Reply(self.frames.pong()),
             Ok(ClientCommand::Message { payload }) => {
+                self.metrics.message_received(MessageSource::Client);
                 let info = session.info();
                 let channel = Channel::Tenant(info.tenant_id.clone());
                 let envelope = self.frames.envelope(
@@ -107,9 +123,13 @@ impl HandleClientFrame {
                     Some(info.user_id.clone()),
                     Some(channel.clone()),
                 );
-                match self.broker.publish(&channel, encode(&envelope)).await {
+                let started = Instant::now();
+                let published = self.broker.publish(&channel, encode(&envelope)).await;
+                self.metrics.broker_publish(started.elapsed().as_secs_f64());
+                match published {
                     Ok(()) => FrameOutcome::Nothing,
                     Err(error) => {
+                        self.metrics.messages_dropped(DropReason::BrokerUnavailable, 1);
                         tracing::warn!(%error, connection_id = %info.id, "client message not published");
                         self.error(
                             ErrorCode::Unavailable,

@@ -13,7 +13,7 @@ use domain::CloseReason;
 
 use crate::Settings;
 use crate::hub::Hub;
-use crate::ports::Clock;
+use crate::ports::{Clock, Metrics, NoMetrics};
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,6 +36,7 @@ pub struct SweepInactiveConnections {
     ping_interval_ms: u64,
     idle_timeout_ms: u64,
     inactivity_timeout_ms: u64,
+    metrics: Arc<dyn Metrics>,
 }
 
 impl std::fmt::Debug for SweepInactiveConnections {
@@ -56,13 +57,24 @@ impl SweepInactiveConnections {
             ping_interval_ms: settings.ping_interval_ms,
             idle_timeout_ms: settings.idle_timeout_ms,
             inactivity_timeout_ms: settings.inactivity_timeout_ms,
+            metrics: Arc::new(NoMetrics),
         }
+    }
+
+    /// Also reports the broker's state and the subscribed channels to `metrics` on every
+    /// sweep.
+    pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// One pass over every connection. Closed connections unregister themselves once their
     /// socket is closed.
     pub fn sweep(&self) -> SweepReport {
         let now = self.clock.now();
+        self.metrics.broker_up(self.hub.broker_ready());
+        // The tenant and user channels, plus global:broadcast and system:events.
+        self.metrics.subscribed_channels(self.hub.channel_count() + 2);
         let mut report = SweepReport::default();
         self.hub.for_each(|handle| {
             if handle.expires_at().is_some_and(|deadline| now > deadline) {
@@ -91,6 +103,7 @@ mod tests {
 
     fn hub() -> Arc<Hub> {
         let mut broker = MockMessageBroker::new();
+        broker.expect_is_ready().returning(|| true);
         broker.expect_subscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
         Arc::new(Hub::new(Arc::new(broker), 10))
@@ -146,6 +159,20 @@ mod tests {
         session.handle().seen(Timestamp::from_unix_millis(NOW + 95_000));
         assert_eq!(sweep_at(&hub, NOW + 100_001).inactive, 1);
         assert_eq!(sink.closed(), Some(CloseReason::Inactive));
+    }
+
+    #[tokio::test]
+    async fn each_sweep_reports_the_broker_state_and_the_subscribed_channels() {
+        let hub = hub();
+        let _bob = session(&hub, "bob", "acme").await;
+        let _eve = session(&hub, "eve", "acme").await;
+        let mut metrics = crate::ports::MockMetrics::new();
+        metrics.expect_broker_up().withf(|up| *up).times(1).returning(|_| ());
+        // tenant:acme, user:acme:bob, user:acme:eve, global:broadcast, system:events.
+        metrics.expect_subscribed_channels().withf(|n| *n == 5).times(1).returning(|_| ());
+        SweepInactiveConnections::new(hub, Arc::new(clock_at(NOW)), &settings())
+            .with_metrics(Arc::new(metrics))
+            .sweep();
     }
 
     #[tokio::test]

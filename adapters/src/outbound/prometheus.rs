@@ -1,0 +1,281 @@
+//! `PrometheusMetrics`: the `Metrics` port in the Prometheus text format.
+//!
+//! Each instance owns its recorder (none is installed globally), so several instances in one
+//! process — as in the tests — keep separate numbers. The metrics that move with every message
+//! are registered once; the rest are looked up when they change.
+
+use std::sync::Arc;
+
+use application::ports::{ConnectionOutcome, DropReason, MessageSource, Metrics};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+static METADATA: Metadata<'static> = Metadata::new("lq_realtime", Level::INFO, None);
+
+/// Buckets of the latency histograms, in seconds.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Buckets of the connection duration histogram, in seconds.
+const DURATION_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
+
+const ATTEMPTS: [ConnectionOutcome; 6] = [
+    ConnectionOutcome::Accepted,
+    ConnectionOutcome::Unauthorized,
+    ConnectionOutcome::Forbidden,
+    ConnectionOutcome::OverCapacity,
+    ConnectionOutcome::RateLimited,
+    ConnectionOutcome::Unavailable,
+];
+const SOURCES: [MessageSource; 3] = [MessageSource::Client, MessageSource::Webhook, MessageSource::Broker];
+const DROPS: [DropReason; 4] =
+    [DropReason::SlowConsumer, DropReason::Invalid, DropReason::RateLimited, DropReason::BrokerUnavailable];
+
+/// Metrics of one instance, rendered for Prometheus.
+pub struct PrometheusMetrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    connections: Gauge,
+    attempts: Vec<Counter>,
+    connection_duration: Histogram,
+    received: Vec<Counter>,
+    sent: Counter,
+    dropped: Vec<Counter>,
+    webhook_seconds: Histogram,
+    publish_seconds: Histogram,
+    lag_seconds: Histogram,
+    broker_up: Gauge,
+    subscribed: Gauge,
+}
+
+impl std::fmt::Debug for PrometheusMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrometheusMetrics").finish_non_exhaustive()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, (*v).to_owned())).collect();
+    Key::from_parts(name, labels)
+}
+
+impl PrometheusMetrics {
+    pub fn new(version: &str) -> Self {
+        let builder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("lq_connection_duration_seconds".to_owned()),
+                    DURATION_BUCKETS,
+                )
+            })
+            .unwrap_or_else(|_| unreachable!("the bucket lists are not empty"));
+        let recorder = Arc::new(builder.build_recorder());
+        let handle = recorder.handle();
+        let r = &recorder;
+        let describe = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+            r.describe_counter(name.into(), unit, SharedString::const_str(text));
+        };
+        describe("lq_websocket_connections_total", None, "WebSocket connection attempts by result.");
+        describe("lq_messages_received_total", None, "Messages that entered the service, by source.");
+        describe("lq_messages_sent_total", None, "Frames queued for clients by channel fan-outs.");
+        describe("lq_messages_dropped_total", None, "Messages or frames not delivered, by reason.");
+        describe("lq_auth_failures_total", None, "Refused tokens, by reason.");
+        describe("lq_webhooks_total", None, "Webhooks by provider and result.");
+        r.describe_gauge("lq_websocket_connections".into(), None, "Open WebSocket connections.".into());
+        r.describe_gauge("lq_broker_up".into(), None, "1 when the broker can publish and receive.".into());
+        r.describe_gauge(
+            "lq_subscribed_channels".into(),
+            None,
+            "Broker channels this instance listens on.".into(),
+        );
+        r.describe_gauge("lq_build_info".into(), None, "Always 1; the version is a label.".into());
+        for (name, text) in [
+            ("lq_connection_duration_seconds", "Lifetime of closed WebSocket connections."),
+            ("lq_webhook_processing_seconds", "Time from webhook received to answer decided."),
+            ("lq_broker_publish_seconds", "Time for the broker to accept one publish."),
+            ("lq_pubsub_lag_seconds", "Envelope timestamp to delivery on this instance."),
+        ] {
+            r.describe_histogram(name.into(), Some(Unit::Seconds), text.into());
+        }
+        r.register_gauge(&key("lq_build_info", &[("version", version)]), &METADATA).set(1.0);
+        Self {
+            connections: r.register_gauge(&key("lq_websocket_connections", &[]), &METADATA),
+            attempts: ATTEMPTS
+                .iter()
+                .map(|o| {
+                    r.register_counter(
+                        &key("lq_websocket_connections_total", &[("result", o.as_str())]),
+                        &METADATA,
+                    )
+                })
+                .collect(),
+            connection_duration: r.register_histogram(&key("lq_connection_duration_seconds", &[]), &METADATA),
+            received: SOURCES
+                .iter()
+                .map(|s| {
+                    r.register_counter(
+                        &key("lq_messages_received_total", &[("source", s.as_str())]),
+                        &METADATA,
+                    )
+                })
+                .collect(),
+            sent: r.register_counter(&key("lq_messages_sent_total", &[]), &METADATA),
+            dropped: DROPS
+                .iter()
+                .map(|d| {
+                    r.register_counter(
+                        &key("lq_messages_dropped_total", &[("reason", d.as_str())]),
+                        &METADATA,
+                    )
+                })
+                .collect(),
+            webhook_seconds: r.register_histogram(&key("lq_webhook_processing_seconds", &[]), &METADATA),
+            publish_seconds: r.register_histogram(&key("lq_broker_publish_seconds", &[]), &METADATA),
+            lag_seconds: r.register_histogram(&key("lq_pubsub_lag_seconds", &[]), &METADATA),
+            broker_up: r.register_gauge(&key("lq_broker_up", &[]), &METADATA),
+            subscribed: r.register_gauge(&key("lq_subscribed_channels", &[]), &METADATA),
+            recorder,
+            handle,
+        }
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; run it every few seconds.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl Metrics for PrometheusMetrics {
+    fn connection_attempt(&self, outcome: ConnectionOutcome) {
+        if let Some(index) = ATTEMPTS.iter().position(|o| *o == outcome) {
+            self.attempts[index].increment(1);
+        }
+        if outcome == ConnectionOutcome::Accepted {
+            self.connections.increment(1.0);
+        }
+    }
+
+    fn connection_closed(&self, seconds: f64) {
+        self.connections.decrement(1.0);
+        self.connection_duration.record(seconds);
+    }
+
+    fn auth_failure(&self, reason: &'static str) {
+        self.recorder
+            .register_counter(&key("lq_auth_failures_total", &[("reason", reason)]), &METADATA)
+            .increment(1);
+    }
+
+    fn message_received(&self, source: MessageSource) {
+        if let Some(index) = SOURCES.iter().position(|s| *s == source) {
+            self.received[index].increment(1);
+        }
+    }
+
+    fn messages_sent(&self, frames: u64) {
+        self.sent.increment(frames);
+    }
+
+    fn messages_dropped(&self, reason: DropReason, count: u64) {
+        if let Some(index) = DROPS.iter().position(|d| *d == reason) {
+            self.dropped[index].increment(count);
+        }
+    }
+
+    fn webhook(&self, provider: &str, result: &'static str, seconds: f64) {
+        self.recorder
+            .register_counter(
+                &key("lq_webhooks_total", &[("provider", provider), ("result", result)]),
+                &METADATA,
+            )
+            .increment(1);
+        self.webhook_seconds.record(seconds);
+    }
+
+    fn broker_publish(&self, seconds: f64) {
+        self.publish_seconds.record(seconds);
+    }
+
+    fn pubsub_lag(&self, seconds: f64) {
+        self.lag_seconds.record(seconds);
+    }
+
+    fn broker_up(&self, up: bool) {
+        self.broker_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn subscribed_channels(&self, count: usize) {
+        self.subscribed.set(count as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn what_is_reported_is_rendered_with_its_labels() {
+        let metrics = PrometheusMetrics::new("1.2.3");
+        metrics.connection_attempt(ConnectionOutcome::Accepted);
+        metrics.connection_attempt(ConnectionOutcome::Accepted);
+        metrics.connection_attempt(ConnectionOutcome::Unauthorized);
+        metrics.connection_closed(3.0);
+        metrics.auth_failure("expired");
+        metrics.message_received(MessageSource::Webhook);
+        metrics.messages_sent(5);
+        metrics.messages_dropped(DropReason::SlowConsumer, 2);
+        metrics.webhook("github", "accepted", 0.01);
+        metrics.broker_up(true);
+        metrics.subscribed_channels(7);
+        let text = metrics.render();
+        assert_eq!(line(&text, "lq_websocket_connections "), Some("lq_websocket_connections 1"));
+        assert_eq!(
+            line(&text, "lq_websocket_connections_total{result=\"accepted\"}"),
+            Some("lq_websocket_connections_total{result=\"accepted\"} 2")
+        );
+        assert_eq!(
+            line(&text, "lq_websocket_connections_total{result=\"unauthorized\"}"),
+            Some("lq_websocket_connections_total{result=\"unauthorized\"} 1")
+        );
+        assert_eq!(
+            line(&text, "lq_auth_failures_total{reason=\"expired\"}"),
+            Some("lq_auth_failures_total{reason=\"expired\"} 1")
+        );
+        assert_eq!(line(&text, "lq_messages_sent_total "), Some("lq_messages_sent_total 5"));
+        assert_eq!(
+            line(&text, "lq_messages_dropped_total{reason=\"slow_consumer\"}"),
+            Some("lq_messages_dropped_total{reason=\"slow_consumer\"} 2")
+        );
+        assert_eq!(
+            line(&text, "lq_webhooks_total{provider=\"github\",result=\"accepted\"}"),
+            Some("lq_webhooks_total{provider=\"github\",result=\"accepted\"} 1")
+        );
+        assert_eq!(line(&text, "lq_broker_up "), Some("lq_broker_up 1"));
+        assert_eq!(line(&text, "lq_subscribed_channels "), Some("lq_subscribed_channels 7"));
+        assert_eq!(
+            line(&text, "lq_build_info{version=\"1.2.3\"}"),
+            Some("lq_build_info{version=\"1.2.3\"} 1")
+        );
+        assert_eq!(
+            line(&text, "lq_connection_duration_seconds_count"),
+            Some("lq_connection_duration_seconds_count 1")
+        );
+        assert!(line(&text, "lq_connection_duration_seconds_bucket{le=\"10\"} 1").is_some(), "{text}");
+    }
+
+    #[test]
+    fn two_instances_keep_separate_numbers() {
+        let (a, b) = (PrometheusMetrics::new("x"), PrometheusMetrics::new("x"));
+        a.messages_sent(3);
+        assert_eq!(line(&b.render(), "lq_messages_sent_total "), Some("lq_messages_sent_total 0"));
+    }
+}
