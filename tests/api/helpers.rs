@@ -94,6 +94,8 @@ pub(crate) fn signature(secret: &str, body: &[u8]) -> String {
 /// One running instance on a free port, stopped when dropped.
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
+    /// Where `/metrics` is served when `METRICS_ADDR` was set.
+    pub(crate) metrics_addr: Option<SocketAddr>,
     pub(crate) http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -120,11 +122,12 @@ pub(crate) async fn spawn_app() -> TestApp {
 pub(crate) async fn spawn_app_with(config: Config) -> TestApp {
     let app = Application::build(config).await.expect("application starts");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
-    TestApp { addr, http: reqwest::Client::new(), stop: Some(stop), task: Some(task) }
+    TestApp { addr, metrics_addr, http: reqwest::Client::new(), stop: Some(stop), task: Some(task) }
 }
 
 impl Drop for TestApp {

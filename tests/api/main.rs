@@ -6,6 +6,7 @@ mod redis_support;
 
 mod broker_contract;
 mod deployment;
+mod observability;
 mod operations;
 mod process;
 mod proxy;

@@ -233,6 +233,12 @@ async fn tokens_and_secrets_never_appear_in_the_logs() {
     process.signal("TERM");
     let (code, output) = process.exit(Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
+    for line in &output {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON object: {line}"
+        );
+    }
     let all = output.join("\n");
     assert!(all.contains("/ws"), "requests are logged: {all}");
     assert!(!all.contains(&token), "a token leaked into the logs");

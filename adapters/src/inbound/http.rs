@@ -221,12 +221,24 @@ where
         signature: signature.as_deref(),
         body: &body,
     };
-    match app.webhooks.ingest(request).await {
+    // Only validated values name the span: the rest of the request is untrusted text.
+    let span = tracing::info_span!(
+        "webhook",
+        provider = domain::Provider::parse(&provider).ok().map(|p| p.to_string()),
+        tenant = tenant.as_deref().and_then(|t| domain::TenantId::parse(t).ok()).map(|t| t.to_string()),
+    );
+    let outcome = tracing::Instrument::instrument(app.webhooks.ingest(request), span.clone()).await;
+    let _entered = span.enter();
+    match outcome {
         Ok(message_id) => {
+            tracing::debug!(message_id = message_id.as_str(), "webhook accepted");
             Ok(warp::reply::json(&json!({"status": "accepted", "message_id": message_id.as_str()}))
                 .into_response())
         }
-        Err(error) => Err(warp::reject::custom(webhook_error(&error))),
+        Err(error) => {
+            tracing::debug!(%error, "webhook refused");
+            Err(warp::reject::custom(webhook_error(&error)))
+        }
     }
 }
 

@@ -183,7 +183,15 @@ async fn upgrade(
     let outbox = Arc::new(Outbox::new(settings.outbound_queue_bytes));
     let mut session =
         app.connect.connect(admission, outbox.clone()).await.map_err(|e| connect_rejection(&e))?;
-    tokio::spawn(async move {
+    let info = session.info();
+    let span = tracing::info_span!(
+        "connection",
+        connection_id = %info.id,
+        tenant = %info.tenant_id,
+        user = %info.user_id
+    );
+    let task = async move {
+        tracing::debug!("connection opened");
         match on_upgrade.await {
             Ok(upgraded) => {
                 let config = settings.tungstenite_config();
@@ -195,9 +203,10 @@ async fn upgrade(
             }
             Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete"),
         }
-        tracing::debug!(connection_id = %session.connection_id(), "connection closed");
+        tracing::debug!("connection closed");
         app.disconnect.disconnect(session);
-    });
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
     let mut response = Response::new(warp::hyper::body::Bytes::new().into());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
