@@ -244,3 +244,67 @@ async fn websockets_and_webhooks_work_through_the_compose_load_balancer_configur
         assert_eq!(client.next_json().await["payload"]["data"]["via"], "nginx");
     }
 }
+
+/// An inline config of the compose file, as its container receives it.
+fn inline_config(compose: &Yaml, name: &str) -> String {
+    compose["configs"][name]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("inline config {name} missing"))
+        .replace("$$", "$")
+}
+
+#[test]
+fn prometheus_scrapes_every_instance() {
+    let compose = compose();
+    let names: HashSet<&str> =
+        compose["services"].as_hash().expect("services").keys().filter_map(Yaml::as_str).collect();
+    assert!(names.contains("prometheus") && names.contains("grafana"), "{names:?}");
+    let configs = compose["configs"].as_hash().expect("configs");
+    let prometheus = configs
+        .values()
+        .filter_map(|c| c["content"].as_str())
+        .find(|c| c.contains("scrape_configs"))
+        .expect("a prometheus configuration");
+    for instance in INSTANCES {
+        assert!(prometheus.contains(&format!("{instance}:8080")), "{instance} is scraped");
+    }
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_is_valid_json_and_uses_only_metrics_that_exist() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&inline_config(&compose(), "grafana-dashboard")).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    let mut used = HashSet::new();
+    for panel in panels {
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()), "a panel without a title: {panel}");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let mut rest = expr;
+            while let Some(at) = rest.find("lq_") {
+                let name: String =
+                    rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+    }
+    assert!(!used.is_empty(), "the dashboard queries no lq_ metric");
+
+    // Every name a running instance exposes, with the series suffixes of histograms. The
+    // labelled counters appear once something is counted: a refused token and a webhook.
+    let app = spawn_app().await;
+    assert!(app.try_connect("garbage").await.is_err());
+    assert_eq!(app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({})).await.status, 200);
+    let text = app.http.get(app.url("/metrics")).send().await.expect("scraped").text().await.expect("text");
+    let exposed: HashSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    for name in &used {
+        assert!(exposed.contains(name), "the dashboard uses {name}, which no instance exposes: {exposed:?}");
+    }
+}
