@@ -311,3 +311,47 @@ impl Metrics for NoMetrics {
     fn broker_up(&self, _: bool) {}
     fn subscribed_channels(&self, _: usize) {}
 }
+
+/// What a [`DeliveryLog`] knows about a webhook delivery id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryClaim {
+    /// First sight: the caller now owns the delivery and must complete or release it.
+    Claimed,
+    /// Another request with this id is being processed right now.
+    InProgress,
+    /// Already delivered, as this message.
+    Delivered(MessageId),
+}
+
+/// Remembers which webhook deliveries a tenant's sender already made, so a retried delivery is
+/// not relayed twice.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait DeliveryLog: Send + Sync {
+    /// Claims `delivery_id` of `tenant`. A claim that is never completed lapses after
+    /// `pending_secs`, so a crash cannot block the sender's retries for long.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the log cannot be reached.
+    async fn claim(
+        &self,
+        tenant: &TenantId,
+        delivery_id: &str,
+        pending_secs: u64,
+    ) -> Result<DeliveryClaim, BrokerError>;
+
+    /// Records that the claimed delivery became `message_id`, for `keep_secs`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the log cannot be reached.
+    async fn complete(
+        &self,
+        tenant: &TenantId,
+        delivery_id: &str,
+        message_id: &MessageId,
+        keep_secs: u64,
+    ) -> Result<(), BrokerError>;
+
+    /// Forgets a claim whose delivery failed, so the sender's retry goes through.
+    async fn release(&self, tenant: &TenantId, delivery_id: &str);
+}

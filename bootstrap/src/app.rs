@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use adapters::inbound::http::{HttpSettings, serve, serve_metrics};
 use adapters::inbound::ws::WsSettings;
+use adapters::outbound::delivery_log::InMemoryDeliveryLog;
 use adapters::outbound::hmac::HmacWebhookVerifier;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
-use application::ports::{Clock, MessageBroker};
+use application::ports::{Clock, DeliveryLog, MessageBroker};
 use application::{Ports, Realtime};
 use domain::{CloseReason, SCOPE_WS_CONNECT};
 use tokio::net::TcpListener;
@@ -85,12 +86,16 @@ impl Application {
                 verifier
             }
         };
-        let broker: Arc<dyn MessageBroker> = match &config.broker {
-            BrokerConfig::InProcess => Arc::new(InMemoryBroker::new()),
+        let (broker, deliveries): (Arc<dyn MessageBroker>, Arc<dyn DeliveryLog>) = match &config.broker {
+            BrokerConfig::InProcess => {
+                (Arc::new(InMemoryBroker::new()), Arc::new(InMemoryDeliveryLog::new()))
+            }
             BrokerConfig::Redis { target, pool_size } => {
                 let mut settings = RedisBrokerSettings::new(target.clone());
                 settings.pool_size = *pool_size;
-                Arc::new(RedisBroker::new(settings).map_err(|e| StartError::Redis(e.to_string()))?)
+                let redis = RedisBroker::new(settings).map_err(|e| StartError::Redis(e.to_string()))?;
+                let deliveries = Arc::new(redis.delivery_log());
+                (Arc::new(redis), deliveries)
             }
         };
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
@@ -103,7 +108,9 @@ impl Application {
             ids: Arc::new(ids),
             metrics: metrics.clone(),
         };
-        let realtime = Arc::new(Realtime::new(ports, &config.settings));
+        let mut realtime = Realtime::new(ports, &config.settings);
+        realtime.webhooks = realtime.webhooks.with_delivery_log(deliveries, config.webhook_dedup_secs);
+        let realtime = Arc::new(realtime);
         let metrics_listener = match config.metrics_addr {
             Some(addr) => Some(
                 TcpListener::bind(addr).await.map_err(|source| StartError::MetricsBind { addr, source })?,

@@ -63,6 +63,10 @@ pub const ENV_ALLOWED_ORIGINS: &str = "ALLOWED_ORIGINS";
 /// Seconds a client has to send a complete request head.
 pub const ENV_HEADER_READ_TIMEOUT_SECS: &str = "HEADER_READ_TIMEOUT_SECS";
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Seconds a webhook delivery id is remembered, so a retried delivery is not relayed twice;
+/// 0 turns deduplication off.
+pub const ENV_WEBHOOK_DEDUP_SECS: &str = "WEBHOOK_DEDUP_SECS";
+pub const DEFAULT_WEBHOOK_DEDUP_SECS: u64 = 86_400;
 /// Separate `host:port` for `GET /metrics`; unset: served on `BIND_ADDR`.
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 /// Seconds between turning `/ready` to 503 and closing the first client, on SIGTERM.
@@ -144,6 +148,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     pub drain_grace: Duration,
     pub drain: Duration,
+    /// Seconds a webhook delivery id is remembered; 0: no deduplication.
+    pub webhook_dedup_secs: u64,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -407,6 +413,7 @@ impl Config {
         });
         let drain_grace = r.parse(ENV_DRAIN_GRACE_SECS, DEFAULT_DRAIN_GRACE_SECS, whole::<u64>);
         let drain = r.parse(ENV_DRAIN_SECS, DEFAULT_DRAIN_SECS, whole::<u64>);
+        let webhook_dedup_secs = r.parse(ENV_WEBHOOK_DEDUP_SECS, DEFAULT_WEBHOOK_DEDUP_SECS, whole::<u64>);
         if drain_grace + drain > 300 {
             r.fail(
                 ENV_DRAIN_SECS,
@@ -450,6 +457,7 @@ impl Config {
             metrics_addr,
             drain_grace: Duration::from_secs(drain_grace),
             drain: Duration::from_secs(drain),
+            webhook_dedup_secs,
             log_filter,
             log_format,
         })

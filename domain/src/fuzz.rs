@@ -25,6 +25,8 @@ const FRAME_SEEDS: &[&str] = &[
     r#"{"type":"m\u0065ssage","payload":"escaped type"}"#,
     r#"  {"type" : "ping" }  "#,
     r#"["message",{"x":1}]"#,
+    // Found by the envelope target: a lone surrogate escape, which strict parsers refuse.
+    r#"{"type":"message","payload":"\ud83d"}"#,
 ];
 
 const ENVELOPE_SEEDS: &[&str] = &[
@@ -32,6 +34,8 @@ const ENVELOPE_SEEDS: &[&str] = &[
     r#"{"type":"message","payload":1,"timestamp":"2025-01-01T00:00:00.000Z","from_user":"bob","message_id":"m-1","channel":"tenant:acme"}"#,
     r#"{"type":"x","from_user":null,"channel":"tenant:other"}"#,
     r#"{"type":"x","payload":"\ud83d\ude00","message_id":"a.b_c-d"}"#,
+    r#"{"type":"x","payload":"\ud83d\ude0"}"#,
+    r#"{"type":"x","payload":"\ude00"}"#,
 ];
 
 const CLAIMS_SEEDS: &[&str] = &[
@@ -39,6 +43,8 @@ const CLAIMS_SEEDS: &[&str] = &[
     r#"{"sub":"bob","tenant_id":"acme","scopes":["read","ws:connect"]}"#,
     r#"{"user_id":"bob:x","tenant_id":"acme","scope":"ws:connect-admin"}"#,
     r#"{"user_id":null,"sub":"s","tenant_id":"t","scope":"  ws:connect\t"}"#,
+    // Found by the claims target: an empty entry in the scopes array.
+    r#"{"user_id":"u","tenant_id":"t","scopes":[""]}"#,
 ];
 
 /// A seed with one byte replaced, inserted or removed.

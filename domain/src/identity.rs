@@ -63,7 +63,8 @@ impl Identity {
         let tenant_id = TenantId::parse(&tenant).map_err(ClaimsError::InvalidTenant)?;
         let mut scopes: Vec<String> =
             claims.scope.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
-        scopes.extend(claims.scopes.unwrap_or_default());
+        // An empty entry is no scope at all.
+        scopes.extend(claims.scopes.unwrap_or_default().into_iter().filter(|s| !s.is_empty()));
         Ok(Self { user_id, tenant_id, scopes, expires_at: claims.exp })
     }
 
@@ -141,6 +142,16 @@ mod tests {
         assert!(id.has_scope("ws"));
         c.scope = Some("read ws:connect".into());
         assert!(Identity::from_claims(c).expect("valid").has_scope(SCOPE_WS_CONNECT));
+    }
+
+    #[test]
+    fn an_empty_scope_is_never_granted() {
+        let mut c = claims(Some("u"), None, Some("t"));
+        c.scopes = Some(vec![String::new(), "ws:connect".into()]);
+        c.scope = Some("  ".into());
+        let id = Identity::from_claims(c).expect("valid");
+        assert!(!id.has_scope(""));
+        assert!(id.has_scope("ws:connect"));
     }
 
     #[test]

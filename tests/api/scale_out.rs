@@ -280,3 +280,50 @@ async fn churn_of_the_last_and_first_client_of_a_tenant_never_leaves_it_unsubscr
         arriving.close().await;
     }
 }
+
+async fn post_delivery(app: &TestApp, id: &str, n: u64) -> Answer {
+    let body = serde_json::to_vec(&json!({"n": n})).expect("json");
+    let response = app
+        .http
+        .post(app.url("/webhooks/github"))
+        .header("x-tenant-id", "acme")
+        .header("x-signature", signature(ACME_SECRET, &body))
+        .header("x-github-delivery", id)
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    Answer::from_response(response).await
+}
+
+#[tokio::test]
+async fn delivery_ids_are_shared_by_every_instance_and_a_failed_delivery_can_be_retried() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (instance(&redis.url()).await, instance(&redis.url()).await);
+    let mut client = b.connect("bob", "acme").await;
+
+    let first = post_delivery(&a, "gh-1", 1).await;
+    assert_eq!(first.status, 200);
+    let retry_elsewhere = post_delivery(&b, "gh-1", 1).await;
+    assert_eq!(retry_elsewhere.status, 200);
+    assert_eq!(retry_elsewhere.body["message_id"], first.body["message_id"]);
+    assert_eq!(retry_elsewhere.body["duplicate"], true);
+    assert_eq!(client.next_json().await["payload"]["data"]["n"], 1);
+    client.expect_nothing_pending().await;
+
+    // While Redis is away the delivery fails; the sender's retry afterwards is relayed.
+    redis.kill();
+    eventually(Duration::from_secs(5), "/ready turning 503", async || a.get("/ready").await.status == 503)
+        .await;
+    assert_eq!(post_delivery(&a, "gh-2", 2).await.status, 503);
+    redis.restart();
+    eventually(Duration::from_secs(5), "both ready", async || {
+        a.get("/ready").await.status == 200 && b.get("/ready").await.status == 200
+    })
+    .await;
+    let retried = post_delivery(&a, "gh-2", 2).await;
+    assert_eq!(retried.status, 200);
+    assert_eq!(retried.body.get("duplicate"), None);
+    assert_eq!(client.next_json().await["payload"]["data"]["n"], 2);
+    client.expect_nothing_pending().await;
+}

@@ -109,3 +109,44 @@ async fn an_invalid_provider_name_is_not_found() {
         assert_eq!(answer.body["code"], "not_found");
     }
 }
+
+async fn post_with_delivery_id(app: &TestApp, header: &str, id: &str, body: &serde_json::Value) -> Answer {
+    let body = serde_json::to_vec(body).expect("json");
+    let response = app
+        .http
+        .post(app.url("/webhooks/github"))
+        .header("x-tenant-id", "acme")
+        .header("x-signature", signature(ACME_SECRET, &body))
+        .header(header, id)
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    Answer::from_response(response).await
+}
+
+#[tokio::test]
+async fn a_retried_delivery_is_relayed_once_and_answered_with_the_original_message_id() {
+    let app = spawn_app().await;
+    let mut client = app.connect("bob", "acme").await;
+    for header in ["x-webhook-id", "webhook-id", "x-github-delivery"] {
+        let id = format!("delivery-{header}");
+        let first = post_with_delivery_id(&app, header, &id, &json!({"via": header})).await;
+        assert_eq!(first.status, 200);
+        assert_eq!(first.body.get("duplicate"), None);
+        let retry = post_with_delivery_id(&app, header, &id, &json!({"via": header})).await;
+        assert_eq!(retry.status, 200, "{header}");
+        assert_eq!(retry.body["message_id"], first.body["message_id"], "{header}");
+        assert_eq!(retry.body["duplicate"], true);
+        assert_eq!(client.next_json().await["payload"]["data"]["via"], header);
+        client.expect_nothing_pending().await;
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_delivery_id_is_refused_with_400() {
+    let app = spawn_app().await;
+    let answer = post_with_delivery_id(&app, "x-webhook-id", "not valid!", &json!({})).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.body["code"], "bad_request");
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use application::{Realtime, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -127,6 +127,7 @@ pub fn routes(
         .and(warp::header::optional::<String>("x-tenant-id"))
         .and(warp::header::optional::<String>("x-signature"))
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(webhook);
     health
@@ -205,6 +206,7 @@ async fn webhook<S, B>(
     tenant: Option<String>,
     signature: Option<String>,
     content_length: Option<u64>,
+    headers: HeaderMap,
     body: S,
 ) -> Result<Response, Rejection>
 where
@@ -219,6 +221,7 @@ where
         provider: &provider,
         tenant: tenant.as_deref(),
         signature: signature.as_deref(),
+        delivery_id: delivery_id(&headers)?,
         body: &body,
     };
     // Only validated values name the span: the rest of the request is untrusted text.
@@ -230,10 +233,14 @@ where
     let outcome = tracing::Instrument::instrument(app.webhooks.ingest(request), span.clone()).await;
     let _entered = span.enter();
     match outcome {
-        Ok(message_id) => {
-            tracing::debug!(message_id = message_id.as_str(), "webhook accepted");
-            Ok(warp::reply::json(&json!({"status": "accepted", "message_id": message_id.as_str()}))
-                .into_response())
+        Ok(accepted) => {
+            let message_id = accepted.message_id.as_str();
+            tracing::debug!(message_id, duplicate = accepted.duplicate, "webhook accepted");
+            let mut body = json!({"status": "accepted", "message_id": message_id});
+            if accepted.duplicate {
+                body["duplicate"] = json!(true);
+            }
+            Ok(warp::reply::json(&body).into_response())
         }
         Err(error) => {
             tracing::debug!(%error, "webhook refused");
@@ -254,5 +261,25 @@ fn webhook_error(error: &WebhookError) -> ApiError {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", error.to_string())
         }
         WebhookError::Broker(_) => ApiError::unavailable("message broker unavailable, retry later"),
+        WebhookError::InvalidDeliveryId(_) => ApiError::bad_request(error.to_string()),
+        WebhookError::InProgress => {
+            ApiError::new(StatusCode::CONFLICT, "delivery_in_progress", error.to_string()).retry_after(1)
+        }
     }
+}
+
+/// The headers that carry a sender's delivery id, in order of preference.
+const DELIVERY_ID_HEADERS: [&str; 3] = ["x-webhook-id", "webhook-id", "x-github-delivery"];
+
+/// The delivery id of a webhook, if the sender gave one.
+fn delivery_id(headers: &HeaderMap) -> Result<Option<&str>, Rejection> {
+    for name in DELIVERY_ID_HEADERS {
+        if let Some(value) = headers.get(name) {
+            return value
+                .to_str()
+                .map(|v| Some(v.trim()))
+                .map_err(|_| warp::reject::custom(ApiError::bad_request(format!("invalid {name} header"))));
+        }
+    }
+    Ok(None)
 }

@@ -1,5 +1,6 @@
 //! Outbound adapters: implementations of the application's ports.
 
+pub mod delivery_log;
 pub mod hmac;
 pub mod jwt;
 pub mod memory;

@@ -10,7 +10,8 @@ use serde_json::value::RawValue;
 
 use crate::frames::{FrameFactory, encode};
 use crate::ports::{
-    BrokerError, MessageBroker, MessageSource, Metrics, NoMetrics, SignatureError, WebhookVerifier,
+    BrokerError, DeliveryClaim, DeliveryLog, MessageBroker, MessageSource, Metrics, NoMetrics,
+    SignatureError, WebhookVerifier,
 };
 
 /// A webhook as the HTTP adapter received it. The body size limit is the adapter's job.
@@ -21,8 +22,21 @@ pub struct WebhookRequest<'a> {
     pub tenant: Option<&'a str>,
     /// The `x-signature` header.
     pub signature: Option<&'a str>,
+    /// The sender's delivery id (`x-webhook-id`, `webhook-id` or `X-GitHub-Delivery`), if any.
+    pub delivery_id: Option<&'a str>,
     pub body: &'a [u8],
 }
+
+/// What an accepted webhook became.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub message_id: MessageId,
+    /// The delivery id was already accepted: nothing was relayed again.
+    pub duplicate: bool,
+}
+
+/// How long a claimed but unfinished delivery blocks its retries.
+const PENDING_DELIVERY_SECS: u64 = 60;
 
 /// Why a webhook was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +60,12 @@ pub enum WebhookError {
     /// The broker did not take the message. HTTP 503 with `Retry-After`.
     #[error(transparent)]
     Broker(BrokerError),
+    /// The delivery id is not `[A-Za-z0-9._-]{1,128}`. HTTP 400.
+    #[error("invalid delivery id header: {0}")]
+    InvalidDeliveryId(IdError),
+    /// The same delivery is being processed by another request. HTTP 409; retry later.
+    #[error("this delivery is being processed; retry later")]
+    InProgress,
 }
 
 #[derive(Serialize)]
@@ -60,6 +80,7 @@ pub struct IngestWebhook {
     broker: Arc<dyn MessageBroker>,
     frames: FrameFactory,
     metrics: Arc<dyn Metrics>,
+    deliveries: Option<(Arc<dyn DeliveryLog>, u64)>,
 }
 
 impl std::fmt::Debug for IngestWebhook {
@@ -74,7 +95,13 @@ impl IngestWebhook {
         broker: Arc<dyn MessageBroker>,
         frames: FrameFactory,
     ) -> Self {
-        Self { verifier, broker, frames, metrics: Arc::new(NoMetrics) }
+        Self { verifier, broker, frames, metrics: Arc::new(NoMetrics), deliveries: None }
+    }
+
+    /// Relays each delivery id at most once within `keep_secs` (0: no deduplication).
+    pub fn with_delivery_log(mut self, log: Arc<dyn DeliveryLog>, keep_secs: u64) -> Self {
+        self.deliveries = (keep_secs > 0).then_some((log, keep_secs));
+        self
     }
 
     /// Reports to `metrics` instead of nowhere.
@@ -89,12 +116,15 @@ impl IngestWebhook {
     /// # Errors
     /// [`WebhookError`], checked in this order: provider, tenant header, signature, JSON,
     /// broker.
-    pub async fn ingest(&self, request: WebhookRequest<'_>) -> Result<MessageId, WebhookError> {
+    pub async fn ingest(&self, request: WebhookRequest<'_>) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
         let mut authenticated = None;
         let result = self.process(request, &mut authenticated).await;
         let label = match &result {
+            Ok(Accepted { duplicate: true, .. }) => "duplicate",
             Ok(_) => "accepted",
+            Err(WebhookError::InvalidDeliveryId(_)) => "bad_request",
+            Err(WebhookError::InProgress) => "in_progress",
             Err(WebhookError::InvalidProvider(_)) => "not_found",
             Err(WebhookError::MissingTenant | WebhookError::InvalidTenant(_)) => "bad_request",
             Err(WebhookError::Unauthorized(_)) => "unauthorized",
@@ -112,7 +142,7 @@ impl IngestWebhook {
         &self,
         request: WebhookRequest<'_>,
         authenticated: &mut Option<Provider>,
-    ) -> Result<MessageId, WebhookError> {
+    ) -> Result<Accepted, WebhookError> {
         let provider = Provider::parse(request.provider).map_err(WebhookError::InvalidProvider)?;
         let tenant = request.tenant.ok_or(WebhookError::MissingTenant)?;
         let tenant = TenantId::parse(tenant).map_err(WebhookError::InvalidTenant)?;
@@ -129,21 +159,48 @@ impl IngestWebhook {
             return Err(WebhookError::InvalidJson("lone UTF-16 surrogate escape".to_owned()));
         }
         let payload = raw_payload(&WebhookPayload { provider: provider.as_str(), data });
-        let channel = Channel::Tenant(tenant);
+        let delivery = match (request.delivery_id, &self.deliveries) {
+            (Some(id), Some((log, keep))) => {
+                MessageId::parse(id).map_err(WebhookError::InvalidDeliveryId)?;
+                match log.claim(&tenant, id, PENDING_DELIVERY_SECS).await.map_err(WebhookError::Broker)? {
+                    DeliveryClaim::Claimed => Some((log, id, *keep)),
+                    DeliveryClaim::InProgress => return Err(WebhookError::InProgress),
+                    DeliveryClaim::Delivered(message_id) => {
+                        return Ok(Accepted { message_id, duplicate: true });
+                    }
+                }
+            }
+            _ => None,
+        };
+        let channel = Channel::Tenant(tenant.clone());
         let envelope = self.frames.envelope(kind::WEBHOOK, payload, None, Some(channel.clone()));
         self.metrics.message_received(MessageSource::Webhook);
         let publishing = Instant::now();
         let published = self.broker.publish(&channel, encode(&envelope)).await;
         self.metrics.broker_publish(publishing.elapsed().as_secs_f64());
-        published.map_err(WebhookError::Broker)?;
-        Ok(envelope.message_id)
+        match (published, delivery) {
+            (Ok(()), Some((log, id, keep))) => {
+                if let Err(error) = log.complete(&tenant, id, &envelope.message_id, keep).await {
+                    // Relayed all the same; a retry within the pending window is refused as in
+                    // progress, and one after it would be relayed again.
+                    tracing::warn!(%error, "webhook delivery relayed but not recorded");
+                }
+            }
+            (Err(error), Some((log, id, _))) => {
+                log.release(&tenant, id).await;
+                return Err(WebhookError::Broker(error));
+            }
+            (Err(error), None) => return Err(WebhookError::Broker(error)),
+            (Ok(()), None) => {}
+        }
+        Ok(Accepted { message_id: envelope.message_id, duplicate: false })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{MockMessageBroker, MockWebhookVerifier};
+    use crate::ports::{MockDeliveryLog, MockMessageBroker, MockWebhookVerifier};
     use crate::use_cases::test_support::*;
     use serde_json::{Value, json};
 
@@ -154,7 +211,7 @@ mod tests {
     }
 
     fn request<'a>(provider: &'a str, tenant: Option<&'a str>, body: &'a [u8]) -> WebhookRequest<'a> {
-        WebhookRequest { provider, tenant, signature: Some("sha256=00"), body }
+        WebhookRequest { provider, tenant, signature: Some("sha256=00"), delivery_id: None, body }
     }
 
     fn use_case(verifier: MockWebhookVerifier, broker: MockMessageBroker) -> IngestWebhook {
@@ -181,7 +238,7 @@ mod tests {
             .ingest(request("github", Some("acme"), br#"{"action":"opened"}"#))
             .await
             .expect("accepted");
-        assert_eq!(id.as_str(), "m1");
+        assert_eq!(id, Accepted { message_id: MessageId::parse("m1").expect("valid"), duplicate: false });
     }
 
     #[tokio::test]
@@ -210,6 +267,83 @@ mod tests {
             let err = use_case(verifier(signature), broker).ingest(req).await.expect_err("refused");
             assert!(expected(&err), "{req:?}: {err:?}");
         }
+    }
+
+    fn with_id<'a>(body: &'a [u8], id: &'a str) -> WebhookRequest<'a> {
+        WebhookRequest { delivery_id: Some(id), ..request("github", Some("acme"), body) }
+    }
+
+    fn log(claim: DeliveryClaim) -> MockDeliveryLog {
+        let mut log = MockDeliveryLog::new();
+        log.expect_claim()
+            .withf(|tenant, id, pending| {
+                tenant.as_str() == "acme" && id == "d-1" && *pending == PENDING_DELIVERY_SECS
+            })
+            .times(1)
+            .returning(move |_, _, _| Ok(claim.clone()));
+        log
+    }
+
+    #[tokio::test]
+    async fn a_new_delivery_id_is_claimed_relayed_and_recorded() {
+        let mut log = log(DeliveryClaim::Claimed);
+        log.expect_complete()
+            .withf(|_, id, message, keep| id == "d-1" && message.as_str() == "m1" && *keep == 86_400)
+            .times(1)
+            .returning(|_, _, _, _| Ok(()));
+        log.expect_release().never();
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().times(1).returning(|_, _| Ok(()));
+        let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(Arc::new(log), 86_400);
+        let accepted = ingest.ingest(with_id(b"{}", "d-1")).await.expect("accepted");
+        assert!(!accepted.duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_already_relayed_answers_its_message_id_and_relays_nothing() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().never();
+        let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(
+            Arc::new(log(DeliveryClaim::Delivered(MessageId::parse("orig").expect("valid")))),
+            60,
+        );
+        let accepted = ingest.ingest(with_id(b"{}", "d-1")).await.expect("accepted");
+        assert_eq!(
+            accepted,
+            Accepted { message_id: MessageId::parse("orig").expect("valid"), duplicate: true }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_in_progress_is_refused_for_now() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().never();
+        let ingest = use_case(verifier(Ok(())), broker)
+            .with_delivery_log(Arc::new(log(DeliveryClaim::InProgress)), 60);
+        assert_eq!(ingest.ingest(with_id(b"{}", "d-1")).await, Err(WebhookError::InProgress));
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_releases_the_claim_so_the_retry_is_relayed() {
+        let mut log = log(DeliveryClaim::Claimed);
+        log.expect_release().withf(|_, id| id == "d-1").times(1).returning(|_, _| ());
+        log.expect_complete().never();
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().returning(|_, _| Err(BrokerError::Unavailable("down".into())));
+        let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(Arc::new(log), 60);
+        assert!(matches!(ingest.ingest(with_id(b"{}", "d-1")).await, Err(WebhookError::Broker(_))));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_delivery_id_is_a_bad_request() {
+        let mut log = MockDeliveryLog::new();
+        log.expect_claim().never();
+        let ingest =
+            use_case(verifier(Ok(())), MockMessageBroker::new()).with_delivery_log(Arc::new(log), 60);
+        assert!(matches!(
+            ingest.ingest(with_id(b"{}", "a b")).await,
+            Err(WebhookError::InvalidDeliveryId(_))
+        ));
     }
 
     #[tokio::test]

@@ -18,8 +18,11 @@
 //! - `subscriber`: the subscriber connection's life: connect, reconcile, dispatch, probe.
 //! - `target`: a plain Redis URL or a Sentinel-managed master.
 
+mod delivery_log;
 mod subscriber;
 mod target;
+
+pub use delivery_log::RedisDeliveryLog;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,6 +175,11 @@ impl RedisBroker {
             invalid_channels: AtomicU64::new(0),
         });
         Ok(Self { shared })
+    }
+
+    /// The webhook delivery log on this broker's Redis.
+    pub fn delivery_log(&self) -> RedisDeliveryLog {
+        RedisDeliveryLog { shared: self.shared.clone() }
     }
 
     /// Messages received on channels that are not application channels.

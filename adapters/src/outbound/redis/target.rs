@@ -93,6 +93,21 @@ impl PublishPool {
         result.map(|_| ()).map_err(|e| format!("PUBLISH failed: {e}"))
     }
 
+    /// Runs one command on a pooled connection.
+    pub(super) async fn query(&self, command: redis::Cmd) -> Result<redis::Value, String> {
+        let result = match self {
+            Self::Direct(pool) => match pool.get().await {
+                Ok(mut connection) => command.query_async(&mut connection).await,
+                Err(error) => return Err(format!("no Redis connection: {error}")),
+            },
+            Self::Sentinel(pool) => match pool.get().await {
+                Ok(mut connection) => command.query_async(&mut connection).await,
+                Err(error) => return Err(format!("no Redis connection: {error}")),
+            },
+        };
+        result.map_err(|e| format!("Redis command failed: {e}"))
+    }
+
     /// Drops every idle pooled connection, so the next publish connects afresh (after a
     /// failover, to the new master).
     pub(super) fn reset(&self) {

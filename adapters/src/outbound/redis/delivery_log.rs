@@ -1,0 +1,89 @@
+//! `RedisDeliveryLog`: webhook delivery ids shared by every instance, as Redis keys with expiry.
+//!
+//! `lq-realtime:delivery:{tenant}:{id}` holds `""` while the delivery is being processed (set
+//! with NX, so exactly one instance claims it) and the message id once it was relayed.
+
+use std::sync::Arc;
+
+use application::ports::{BrokerError, DeliveryClaim, DeliveryLog};
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, Value};
+use domain::{MessageId, TenantId};
+
+use super::Shared;
+
+/// The delivery log of a [`super::RedisBroker`], on its publish pool.
+pub struct RedisDeliveryLog {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisDeliveryLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDeliveryLog").finish_non_exhaustive()
+    }
+}
+
+fn key(tenant: &TenantId, delivery_id: &str) -> String {
+    // Both parts are validated ids: no ':' can shift the key's structure.
+    format!("lq-realtime:delivery:{tenant}:{delivery_id}")
+}
+
+impl RedisDeliveryLog {
+    async fn run(&self, command: redis::Cmd) -> Result<Value, BrokerError> {
+        let timeout = self.shared.settings.op_timeout;
+        match tokio::time::timeout(timeout, self.shared.pool.query(command)).await {
+            Ok(result) => result.map_err(BrokerError::Unavailable),
+            Err(_) => Err(BrokerError::Unavailable(format!("no answer from Redis within {timeout:?}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl DeliveryLog for RedisDeliveryLog {
+    async fn claim(
+        &self,
+        tenant: &TenantId,
+        delivery_id: &str,
+        pending_secs: u64,
+    ) -> Result<DeliveryClaim, BrokerError> {
+        let key = key(tenant, delivery_id);
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg("").arg("NX").arg("EX").arg(pending_secs.max(1));
+        if matches!(self.run(set).await?, Value::Okay | Value::SimpleString(_)) {
+            return Ok(DeliveryClaim::Claimed);
+        }
+        let mut get = redis::cmd("GET");
+        get.arg(&key);
+        match self.run(get).await? {
+            Value::BulkString(bytes) if bytes.is_empty() => Ok(DeliveryClaim::InProgress),
+            Value::BulkString(bytes) => {
+                match std::str::from_utf8(&bytes).ok().and_then(|s| MessageId::parse(s).ok()) {
+                    Some(id) => Ok(DeliveryClaim::Delivered(id)),
+                    None => Ok(DeliveryClaim::InProgress),
+                }
+            }
+            // Expired between the two commands: claim again on the sender's retry.
+            _ => Ok(DeliveryClaim::InProgress),
+        }
+    }
+
+    async fn complete(
+        &self,
+        tenant: &TenantId,
+        delivery_id: &str,
+        message_id: &MessageId,
+        keep_secs: u64,
+    ) -> Result<(), BrokerError> {
+        let mut set = redis::cmd("SET");
+        set.arg(key(tenant, delivery_id)).arg(message_id.as_str()).arg("EX").arg(keep_secs.max(1));
+        self.run(set).await.map(|_| ())
+    }
+
+    async fn release(&self, tenant: &TenantId, delivery_id: &str) {
+        let mut del = redis::cmd("DEL");
+        del.arg(key(tenant, delivery_id));
+        if let Err(error) = self.run(del).await {
+            tracing::warn!(%error, "webhook delivery claim not released; it lapses by itself");
+        }
+    }
+}
