@@ -413,7 +413,12 @@ impl Config {
         });
         let drain_grace = r.parse(ENV_DRAIN_GRACE_SECS, DEFAULT_DRAIN_GRACE_SECS, whole::<u64>);
         let drain = r.parse(ENV_DRAIN_SECS, DEFAULT_DRAIN_SECS, whole::<u64>);
-        let webhook_dedup_secs = r.parse(ENV_WEBHOOK_DEDUP_SECS, DEFAULT_WEBHOOK_DEDUP_SECS, whole::<u64>);
+        let webhook_dedup_secs = r.parse(ENV_WEBHOOK_DEDUP_SECS, DEFAULT_WEBHOOK_DEDUP_SECS, |raw| {
+            whole::<u64>(raw)
+                .ok()
+                .filter(|n| *n <= 2_592_000)
+                .ok_or_else(|| format!("expected 0 to 2592000 seconds (30 days), got {raw:?}"))
+        });
         if drain_grace + drain > 300 {
             r.fail(
                 ENV_DRAIN_SECS,

@@ -261,7 +261,7 @@ fn webhook_error(error: &WebhookError) -> ApiError {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", error.to_string())
         }
         WebhookError::Broker(_) => ApiError::unavailable("message broker unavailable, retry later"),
-        WebhookError::InvalidDeliveryId(_) => ApiError::bad_request(error.to_string()),
+        WebhookError::InvalidDeliveryId => ApiError::bad_request(error.to_string()),
         WebhookError::InProgress => {
             ApiError::new(StatusCode::CONFLICT, "delivery_in_progress", error.to_string()).retry_after(1)
         }
@@ -271,14 +271,17 @@ fn webhook_error(error: &WebhookError) -> ApiError {
 /// The headers that carry a sender's delivery id, in order of preference.
 const DELIVERY_ID_HEADERS: [&str; 3] = ["x-webhook-id", "webhook-id", "x-github-delivery"];
 
-/// The delivery id of a webhook, if the sender gave one.
+/// The delivery id of a webhook, if the sender gave a non-empty one. A value that is not
+/// visible ASCII is passed on as it cannot be valid, so the use-case refuses it in its turn
+/// (and only when deduplication is on).
 fn delivery_id(headers: &HeaderMap) -> Result<Option<&str>, Rejection> {
     for name in DELIVERY_ID_HEADERS {
         if let Some(value) = headers.get(name) {
-            return value
-                .to_str()
-                .map(|v| Some(v.trim()))
-                .map_err(|_| warp::reject::custom(ApiError::bad_request(format!("invalid {name} header"))));
+            match value.to_str().map(str::trim) {
+                Ok("") => continue,
+                Ok(id) => return Ok(Some(id)),
+                Err(_) => return Ok(Some("\u{fffd}")),
+            }
         }
     }
     Ok(None)

@@ -18,26 +18,41 @@ enum State {
     Delivered(MessageId),
 }
 
+type Key = (TenantId, String);
+
 #[derive(Debug, Default)]
 struct Log {
-    entries: HashMap<(TenantId, String), (State, Instant)>,
-    order: VecDeque<(TenantId, String)>,
+    entries: HashMap<Key, (State, Instant)>,
+    /// Insertion order with each record's expiry; a record whose entry was since replaced or
+    /// removed is stale and only dropped.
+    order: VecDeque<(Key, Instant)>,
 }
 
 impl Log {
+    fn insert(&mut self, key: Key, state: State, until: Instant) {
+        self.entries.insert(key.clone(), (state, until));
+        self.order.push_back((key, until));
+    }
+
+    /// Forgets expired entries, and the oldest ones beyond [`MAX_REMEMBERED`].
     fn purge(&mut self, now: Instant) {
-        while let Some(key) = self.order.front() {
-            let expired = self.entries.get(key).is_none_or(|(_, until)| *until <= now);
-            if expired || self.entries.len() > MAX_REMEMBERED {
-                let key = self.order.pop_front().unwrap_or_else(|| unreachable!("front exists"));
-                if expired || self.entries.len() > MAX_REMEMBERED {
-                    self.entries.remove(&key);
-                }
-            } else {
+        while let Some((key, until)) = self.order.front() {
+            let current = self.entries.get(key).is_some_and(|(_, u)| u == until);
+            let over = self.entries.len() > MAX_REMEMBERED;
+            if current && *until > now && !over {
                 break;
+            }
+            let (key, _) = self.order.pop_front().unwrap_or_else(|| unreachable!("front exists"));
+            if current {
+                self.entries.remove(&key);
             }
         }
     }
+}
+
+fn deadline(secs: u64) -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(secs)).unwrap_or(now + Duration::from_secs(86_400 * 365))
 }
 
 /// Delivery ids per tenant, with expiry.
@@ -72,8 +87,7 @@ impl DeliveryLog for InMemoryDeliveryLog {
             Some((State::Pending, until)) if *until > now => Ok(DeliveryClaim::InProgress),
             Some((State::Delivered(id), until)) if *until > now => Ok(DeliveryClaim::Delivered(id.clone())),
             _ => {
-                log.entries.insert(key.clone(), (State::Pending, now + Duration::from_secs(pending_secs)));
-                log.order.push_back(key);
+                log.insert(key, State::Pending, deadline(pending_secs));
                 Ok(DeliveryClaim::Claimed)
             }
         }
@@ -87,10 +101,7 @@ impl DeliveryLog for InMemoryDeliveryLog {
         keep_secs: u64,
     ) -> Result<(), BrokerError> {
         let key = (tenant.clone(), delivery_id.to_owned());
-        let until = Instant::now() + Duration::from_secs(keep_secs);
-        let mut log = self.log();
-        log.entries.insert(key.clone(), (State::Delivered(message_id.clone()), until));
-        log.order.push_back(key);
+        self.log().insert(key, State::Delivered(message_id.clone()), deadline(keep_secs));
         Ok(())
     }
 
