@@ -8,7 +8,10 @@ use application::ports::Clock;
 use domain::{SCOPE_WS_CONNECT, TenantId, UserId};
 
 use crate::app::Application;
-use crate::config::{Config, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_SECRET_KEY, jwt_secret_from_lookup};
+use crate::config::{
+    Config, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_PUBLIC_KEY_FILE, ENV_JWT_SECRET_KEY,
+    jwt_secret_from_lookup,
+};
 use crate::telemetry;
 
 const USAGE: &str = "\
@@ -149,6 +152,13 @@ fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if lookup(ENV_JWT_PUBLIC_KEY_FILE).is_some_and(|v| !v.trim().is_empty()) {
+        eprintln!(
+            "configuration error: {ENV_JWT_PUBLIC_KEY_FILE}: instances verifying with a public key accept only tokens \
+             signed with its private key, which this command does not have; sign tokens where that key lives"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let secret = match jwt_secret_from_lookup(&lookup) {
         Ok(Some(secret)) => secret,
         Ok(None) => {

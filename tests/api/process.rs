@@ -189,6 +189,13 @@ async fn the_token_command_explains_what_is_missing() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--user is required"));
+    let output = command(&[("JWT_PUBLIC_KEY_FILE", "/etc/keys/public.pem")])
+        .args(["token", "--user", "dana", "--tenant", "acme"])
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_PUBLIC_KEY_FILE"));
 }
 
 #[tokio::test]
