@@ -208,6 +208,22 @@ impl TestApp {
         self.post_webhook(provider, Some(tenant), Some(&signature), body).await
     }
 
+    /// Posts a correctly signed GitHub webhook for tenant `acme` with one more header.
+    pub(crate) async fn post_acme_webhook_with(&self, header: &str, value: &str, body: &Value) -> Answer {
+        let body = serde_json::to_vec(body).expect("json");
+        let response = self
+            .http
+            .post(self.url("/webhooks/github"))
+            .header("x-tenant-id", "acme")
+            .header("x-signature", signature(ACME_SECRET, &body))
+            .header(header, value)
+            .body(body)
+            .send()
+            .await
+            .expect("sent");
+        Answer::from_response(response).await
+    }
+
     /// Stops the instance as a signal would, and waits until it has finished.
     pub(crate) async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -282,18 +282,7 @@ async fn churn_of_the_last_and_first_client_of_a_tenant_never_leaves_it_unsubscr
 }
 
 async fn post_delivery(app: &TestApp, id: &str, n: u64) -> Answer {
-    let body = serde_json::to_vec(&json!({"n": n})).expect("json");
-    let response = app
-        .http
-        .post(app.url("/webhooks/github"))
-        .header("x-tenant-id", "acme")
-        .header("x-signature", signature(ACME_SECRET, &body))
-        .header("x-github-delivery", id)
-        .body(body)
-        .send()
-        .await
-        .expect("sent");
-    Answer::from_response(response).await
+    app.post_acme_webhook_with("x-github-delivery", id, &json!({"n": n})).await
 }
 
 #[tokio::test]

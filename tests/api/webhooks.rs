@@ -111,18 +111,7 @@ async fn an_invalid_provider_name_is_not_found() {
 }
 
 async fn post_with_delivery_id(app: &TestApp, header: &str, id: &str, body: &serde_json::Value) -> Answer {
-    let body = serde_json::to_vec(body).expect("json");
-    let response = app
-        .http
-        .post(app.url("/webhooks/github"))
-        .header("x-tenant-id", "acme")
-        .header("x-signature", signature(ACME_SECRET, &body))
-        .header(header, id)
-        .body(body)
-        .send()
-        .await
-        .expect("sent");
-    Answer::from_response(response).await
+    app.post_acme_webhook_with(header, id, body).await
 }
 
 #[tokio::test]

@@ -80,17 +80,7 @@ impl PublishPool {
     pub(super) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
         let mut command = redis::cmd("PUBLISH");
         command.arg(channel).arg(message);
-        let result: redis::RedisResult<i64> = match self {
-            Self::Direct(pool) => match pool.get().await {
-                Ok(mut connection) => command.query_async(&mut connection).await,
-                Err(error) => return Err(format!("no Redis connection: {error}")),
-            },
-            Self::Sentinel(pool) => match pool.get().await {
-                Ok(mut connection) => command.query_async(&mut connection).await,
-                Err(error) => return Err(format!("no Redis connection: {error}")),
-            },
-        };
-        result.map(|_| ()).map_err(|e| format!("PUBLISH failed: {e}"))
+        self.query(command).await.map(|_| ())
     }
 
     /// Runs one command on a pooled connection.
