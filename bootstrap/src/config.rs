@@ -603,7 +603,7 @@ mod tests {
     }
 
     #[test]
-    fn inconsistent_redis_settings_are_refused() {
+    fn inconsistent_or_out_of_range_settings_are_refused_one_line_each() {
         for (vars, variable) in [
             (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_SENTINELS, "a:1")][..], ENV_REDIS_URL),
             (&[(ENV_REDIS_SENTINELS, "a:1")][..], ENV_REDIS_SENTINEL_MASTER),
@@ -611,6 +611,12 @@ mod tests {
             (&[(ENV_REDIS_SENTINELS, "a"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
             (&[(ENV_REDIS_SENTINELS, "a:0"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
             (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_POOL_SIZE, "0")][..], ENV_REDIS_POOL_SIZE),
+            (&[(ENV_WEBHOOK_DEDUP_SECS, "2592001")][..], ENV_WEBHOOK_DEDUP_SECS),
+            (&[(ENV_DRAIN_SECS, "400")][..], ENV_DRAIN_SECS),
+            (&[(ENV_METRICS_ADDR, "metrics")][..], ENV_METRICS_ADDR),
+            (&[(ENV_IDLE_TIMEOUT_SECS, "20")][..], ENV_IDLE_TIMEOUT_SECS),
+            (&[(ENV_ALLOWED_ORIGINS, "*")][..], ENV_ALLOWED_ORIGINS),
+            (&[(ENV_MAX_MESSAGE_BYTES, "100")][..], ENV_MAX_MESSAGE_BYTES),
         ] {
             let errors = parse(vars).expect_err("invalid");
             assert_eq!(errors.0.len(), 1, "{vars:?}: {errors}");

@@ -139,3 +139,18 @@ async fn an_invalid_delivery_id_is_refused_with_400() {
     assert_eq!(answer.status, 400);
     assert_eq!(answer.body["code"], "bad_request");
 }
+
+#[tokio::test]
+async fn with_deduplication_off_every_delivery_is_relayed() {
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("WEBHOOK_DEDUP_SECS".into(), "0".into());
+    }))
+    .await;
+    let mut client = app.connect("bob", "acme").await;
+    for n in 0..2 {
+        let answer = post_with_delivery_id(&app, "x-webhook-id", "same-id", &json!({"n": n})).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body.get("duplicate"), None);
+        assert_eq!(client.next_json().await["payload"]["data"]["n"], n);
+    }
+}
