@@ -114,7 +114,7 @@ impl ConnectionHandle {
     pub fn send(&self, frame: Bytes) -> Result<(), PushError> {
         let result = self.sink.push(frame);
         if result == Err(PushError::Full) {
-            self.sink.close(CloseReason::SlowConsumer);
+            self.close(CloseReason::SlowConsumer);
         }
         result
     }

@@ -22,6 +22,9 @@ use crate::outbound::prometheus::PrometheusMetrics;
 /// Largest accepted webhook body: 1 MiB.
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 
+/// Longest a webhook body may take to arrive, once its headers are in.
+pub const WEBHOOK_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Kernel send buffer of each client socket (Linux doubles it for bookkeeping).
 const SOCKET_SEND_BUFFER: usize = 128 * 1024;
 
@@ -216,7 +219,16 @@ where
     if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
         return Err(warp::reject::custom(too_large()));
     }
-    let body = read_limited(body, MAX_WEBHOOK_BODY).await?;
+    // The signature can only be checked on the whole body: a sender that trickles it is cut off.
+    let body = tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY))
+        .await
+        .map_err(|_| {
+            warp::reject::custom(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the webhook body did not arrive in time",
+            ))
+        })??;
     let request = WebhookRequest {
         provider: &provider,
         tenant: tenant.as_deref(),

@@ -63,7 +63,18 @@ pub struct Session {
     handle: Arc<ConnectionHandle>,
     /// Only the connection's reader uses it, so it needs no lock.
     pub(crate) rate: TokenBucket,
+    /// Unregisters the connection when the session is dropped, however that happens (a
+    /// cancelled handshake, a failed subscription, a task that ended early): no connection
+    /// outlives its session in the hub.
+    hub: Arc<Hub>,
     _permit: Permit,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let info = self.handle.info();
+        self.hub.unregister(&info.tenant_id, &info.id);
+    }
 }
 
 impl Session {
@@ -202,12 +213,11 @@ impl ConnectClient {
             RegisterError::UserLimit(limit) => ConnectError::TooManyConnections(limit),
             RegisterError::Registry(_) => ConnectError::Gone,
         })?;
-        if let Err(error) = ack.await {
-            self.hub.unregister(&handle.info().tenant_id, &handle.info().id);
-            return Err(ConnectError::Broker(error));
-        }
         let rate = TokenBucket::new(self.settings.rate_per_sec, self.settings.rate_burst, now);
-        Ok(Session { handle, rate, _permit: permit })
+        // Built before waiting, so that a failure or a cancelled wait unregisters it on drop.
+        let session = Session { handle, rate, hub: self.hub.clone(), _permit: permit };
+        ack.await.map_err(ConnectError::Broker)?;
+        Ok(session)
     }
 }
 
@@ -293,6 +303,7 @@ mod tests {
 
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
         let mut metrics = MockMetrics::new();
         metrics
@@ -335,6 +346,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_connection_of_a_tenant_subscribes_its_channels_and_is_welcomed_first() {
         let mut broker = MockMessageBroker::new();
+        broker.expect_unsubscribe().returning(|_| ());
         broker
             .expect_subscribe()
             .withf(|channels| names(channels) == ["tenant:acme", "user:acme:bob"])
@@ -364,6 +376,7 @@ mod tests {
     async fn a_second_connection_of_the_same_user_subscribes_nothing_new() {
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().times(1).returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().times(2).returning(|_| ack_ok());
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let mut sessions = Vec::new();
@@ -408,11 +421,27 @@ mod tests {
         with_exp.exp = Some(2_000_000_000);
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
         let (connect, _) = use_case(verifier(Ok(with_exp)), broker, 10);
         let admission = connect.authorize(Some("t")).await.expect("admitted");
         let session = connect.connect(admission, RecordingSink::new()).await.expect("connected");
         assert_eq!(session.handle().expires_at(), Some(Timestamp::from_unix_millis(2_000_000_005_000)));
+    }
+
+    #[tokio::test]
+    async fn a_connect_abandoned_while_waiting_for_the_broker_leaves_nothing_behind() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().times(1).returning(|_| ());
+        broker.expect_until_active().returning(|_| Box::pin(std::future::pending()));
+        let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let waiting = connect.connect(admission, RecordingSink::new());
+        // The client goes away: the request future is dropped mid-wait.
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(20), waiting).await.is_err());
+        assert_eq!(hub.len(), 0);
+        assert_eq!(hub.admitted(), 0);
     }
 
     #[tokio::test]

@@ -112,6 +112,7 @@ mod tests {
     fn hub() -> Arc<Hub> {
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
         Arc::new(Hub::new(Arc::new(broker), 10))
     }

@@ -181,6 +181,7 @@ mod tests {
     fn hub() -> Arc<Hub> {
         let mut hub_broker = MockMessageBroker::new();
         hub_broker.expect_subscribe().returning(|_| ());
+        hub_broker.expect_unsubscribe().returning(|_| ());
         hub_broker.expect_until_active().returning(|_| ack_ok());
         Arc::new(Hub::new(Arc::new(hub_broker), 10))
     }

@@ -77,6 +77,10 @@ impl SweepInactiveConnections {
         self.metrics.subscribed_channels(self.hub.channel_count() + 2);
         let mut report = SweepReport::default();
         self.hub.for_each(|handle| {
+            if handle.is_closing() {
+                // Already on its way out; counted when it was closed.
+                return;
+            }
             if handle.expires_at().is_some_and(|deadline| now > deadline) {
                 handle.close(CloseReason::TokenExpired);
                 report.expired += 1;
@@ -105,6 +109,7 @@ mod tests {
         let mut broker = MockMessageBroker::new();
         broker.expect_is_ready().returning(|| true);
         broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
         Arc::new(Hub::new(Arc::new(broker), 10))
     }

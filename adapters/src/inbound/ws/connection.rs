@@ -43,8 +43,9 @@ impl Connection<'_> {
     pub(super) async fn run(mut self, mut socket: Socket) {
         loop {
             let outbox = self.outbox.clone();
+            // Unbiased: a connection that always has frames to write still reads its client
+            // (pongs, messages, close) half of the time.
             let next = tokio::select! {
-                biased;
                 () = outbox.wake.notified() => self.write(&mut socket).await,
                 incoming = socket.next() => self.read(incoming).await,
             };

@@ -10,7 +10,7 @@ use deadpool_redis::redis::Msg;
 use deadpool_redis::redis::aio::PubSubSink;
 use domain::Channel;
 use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::Shared;
 use super::target::connect_pubsub;
@@ -100,6 +100,18 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                 }
             }
             _ = probe.tick() => {
+                // A probe queued behind a backlog is not missing: deliver what already arrived
+                // before judging.
+                while let Some(next) = stream.next().now_or_never() {
+                    match next {
+                        Some(message) => {
+                            if !dispatch(shared, &message) {
+                                return End::Stopped;
+                            }
+                        }
+                        None => return End::Lost("connection closed".to_owned()),
+                    }
+                }
                 let published = shared.probe_published.load(Ordering::Acquire);
                 if shared.probe_received.load(Ordering::Acquire) < published {
                     missed += 1;
