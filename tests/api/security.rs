@@ -493,3 +493,37 @@ async fn ids_outside_the_allowed_alphabet_are_refused_wherever_they_enter() {
         assert_refused(&app, &format!("{user}@{tenant}"), &token, 401).await;
     }
 }
+
+#[tokio::test]
+async fn webhook_bodies_being_received_at_once_are_bounded() {
+    let app = spawn_app().await;
+    // 256 senders that send their headers and then nothing: each holds a slot.
+    let mut slow = Vec::new();
+    for _ in 0..256 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nx-tenant-id: acme\r\ncontent-length: 10\r\n\r\n",
+        )
+        .await
+        .expect("headers");
+        slow.push(stream);
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({})).await;
+        if answer.status == 503 {
+            assert_eq!(answer.body["code"], "unavailable");
+            assert!(answer.headers.contains_key("retry-after"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the 257th body was never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(slow);
+    let deadline = Instant::now() + PATIENCE;
+    while app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({})).await.status != 200 {
+        assert!(Instant::now() < deadline, "slots were not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

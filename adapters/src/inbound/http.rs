@@ -22,6 +22,10 @@ use crate::outbound::prometheus::PrometheusMetrics;
 /// Largest accepted webhook body: 1 MiB.
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 
+/// Webhook bodies received at once at most; beyond it, 503 with `Retry-After`. With 1 MiB each,
+/// this bounds the memory unauthenticated senders can hold to 256 MiB.
+pub const MAX_CONCURRENT_WEBHOOK_BODIES: usize = 256;
+
 /// Longest a webhook body may take to arrive, once its headers are in.
 pub const WEBHOOK_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -124,9 +128,10 @@ pub fn routes(
             ApiError::unavailable("message broker unavailable").into_response()
         }
     });
+    let bodies = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WEBHOOK_BODIES));
     let webhooks = warp::path!("webhooks" / String)
         .and(warp::post())
-        .and(with(app.clone()))
+        .and(with((app.clone(), bodies)))
         .and(warp::header::optional::<String>("x-tenant-id"))
         .and(warp::header::optional::<String>("x-signature"))
         .and(warp::header::optional::<u64>("content-length"))
@@ -205,7 +210,7 @@ fn too_large() -> ApiError {
 
 async fn webhook<S, B>(
     provider: String,
-    app: Arc<Realtime>,
+    (app, bodies): (Arc<Realtime>, Arc<tokio::sync::Semaphore>),
     tenant: Option<String>,
     signature: Option<String>,
     content_length: Option<u64>,
@@ -219,6 +224,10 @@ where
     if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
         return Err(warp::reject::custom(too_large()));
     }
+    // Bodies are buffered before the signature can be checked: their number is bounded too.
+    let _receiving = bodies.try_acquire().map_err(|_| {
+        warp::reject::custom(ApiError::unavailable("too many webhooks being received; retry later"))
+    })?;
     // The signature can only be checked on the whole body: a sender that trickles it is cut off.
     let body = tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY))
         .await
