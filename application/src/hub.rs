@@ -335,11 +335,6 @@ impl Hub {
         self.for_each(|handle| handle.close(reason));
     }
 
-    /// Every tenant and user channel some local connection needs.
-    pub fn needed_channels(&self) -> Vec<Channel> {
-        self.shards.iter().flat_map(|shard| Self::read(shard).needed_channels().collect::<Vec<_>>()).collect()
-    }
-
     /// Registered connections.
     pub fn len(&self) -> usize {
         self.registered.load(Ordering::Acquire)
@@ -352,9 +347,5 @@ impl Hub {
     /// Connection slots in use, including connections still completing their handshake.
     pub fn admitted(&self) -> usize {
         self.admitted.load(Ordering::Acquire)
-    }
-
-    pub fn max_connections(&self) -> usize {
-        self.max_connections
     }
 }

@@ -467,13 +467,6 @@ impl Config {
             log_format,
         })
     }
-
-    /// The configuration with every default, listening on `bind_addr`.
-    pub fn with_defaults(bind_addr: SocketAddr) -> Self {
-        let mut config = Self::from_lookup(|_| None).unwrap_or_else(|_| unreachable!("defaults are valid"));
-        config.bind_addr = bind_addr;
-        config
-    }
 }
 
 #[cfg(test)]

@@ -124,20 +124,9 @@ impl<H: Clone> ConnectionRegistry<H> {
         self.users.get(&(tenant.clone(), user.clone())).map_or(0, HashMap::len)
     }
 
-    /// Every tenant and user channel some registered connection needs.
-    pub fn needed_channels(&self) -> impl Iterator<Item = Channel> + '_ {
-        let tenants = self.tenants.keys().map(|t| Channel::Tenant(t.clone()));
-        let users = self.users.keys().map(|(t, u)| Channel::User(t.clone(), u.clone()));
-        tenants.chain(users)
-    }
-
     /// Every registered connection.
     pub fn iter(&self) -> impl Iterator<Item = (&ConnectionInfo, &H)> + '_ {
         self.connections.values().map(|(info, handle)| (info, handle))
-    }
-
-    pub fn get(&self, id: &ConnectionId) -> Option<(&ConnectionInfo, &H)> {
-        self.connections.get(id).map(|(info, handle)| (info, handle))
     }
 
     pub fn len(&self) -> usize {
@@ -191,7 +180,7 @@ mod tests {
         let (_, _, released) = reg.unregister(&ConnectionId::parse("c2").expect("valid")).expect("known");
         assert_eq!(names(&released), ["tenant:acme", "user:acme:eve"]);
         assert!(reg.is_empty());
-        assert_eq!(reg.needed_channels().count(), 0);
+        assert_eq!(reg.channel_count(), 0);
         assert!(reg.unregister(&ConnectionId::parse("c2").expect("valid")).is_none());
     }
 
@@ -201,7 +190,7 @@ mod tests {
         reg.register(info("c1", "bob", "acme"), 1).expect("new");
         assert!(reg.register(info("c1", "eve", "globex"), 2).is_err());
         assert_eq!(reg.len(), 1);
-        assert_eq!(reg.needed_channels().count(), 2);
+        assert_eq!(reg.channel_count(), 2);
     }
 
     #[test]

@@ -22,11 +22,6 @@ impl Timestamp {
         self.0 / 1000
     }
 
-    /// This instant plus `millis` milliseconds, saturating.
-    pub const fn plus_millis(self, millis: u64) -> Self {
-        Self(self.0.saturating_add(millis))
-    }
-
     /// Milliseconds elapsed from `earlier` to `self`; zero when `earlier` is later.
     pub const fn millis_since(self, earlier: Timestamp) -> u64 {
         self.0.saturating_sub(earlier.0)
@@ -170,7 +165,6 @@ mod tests {
     #[test]
     fn arithmetic_saturates() {
         let t = Timestamp::from_unix_millis(10);
-        assert_eq!(t.plus_millis(5).unix_millis(), 15);
         assert_eq!(t.millis_since(Timestamp::from_unix_millis(20)), 0);
         assert_eq!(Timestamp::from_unix_millis(20).millis_since(t), 10);
     }

@@ -242,7 +242,7 @@ where
         provider: &provider,
         tenant: tenant.as_deref(),
         signature: signature.as_deref(),
-        delivery_id: delivery_id(&headers)?,
+        delivery_id: delivery_id(&headers),
         body: &body,
     };
     // Only validated values name the span: the rest of the request is untrusted text.
@@ -295,15 +295,9 @@ const DELIVERY_ID_HEADERS: [&str; 3] = ["x-webhook-id", "webhook-id", "x-github-
 /// The delivery id of a webhook, if the sender gave a non-empty one. A value that is not
 /// visible ASCII is passed on as it cannot be valid, so the use-case refuses it in its turn
 /// (and only when deduplication is on).
-fn delivery_id(headers: &HeaderMap) -> Result<Option<&str>, Rejection> {
-    for name in DELIVERY_ID_HEADERS {
-        if let Some(value) = headers.get(name) {
-            match value.to_str().map(str::trim) {
-                Ok("") => continue,
-                Ok(id) => return Ok(Some(id)),
-                Err(_) => return Ok(Some("\u{fffd}")),
-            }
-        }
-    }
-    Ok(None)
+fn delivery_id(headers: &HeaderMap) -> Option<&str> {
+    DELIVERY_ID_HEADERS.iter().filter_map(|name| headers.get(*name)).find_map(|value| match value.to_str() {
+        Ok(id) => Some(id.trim()).filter(|id| !id.is_empty()),
+        Err(_) => Some("\u{fffd}"),
+    })
 }

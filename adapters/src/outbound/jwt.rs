@@ -96,11 +96,6 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&required);
         Self { key, algorithm, validation }
     }
-
-    /// The algorithm every accepted token must name.
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
 }
 
 fn token_error(kind: &ErrorKind) -> TokenError {

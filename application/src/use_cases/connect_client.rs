@@ -51,11 +51,7 @@ pub struct Admission {
     permit: Permit,
 }
 
-impl Admission {
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
-}
+impl Admission {}
 
 /// A registered connection. Hand it back to [`crate::DisconnectClient`] when it ends.
 #[derive(Debug)]

@@ -3,7 +3,6 @@
 //! limit.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use domain::envelope::{kind, raw_payload};
@@ -16,6 +15,7 @@ use crate::Settings;
 use crate::frames::{FrameFactory, encode};
 use crate::ports::{DropReason, MessageBroker, MessageSource, Metrics, NoMetrics, TokenVerifier};
 use crate::use_cases::connect_client::{Session, token_deadline};
+use crate::use_cases::publish_timed;
 
 /// A frame as received from the client.
 #[derive(Debug, Clone, Copy)]
@@ -123,10 +123,7 @@ impl HandleClientFrame {
                     Some(info.user_id.clone()),
                     Some(channel.clone()),
                 );
-                let started = Instant::now();
-                let published = self.broker.publish(&channel, encode(&envelope)).await;
-                self.metrics.broker_publish(started.elapsed().as_secs_f64());
-                match published {
+                match publish_timed(&*self.broker, &*self.metrics, &channel, &envelope).await {
                     Ok(()) => FrameOutcome::Nothing,
                     Err(error) => {
                         self.metrics.messages_dropped(DropReason::BrokerUnavailable, 1);

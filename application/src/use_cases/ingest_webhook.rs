@@ -8,11 +8,12 @@ use domain::{Channel, IdError, MessageId, Provider, TenantId};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::frames::{FrameFactory, encode};
+use crate::frames::FrameFactory;
 use crate::ports::{
     BrokerError, DeliveryClaim, DeliveryLog, MessageBroker, MessageSource, Metrics, NoMetrics,
     SignatureError, WebhookVerifier,
 };
+use crate::use_cases::publish_timed;
 
 /// A webhook as the HTTP adapter received it. The body size limit is the adapter's job.
 #[derive(Debug, Clone, Copy)]
@@ -175,9 +176,7 @@ impl IngestWebhook {
         let channel = Channel::Tenant(tenant.clone());
         let envelope = self.frames.envelope(kind::WEBHOOK, payload, None, Some(channel.clone()));
         self.metrics.message_received(MessageSource::Webhook);
-        let publishing = Instant::now();
-        let published = self.broker.publish(&channel, encode(&envelope)).await;
-        self.metrics.broker_publish(publishing.elapsed().as_secs_f64());
+        let published = publish_timed(&*self.broker, &*self.metrics, &channel, &envelope).await;
         match (published, delivery) {
             (Ok(()), Some((log, id, keep))) => {
                 if let Err(error) = log.complete(&tenant, id, &envelope.message_id, keep).await {

@@ -9,3 +9,23 @@ pub mod sweep_inactive;
 
 #[cfg(test)]
 pub(crate) mod test_support;
+
+use std::time::Instant;
+
+use domain::{Channel, Envelope};
+
+use crate::frames::encode;
+use crate::ports::{BrokerError, MessageBroker, Metrics};
+
+/// Publishes `envelope` on `channel`, reporting how long the broker took, success or not.
+pub(crate) async fn publish_timed(
+    broker: &dyn MessageBroker,
+    metrics: &dyn Metrics,
+    channel: &Channel,
+    envelope: &Envelope,
+) -> Result<(), BrokerError> {
+    let started = Instant::now();
+    let published = broker.publish(channel, encode(envelope)).await;
+    metrics.broker_publish(started.elapsed().as_secs_f64());
+    published
+}

@@ -181,11 +181,6 @@ impl RedisBroker {
     pub fn delivery_log(&self) -> RedisDeliveryLog {
         RedisDeliveryLog { shared: self.shared.clone() }
     }
-
-    /// Messages received on channels that are not application channels.
-    pub fn invalid_channel_messages(&self) -> u64 {
-        self.shared.invalid_channels.load(Ordering::Relaxed)
-    }
 }
 
 impl Drop for RedisBroker {
