@@ -123,7 +123,7 @@ impl Realtime {
             deliver,
             connect: ConnectClient::new(ports.tokens.clone(), hub.clone(), frames.clone(), settings)
                 .with_metrics(metrics.clone()),
-            disconnect: DisconnectClient::new(hub.clone()).with_metrics(ports.clock.clone(), metrics.clone()),
+            disconnect: DisconnectClient::new().with_metrics(ports.clock.clone(), metrics.clone()),
             frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings)
                 .with_metrics(metrics.clone()),
             webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())

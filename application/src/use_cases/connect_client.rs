@@ -63,17 +63,31 @@ pub struct Session {
     /// cancelled handshake, a failed subscription, a task that ended early): no connection
     /// outlives its session in the hub.
     hub: Arc<Hub>,
+    /// Already unregistered by [`Session::release`].
+    released: bool,
     _permit: Permit,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let info = self.handle.info();
-        self.hub.unregister(&info.tenant_id, &info.id);
+        if !self.released {
+            self.unregister();
+        }
     }
 }
 
 impl Session {
+    /// Unregisters the connection and frees its slot; returns whether it was still registered.
+    pub(crate) fn release(mut self) -> bool {
+        self.released = true;
+        self.unregister()
+    }
+
+    fn unregister(&self) -> bool {
+        let info = self.handle.info();
+        self.hub.unregister(&info.tenant_id, &info.id).is_some()
+    }
+
     pub fn info(&self) -> &ConnectionInfo {
         self.handle.info()
     }
@@ -211,7 +225,7 @@ impl ConnectClient {
         })?;
         let rate = TokenBucket::new(self.settings.rate_per_sec, self.settings.rate_burst, now);
         // Built before waiting, so that a failure or a cancelled wait unregisters it on drop.
-        let session = Session { handle, rate, hub: self.hub.clone(), _permit: permit };
+        let session = Session { handle, rate, hub: self.hub.clone(), released: false, _permit: permit };
         ack.await.map_err(ConnectError::Broker)?;
         Ok(session)
     }
@@ -406,7 +420,7 @@ mod tests {
         let refused = connect.connect(admission, RecordingSink::new()).await;
         assert_eq!(refused.err(), Some(ConnectError::TooManyConnections(2)));
         assert_eq!(hub.admitted(), 2, "the refused attempt released its slot");
-        crate::DisconnectClient::new(hub.clone()).disconnect(sessions.remove(0));
+        crate::DisconnectClient::new().disconnect(sessions.remove(0));
         let admission = connect.authorize(Some("t")).await.expect("admitted");
         assert!(connect.connect(admission, RecordingSink::new()).await.is_ok());
     }

@@ -2,13 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::hub::Hub;
 use crate::ports::{Clock, Metrics, NoMetrics};
 use crate::use_cases::connect_client::Session;
 
 /// The disconnect use-case.
 pub struct DisconnectClient {
-    hub: Arc<Hub>,
     clock: Option<Arc<dyn Clock>>,
     metrics: Arc<dyn Metrics>,
 }
@@ -19,9 +17,15 @@ impl std::fmt::Debug for DisconnectClient {
     }
 }
 
+impl Default for DisconnectClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl DisconnectClient {
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub, clock: None, metrics: Arc::new(NoMetrics) }
+    pub fn new() -> Self {
+        Self { clock: None, metrics: Arc::new(NoMetrics) }
     }
 
     /// Reports each connection's duration, measured with `clock`, to `metrics`.
@@ -34,10 +38,10 @@ impl DisconnectClient {
     /// Unregisters the session's connection and frees its slot. Idempotent with respect to the
     /// registry: a connection already gone is simply not found.
     pub fn disconnect(&self, session: Session) {
-        let info = session.info();
-        if self.hub.unregister(&info.tenant_id, &info.id).is_some() {
-            let now = self.clock.as_ref().map_or(info.connected_at, |clock| clock.now());
-            self.metrics.connection_closed(now.millis_since(info.connected_at) as f64 / 1000.0);
+        let connected_at = session.info().connected_at;
+        if session.release() {
+            let now = self.clock.as_ref().map_or(connected_at, |clock| clock.now());
+            self.metrics.connection_closed(now.millis_since(connected_at) as f64 / 1000.0);
         }
     }
 }
@@ -45,6 +49,7 @@ impl DisconnectClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Hub;
     use crate::ports::MockMessageBroker;
     use crate::use_cases::test_support::*;
 
@@ -66,7 +71,7 @@ mod tests {
         let hub = Arc::new(Hub::new(Arc::new(broker), 10));
         let bob = session(&hub, "bob", "acme").await;
         let eve = session(&hub, "eve", "acme").await;
-        let disconnect = DisconnectClient::new(hub.clone());
+        let disconnect = DisconnectClient::new();
         disconnect.disconnect(bob);
         assert_eq!(hub.len(), 1);
         disconnect.disconnect(eve);
