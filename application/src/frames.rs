@@ -1,10 +1,11 @@
 //! The frames the server sends, each serialized once into shared bytes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use domain::envelope::{Envelope, kind, null_payload, raw_payload};
-use domain::{Channel, ConnectionInfo, ErrorCode, MessageId, UserId};
+use domain::{Channel, ConnectionInfo, ErrorCode, MessageId, StreamPosition, UserId};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -28,6 +29,11 @@ struct Welcome<'a> {
     connection_id: &'a str,
     user_id: &'a str,
     tenant_id: &'a str,
+    /// The latest position of each of the connection's channels that keeps a history.
+    positions: BTreeMap<String, &'a StreamPosition>,
+    /// Only for a client that asked to resume: whether it was sent everything it missed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -59,12 +65,20 @@ impl FrameFactory {
         }
     }
 
-    /// The first frame of a connection.
-    pub fn welcome(&self, info: &ConnectionInfo) -> Bytes {
+    /// The first frame of a connection: who it is, where its channels stand and, for a
+    /// resuming client, whether what it missed follows.
+    pub fn welcome(
+        &self,
+        info: &ConnectionInfo,
+        positions: &[(Channel, StreamPosition)],
+        recovered: Option<bool>,
+    ) -> Bytes {
         let payload = raw_payload(&Welcome {
             connection_id: info.id.as_str(),
             user_id: info.user_id.as_str(),
             tenant_id: info.tenant_id.as_str(),
+            positions: positions.iter().map(|(channel, position)| (channel.name(), position)).collect(),
+            recovered,
         });
         encode(&self.envelope(kind::WELCOME, payload, None, None))
     }

@@ -7,13 +7,14 @@
 //! arrived" in order at the broker.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 use domain::{
-    Channel, CloseReason, ConnectionId, ConnectionInfo, ConnectionRegistry, RegistryError, TenantId,
-    Timestamp,
+    Channel, CloseReason, ConnectionId, ConnectionInfo, ConnectionRegistry, RegistryError, StreamPosition,
+    TenantId, Timestamp,
 };
 
 use crate::ports::{ClientSink, MessageBroker, PushError, SubscribeAck};
@@ -21,6 +22,20 @@ use crate::ports::{ClientSink, MessageBroker, PushError, SubscribeAck};
 /// Number of registry shards. A power of two well above the core count keeps lock contention
 /// negligible while a global fan-out still walks few locks.
 const SHARDS: usize = 64;
+
+/// Live deliveries held for one connection while it is being opened; beyond this it is closed
+/// as a slow consumer (it reconnects and recovers from its last position).
+pub const MAX_HELD_FRAMES: usize = 4096;
+
+/// A message's place in its channel, as a fan-out hands it along: offset and epoch.
+pub type Position<'a> = Option<(u64, &'a str)>;
+
+/// A live delivery that arrived while its connection was still being opened.
+struct Held {
+    channel: Channel,
+    position: Option<(u64, String)>,
+    frame: Bytes,
+}
 
 /// One live connection as the hub sees it. The timestamps are atomics, in Unix milliseconds,
 /// so the connection's reader and the heartbeat never take a lock for them.
@@ -36,7 +51,11 @@ pub struct ConnectionHandle {
     /// When the connection's token stops being valid (leeway included); 0 for never.
     expires_at: AtomicU64,
     /// The server asked the connection to close; a drain skips it.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
+    /// Set until [`ConnectionHandle::open`]: live deliveries wait in `held` meanwhile, so the
+    /// welcome and any replayed history go first.
+    holding: AtomicBool,
+    held: Mutex<Option<Vec<Held>>>,
 }
 
 impl std::fmt::Debug for ConnectionHandle {
@@ -56,8 +75,76 @@ impl ConnectionHandle {
             last_activity: AtomicU64::new(now),
             last_ping: AtomicU64::new(now),
             expires_at: AtomicU64::new(expires_at.map_or(0, Timestamp::unix_millis)),
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+            held: Mutex::new(None),
         }
+    }
+
+    /// A handle whose live deliveries are held back until [`ConnectionHandle::open`].
+    pub fn held(info: ConnectionInfo, sink: Arc<dyn ClientSink>, expires_at: Option<Timestamp>) -> Self {
+        let handle = Self::new(info, sink, expires_at);
+        *handle.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(Vec::new());
+        handle.holding.store(true, Ordering::Release);
+        handle
+    }
+
+    /// Queues `first` (the welcome, then any replayed history), then the live deliveries held
+    /// meanwhile except those already covered: a held message of a channel in `covered`, of
+    /// the same epoch and at or below its offset, was already replayed or precedes the
+    /// position the client starts from. From then on deliveries go straight to the client.
+    ///
+    /// # Errors
+    /// [`PushError`] when the client's queue is full (it is closed as a slow consumer) or the
+    /// connection is gone.
+    pub fn open(
+        &self,
+        first: impl IntoIterator<Item = Bytes>,
+        covered: &[(Channel, StreamPosition)],
+    ) -> Result<(), PushError> {
+        // Deliveries racing with this wait on the lock and, finding nothing held any more,
+        // queue behind everything queued here.
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let waiting = held.take().unwrap_or_default();
+        let result = (|| {
+            for frame in first {
+                self.send(frame)?;
+            }
+            for Held { channel, position, frame } in waiting {
+                let already = position.as_ref().is_some_and(|(offset, epoch)| {
+                    covered.iter().any(|(c, p)| *c == channel && p.epoch == *epoch && *offset <= p.offset)
+                });
+                if !already {
+                    self.send(frame)?;
+                }
+            }
+            Ok(())
+        })();
+        self.holding.store(false, Ordering::Release);
+        drop(held);
+        result
+    }
+
+    /// Delivers a fan-out frame of `channel` at `position`: held while the connection is being
+    /// opened, queued otherwise.
+    fn deliver(&self, channel: &Channel, position: Position<'_>, frame: &Bytes) -> Result<(), PushError> {
+        if self.holding.load(Ordering::Acquire) {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(waiting) = held.as_mut() {
+                if waiting.len() >= MAX_HELD_FRAMES {
+                    drop(held);
+                    self.close(CloseReason::SlowConsumer);
+                    return Err(PushError::Full);
+                }
+                waiting.push(Held {
+                    channel: channel.clone(),
+                    position: position.map(|(offset, epoch)| (offset, epoch.to_owned())),
+                    frame: frame.clone(),
+                });
+                return Ok(());
+            }
+        }
+        self.send(frame.clone())
     }
 
     pub fn info(&self) -> &ConnectionInfo {
@@ -269,11 +356,12 @@ impl Hub {
 
     /// Queues `frame` for every local connection listening on `channel`; returns how many
     /// accepted it. The bytes are shared, never copied per recipient.
-    pub fn fan_out(&self, channel: &Channel, frame: &Bytes) -> FanOut {
+    /// `position` is the message's offset and epoch in `channel`, when it has one.
+    pub fn fan_out(&self, channel: &Channel, frame: &Bytes, position: Position<'_>) -> FanOut {
         let mut outcome = FanOut::default();
         let mut send_all = |registry: &ConnectionRegistry<Arc<ConnectionHandle>>| {
             for handle in registry.recipients(channel) {
-                match handle.send(frame.clone()) {
+                match handle.deliver(channel, position, frame) {
                     Ok(()) => outcome.delivered += 1,
                     Err(PushError::Full) => outcome.overflowed += 1,
                     Err(PushError::Closed) => {}
@@ -294,6 +382,11 @@ impl Hub {
     /// Tenant and user channels some local connection needs.
     pub fn channel_count(&self) -> usize {
         self.shards.iter().map(|shard| Self::read(shard).channel_count()).sum()
+    }
+
+    /// The broker the hub subscribes through.
+    pub fn broker(&self) -> &Arc<dyn MessageBroker> {
+        &self.broker
     }
 
     /// Whether the broker can publish and receive.

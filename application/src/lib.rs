@@ -21,7 +21,7 @@ pub mod use_cases;
 use std::sync::Arc;
 
 pub use hub::{ConnectionHandle, FanOut, Hub, RegisterError};
-pub use use_cases::connect_client::{Admission, ConnectClient, ConnectError, Session};
+pub use use_cases::connect_client::{Admission, ConnectClient, ConnectError, Resume, Session};
 pub use use_cases::deliver_message::DeliverBrokerMessage;
 pub use use_cases::disconnect_client::DisconnectClient;
 pub use use_cases::handle_client_frame::{ClientFrame, FrameOutcome, HandleClientFrame};
@@ -66,6 +66,9 @@ pub struct Settings {
     pub rate_burst: u32,
     /// Seconds a token stays usable after its `exp`.
     pub token_leeway_secs: u64,
+    /// Largest replay of missed messages sent to a reconnecting client; beyond it the client
+    /// is told `"recovered": false` instead. Keep it below the outbound queue size.
+    pub max_replay_bytes: usize,
 }
 
 impl Default for Settings {
@@ -79,6 +82,7 @@ impl Default for Settings {
             rate_per_sec: 50,
             rate_burst: 100,
             token_leeway_secs: 5,
+            max_replay_bytes: 512 * 1024,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Weak;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use domain::{Channel, Claims, CloseReason, ConnectionId, MessageId, TenantId, Timestamp};
+use domain::{Channel, Claims, CloseReason, ConnectionId, MessageId, StreamPosition, TenantId, Timestamp};
 
 /// Resolves once the broker confirmed that channels are subscribed.
 pub type SubscribeAck = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send>>;
@@ -20,6 +20,20 @@ pub enum BrokerError {
     /// The broker cannot be reached or refused the operation; retrying later may succeed.
     #[error("message broker unavailable: {0}")]
     Unavailable(String),
+}
+
+/// What a broker's history holds for one channel, as read by [`MessageBroker::history`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryRead {
+    /// The channel's current position: the offset of its latest message (0 before the first)
+    /// and its epoch. `None` when the broker keeps no history (history turned off, or a
+    /// broadcast channel).
+    pub position: Option<StreamPosition>,
+    /// Only when a `since` position was asked for: the messages published after it, oldest
+    /// first, up to and including `position` (empty when nothing was missed); `None` when the
+    /// history no longer reaches back to it (another epoch, trimmed, expired, or a position the
+    /// channel never had). Never a part of what was missed.
+    pub missed: Option<Vec<Bytes>>,
 }
 
 /// Carries messages between all instances of the service.
@@ -34,16 +48,33 @@ pub enum BrokerError {
 ///   calling them. [`MessageBroker::until_active`] tells when the wish is in effect.
 /// - Subscriptions survive broker reconnections: the broker re-subscribes by itself.
 /// - `global:broadcast` and `system:events` are subscribed for the broker's whole life.
+/// - History (when the broker keeps one): every message published to a channel for which
+///   [`Channel::has_history`] holds gets the channel's next offset and its epoch, added to the
+///   envelope as `"offset"` and `"epoch"`, and is appended to the channel's bounded history in
+///   the same atomic step as the publish: a message is in the history if and only if it was
+///   published, and messages are delivered in offset order.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait MessageBroker: Send + Sync {
-    /// Publishes `message` (an envelope, as JSON) on `channel`. Returns once the broker has
-    /// accepted the message.
+    /// Publishes `message` (an envelope, as one JSON object) on `channel`, with its offset and
+    /// epoch added when the channel has a history. Returns once the broker has accepted the
+    /// message (and appended it to the history).
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the broker cannot take the message; it fails fast
     /// rather than waiting for the broker to come back.
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError>;
+
+    /// Reads `channel`'s current position and, when `since` is given, every message published
+    /// after it. A channel without a history yet starts one (offset 0, a new epoch).
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the history cannot be read.
+    async fn history(
+        &self,
+        channel: &Channel,
+        since: Option<StreamPosition>,
+    ) -> Result<HistoryRead, BrokerError>;
 
     /// Starts delivering messages of `channels` to this instance. Does not block.
     fn subscribe(&self, channels: &[Channel]);
@@ -292,6 +323,8 @@ pub trait Metrics: Send + Sync {
     fn pubsub_lag(&self, seconds: f64);
     fn broker_up(&self, up: bool);
     fn subscribed_channels(&self, count: usize);
+    /// A reconnecting client asked for what it missed; `recovered` tells whether it got it.
+    fn recovery(&self, recovered: bool);
 }
 
 /// Metrics that go nowhere.
@@ -310,6 +343,7 @@ impl Metrics for NoMetrics {
     fn pubsub_lag(&self, _: f64) {}
     fn broker_up(&self, _: bool) {}
     fn subscribed_channels(&self, _: usize) {}
+    fn recovery(&self, _: bool) {}
 }
 
 /// What a [`DeliveryLog`] knows about a webhook delivery id.

@@ -88,11 +88,12 @@ impl Application {
         };
         let (broker, deliveries): (Arc<dyn MessageBroker>, Arc<dyn DeliveryLog>) = match &config.broker {
             BrokerConfig::InProcess => {
-                (Arc::new(InMemoryBroker::new()), Arc::new(InMemoryDeliveryLog::new()))
+                (Arc::new(InMemoryBroker::with_history(config.history)), Arc::new(InMemoryDeliveryLog::new()))
             }
             BrokerConfig::Redis { target, pool_size } => {
                 let mut settings = RedisBrokerSettings::new(target.clone());
                 settings.pool_size = *pool_size;
+                settings.history = config.history;
                 let redis = RedisBroker::new(settings).map_err(|e| StartError::Redis(e.to_string()))?;
                 let deliveries = Arc::new(redis.delivery_log());
                 (Arc::new(redis), deliveries)

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use adapters::outbound::history::HistorySettings;
 use adapters::outbound::hmac::Secret;
 use adapters::outbound::redis::RedisTarget;
 use application::Settings;
@@ -67,6 +68,13 @@ pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
 /// 0 turns deduplication off.
 pub const ENV_WEBHOOK_DEDUP_SECS: &str = "WEBHOOK_DEDUP_SECS";
 pub const DEFAULT_WEBHOOK_DEDUP_SECS: u64 = 86_400;
+/// Messages kept per `tenant:` and `user:` channel for reconnecting clients; 0 turns history
+/// and message offsets off.
+pub const ENV_HISTORY_SIZE: &str = "HISTORY_SIZE";
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// Seconds a message stays in its channel's history.
+pub const ENV_HISTORY_TTL_SECS: &str = "HISTORY_TTL_SECS";
+pub const DEFAULT_HISTORY_TTL_SECS: u64 = 3600;
 /// Separate `host:port` for `GET /metrics`; unset: served on `BIND_ADDR`.
 pub const ENV_METRICS_ADDR: &str = "METRICS_ADDR";
 /// Seconds between turning `/ready` to 503 and closing the first client, on SIGTERM.
@@ -150,6 +158,8 @@ pub struct Config {
     pub drain: Duration,
     /// Seconds a webhook delivery id is remembered; 0: no deduplication.
     pub webhook_dedup_secs: u64,
+    /// History kept per `tenant:` and `user:` channel.
+    pub history: HistorySettings,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -419,6 +429,18 @@ impl Config {
                 .filter(|n| *n <= 2_592_000)
                 .ok_or_else(|| format!("expected 0 to 2592000 seconds (30 days), got {raw:?}"))
         });
+        let history_size = r.parse(ENV_HISTORY_SIZE, DEFAULT_HISTORY_SIZE, |raw| {
+            whole::<usize>(raw)
+                .ok()
+                .filter(|n| *n <= 10_000)
+                .ok_or_else(|| format!("expected 0 to 10000 messages, got {raw:?}"))
+        });
+        let history_ttl = r.parse(ENV_HISTORY_TTL_SECS, DEFAULT_HISTORY_TTL_SECS, |raw| {
+            positive::<u64>(raw)
+                .ok()
+                .filter(|n| *n <= 2_592_000)
+                .ok_or_else(|| format!("expected 1 to 2592000 seconds (30 days), got {raw:?}"))
+        });
         if drain_grace + drain > 300 {
             r.fail(
                 ENV_DRAIN_SECS,
@@ -455,6 +477,8 @@ impl Config {
                 rate_per_sec: rate,
                 rate_burst: burst,
                 token_leeway_secs: jwt_leeway,
+                // The replay is queued at once: it must leave room in the outbound queue.
+                max_replay_bytes: outbound_queue_bytes / 2,
             },
             max_message_bytes,
             outbound_queue_bytes,
@@ -463,6 +487,7 @@ impl Config {
             drain_grace: Duration::from_secs(drain_grace),
             drain: Duration::from_secs(drain),
             webhook_dedup_secs,
+            history: HistorySettings { size: history_size, ttl: Duration::from_secs(history_ttl) },
             log_filter,
             log_format,
         })
@@ -495,6 +520,8 @@ mod tests {
         assert_eq!(config.settings.token_leeway_secs, 5);
         assert_eq!(config.max_message_bytes, 65_536);
         assert_eq!(config.outbound_queue_bytes, 1_048_576);
+        assert_eq!(config.settings.max_replay_bytes, 524_288);
+        assert_eq!(config.history, HistorySettings { size: 100, ttl: Duration::from_secs(3600) });
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert!(config.allowed_origins.is_none());
         assert!(
@@ -605,6 +632,9 @@ mod tests {
             (&[(ENV_REDIS_SENTINELS, "a:0"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
             (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_POOL_SIZE, "0")][..], ENV_REDIS_POOL_SIZE),
             (&[(ENV_WEBHOOK_DEDUP_SECS, "2592001")][..], ENV_WEBHOOK_DEDUP_SECS),
+            (&[(ENV_HISTORY_SIZE, "-1")][..], ENV_HISTORY_SIZE),
+            (&[(ENV_HISTORY_SIZE, "10001")][..], ENV_HISTORY_SIZE),
+            (&[(ENV_HISTORY_TTL_SECS, "0")][..], ENV_HISTORY_TTL_SECS),
             (&[(ENV_DRAIN_SECS, "400")][..], ENV_DRAIN_SECS),
             (&[(ENV_METRICS_ADDR, "metrics")][..], ENV_METRICS_ADDR),
             (&[(ENV_IDLE_TIMEOUT_SECS, "20")][..], ENV_IDLE_TIMEOUT_SECS),

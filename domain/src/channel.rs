@@ -64,6 +64,12 @@ impl Channel {
     pub fn is_broadcast(&self) -> bool {
         matches!(self, Self::Global | Self::System)
     }
+
+    /// Whether messages of this channel are kept in a history with offsets: `tenant:` and
+    /// `user:` channels are, broadcasts are not.
+    pub fn has_history(&self) -> bool {
+        !self.is_broadcast()
+    }
 }
 
 impl fmt::Display for Channel {

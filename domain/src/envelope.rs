@@ -112,6 +112,8 @@ pub enum EnvelopeError {
     InvalidUser(crate::id::IdError),
     #[error("broker message has an invalid \"message_id\": {0}")]
     InvalidMessageId(crate::id::IdError),
+    #[error("broker message has an invalid \"epoch\"")]
+    InvalidEpoch,
 }
 
 /// A message read from the broker, possibly published by another service with fields missing.
@@ -129,6 +131,10 @@ pub struct InboundEnvelope<'a> {
     message_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     channel: Option<Cow<'a, str>>,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
 }
 
 /// Longest accepted envelope `type`, in bytes.
@@ -143,6 +149,10 @@ struct Completed<'a> {
     from_user: Option<&'a str>,
     message_id: &'a str,
     channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
 }
 
 impl<'a> InboundEnvelope<'a> {
@@ -170,12 +180,25 @@ impl<'a> InboundEnvelope<'a> {
         if let Some(id) = &parsed.message_id {
             MessageId::parse(id).map_err(EnvelopeError::InvalidMessageId)?;
         }
+        if parsed.epoch.as_deref().is_some_and(|e| !crate::position::is_valid_epoch(e)) {
+            return Err(EnvelopeError::InvalidEpoch);
+        }
         Ok(parsed)
     }
 
     /// The envelope's `timestamp`, when it is present and in the service's RFC 3339 form.
     pub fn timestamp(&self) -> Option<Timestamp> {
         self.timestamp.as_deref().and_then(Timestamp::parse_rfc3339)
+    }
+
+    /// The message's offset in its channel's history, when it has one.
+    pub fn offset(&self) -> Option<u64> {
+        self.offset
+    }
+
+    /// The epoch of the message's offset, when it has one.
+    pub fn epoch(&self) -> Option<&str> {
+        self.epoch.as_deref()
     }
 
     /// Whether the message already carries every field a client frame needs, for `channel`.
@@ -203,6 +226,8 @@ impl<'a> InboundEnvelope<'a> {
             from_user: self.from_user.as_deref(),
             message_id: self.message_id.as_deref().or(id.as_ref().map(MessageId::as_str)).unwrap_or_default(),
             channel: &channel.name(),
+            offset: self.offset,
+            epoch: self.epoch.as_deref(),
         };
         serde_json::to_string(&completed).unwrap_or_default()
     }
@@ -255,6 +280,21 @@ mod tests {
         let parsed = InboundEnvelope::parse(raw).expect("valid");
         assert!(parsed.is_complete_for(&acme()));
         assert!(!parsed.is_complete_for(&Channel::Global));
+    }
+
+    #[test]
+    fn a_position_is_read_and_kept_when_fields_are_filled_in() {
+        let raw = br#"{"type":"notice","payload":1,"offset":7,"epoch":"e1"}"#;
+        let parsed = InboundEnvelope::parse(raw).expect("valid");
+        assert_eq!((parsed.offset(), parsed.epoch()), (Some(7), Some("e1")));
+        let completed = parsed
+            .complete(&acme(), || (Timestamp::from_unix_millis(0), MessageId::parse("gen").expect("valid")));
+        assert!(completed.ends_with(r#""channel":"tenant:acme","offset":7,"epoch":"e1"}"#), "{completed}");
+        assert_eq!(
+            InboundEnvelope::parse(br#"{"type":"n","epoch":"a:b"}"#).err(),
+            Some(EnvelopeError::InvalidEpoch)
+        );
+        assert!(InboundEnvelope::parse(br#"{"type":"n","offset":-1}"#).is_err());
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! - [`identity`]: what a token must claim to become an `Identity`, and the scope check.
 //! - [`protocol`]: client→server frames, error codes and close reasons.
 //! - [`rate_limit`]: the per-connection token bucket.
+//! - [`position`]: a message's offset and epoch in its channel's history.
 //! - [`registry`]: the connection registry and its first/last-connection events.
 
 pub mod channel;
 pub mod envelope;
 pub mod id;
 pub mod identity;
+pub mod position;
 pub mod protocol;
 pub mod rate_limit;
 pub mod registry;
@@ -29,6 +31,7 @@ pub use channel::{Channel, ChannelError};
 pub use envelope::{Envelope, InboundEnvelope};
 pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};
 pub use identity::{Claims, ClaimsError, Identity, SCOPE_WS_CONNECT};
+pub use position::{PositionError, StreamPosition};
 pub use protocol::{ClientCommand, CloseReason, ErrorCode, ProtocolError};
 pub use rate_limit::{RateDecision, TokenBucket};
 pub use registry::{ConnectionInfo, ConnectionRegistry, RegistryError};

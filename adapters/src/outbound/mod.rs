@@ -1,6 +1,7 @@
 //! Outbound adapters: implementations of the application's ports.
 
 pub mod delivery_log;
+pub mod history;
 pub mod hmac;
 pub mod jwt;
 pub mod memory;

@@ -45,6 +45,8 @@ pub struct PrometheusMetrics {
     lag_seconds: Histogram,
     broker_up: Gauge,
     subscribed: Gauge,
+    /// `result="not_recovered"`, then `result="recovered"`.
+    recoveries: [Counter; 2],
 }
 
 impl std::fmt::Debug for PrometheusMetrics {
@@ -81,6 +83,11 @@ impl PrometheusMetrics {
         describe("lq_messages_dropped_total", None, "Messages or frames not delivered, by reason.");
         describe("lq_auth_failures_total", None, "Refused tokens, by reason.");
         describe("lq_webhooks_total", None, "Webhooks by provider and result.");
+        describe(
+            "lq_recoveries_total",
+            None,
+            "Reconnecting clients that asked for missed messages, by result (recovered or not).",
+        );
         r.describe_gauge("lq_websocket_connections".into(), None, "Open WebSocket connections.".into());
         r.describe_gauge("lq_broker_up".into(), None, "1 when the broker can publish and receive.".into());
         r.describe_gauge(
@@ -134,6 +141,9 @@ impl PrometheusMetrics {
             lag_seconds: r.register_histogram(&key("lq_pubsub_lag_seconds", &[]), &METADATA),
             broker_up: r.register_gauge(&key("lq_broker_up", &[]), &METADATA),
             subscribed: r.register_gauge(&key("lq_subscribed_channels", &[]), &METADATA),
+            recoveries: ["not_recovered", "recovered"].map(|result| {
+                r.register_counter(&key("lq_recoveries_total", &[("result", result)]), &METADATA)
+            }),
             recorder,
             handle,
         }
@@ -211,6 +221,10 @@ impl Metrics for PrometheusMetrics {
 
     fn subscribed_channels(&self, count: usize) {
         self.subscribed.set(count as f64);
+    }
+
+    fn recovery(&self, recovered: bool) {
+        self.recoveries[usize::from(recovered)].increment(1);
     }
 }
 

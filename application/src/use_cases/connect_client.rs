@@ -6,7 +6,11 @@
 
 use std::sync::Arc;
 
-use domain::{ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNECT, Timestamp, TokenBucket};
+use bytes::Bytes;
+use domain::{
+    Channel, ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNECT, StreamPosition,
+    Timestamp, TokenBucket,
+};
 
 use crate::Settings;
 use crate::frames::FrameFactory;
@@ -49,9 +53,33 @@ pub enum ConnectError {
 pub struct Admission {
     identity: Identity,
     permit: Permit,
+    resume: Resume,
 }
 
-impl Admission {}
+impl Admission {
+    /// Asks for the messages missed since the client's last positions.
+    pub fn resuming(mut self, resume: Resume) -> Self {
+        self.resume = resume;
+        self
+    }
+}
+
+/// The positions a reconnecting client last saw; what was published after them is replayed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// The client's last position in its tenant channel (`since=`).
+    pub since: Option<StreamPosition>,
+    /// The client's last position in its user channel (`user_since=`).
+    pub user_since: Option<StreamPosition>,
+}
+
+/// What a connection is sent before its live messages.
+struct CatchUp {
+    /// The welcome, then the replayed history.
+    first: Vec<Bytes>,
+    /// The position each history channel is delivered from.
+    positions: Vec<(Channel, StreamPosition)>,
+}
 
 /// A registered connection. Hand it back to [`crate::DisconnectClient`] when it ends.
 #[derive(Debug)]
@@ -181,17 +209,20 @@ impl ConnectClient {
             return Err(ConnectError::Forbidden);
         }
         let permit = self.hub.try_admit().ok_or(ConnectError::AtCapacity)?;
-        Ok(Admission { identity, permit })
+        Ok(Admission { identity, permit, resume: Resume::default() })
     }
 
-    /// Queues the welcome frame on `sink` and registers the connection, waiting until its
-    /// channels are subscribed: from the moment this returns, every message published to the
-    /// client's tenant reaches it, after the welcome frame.
+    /// Registers the connection, waits until its channels are subscribed, reads their
+    /// positions (and, for a resuming client, what it missed), then queues on `sink` the
+    /// welcome, the missed messages and the live messages that arrived meanwhile: no gap and
+    /// no duplicate between replayed and live messages. From the moment this returns, every
+    /// message published to the client's channels reaches it.
     ///
     /// # Errors
     /// [`ConnectError::TooManyConnections`] when the user is at the per-user limit,
-    /// [`ConnectError::Broker`] when the subscription could not be confirmed (the connection
-    /// is unregistered again), [`ConnectError::Gone`] when the sink is already closed.
+    /// [`ConnectError::Broker`] when the subscription could not be confirmed or the history
+    /// read (the connection is unregistered again), [`ConnectError::Gone`] when the sink is
+    /// already closed.
     pub async fn connect(
         &self,
         admission: Admission,
@@ -207,7 +238,7 @@ impl ConnectClient {
         admission: Admission,
         sink: Arc<dyn ClientSink>,
     ) -> Result<Session, ConnectError> {
-        let Admission { identity, permit } = admission;
+        let Admission { identity, permit, resume } = admission;
         let now = self.frames.now();
         let info = ConnectionInfo {
             id: self.frames.connection_id(),
@@ -216,9 +247,8 @@ impl ConnectClient {
             connected_at: now,
         };
         let expires_at = token_deadline(&identity, self.settings.token_leeway_secs);
-        // Queued before the connection becomes visible to fan-outs, so it is always first.
-        sink.push(self.frames.welcome(&info)).map_err(|_| ConnectError::Gone)?;
-        let handle = Arc::new(ConnectionHandle::new(info, sink, expires_at));
+        // Live deliveries are held until the welcome and the replay are queued.
+        let handle = Arc::new(ConnectionHandle::held(info.clone(), sink, expires_at));
         let ack = self.hub.register(handle.clone()).map_err(|error| match error {
             RegisterError::UserLimit(limit) => ConnectError::TooManyConnections(limit),
             RegisterError::Registry(_) => ConnectError::Gone,
@@ -227,7 +257,52 @@ impl ConnectClient {
         // Built before waiting, so that a failure or a cancelled wait unregisters it on drop.
         let session = Session { handle, rate, hub: self.hub.clone(), released: false, _permit: permit };
         ack.await.map_err(ConnectError::Broker)?;
+        // Read after the subscription is active: everything after these positions arrives live.
+        let catch_up = self.catch_up(&info, resume).await.map_err(ConnectError::Broker)?;
+        session.handle.open(catch_up.first, &catch_up.positions).map_err(|_| ConnectError::Gone)?;
         Ok(session)
+    }
+
+    /// Reads the positions of the connection's channels and what a resuming client missed.
+    /// Recovery is all or nothing: when any asked-for channel cannot be recovered, or the
+    /// missed messages exceed `max_replay_bytes`, nothing is replayed and the welcome says
+    /// `"recovered": false`.
+    async fn catch_up(&self, info: &ConnectionInfo, resume: Resume) -> Result<CatchUp, BrokerError> {
+        let asked = resume.since.is_some() || resume.user_since.is_some();
+        let channels = [
+            (Channel::Tenant(info.tenant_id.clone()), resume.since),
+            (Channel::User(info.tenant_id.clone(), info.user_id.clone()), resume.user_since),
+        ];
+        let mut positions = Vec::with_capacity(2);
+        let mut replay = Vec::new();
+        let mut recovered = true;
+        for (channel, since) in channels {
+            let wanted = since.is_some();
+            let read = self.hub.broker().history(&channel, since).await?;
+            if wanted {
+                match read.missed {
+                    Some(missed) => replay.extend(missed),
+                    None => recovered = false,
+                }
+            }
+            if let Some(position) = read.position {
+                positions.push((channel, position));
+            }
+        }
+        if recovered && replay.iter().map(Bytes::len).sum::<usize>() > self.settings.max_replay_bytes {
+            recovered = false;
+        }
+        if !recovered {
+            replay.clear();
+        }
+        if asked {
+            self.metrics.recovery(recovered);
+        }
+        let welcome = self.frames.welcome(info, &positions, asked.then_some(recovered));
+        let mut first = Vec::with_capacity(1 + replay.len());
+        first.push(welcome);
+        first.append(&mut replay);
+        Ok(CatchUp { first, positions })
     }
 }
 
@@ -241,7 +316,7 @@ pub(crate) fn token_deadline(identity: &Identity, leeway_secs: u64) -> Option<Ti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{MockMessageBroker, MockTokenVerifier};
+    use crate::ports::{HistoryRead, MockMessageBroker, MockTokenVerifier};
     use crate::use_cases::test_support::*;
     use domain::Claims;
 
@@ -315,6 +390,7 @@ mod tests {
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         let mut metrics = MockMetrics::new();
         metrics
             .expect_connection_attempt()
@@ -367,6 +443,11 @@ mod tests {
             .withf(|channels| names(channels) == ["tenant:acme", "user:acme:bob"])
             .times(1)
             .returning(|_| ack_ok());
+        broker.expect_history().times(2).returning(|channel, since| {
+            assert_eq!(since, None, "a fresh connection asks for no history");
+            let offset = if channel.name() == "tenant:acme" { 7 } else { 0 };
+            Ok(HistoryRead { position: Some(StreamPosition::new("e1", offset)), missed: None })
+        });
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let sink = RecordingSink::new();
         let admission = connect.authorize(Some("t")).await.expect("admitted");
@@ -379,7 +460,121 @@ mod tests {
         assert_eq!(frames[0]["payload"]["tenant_id"], "acme");
         assert_eq!(frames[0]["from_user"], serde_json::Value::Null);
         assert!(frames[0].get("channel").is_none());
+        assert_eq!(
+            frames[0]["payload"]["positions"],
+            serde_json::json!({
+                "tenant:acme": {"offset": 7, "epoch": "e1"},
+                "user:acme:bob": {"offset": 0, "epoch": "e1"},
+            })
+        );
+        assert!(frames[0]["payload"].get("recovered").is_none(), "only a resuming client is told");
         assert_eq!(hub.len(), 1);
+    }
+
+    /// A broker whose history read answers `reads` per channel and, while it is being read,
+    /// publishes `live` (offset, payload) on the tenant channel through the hub, as a message
+    /// published by another instance during the recovery would arrive.
+    fn racing_broker(
+        hub_slot: Arc<std::sync::OnceLock<Arc<Hub>>>,
+        tenant_read: HistoryRead,
+        live: Vec<(u64, &'static str)>,
+    ) -> MockMessageBroker {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(move |channel, _| {
+            if channel.name() != "tenant:acme" {
+                return Ok(HistoryRead { position: Some(StreamPosition::new("u", 0)), missed: Some(vec![]) });
+            }
+            let hub = hub_slot.get().expect("hub set");
+            for (offset, text) in &live {
+                hub.fan_out(channel, &message(*offset, text), Some((*offset, "e1")));
+            }
+            Ok(tenant_read.clone())
+        });
+        broker
+    }
+
+    fn message(offset: u64, text: &str) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"type":"n","payload":"{text}","channel":"tenant:acme","offset":{offset},"epoch":"e1"}}"#
+        ))
+    }
+
+    async fn resume(
+        tenant_read: HistoryRead,
+        live: Vec<(u64, &'static str)>,
+        resume: Resume,
+    ) -> Vec<serde_json::Value> {
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let broker = racing_broker(slot.clone(), tenant_read, live);
+        let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        slot.set(hub).expect("once");
+        let sink = RecordingSink::new();
+        let admission = connect.authorize(Some("t")).await.expect("admitted").resuming(resume);
+        let _session = connect.connect(admission, sink.clone()).await.expect("connected");
+        sink.frames()
+    }
+
+    fn payloads(frames: &[serde_json::Value]) -> Vec<String> {
+        frames[1..].iter().map(|f| f["payload"].as_str().expect("text").to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_resuming_client_gets_what_it_missed_then_live_messages_without_gap_or_duplicate() {
+        // The client saw offset 1; 2 and 3 are in the history; 3 and 4 are published while the
+        // history is read, so 3 arrives both ways and 4 only live.
+        let read = HistoryRead {
+            position: Some(StreamPosition::new("e1", 3)),
+            missed: Some(vec![message(2, "two"), message(3, "three")]),
+        };
+        let frames = resume(
+            read,
+            vec![(3, "three"), (4, "four")],
+            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None },
+        )
+        .await;
+        assert_eq!(frames[0]["type"], "welcome");
+        assert_eq!(frames[0]["payload"]["recovered"], true);
+        assert_eq!(frames[0]["payload"]["positions"]["tenant:acme"]["offset"], 3);
+        assert_eq!(payloads(&frames), ["two", "three", "four"]);
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_position_is_out_of_reach_is_told_and_gets_no_partial_replay() {
+        let read = HistoryRead { position: Some(StreamPosition::new("e2", 5)), missed: None };
+        let frames = resume(
+            read,
+            vec![(6, "six")],
+            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None },
+        )
+        .await;
+        assert_eq!(frames[0]["payload"]["recovered"], false);
+        assert_eq!(payloads(&frames), ["six"], "only live messages after the current position");
+    }
+
+    #[tokio::test]
+    async fn a_replay_larger_than_the_limit_is_not_sent_and_the_client_is_told() {
+        let big = "x".repeat(300 * 1024);
+        let big: &'static str = Box::leak(big.into_boxed_str());
+        let read = HistoryRead {
+            position: Some(StreamPosition::new("e1", 3)),
+            missed: Some(vec![message(2, big), message(3, big)]),
+        };
+        let frames =
+            resume(read, vec![], Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None })
+                .await;
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["payload"]["recovered"], false);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_client_starts_from_the_current_position_and_misses_nothing_after_it() {
+        let read = HistoryRead { position: Some(StreamPosition::new("e1", 3)), missed: None };
+        let frames = resume(read, vec![(3, "three"), (4, "four")], Resume::default()).await;
+        assert!(frames[0]["payload"].get("recovered").is_none());
+        assert_eq!(payloads(&frames), ["four"]);
     }
 
     #[tokio::test]
@@ -388,6 +583,7 @@ mod tests {
         broker.expect_subscribe().times(1).returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().times(2).returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let mut sessions = Vec::new();
         for _ in 0..2 {
@@ -404,6 +600,7 @@ mod tests {
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         let hub = Arc::new(Hub::with_user_limit(Arc::new(broker), 10, 2));
         let connect = ConnectClient::new(
             verifier(Ok(claims("ws:connect"))),
@@ -433,6 +630,7 @@ mod tests {
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         let (connect, _) = use_case(verifier(Ok(with_exp)), broker, 10);
         let admission = connect.authorize(Some("t")).await.expect("admitted");
         let session = connect.connect(admission, RecordingSink::new()).await.expect("connected");

@@ -81,20 +81,20 @@ impl InboundHandler for DeliverBrokerMessage {
             return self.reject(&channel, &domain::envelope::EnvelopeError::TooLarge(message.len()));
         }
         let now = self.frames.now();
-        let frame = match InboundEnvelope::parse(&message) {
-            Ok(envelope) => {
-                if let Some(sent) = envelope.timestamp() {
-                    self.metrics.pubsub_lag(now.millis_since(sent) as f64 / 1000.0);
-                }
-                if envelope.is_complete_for(&channel) {
-                    message.clone()
-                } else {
-                    Bytes::from(envelope.complete(&channel, || (now, self.frames.message_id())))
-                }
-            }
+        let envelope = match InboundEnvelope::parse(&message) {
+            Ok(envelope) => envelope,
             Err(error) => return self.reject(&channel, &error),
         };
-        let outcome = self.hub.fan_out(&channel, &frame);
+        if let Some(sent) = envelope.timestamp() {
+            self.metrics.pubsub_lag(now.millis_since(sent) as f64 / 1000.0);
+        }
+        let frame = if envelope.is_complete_for(&channel) {
+            message.clone()
+        } else {
+            Bytes::from(envelope.complete(&channel, || (now, self.frames.message_id())))
+        };
+        let position = envelope.offset().zip(envelope.epoch());
+        let outcome = self.hub.fan_out(&channel, &frame, position);
         self.metrics.messages_sent(outcome.delivered);
         if outcome.overflowed > 0 {
             self.metrics.messages_dropped(DropReason::SlowConsumer, outcome.overflowed);
@@ -114,6 +114,7 @@ mod tests {
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         Arc::new(Hub::new(Arc::new(broker), 10))
     }
 

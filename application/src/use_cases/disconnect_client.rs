@@ -58,6 +58,7 @@ mod tests {
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         broker
             .expect_unsubscribe()
             .withf(|channels| names(channels) == ["user:acme:bob"])

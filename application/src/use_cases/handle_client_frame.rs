@@ -180,6 +180,7 @@ mod tests {
         hub_broker.expect_subscribe().returning(|_| ());
         hub_broker.expect_unsubscribe().returning(|_| ());
         hub_broker.expect_until_active().returning(|_| ack_ok());
+        hub_broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         Arc::new(Hub::new(Arc::new(hub_broker), 10))
     }
 

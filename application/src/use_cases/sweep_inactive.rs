@@ -111,6 +111,7 @@ mod tests {
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         Arc::new(Hub::new(Arc::new(broker), 10))
     }
 

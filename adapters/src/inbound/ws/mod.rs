@@ -21,7 +21,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use application::{ConnectError, Realtime};
+use application::{ConnectError, Realtime, Resume};
+use domain::StreamPosition;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -105,6 +106,24 @@ fn token(query: Option<&str>, headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// The positions a reconnecting client asks to resume from: `since=<epoch>:<offset>` for its
+/// tenant channel, `user_since=<epoch>:<offset>` for its user channel.
+fn resume(query: Option<&str>) -> Result<Resume, ApiError> {
+    let mut resume = Resume::default();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let slot = match &*key {
+            "since" => &mut resume.since,
+            "user_since" => &mut resume.user_since,
+            _ => continue,
+        };
+        let position = StreamPosition::parse(&value).map_err(|error| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_position", format!("invalid {key}: {error}"))
+        })?;
+        slot.get_or_insert(position);
+    }
+    Ok(resume)
+}
+
 fn connect_rejection(error: &ConnectError) -> Rejection {
     let api = match error {
         ConnectError::MissingToken | ConnectError::InvalidToken(_) | ConnectError::InvalidClaims(_) => {
@@ -175,8 +194,10 @@ async fn upgrade(
     on_upgrade: Option<OnUpgrade>,
 ) -> Result<Response, Rejection> {
     check_origin(settings.allowed_origins.as_ref(), &headers).map_err(warp::reject::custom)?;
+    let resume = resume(query.as_deref()).map_err(warp::reject::custom)?;
     let token = token(query.as_deref(), &headers);
     let admission = app.connect.authorize(token.as_deref()).await.map_err(|e| connect_rejection(&e))?;
+    let admission = admission.resuming(resume);
     let accept = accept_key(&headers).map_err(warp::reject::custom)?;
     let on_upgrade = on_upgrade
         .ok_or_else(|| warp::reject::custom(ApiError::bad_request("this connection cannot be upgraded")))?;

@@ -12,13 +12,17 @@
 //!   subscriber; when it stops coming back the subscriber is presumed deaf (the state a
 //!   connection can be left in after a failover) and is reconnected.
 //! - With Sentinel, both the pool and the subscriber ask the sentinels for the current master.
+//! - Messages of `tenant:` and `user:` channels are published by a Lua script that also
+//!   appends them to the channel's history (see `history`).
 //!
 //! # Layout
 //! - [`mod@self`]: settings, the broker and its port implementation.
 //! - `subscriber`: the subscriber connection's life: connect, reconcile, dispatch, probe.
 //! - `target`: a plain Redis URL or a Sentinel-managed master.
+//! - `history`: the publish-and-append and read scripts.
 
 mod delivery_log;
+mod history;
 mod subscriber;
 mod target;
 
@@ -29,14 +33,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
-use application::ports::{BrokerError, InboundHandler, MessageBroker, SubscribeAck};
+use application::ports::{BrokerError, HistoryRead, InboundHandler, MessageBroker, SubscribeAck};
 use async_trait::async_trait;
 use bytes::Bytes;
-use domain::Channel;
+use domain::{Channel, StreamPosition};
 use tokio::sync::{Notify, watch};
 
 pub use target::{RedisTarget, TargetError};
 
+use crate::outbound::history::{Epochs, HistorySettings};
 use crate::outbound::system::random_bytes;
 use target::PublishPool;
 
@@ -54,6 +59,8 @@ pub struct RedisBrokerSettings {
     pub max_backoff: Duration,
     /// How long `until_active` waits for Redis to confirm a subscription.
     pub confirm_timeout: Duration,
+    /// History kept per `tenant:` and `user:` channel.
+    pub history: HistorySettings,
 }
 
 impl RedisBrokerSettings {
@@ -65,6 +72,7 @@ impl RedisBrokerSettings {
             probe_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(1),
             confirm_timeout: Duration::from_secs(3),
+            history: HistorySettings::default(),
         }
     }
 }
@@ -97,6 +105,7 @@ struct Shared {
     probe_published: AtomicU64,
     probe_received: AtomicU64,
     invalid_channels: AtomicU64,
+    epochs: Epochs,
 }
 
 impl Shared {
@@ -116,10 +125,17 @@ impl Shared {
     }
 
     async fn publish_bytes(&self, channel: &str, message: &[u8]) -> Result<(), BrokerError> {
-        let result =
-            tokio::time::timeout(self.settings.op_timeout, self.pool.publish(channel, message)).await;
+        self.timed(self.pool.publish(channel, message)).await
+    }
+
+    /// Runs one Redis operation within `op_timeout`, recording whether Redis answered.
+    async fn timed<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, BrokerError> {
+        let result = tokio::time::timeout(self.settings.op_timeout, operation).await;
         let result = match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(BrokerError::Unavailable(error)),
             Err(_) => Err(BrokerError::Unavailable(format!(
                 "no answer from Redis within {:?}",
@@ -173,6 +189,7 @@ impl RedisBroker {
             probe_published: AtomicU64::new(0),
             probe_received: AtomicU64::new(0),
             invalid_channels: AtomicU64::new(0),
+            epochs: Epochs::default(),
         });
         Ok(Self { shared })
     }
@@ -194,7 +211,24 @@ impl Drop for RedisBroker {
 #[async_trait]
 impl MessageBroker for RedisBroker {
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
-        self.shared.publish_bytes(&channel.name(), &message).await
+        if self.shared.settings.history.is_on() && channel.has_history() {
+            self.shared.publish_with_history(channel, &message).await
+        } else {
+            self.shared.publish_bytes(&channel.name(), &message).await
+        }
+    }
+
+    async fn history(
+        &self,
+        channel: &Channel,
+        since: Option<StreamPosition>,
+    ) -> Result<HistoryRead, BrokerError> {
+        if self.shared.settings.history.is_on() && channel.has_history() {
+            self.shared.read_history(channel, since).await
+        } else {
+            // Nothing can be recovered without a history.
+            Ok(HistoryRead { position: None, missed: None })
+        }
     }
 
     fn subscribe(&self, channels: &[Channel]) {

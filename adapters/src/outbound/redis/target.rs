@@ -83,6 +83,25 @@ impl PublishPool {
         self.query(command).await.map(|_| ())
     }
 
+    /// Runs one script (EVALSHA, loading it first when Redis does not know it) on a pooled
+    /// connection.
+    pub(super) async fn invoke(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<redis::Value, String> {
+        let result = match self {
+            Self::Direct(pool) => match pool.get().await {
+                Ok(mut connection) => invocation.invoke_async(&mut connection).await,
+                Err(error) => return Err(format!("no Redis connection: {error}")),
+            },
+            Self::Sentinel(pool) => match pool.get().await {
+                Ok(mut connection) => invocation.invoke_async(&mut connection).await,
+                Err(error) => return Err(format!("no Redis connection: {error}")),
+            },
+        };
+        result.map_err(|e| format!("Redis script failed: {e}"))
+    }
+
     /// Runs one command on a pooled connection.
     pub(super) async fn query(&self, command: redis::Cmd) -> Result<redis::Value, String> {
         let result = match self {

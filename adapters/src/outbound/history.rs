@@ -1,0 +1,103 @@
+//! What both brokers share about channel history: its settings, epochs, and the way a
+//! position is written into an envelope.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::outbound::system::random_bytes;
+
+/// How much history each `tenant:` and `user:` channel keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySettings {
+    /// Messages kept per channel; 0 turns history (and offsets) off.
+    pub size: usize,
+    /// How long a message is kept; a channel's position itself is forgotten (and its next
+    /// message starts a new epoch) once nothing was published to or read from it for this long.
+    pub ttl: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self { size: 100, ttl: Duration::from_secs(3600) }
+    }
+}
+
+impl HistorySettings {
+    /// History turned off.
+    pub fn off() -> Self {
+        Self { size: 0, ..Self::default() }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.size > 0
+    }
+}
+
+/// Hands out epochs no other instance or run ever hands out: a random prefix per process and a
+/// counter.
+#[derive(Debug)]
+pub struct Epochs {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl Default for Epochs {
+    fn default() -> Self {
+        // Without randomness, the start time in nanoseconds still differs between runs.
+        let bytes = random_bytes(6).unwrap_or_else(|_| {
+            let nanos =
+                SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+            nanos.to_le_bytes()[..6].to_vec()
+        });
+        Self { prefix: bytes.iter().map(|b| format!("{b:02x}")).collect(), counter: AtomicU64::new(0) }
+    }
+}
+
+impl Epochs {
+    pub fn next(&self) -> String {
+        format!("{}-{}", self.prefix, self.counter.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// `envelope` (one JSON object) without its closing brace, ready for `,"offset":…}` to be
+/// appended; `None` when it does not end with `}`.
+pub fn open_envelope(envelope: &[u8]) -> Option<&[u8]> {
+    let end = envelope.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let last_field = envelope[..end].iter().rposition(|b| !b.is_ascii_whitespace())?;
+    // `{}` has no field to follow.
+    (envelope[end] == b'}' && envelope[last_field] != b'{').then(|| &envelope[..end])
+}
+
+/// `envelope` with `"offset"` and `"epoch"` added as its last fields.
+pub fn with_position(envelope: &[u8], offset: u64, epoch: &str) -> Option<Bytes> {
+    let open = open_envelope(envelope)?;
+    let mut out = Vec::with_capacity(open.len() + epoch.len() + 40);
+    out.extend_from_slice(open);
+    out.extend_from_slice(format!(r#","offset":{offset},"epoch":"{epoch}"}}"#).as_bytes());
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_is_added_as_the_last_fields_of_the_envelope() {
+        let got = with_position(br#"{"type":"n","payload":{"a":1}} "#, 7, "e-1").expect("object");
+        assert_eq!(&got[..], br#"{"type":"n","payload":{"a":1},"offset":7,"epoch":"e-1"}"#);
+        assert_eq!(with_position(b"[1]", 1, "e"), None);
+        assert_eq!(with_position(b"}", 1, "e"), None);
+        assert_eq!(with_position(b"{ }", 1, "e"), None);
+    }
+
+    #[test]
+    fn epochs_are_never_repeated_and_are_valid_epochs() {
+        let (a, b) = (Epochs::default(), Epochs::default());
+        let all = [a.next(), a.next(), b.next()];
+        assert_ne!(all[0], all[1]);
+        assert_ne!(all[0], all[2]);
+        assert!(all.iter().all(|e| domain::position::is_valid_epoch(e)));
+    }
+}

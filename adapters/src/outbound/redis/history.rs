@@ -1,0 +1,181 @@
+//! Channel history in Redis: per channel, a hash with its epoch and latest offset and a stream
+//! of its last messages, written by the same Lua script that publishes, so a message is in the
+//! history if and only if it was published, and offsets follow publication order.
+//!
+//! Keys share the hash tag `{<channel>}`, so both live on one node of a cluster:
+//! - `lq-realtime:{tenant:acme}:position` — hash: `e` epoch, `s` latest offset;
+//! - `lq-realtime:{tenant:acme}:history` — stream: entry id `<offset>-0`, fields `t` (Redis
+//!   time in seconds when appended) and `m` (the published message).
+//!
+//! Both expire `HISTORY_TTL_SECS` after the channel's last publish (the position also after
+//! its last read); an entry older than that is never replayed. A channel whose position is
+//! gone (expired, or Redis lost its data) starts a new epoch at offset 0.
+
+use std::sync::LazyLock;
+
+use application::ports::{BrokerError, HistoryRead};
+use bytes::Bytes;
+use deadpool_redis::redis::{Script, Value};
+use domain::{Channel, StreamPosition};
+
+use super::Shared;
+use crate::outbound::history::open_envelope;
+
+/// KEYS: position hash, history stream. ARGV: channel, envelope without its closing brace,
+/// history size, TTL in seconds, epoch to start when the channel has none.
+/// Publishes the envelope with `"offset"` and `"epoch"` added; returns the offset.
+static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 's', 1)
+local message = ARGV[2] .. string.format(',"offset":%d,"epoch":"', offset) .. epoch .. '"}'
+local now = redis.call('TIME')
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 't', now[1], 'm', message)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], message)
+return offset
+"#,
+    )
+});
+
+/// KEYS: position hash, history stream. ARGV: epoch to start when the channel has none, TTL in
+/// seconds, the asked epoch ('' when not asked), the asked offset.
+/// Returns {epoch, latest offset, status, messages…}: status -1 not asked, 0 out of reach,
+/// 1 the messages after the asked offset follow (none when nothing was missed).
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local top = 0
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+else
+  top = tonumber(redis.call('HGET', KEYS[1], 's')) or 0
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local reply = {epoch, string.format('%d', top), -1}
+if ARGV[3] == '' then return reply end
+reply[3] = 0
+local since = tonumber(ARGV[4])
+if ARGV[3] ~= epoch or since == nil or since > top then return reply end
+if since == top then reply[3] = 1 return reply end
+local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', since + 1), '+')
+local oldest = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[2])
+if #entries ~= top - since or tonumber(entries[1][2][2]) <= oldest then return reply end
+reply[3] = 1
+for i, entry in ipairs(entries) do reply[3 + i] = entry[2][4] end
+return reply
+"#,
+    )
+});
+
+fn keys(channel: &str) -> (String, String) {
+    (format!("lq-realtime:{{{channel}}}:position"), format!("lq-realtime:{{{channel}}}:history"))
+}
+
+fn unexpected(what: &str) -> BrokerError {
+    BrokerError::Unavailable(format!("unexpected answer from Redis to the history {what}"))
+}
+
+impl Shared {
+    /// Appends `message` to `channel`'s history and publishes it, in one script.
+    pub(super) async fn publish_with_history(
+        &self,
+        channel: &Channel,
+        message: &[u8],
+    ) -> Result<(), BrokerError> {
+        let open = open_envelope(message).ok_or_else(|| {
+            BrokerError::Unavailable("a message with a history must be a JSON object".to_owned())
+        })?;
+        let name = channel.name();
+        let (position, history) = keys(&name);
+        let history_settings = self.settings.history;
+        let mut invocation = PUBLISH.prepare_invoke();
+        invocation
+            .key(position)
+            .key(history)
+            .arg(&name)
+            .arg(open)
+            .arg(history_settings.size)
+            .arg(history_settings.ttl.as_secs().max(1))
+            .arg(self.epochs.next());
+        self.timed(self.pool.invoke(&invocation)).await.map(|_| ())
+    }
+
+    /// Reads `channel`'s position and, when `since` is given, what was published after it.
+    pub(super) async fn read_history(
+        &self,
+        channel: &Channel,
+        since: Option<StreamPosition>,
+    ) -> Result<HistoryRead, BrokerError> {
+        let (position, history) = keys(&channel.name());
+        let (since_epoch, since_offset) = since.map_or((String::new(), 0), |s| (s.epoch, s.offset));
+        let mut invocation = READ.prepare_invoke();
+        invocation
+            .key(position)
+            .key(history)
+            .arg(self.epochs.next())
+            .arg(self.settings.history.ttl.as_secs().max(1))
+            .arg(since_epoch)
+            .arg(since_offset);
+        let reply = self.timed(self.pool.invoke(&invocation)).await?;
+        parse_read(reply).ok_or_else(|| unexpected("read"))
+    }
+}
+
+fn text(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+fn parse_read(reply: Value) -> Option<HistoryRead> {
+    let Value::Array(items) = reply else { return None };
+    let epoch = std::str::from_utf8(text(items.first()?)?).ok()?.to_owned();
+    let top = std::str::from_utf8(text(items.get(1)?)?).ok()?.parse().ok()?;
+    let Value::Int(status) = items.get(2)? else { return None };
+    let missed = match status {
+        1 => {
+            Some(items[3..].iter().map(|m| text(m).map(Bytes::copy_from_slice)).collect::<Option<Vec<_>>>()?)
+        }
+        _ => None,
+    };
+    Some(HistoryRead { position: Some(StreamPosition::new(epoch, top)), missed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_a_channel_share_its_hash_tag() {
+        assert_eq!(
+            keys("tenant:acme"),
+            ("lq-realtime:{tenant:acme}:position".to_owned(), "lq-realtime:{tenant:acme}:history".to_owned())
+        );
+    }
+
+    #[test]
+    fn read_replies_are_parsed_and_anything_else_is_refused() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![bulk("e1"), bulk("3"), Value::Int(1), bulk("a"), bulk("b")]);
+        let read = parse_read(reply).expect("valid");
+        assert_eq!(read.position, Some(StreamPosition::new("e1", 3)));
+        assert_eq!(read.missed, Some(vec![Bytes::from("a"), Bytes::from("b")]));
+        let reply = Value::Array(vec![bulk("e1"), bulk("3"), Value::Int(0)]);
+        assert_eq!(parse_read(reply).expect("valid").missed, None);
+        assert_eq!(parse_read(Value::Array(vec![bulk("e1"), bulk("x"), Value::Int(0)])), None);
+        assert_eq!(parse_read(Value::Nil), None);
+    }
+}
