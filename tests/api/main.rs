@@ -9,6 +9,7 @@ mod deployment;
 mod observability;
 mod operations;
 mod process;
+mod recovery;
 mod proxy;
 mod scale_out;
 mod security;
