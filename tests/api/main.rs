@@ -5,12 +5,13 @@ mod helpers;
 mod redis_support;
 
 mod broker_contract;
+mod chaos;
 mod deployment;
 mod observability;
 mod operations;
 mod process;
-mod recovery;
 mod proxy;
+mod recovery;
 mod scale_out;
 mod security;
 mod webhooks;

@@ -16,9 +16,9 @@ fn binary() -> &'static std::path::Path {
 }
 
 /// A running `lq-realtime` process, killed if the test ends early.
-struct Process {
+pub(crate) struct Process {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
     output: tokio::task::JoinHandle<Vec<String>>,
 }
 
@@ -33,7 +33,7 @@ fn command(env: &[(&str, &str)]) -> Command {
 }
 
 /// Starts the binary on a free port with JSON logs and waits for its "listening" line.
-async fn start(extra_env: &[(&str, &str)]) -> Process {
+pub(crate) async fn start(extra_env: &[(&str, &str)]) -> Process {
     let mut env = vec![
         ("BIND_ADDR", "127.0.0.1:0"),
         ("JWT_SECRET_KEY", JWT_SECRET),
@@ -76,7 +76,7 @@ async fn start(extra_env: &[(&str, &str)]) -> Process {
 }
 
 impl Process {
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status =
             std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().expect("kill runs");

@@ -54,9 +54,13 @@ async fn recovery_round_trip(app: &TestApp) {
         post(app, n).await;
     }
     let user_since = format!("{}:0", positions["user:acme:bob"]["epoch"].as_str().expect("epoch"));
-    let (mut client, welcome) = connect_with(app, &format!("&since={last_seen}&user_since={user_since}")).await;
+    let (mut client, welcome) =
+        connect_with(app, &format!("&since={last_seen}&user_since={user_since}")).await;
     assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
-    assert_eq!(welcome["payload"]["positions"]["tenant:acme"]["offset"], first["offset"].as_u64().expect("o") + 3);
+    assert_eq!(
+        welcome["payload"]["positions"]["tenant:acme"]["offset"],
+        first["offset"].as_u64().expect("o") + 3
+    );
     for n in 2..=4 {
         assert_eq!(next_n(&mut client).await, n);
     }

@@ -37,7 +37,7 @@ pub struct Accepted {
 }
 
 /// How long a claimed but unfinished delivery blocks its retries.
-const PENDING_DELIVERY_SECS: u64 = 60;
+const PENDING_DELIVERY_SECS: u64 = 10;
 
 /// Why a webhook was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
