@@ -65,6 +65,24 @@ pub trait MessageBroker: Send + Sync {
     /// rather than waiting for the broker to come back.
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError>;
 
+    /// Publishes like [`MessageBroker::publish`] and, where the broker can, records in the same
+    /// atomic step that the webhook delivery `record` became this message, so that no crash
+    /// between the two lets a retry of the delivery be relayed again. Brokers that cannot
+    /// publish only; the caller records the delivery through its [`DeliveryLog`] afterwards
+    /// either way.
+    ///
+    /// # Errors
+    /// As [`MessageBroker::publish`].
+    async fn publish_recorded(
+        &self,
+        channel: &Channel,
+        message: Bytes,
+        record: &DeliveryRecord,
+    ) -> Result<(), BrokerError> {
+        let _ = record;
+        self.publish(channel, message).await
+    }
+
     /// Reads `channel`'s current position and, when `since` is given, every message published
     /// after it. A channel without a history yet starts one (offset 0, a new epoch).
     ///
@@ -346,6 +364,17 @@ impl Metrics for NoMetrics {
     fn recovery(&self, _: bool) {}
 }
 
+/// A webhook delivery that became a message, as recorded by [`DeliveryLog::complete`] or
+/// [`MessageBroker::publish_recorded`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub tenant: TenantId,
+    pub delivery_id: String,
+    pub message_id: MessageId,
+    /// How long the record is kept.
+    pub keep_secs: u64,
+}
+
 /// What a [`DeliveryLog`] knows about a webhook delivery id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliveryClaim {
@@ -374,18 +403,15 @@ pub trait DeliveryLog: Send + Sync {
         pending_secs: u64,
     ) -> Result<DeliveryClaim, BrokerError>;
 
-    /// Records that the claimed delivery became `message_id`, for `keep_secs`.
+    /// Records that the claimed delivery became a message (idempotent: the broker may already
+    /// have recorded it with the publish).
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the log cannot be reached.
-    async fn complete(
-        &self,
-        tenant: &TenantId,
-        delivery_id: &str,
-        message_id: &MessageId,
-        keep_secs: u64,
-    ) -> Result<(), BrokerError>;
+    async fn complete(&self, record: &DeliveryRecord) -> Result<(), BrokerError>;
 
-    /// Forgets a claim whose delivery failed, so the sender's retry goes through.
+    /// Forgets a claim whose delivery failed, so the sender's retry goes through. A delivery
+    /// already recorded as relayed (a publish that reached the broker although its answer did
+    /// not arrive) is kept, so the retry is answered as a duplicate.
     async fn release(&self, tenant: &TenantId, delivery_id: &str);
 }

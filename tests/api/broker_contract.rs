@@ -234,3 +234,35 @@ async fn the_redis_broker_keeps_the_broker_contract() {
         RedisBroker::new(RedisBrokerSettings::new(RedisTarget::Url(redis.url()))).expect("valid settings");
     contract(Arc::new(broker)).await;
 }
+
+#[tokio::test]
+async fn redis_records_a_webhook_delivery_in_the_same_step_as_its_publish() {
+    use application::ports::{DeliveryClaim, DeliveryLog, DeliveryRecord};
+    use domain::MessageId;
+    let redis = RedisServer::start();
+    for history in [five(), HistorySettings::off()] {
+        let broker = redis_broker(&redis, history);
+        let log = broker.delivery_log();
+        let acme = TenantId::parse("acme").expect("valid");
+        let id = format!("d-{}", history.size);
+        assert_eq!(log.claim(&acme, &id, 10).await, Ok(DeliveryClaim::Claimed));
+        let record = DeliveryRecord {
+            tenant: acme.clone(),
+            delivery_id: id.clone(),
+            message_id: MessageId::parse("m-1").expect("valid"),
+            keep_secs: 60,
+        };
+        broker.publish_recorded(&tenant("acme"), envelope(1), &record).await.expect("published");
+        // As if the instance died before completing: the retry is a duplicate, and a release
+        // (the publish's answer was lost) does not undo the record.
+        let delivered = Ok(DeliveryClaim::Delivered(record.message_id.clone()));
+        assert_eq!(log.claim(&acme, &id, 10).await, delivered);
+        log.release(&acme, &id).await;
+        assert_eq!(log.claim(&acme, &id, 10).await, delivered);
+        // A pending claim is released.
+        assert_eq!(log.claim(&acme, "pending", 10).await, Ok(DeliveryClaim::Claimed));
+        log.release(&acme, "pending").await;
+        assert_eq!(log.claim(&acme, "pending", 10).await, Ok(DeliveryClaim::Claimed));
+        log.release(&acme, "pending").await;
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use application::ports::{BrokerError, DeliveryClaim, DeliveryLog};
+use application::ports::{BrokerError, DeliveryClaim, DeliveryLog, DeliveryRecord};
 use async_trait::async_trait;
 use domain::{MessageId, TenantId};
 
@@ -93,20 +93,19 @@ impl DeliveryLog for InMemoryDeliveryLog {
         }
     }
 
-    async fn complete(
-        &self,
-        tenant: &TenantId,
-        delivery_id: &str,
-        message_id: &MessageId,
-        keep_secs: u64,
-    ) -> Result<(), BrokerError> {
-        let key = (tenant.clone(), delivery_id.to_owned());
-        self.log().insert(key, State::Delivered(message_id.clone()), deadline(keep_secs));
+    async fn complete(&self, record: &DeliveryRecord) -> Result<(), BrokerError> {
+        let key = (record.tenant.clone(), record.delivery_id.clone());
+        self.log().insert(key, State::Delivered(record.message_id.clone()), deadline(record.keep_secs));
         Ok(())
     }
 
     async fn release(&self, tenant: &TenantId, delivery_id: &str) {
-        self.log().entries.remove(&(tenant.clone(), delivery_id.to_owned()));
+        let mut log = self.log();
+        let key = (tenant.clone(), delivery_id.to_owned());
+        // Only a pending claim: a recorded delivery stays recorded.
+        if log.entries.get(&key).is_some_and(|(state, _)| matches!(state, State::Pending)) {
+            log.entries.remove(&key);
+        }
     }
 }
 
@@ -123,9 +122,17 @@ mod tests {
         assert_eq!(log.claim(&acme, "d", 60).await, Ok(DeliveryClaim::InProgress));
         assert_eq!(log.claim(&globex, "d", 60).await, Ok(DeliveryClaim::Claimed), "ids are per tenant");
         let id = MessageId::parse("m").expect("valid");
-        log.complete(&acme, "d", &id, 60).await.expect("recorded");
+        let record = |delivery_id: &str, keep_secs| DeliveryRecord {
+            tenant: acme.clone(),
+            delivery_id: delivery_id.to_owned(),
+            message_id: id.clone(),
+            keep_secs,
+        };
+        log.complete(&record("d", 60)).await.expect("recorded");
         assert_eq!(log.claim(&acme, "d", 60).await, Ok(DeliveryClaim::Delivered(id.clone())));
-        log.complete(&acme, "short", &id, 0).await.expect("recorded");
+        log.release(&acme, "d").await;
+        assert_eq!(log.claim(&acme, "d", 60).await, Ok(DeliveryClaim::Delivered(id.clone())), "kept");
+        log.complete(&record("short", 0)).await.expect("recorded");
         assert_eq!(log.claim(&acme, "short", 60).await, Ok(DeliveryClaim::Claimed), "expired");
     }
 

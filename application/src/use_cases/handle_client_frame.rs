@@ -123,7 +123,7 @@ impl HandleClientFrame {
                     Some(info.user_id.clone()),
                     Some(channel.clone()),
                 );
-                match publish_timed(&*self.broker, &*self.metrics, &channel, &envelope).await {
+                match publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, None).await {
                     Ok(()) => FrameOutcome::Nothing,
                     Err(error) => {
                         self.metrics.messages_dropped(DropReason::BrokerUnavailable, 1);

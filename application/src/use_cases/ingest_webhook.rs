@@ -10,8 +10,8 @@ use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
 use crate::ports::{
-    BrokerError, DeliveryClaim, DeliveryLog, MessageBroker, MessageSource, Metrics, NoMetrics,
-    SignatureError, WebhookVerifier,
+    BrokerError, DeliveryClaim, DeliveryLog, DeliveryRecord, MessageBroker, MessageSource, Metrics,
+    NoMetrics, SignatureError, WebhookVerifier,
 };
 use crate::use_cases::publish_timed;
 
@@ -176,17 +176,32 @@ impl IngestWebhook {
         let channel = Channel::Tenant(tenant.clone());
         let envelope = self.frames.envelope(kind::WEBHOOK, payload, None, Some(channel.clone()));
         self.metrics.message_received(MessageSource::Webhook);
-        let published = publish_timed(&*self.broker, &*self.metrics, &channel, &envelope).await;
-        match (published, delivery) {
-            (Ok(()), Some((log, id, keep))) => {
-                if let Err(error) = log.complete(&tenant, id, &envelope.message_id, keep).await {
-                    // Relayed all the same; a retry within the pending window is refused as in
-                    // progress, and one after it would be relayed again.
+        let record = delivery.map(|(log, id, keep)| {
+            let record = DeliveryRecord {
+                tenant: tenant.clone(),
+                delivery_id: id.to_owned(),
+                message_id: envelope.message_id.clone(),
+                keep_secs: keep,
+            };
+            (log, record)
+        });
+        let published = publish_timed(
+            &*self.broker,
+            &*self.metrics,
+            &channel,
+            &envelope,
+            record.as_ref().map(|(_, r)| r),
+        )
+        .await;
+        match (published, record) {
+            (Ok(()), Some((log, record))) => {
+                if let Err(error) = log.complete(&record).await {
+                    // Relayed all the same, and recorded with the publish where the broker can.
                     tracing::warn!(%error, "webhook delivery relayed but not recorded");
                 }
             }
-            (Err(error), Some((log, id, _))) => {
-                log.release(&tenant, id).await;
+            (Err(error), Some((log, record))) => {
+                log.release(&tenant, &record.delivery_id).await;
                 return Err(WebhookError::Broker(error));
             }
             (Err(error), None) => return Err(WebhookError::Broker(error)),
@@ -286,13 +301,23 @@ mod tests {
     #[tokio::test]
     async fn a_new_delivery_id_is_claimed_relayed_and_recorded() {
         let mut log = log(DeliveryClaim::Claimed);
-        log.expect_complete()
-            .withf(|_, id, message, keep| id == "d-1" && message.as_str() == "m1" && *keep == 86_400)
-            .times(1)
-            .returning(|_, _, _, _| Ok(()));
+        let recorded = |record: &DeliveryRecord| {
+            record.tenant.as_str() == "acme"
+                && record.delivery_id == "d-1"
+                && record.message_id.as_str() == "m1"
+                && record.keep_secs == 86_400
+        };
+        log.expect_complete().withf(recorded).times(1).returning(|_| Ok(()));
         log.expect_release().never();
         let mut broker = MockMessageBroker::new();
-        broker.expect_publish().times(1).returning(|_, _| Ok(()));
+        broker.expect_publish().never();
+        // Recorded with the publish where the broker can, so no crash in between lets a retry
+        // through.
+        broker
+            .expect_publish_recorded()
+            .withf(move |_, _, r| recorded(r))
+            .times(1)
+            .returning(|_, _, _| Ok(()));
         let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(Arc::new(log), 86_400);
         let accepted = ingest.ingest(with_id(b"{}", "d-1")).await.expect("accepted");
         assert!(!accepted.duplicate);
@@ -328,7 +353,7 @@ mod tests {
         log.expect_release().withf(|_, id| id == "d-1").times(1).returning(|_, _| ());
         log.expect_complete().never();
         let mut broker = MockMessageBroker::new();
-        broker.expect_publish().returning(|_, _| Err(BrokerError::Unavailable("down".into())));
+        broker.expect_publish_recorded().returning(|_, _, _| Err(BrokerError::Unavailable("down".into())));
         let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(Arc::new(log), 60);
         assert!(matches!(ingest.ingest(with_id(b"{}", "d-1")).await, Err(WebhookError::Broker(_))));
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use domain::{Channel, Envelope};
 
 use crate::frames::encode;
-use crate::ports::{BrokerError, MessageBroker, Metrics};
+use crate::ports::{BrokerError, DeliveryRecord, MessageBroker, Metrics};
 
 /// Publishes `envelope` on `channel`, reporting how long the broker took, success or not.
 pub(crate) async fn publish_timed(
@@ -23,9 +23,13 @@ pub(crate) async fn publish_timed(
     metrics: &dyn Metrics,
     channel: &Channel,
     envelope: &Envelope,
+    record: Option<&DeliveryRecord>,
 ) -> Result<(), BrokerError> {
     let started = Instant::now();
-    let published = broker.publish(channel, encode(envelope)).await;
+    let published = match record {
+        Some(record) => broker.publish_recorded(channel, encode(envelope), record).await,
+        None => broker.publish(channel, encode(envelope)).await,
+    };
     metrics.broker_publish(started.elapsed().as_secs_f64());
     published
 }

@@ -1,16 +1,27 @@
 //! `RedisDeliveryLog`: webhook delivery ids shared by every instance, as Redis keys with expiry.
 //!
 //! `lq-realtime:delivery:{tenant}:{id}` holds `""` while the delivery is being processed (set
-//! with NX, so exactly one instance claims it) and the message id once it was relayed.
+//! with NX, so exactly one instance claims it) and the message id once it was relayed. The
+//! broker's publish script writes the message id in the same step as the publish (see
+//! `RedisBroker::publish_recorded`), so a crash right after a publish cannot let a retry of the
+//! delivery through.
 
 use std::sync::Arc;
 
-use application::ports::{BrokerError, DeliveryClaim, DeliveryLog};
+use std::sync::LazyLock;
+
+use application::ports::{BrokerError, DeliveryClaim, DeliveryLog, DeliveryRecord};
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, Value};
+use deadpool_redis::redis::{self, Script, Value};
 use domain::{MessageId, TenantId};
 
 use super::Shared;
+
+/// Deletes a claim only while it is pending: a delivery the publish script already recorded
+/// (its answer lost on the way back) stays recorded, so the sender's retry is a duplicate.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new("if redis.call('GET', KEYS[1]) == '' then return redis.call('DEL', KEYS[1]) end return 0")
+});
 
 /// The delivery log of a [`super::RedisBroker`], on its publish pool.
 pub struct RedisDeliveryLog {
@@ -23,7 +34,7 @@ impl std::fmt::Debug for RedisDeliveryLog {
     }
 }
 
-fn key(tenant: &TenantId, delivery_id: &str) -> String {
+pub(super) fn key(tenant: &TenantId, delivery_id: &str) -> String {
     // Both parts are validated ids: no ':' can shift the key's structure.
     format!("lq-realtime:delivery:{tenant}:{delivery_id}")
 }
@@ -67,22 +78,24 @@ impl DeliveryLog for RedisDeliveryLog {
         }
     }
 
-    async fn complete(
-        &self,
-        tenant: &TenantId,
-        delivery_id: &str,
-        message_id: &MessageId,
-        keep_secs: u64,
-    ) -> Result<(), BrokerError> {
+    async fn complete(&self, record: &DeliveryRecord) -> Result<(), BrokerError> {
         let mut set = redis::cmd("SET");
-        set.arg(key(tenant, delivery_id)).arg(message_id.as_str()).arg("EX").arg(keep_secs.max(1));
+        set.arg(key(&record.tenant, &record.delivery_id))
+            .arg(record.message_id.as_str())
+            .arg("EX")
+            .arg(record.keep_secs.max(1));
         self.run(set).await.map(|_| ())
     }
 
     async fn release(&self, tenant: &TenantId, delivery_id: &str) {
-        let mut del = redis::cmd("DEL");
-        del.arg(key(tenant, delivery_id));
-        if let Err(error) = self.run(del).await {
+        let mut invocation = RELEASE.prepare_invoke();
+        invocation.key(key(tenant, delivery_id));
+        let timeout = self.shared.settings.op_timeout;
+        let result = match tokio::time::timeout(timeout, self.shared.pool.invoke(&invocation)).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
+        };
+        if let Err(error) = result {
             tracing::warn!(%error, "webhook delivery claim not released; it lapses by itself");
         }
     }

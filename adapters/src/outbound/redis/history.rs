@@ -13,17 +13,20 @@
 
 use std::sync::LazyLock;
 
-use application::ports::{BrokerError, HistoryRead};
+use application::ports::{BrokerError, DeliveryRecord, HistoryRead};
 use bytes::Bytes;
 use deadpool_redis::redis::{Script, Value};
 use domain::{Channel, StreamPosition};
 
 use super::Shared;
+use super::delivery_log::key as delivery_key;
 use crate::outbound::history::open_envelope;
 
-/// KEYS: position hash, history stream. ARGV: channel, envelope without its closing brace,
-/// history size, TTL in seconds, epoch to start when the channel has none.
-/// Publishes the envelope with `"offset"` and `"epoch"` added; returns the offset.
+/// KEYS: position hash, history stream, optionally a webhook delivery key. ARGV: channel,
+/// envelope without its closing brace, history size, TTL in seconds, epoch to start when the
+/// channel has none, and with a delivery key its message id and seconds to keep it.
+/// Publishes the envelope with `"offset"` and `"epoch"` added, records the delivery; returns
+/// the offset.
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -40,8 +43,17 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 't
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[1], message)
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 return offset
 "#,
+    )
+});
+
+/// KEYS: a webhook delivery key. ARGV: channel, message, message id, seconds to keep it.
+/// Publishes without history and records the delivery.
+static PUBLISH_RECORDED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) return redis.call('PUBLISH', ARGV[1], ARGV[2])",
     )
 });
 
@@ -87,11 +99,13 @@ fn unexpected(what: &str) -> BrokerError {
 }
 
 impl Shared {
-    /// Appends `message` to `channel`'s history and publishes it, in one script.
+    /// Appends `message` to `channel`'s history, publishes it and records `record`, in one
+    /// script.
     pub(super) async fn publish_with_history(
         &self,
         channel: &Channel,
         message: &[u8],
+        record: Option<&DeliveryRecord>,
     ) -> Result<(), BrokerError> {
         let open = open_envelope(message).ok_or_else(|| {
             BrokerError::Unavailable("a message with a history must be a JSON object".to_owned())
@@ -108,6 +122,29 @@ impl Shared {
             .arg(history_settings.size)
             .arg(history_settings.ttl.as_secs().max(1))
             .arg(self.epochs.next());
+        if let Some(record) = record {
+            invocation
+                .key(delivery_key(&record.tenant, &record.delivery_id))
+                .arg(record.message_id.as_str())
+                .arg(record.keep_secs.max(1));
+        }
+        self.timed(self.pool.invoke(&invocation)).await.map(|_| ())
+    }
+
+    /// Publishes `message` without history and records `record`, in one script.
+    pub(super) async fn publish_recorded_plain(
+        &self,
+        channel: &Channel,
+        message: &[u8],
+        record: &DeliveryRecord,
+    ) -> Result<(), BrokerError> {
+        let mut invocation = PUBLISH_RECORDED.prepare_invoke();
+        invocation
+            .key(delivery_key(&record.tenant, &record.delivery_id))
+            .arg(channel.name())
+            .arg(message)
+            .arg(record.message_id.as_str())
+            .arg(record.keep_secs.max(1));
         self.timed(self.pool.invoke(&invocation)).await.map(|_| ())
     }
 

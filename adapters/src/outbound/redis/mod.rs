@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
-use application::ports::{BrokerError, HistoryRead, InboundHandler, MessageBroker, SubscribeAck};
+use application::ports::{
+    BrokerError, DeliveryRecord, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use domain::{Channel, StreamPosition};
@@ -212,9 +214,22 @@ impl Drop for RedisBroker {
 impl MessageBroker for RedisBroker {
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.publish_with_history(channel, &message).await
+            self.shared.publish_with_history(channel, &message, None).await
         } else {
             self.shared.publish_bytes(&channel.name(), &message).await
+        }
+    }
+
+    async fn publish_recorded(
+        &self,
+        channel: &Channel,
+        message: Bytes,
+        record: &DeliveryRecord,
+    ) -> Result<(), BrokerError> {
+        if self.shared.settings.history.is_on() && channel.has_history() {
+            self.shared.publish_with_history(channel, &message, Some(record)).await
+        } else {
+            self.shared.publish_recorded_plain(channel, &message, record).await
         }
     }
 
