@@ -6,6 +6,7 @@
 //! held: that is what keeps "last client of tenant T left" and "first client of tenant T
 //! arrived" in order at the broker.
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +30,19 @@ pub const MAX_HELD_FRAMES: usize = 4096;
 
 /// A message's place in its channel, as a fan-out hands it along: offset and epoch.
 pub type Position<'a> = Option<(u64, &'a str)>;
+
+/// What a message's position says about the messages this instance received before it on its
+/// channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuity {
+    /// The next message, or the first since the channel was subscribed here.
+    Next,
+    /// Messages before it never arrived here (or the channel's history was lost): the local
+    /// clients of the channel must recover.
+    Gap,
+    /// A message already received here.
+    Repeated,
+}
 
 /// A live delivery that arrived while its connection was still being opened.
 struct Held {
@@ -222,6 +236,9 @@ type Shard = RwLock<ConnectionRegistry<Arc<ConnectionHandle>>>;
 /// This instance's connections.
 pub struct Hub {
     shards: Box<[Shard]>,
+    /// Per shard: the position of the last message received on each history channel that
+    /// has local connections. Reset when the channel is subscribed anew.
+    positions: Box<[Mutex<HashMap<Channel, StreamPosition>>]>,
     broker: Arc<dyn MessageBroker>,
     registered: AtomicUsize,
     admitted: Arc<AtomicUsize>,
@@ -283,6 +300,7 @@ impl Hub {
     ) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(ConnectionRegistry::new())).collect(),
+            positions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             broker,
             registered: AtomicUsize::new(0),
             admitted: Arc::new(AtomicUsize::new(0)),
@@ -291,11 +309,94 @@ impl Hub {
         }
     }
 
-    fn shard(&self, tenant: &TenantId) -> &Shard {
+    fn shard_index(tenant: &TenantId) -> usize {
         let mut hasher = DefaultHasher::new();
         tenant.hash(&mut hasher);
         // The modulo keeps the index below SHARDS, which fits in usize.
-        &self.shards[(hasher.finish() % SHARDS as u64) as usize]
+        (hasher.finish() % SHARDS as u64) as usize
+    }
+
+    fn shard(&self, tenant: &TenantId) -> &Shard {
+        &self.shards[Self::shard_index(tenant)]
+    }
+
+    fn positions_of(&self, tenant: &TenantId) -> std::sync::MutexGuard<'_, HashMap<Channel, StreamPosition>> {
+        self.positions[Self::shard_index(tenant)].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets what was received on `channels`: they are subscribed anew or no longer.
+    fn forget_positions(&self, tenant: &TenantId, channels: &[Channel]) {
+        let mut positions = self.positions_of(tenant);
+        for channel in channels {
+            positions.remove(channel);
+        }
+    }
+
+    /// Records that a message at `offset` of `epoch` arrived on `channel` and tells whether it
+    /// follows the previous one.
+    pub fn advance(&self, channel: &Channel, offset: u64, epoch: &str) -> Continuity {
+        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else {
+            return Continuity::Next;
+        };
+        let mut positions = self.positions_of(tenant);
+        match positions.get_mut(channel) {
+            None => {
+                positions.insert(channel.clone(), StreamPosition::new(epoch, offset));
+                Continuity::Next
+            }
+            Some(last) if last.epoch == epoch => {
+                if offset <= last.offset {
+                    return Continuity::Repeated;
+                }
+                let next = offset == last.offset + 1;
+                last.offset = offset;
+                if next { Continuity::Next } else { Continuity::Gap }
+            }
+            Some(last) => {
+                *last = StreamPosition::new(epoch, offset);
+                Continuity::Gap
+            }
+        }
+    }
+
+    /// The position of the last message received on `channel`, if any since it was subscribed.
+    pub fn received(&self, channel: &Channel) -> Option<StreamPosition> {
+        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else { return None };
+        self.positions_of(tenant).get(channel).cloned()
+    }
+
+    /// Moves `channel`'s received position to `position` (messages up to it are accounted
+    /// for), unless it is already there or beyond, or the channel has no local connections.
+    pub fn skip_to(&self, channel: &Channel, position: &StreamPosition) {
+        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else { return };
+        if let Some(last) = self.positions_of(tenant).get_mut(channel)
+            && (last.epoch != position.epoch || last.offset < position.offset)
+        {
+            *last = position.clone();
+        }
+    }
+
+    /// Every history channel with local connections and the last position received on it.
+    pub fn received_positions(&self) -> Vec<(Channel, StreamPosition)> {
+        self.positions
+            .iter()
+            .flat_map(|positions| {
+                let positions = positions.lock().unwrap_or_else(PoisonError::into_inner);
+                positions.iter().map(|(c, p)| (c.clone(), p.clone())).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Closes every local connection listening on `channel` with `reason`; returns how many.
+    pub fn close_channel(&self, channel: &Channel, reason: CloseReason) -> usize {
+        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else { return 0 };
+        let shard = Self::read(self.shard(tenant));
+        let mut closed = 0;
+        for handle in shard.recipients(channel) {
+            handle.close(reason);
+            closed += 1;
+        }
+        closed
     }
 
     fn read(shard: &Shard) -> RwLockReadGuard<'_, ConnectionRegistry<Arc<ConnectionHandle>>> {
@@ -334,6 +435,7 @@ impl Hub {
         let needed = shard.register(info.clone(), handle)?;
         self.registered.fetch_add(1, Ordering::AcqRel);
         if !needed.is_empty() {
+            self.forget_positions(&info.tenant_id, &needed);
             self.broker.subscribe(&needed);
         }
         drop(shard);
@@ -348,6 +450,7 @@ impl Hub {
         let mut shard = Self::write(self.shard(tenant));
         let (_, handle, released) = shard.unregister(id)?;
         if !released.is_empty() {
+            self.forget_positions(tenant, &released);
             self.broker.unsubscribe(&released);
         }
         self.registered.fetch_sub(1, Ordering::AcqRel);

@@ -124,6 +124,10 @@ pub trait MessageBroker: Send + Sync {
 pub trait InboundHandler: Send + Sync {
     /// One message (an envelope as JSON, possibly with fields missing) arrived on `channel`.
     fn on_message(&self, channel: Channel, message: Bytes);
+
+    /// The broker's link was re-established after an interruption: messages published
+    /// meanwhile may never arrive.
+    fn on_resubscribed(&self) {}
 }
 
 impl TokenError {
@@ -305,6 +309,11 @@ pub enum DropReason {
     RateLimited,
     /// A client message the broker did not take.
     BrokerUnavailable,
+    /// A broker message that revealed messages missing before it: its channel's clients were
+    /// closed with 4009 and recover it, with what was missing, from the history.
+    Gap,
+    /// A broker message received a second time.
+    Duplicate,
 }
 
 impl DropReason {
@@ -314,6 +323,8 @@ impl DropReason {
             Self::Invalid => "invalid",
             Self::RateLimited => "rate_limited",
             Self::BrokerUnavailable => "broker_unavailable",
+            Self::Gap => "gap",
+            Self::Duplicate => "duplicate",
         }
     }
 }

@@ -190,6 +190,17 @@ impl Application {
             let _ = accepting_stopped.await;
         }));
         let sweeper = tokio::spawn(sweep_periodically(realtime.clone()));
+        let position_checker = tokio::spawn({
+            let realtime = realtime.clone();
+            async move {
+                let mut ticks = tokio::time::interval(POSITION_CHECK_PERIOD);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    realtime.deliver.check_positions().await;
+                }
+            }
+        });
         let broker = match &config.broker {
             BrokerConfig::InProcess => "in-process (single instance)",
             BrokerConfig::Redis { target: adapters::outbound::redis::RedisTarget::Url(_), .. } => "redis",
@@ -209,6 +220,7 @@ impl Application {
         let _ = stop_accepting.send(());
         drain(&realtime, config.drain).await;
         sweeper.abort();
+        position_checker.abort();
         upkeep.abort();
         let _ = stop_metrics.send(());
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
@@ -236,6 +248,10 @@ async fn drain(realtime: &Realtime, over: Duration) {
         tokio::time::sleep(STEP).await;
     }
 }
+
+/// How often channel positions are checked after the broker link was interrupted; also the
+/// time messages in flight get to arrive before a channel counts as having missed them.
+const POSITION_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// How often every connection's time limits are checked and heartbeats sent when due.
 const SWEEP_PERIOD: Duration = Duration::from_millis(250);

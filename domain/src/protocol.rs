@@ -152,6 +152,9 @@ pub enum CloseReason {
     Inactive,
     /// 4008: the client reads too slowly and its outbound queue overflowed.
     SlowConsumer,
+    /// 4009: the instance missed messages of one of the client's channels (its link to the
+    /// broker was interrupted); reconnect with `since=` to recover them.
+    MissedMessages,
 }
 
 impl CloseReason {
@@ -164,6 +167,7 @@ impl CloseReason {
             Self::TokenExpired => 4001,
             Self::Inactive => 4003,
             Self::SlowConsumer => 4008,
+            Self::MissedMessages => 4009,
         }
     }
 
@@ -177,6 +181,7 @@ impl CloseReason {
             Self::TokenExpired => "token expired",
             Self::Inactive => "inactive",
             Self::SlowConsumer => "slow consumer",
+            Self::MissedMessages => "missed messages; reconnect with since to recover",
         }
     }
 }
@@ -249,5 +254,6 @@ mod tests {
         assert_eq!(CloseReason::TokenExpired.code(), 4001);
         assert_eq!(CloseReason::Inactive.code(), 4003);
         assert_eq!(CloseReason::SlowConsumer.code(), 4008);
+        assert_eq!(CloseReason::MissedMessages.code(), 4009);
     }
 }

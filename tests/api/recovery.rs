@@ -167,3 +167,43 @@ async fn after_redis_loses_its_data_reconnecting_clients_are_told_and_a_new_epoc
     assert_eq!(after["payload"]["data"]["n"], 2);
     assert_eq!((after["epoch"].clone(), after["offset"].clone()), (now["epoch"].clone(), json!(1)));
 }
+
+#[tokio::test]
+async fn clients_of_an_instance_that_missed_messages_are_closed_with_4009_and_recover_them() {
+    use crate::proxy::FreezableProxy;
+    let redis = RedisServer::start();
+    let proxy = FreezableProxy::start(redis.port).await;
+    let through_proxy = format!("redis://127.0.0.1:{}", proxy.port);
+    let deaf = spawn_app_with(test_config(|vars| {
+        vars.insert("REDIS_URL".into(), through_proxy);
+    }))
+    .await;
+    let url = redis.url();
+    let healthy = spawn_app_with(test_config(|vars| {
+        vars.insert("REDIS_URL".into(), url);
+    }))
+    .await;
+    deaf.wait_ready(Duration::from_secs(10)).await;
+    healthy.wait_ready(Duration::from_secs(10)).await;
+    let (mut client, _) = connect_with(&deaf, "").await;
+    post(&healthy, 1).await;
+    let first = client.next_json().await;
+    assert_eq!(first["payload"]["data"]["n"], 1);
+
+    // The deaf instance's Redis connections stop delivering without being closed; a message
+    // published meanwhile through the other instance can never reach it live.
+    proxy.freeze_existing();
+    post(&healthy, 2).await;
+    let started = std::time::Instant::now();
+    let close = tokio::time::timeout(Duration::from_secs(15), client.expect_close())
+        .await
+        .expect("the client is told within 15 s")
+        .expect("a close frame");
+    assert_eq!(u16::from(close.code), 4009, "{close:?}");
+    println!("missed messages detected and the client closed {:?} after the publish", started.elapsed());
+
+    let (mut client, welcome) = connect_with(&healthy, &format!("&since={}", position(&first))).await;
+    assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
+    assert_eq!(next_n(&mut client).await, 2);
+    client.expect_nothing_pending().await;
+}

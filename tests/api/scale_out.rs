@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use deadpool_redis::redis;
 use serde_json::json;
 
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
 use crate::helpers::*;
 use crate::proxy::FreezableProxy;
 use crate::redis_support::{RedisServer, pubsub_channels};
@@ -245,7 +247,10 @@ async fn a_subscriber_connection_that_silently_stops_delivering_is_replaced() {
     );
     assert_eq!(client.next_json().await["payload"]["data"]["n"], "before");
 
-    // Every Redis connection of the instance goes deaf without being closed.
+    // Every Redis connection of the instance goes deaf without being closed. The deaf link is
+    // detected and replaced; a client that may have missed messages meanwhile is closed with
+    // 4009 to recover them (see the recovery tests). Deliveries resume for a client connected
+    // afterwards.
     proxy.freeze_existing();
     let frozen = Instant::now();
     let mut delivered = false;
@@ -255,14 +260,17 @@ async fn a_subscriber_connection_that_silently_stops_delivering_is_replaced() {
         if app.get("/ready").await.status != 200 {
             continue;
         }
+        let Ok(mut fresh) = app.try_connect(&token("eve", "acme")).await else { continue };
+        assert_eq!(fresh.next_json().await["type"], "welcome");
         let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": "after"})).await;
         if answer.status == 200 {
             // Accepted by Redis: it must arrive, unless the subscriber was still the deaf one,
             // in which case the next round retries.
-            let frame = tokio::time::timeout(Duration::from_secs(1), client.next_json()).await;
+            let frame = tokio::time::timeout(Duration::from_secs(1), fresh.next_json()).await;
             delivered = frame.is_ok_and(|frame| frame["payload"]["data"]["n"] == "after");
         }
     }
+    drop(client);
 }
 
 #[tokio::test]
@@ -313,6 +321,18 @@ async fn delivery_ids_are_shared_by_every_instance_and_a_failed_delivery_can_be_
     let retried = post_delivery(&a, "gh-2", 2).await;
     assert_eq!(retried.status, 200);
     assert_eq!(retried.body.get("duplicate"), None);
+    // Redis restarted without its data: the history began a new epoch, so the client is told
+    // it may have missed messages, and finds the retried delivery in the new history.
+    let close = client.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 4009);
+    let url = b.ws_url(&format!("?token={}", token("bob", "acme")));
+    let mut client = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
+    let epoch = client.next_json().await["payload"]["positions"]["tenant:acme"]["epoch"].clone();
+    client.close().await;
+    let url =
+        b.ws_url(&format!("?token={}&since={}:0", token("bob", "acme"), epoch.as_str().expect("epoch")));
+    let mut client = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
+    assert_eq!(client.next_json().await["payload"]["recovered"], true);
     assert_eq!(client.next_json().await["payload"]["data"]["n"], 2);
     client.expect_nothing_pending().await;
 }

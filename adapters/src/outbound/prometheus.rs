@@ -27,8 +27,14 @@ const ATTEMPTS: [ConnectionOutcome; 6] = [
     ConnectionOutcome::Unavailable,
 ];
 const SOURCES: [MessageSource; 3] = [MessageSource::Client, MessageSource::Webhook, MessageSource::Broker];
-const DROPS: [DropReason; 4] =
-    [DropReason::SlowConsumer, DropReason::Invalid, DropReason::RateLimited, DropReason::BrokerUnavailable];
+const DROPS: [DropReason; 6] = [
+    DropReason::SlowConsumer,
+    DropReason::Invalid,
+    DropReason::RateLimited,
+    DropReason::BrokerUnavailable,
+    DropReason::Gap,
+    DropReason::Duplicate,
+];
 
 /// Metrics of one instance, rendered for Prometheus.
 pub struct PrometheusMetrics {

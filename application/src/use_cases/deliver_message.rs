@@ -1,14 +1,14 @@
 //! Deliver a broker message to the local connections of its channel.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use domain::{Channel, InboundEnvelope};
+use domain::{Channel, CloseReason, InboundEnvelope, StreamPosition};
 
 use crate::frames::FrameFactory;
-use crate::hub::Hub;
-use crate::ports::{DropReason, InboundHandler, MessageSource, Metrics, NoMetrics};
+use crate::hub::{Continuity, Hub};
+use crate::ports::{DropReason, HistoryRead, InboundHandler, MessageSource, Metrics, NoMetrics};
 
 /// At most one warning about invalid broker messages per this many milliseconds.
 const INVALID_WARNING_INTERVAL_MS: u64 = 10_000;
@@ -24,6 +24,10 @@ pub struct DeliverBrokerMessage {
     metrics: Arc<dyn Metrics>,
     invalid: AtomicU64,
     last_warning: AtomicU64,
+    /// Set when the broker link was re-established: positions must be checked.
+    interrupted: AtomicBool,
+    /// The latest positions read by the first step of [`Self::check_positions`].
+    expected: Mutex<Option<Vec<(Channel, StreamPosition)>>>,
 }
 
 impl std::fmt::Debug for DeliverBrokerMessage {
@@ -40,6 +44,8 @@ impl DeliverBrokerMessage {
             metrics: Arc::new(NoMetrics),
             invalid: AtomicU64::new(0),
             last_warning: AtomicU64::new(0),
+            interrupted: AtomicBool::new(false),
+            expected: Mutex::new(None),
         }
     }
 
@@ -70,7 +76,59 @@ impl DeliverBrokerMessage {
     }
 }
 
+impl DeliverBrokerMessage {
+    /// Messages of `channel` never reached this instance: rather than let its clients skip
+    /// them silently, closes them with 4009 so they reconnect with their positions and
+    /// recover what they missed from the history.
+    fn missed(&self, channel: &Channel) {
+        let closed = self.hub.close_channel(channel, CloseReason::MissedMessages);
+        self.metrics.messages_dropped(DropReason::Gap, 1);
+        tracing::warn!(%channel, closed, "messages of a channel never arrived; its clients were closed to recover");
+    }
+
+    /// Finds the channels whose messages were lost while the broker link was down, in two
+    /// steps a second or more apart (call it periodically): after an interruption, reads the
+    /// latest position of every channel with local connections; on the next call, every
+    /// channel that still has not received up to that position missed messages, and its
+    /// clients are closed with 4009 to recover them.
+    pub async fn check_positions(&self) {
+        let expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(expected) = expected {
+            for (channel, latest) in expected {
+                let Some(received) = self.hub.received(&channel) else { continue };
+                if received.epoch != latest.epoch || received.offset < latest.offset {
+                    self.hub.skip_to(&channel, &latest);
+                    self.missed(&channel);
+                }
+            }
+        }
+        if !self.interrupted.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut expected = Vec::new();
+        for (channel, received) in self.hub.received_positions() {
+            match self.hub.broker().history(&channel, None).await {
+                Ok(HistoryRead { position: Some(latest), .. }) if latest != received => {
+                    expected.push((channel, latest));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    // Checked again on the next call.
+                    tracing::warn!(%error, "channel positions could not be checked; retrying");
+                    self.interrupted.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        *self.expected.lock().unwrap_or_else(PoisonError::into_inner) = Some(expected);
+    }
+}
+
 impl InboundHandler for DeliverBrokerMessage {
+    fn on_resubscribed(&self) {
+        self.interrupted.store(true, Ordering::Release);
+    }
+
     /// Queues the message for every local connection on `channel`. A message that already is a
     /// complete envelope for this channel is forwarded byte for byte; one with `timestamp` or
     /// `message_id` missing is completed first. Anything that is not an envelope is counted
@@ -94,6 +152,15 @@ impl InboundHandler for DeliverBrokerMessage {
             Bytes::from(envelope.complete(&channel, || (now, self.frames.message_id())))
         };
         let position = envelope.offset().zip(envelope.epoch());
+        if let Some((offset, epoch)) = position
+            && channel.has_history()
+        {
+            match self.hub.advance(&channel, offset, epoch) {
+                Continuity::Next => {}
+                Continuity::Repeated => return self.metrics.messages_dropped(DropReason::Duplicate, 1),
+                Continuity::Gap => return self.missed(&channel),
+            }
+        }
         let outcome = self.hub.fan_out(&channel, &frame, position);
         self.metrics.messages_sent(outcome.delivered);
         if outcome.overflowed > 0 {
@@ -240,5 +307,84 @@ mod tests {
         }
         assert_eq!(slow.raw_frames().len(), 2);
         assert_eq!(slow.closed(), Some(CloseReason::SlowConsumer));
+    }
+
+    fn at(offset: u64, epoch: &str) -> Bytes {
+        Bytes::from(format!(r#"{{"type":"n","payload":{offset},"offset":{offset},"epoch":"{epoch}"}}"#))
+    }
+
+    fn payloads(sink: &RecordingSink) -> Vec<u64> {
+        sink.frames()[1..].iter().map(|f| f["payload"].as_u64().expect("n")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_message_revealing_a_gap_closes_the_channel_clients_with_4009_instead_of_skipping_silently() {
+        let hub = hub();
+        let (bob, eve) = (RecordingSink::new(), RecordingSink::new());
+        let _s1 = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let _s2 = session_with_sink(&hub, "eve", "globex", eve.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        deliver.on_message(acme(), at(1, "e"));
+        deliver.on_message(acme(), at(2, "e"));
+        deliver.on_message(acme(), at(2, "e"));
+        assert_eq!(payloads(&bob), [1, 2], "a repeated message is delivered once");
+        assert_eq!(bob.closed(), None);
+        deliver.on_message(acme(), at(4, "e"));
+        assert_eq!(payloads(&bob), [1, 2], "offset 3 never arrived: 4 is recovered with it");
+        assert_eq!(bob.closed(), Some(CloseReason::MissedMessages));
+        assert_eq!(eve.closed(), None, "other tenants are not affected");
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_is_a_gap_and_a_channel_subscribed_anew_starts_afresh() {
+        let hub = hub();
+        let bob = RecordingSink::new();
+        let session = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub.clone(), frames());
+        deliver.on_message(acme(), at(7, "e"));
+        deliver.on_message(acme(), at(1, "f"));
+        assert_eq!(bob.closed(), Some(CloseReason::MissedMessages));
+        crate::DisconnectClient::new().disconnect(session);
+        // Nobody listened here meanwhile: later offsets are no gap for the next client.
+        let eve = RecordingSink::new();
+        let _s = session_with_sink(&hub, "eve", "acme", eve.clone()).await;
+        deliver.on_message(acme(), at(9, "f"));
+        deliver.on_message(acme(), at(10, "f"));
+        assert_eq!(payloads(&eve), [9, 10]);
+        assert_eq!(eve.closed(), None);
+    }
+
+    #[tokio::test]
+    async fn after_an_interruption_a_channel_that_stays_behind_the_broker_is_closed_to_recover() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        // The broker's latest offsets: acme 5, globex 3.
+        broker.expect_history().returning(|channel, _| {
+            let offset = if channel.name() == "tenant:acme" { 5 } else { 3 };
+            Ok(HistoryRead { position: Some(StreamPosition::new("e", offset)), missed: None })
+        });
+        let hub = Arc::new(Hub::new(Arc::new(broker), 10));
+        let (bob, eve) = (RecordingSink::new(), RecordingSink::new());
+        let _s1 = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let _s2 = session_with_sink(&hub, "eve", "globex", eve.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        let globex = Channel::Tenant(TenantId::parse("globex").expect("valid"));
+        deliver.on_message(acme(), at(3, "e"));
+        deliver.on_message(globex.clone(), at(2, "e"));
+
+        deliver.check_positions().await;
+        assert_eq!((bob.closed(), eve.closed()), (None, None), "nothing to check before an interruption");
+        deliver.on_resubscribed();
+        deliver.check_positions().await;
+        assert_eq!((bob.closed(), eve.closed()), (None, None), "messages in flight get time to arrive");
+        // globex's message 3 arrives in time; acme's 4 and 5 never do.
+        deliver.on_message(globex, at(3, "e"));
+        deliver.check_positions().await;
+        assert_eq!(bob.closed(), Some(CloseReason::MissedMessages));
+        assert_eq!(eve.closed(), None);
+        deliver.on_message(acme(), at(6, "e"));
+        assert_eq!(payloads(&bob), [3], "the clients recover 4 to 6 from the history");
     }
 }

@@ -79,6 +79,11 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
     shared.probe_missing.store(false, Ordering::Release);
     shared.subscriber_up.store(true, Ordering::Release);
     shared.bump();
+    // Whatever was published while no subscriber listened never arrives: the application
+    // checks its channels' positions.
+    if let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) {
+        handler.on_resubscribed();
+    }
     tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
     // Probes published before this session do not count against it.
     shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
