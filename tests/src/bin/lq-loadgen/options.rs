@@ -1,0 +1,169 @@
+//! Command-line options.
+
+use std::time::Duration;
+
+pub(crate) const USAGE: &str = "\
+lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
+
+  --ws URL              WebSocket endpoint, e.g. ws://127.0.0.1:8080 (repeat: connections are
+                        spread round-robin over every endpoint)
+  --connections N       connections to open (default 1000)
+  --connect-rate R      connections opened per second (default 1000)
+  --tenants T           tenants bench0..bench{T-1} the connections are spread over (default 10)
+  --sources K           client source addresses 127.0.0.1..127.0.0.K (default 1; ~28k
+                        connections per source address and server port)
+  --secret S            JWT_SECRET_KEY of the instances (default: $JWT_SECRET_KEY)
+  --hold SECS           keep the connections idle this long before any load (default 0)
+  --load KIND           idle | webhook | message | redis (default idle)
+  --messages M          messages to publish, spread over the tenants (default 0)
+  --publish-rate P      messages published per second (default 1000)
+  --payload-bytes B     padding added to every message (default 0)
+  --webhook URL         webhook base URL, e.g. http://127.0.0.1:8080 (repeat to spread)
+  --webhook-secret S    webhook secret of every bench tenant (default: $WEBHOOK_SECRET)
+  --redis URL           Redis the instances use, for --load redis
+  --drain SECS          wait at most this long after the last publish for deliveries (default 5)
+  --churn SECS          instead of holding connections: open and close connections at
+                        --connect-rate for SECS
+  --server-pid PID      an instance's pid: RSS and CPU are read from /proc (repeat)
+  --metrics URL         an instance's /metrics URL: lq_websocket_connections is read at the end
+                        (repeat)
+";
+
+/// How messages are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Load {
+    Idle,
+    Webhook,
+    Message,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) ws: Vec<String>,
+    pub(crate) connections: usize,
+    pub(crate) connect_rate: f64,
+    pub(crate) tenants: usize,
+    pub(crate) sources: u8,
+    pub(crate) secret: String,
+    pub(crate) hold: Duration,
+    pub(crate) load: Load,
+    pub(crate) messages: u64,
+    pub(crate) publish_rate: f64,
+    pub(crate) payload_bytes: usize,
+    pub(crate) webhook: Vec<String>,
+    pub(crate) webhook_secret: String,
+    pub(crate) redis: Option<String>,
+    pub(crate) drain: Duration,
+    pub(crate) churn: Option<Duration>,
+    pub(crate) server_pids: Vec<u32>,
+    pub(crate) metrics: Vec<String>,
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value.parse().map_err(|_| format!("{flag}: expected a number, got {value:?}"))
+}
+
+impl Options {
+    /// Parses `args` (without the program name); `env` supplies defaults for secrets.
+    pub(crate) fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let mut options = Self {
+            ws: Vec::new(),
+            connections: 1000,
+            connect_rate: 1000.0,
+            tenants: 10,
+            sources: 1,
+            secret: env("JWT_SECRET_KEY").unwrap_or_default(),
+            hold: Duration::ZERO,
+            load: Load::Idle,
+            messages: 0,
+            publish_rate: 1000.0,
+            payload_bytes: 0,
+            webhook: Vec::new(),
+            webhook_secret: env("WEBHOOK_SECRET").unwrap_or_default(),
+            redis: None,
+            drain: Duration::from_secs(5),
+            churn: None,
+            server_pids: Vec::new(),
+            metrics: Vec::new(),
+        };
+        let mut rest = args.iter();
+        while let Some(flag) = rest.next() {
+            if flag == "--help" || flag == "-h" {
+                return Err(String::new());
+            }
+            let value = rest.next().ok_or_else(|| format!("{flag}: missing value"))?;
+            let secs = |v: &str| number::<f64>(flag, v).map(Duration::from_secs_f64);
+            match flag.as_str() {
+                "--ws" => options.ws.push(value.trim_end_matches('/').to_owned()),
+                "--connections" => options.connections = number(flag, value)?,
+                "--connect-rate" => options.connect_rate = number(flag, value)?,
+                "--tenants" => options.tenants = number(flag, value)?,
+                "--sources" => options.sources = number(flag, value)?,
+                "--secret" => options.secret.clone_from(value),
+                "--hold" => options.hold = secs(value)?,
+                "--load" => {
+                    options.load = match value.as_str() {
+                        "idle" => Load::Idle,
+                        "webhook" => Load::Webhook,
+                        "message" => Load::Message,
+                        "redis" => Load::Redis,
+                        other => {
+                            return Err(format!(
+                                "--load: expected idle, webhook, message or redis, got {other:?}"
+                            ));
+                        }
+                    }
+                }
+                "--messages" => options.messages = number(flag, value)?,
+                "--publish-rate" => options.publish_rate = number(flag, value)?,
+                "--payload-bytes" => options.payload_bytes = number(flag, value)?,
+                "--webhook" => options.webhook.push(value.trim_end_matches('/').to_owned()),
+                "--webhook-secret" => options.webhook_secret.clone_from(value),
+                "--redis" => options.redis = Some(value.clone()),
+                "--drain" => options.drain = secs(value)?,
+                "--churn" => options.churn = Some(secs(value)?),
+                "--server-pid" => options.server_pids.push(number(flag, value)?),
+                "--metrics" => options.metrics.push(value.clone()),
+                other => return Err(format!("unknown option {other}")),
+            }
+        }
+        options.check()?;
+        Ok(options)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.ws.is_empty() {
+            problems.push("--ws: at least one WebSocket endpoint is needed".to_owned());
+        }
+        if self.secret.is_empty() {
+            problems.push("--secret: the instances' JWT_SECRET_KEY is needed to mint tokens".to_owned());
+        }
+        if self.tenants == 0 || self.connections == 0 || self.sources == 0 {
+            problems.push("--tenants, --connections and --sources must be at least 1".to_owned());
+        }
+        if !(self.connect_rate > 0.0 && self.publish_rate > 0.0) {
+            problems.push("--connect-rate and --publish-rate must be positive".to_owned());
+        }
+        match self.load {
+            Load::Webhook if self.webhook.is_empty() || self.webhook_secret.is_empty() => {
+                problems.push("--load webhook needs --webhook and --webhook-secret".to_owned());
+            }
+            Load::Redis if self.redis.is_none() => problems.push("--load redis needs --redis".to_owned()),
+            Load::Idle if self.messages > 0 => {
+                problems.push("--messages needs a --load other than idle".to_owned())
+            }
+            _ => {}
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }
+    }
+
+    pub(crate) fn tenant(&self, connection: usize) -> usize {
+        connection % self.tenants
+    }
+}
+
+pub(crate) fn tenant_name(tenant: usize) -> String {
+    format!("bench{tenant}")
+}

@@ -1,0 +1,126 @@
+//! Publishing numbered messages through webhooks, client messages or Redis `PUBLISH`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use adapters::outbound::hmac::HmacWebhookVerifier;
+use deadpool_redis::redis;
+use tokio::sync::{Mutex, Semaphore, mpsc};
+
+use crate::options::{Load, Options, tenant_name};
+use crate::stats::now_micros;
+
+/// What was published to each tenant.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    /// Per tenant: messages numbered 0..n were attempted.
+    pub(crate) attempted: Vec<u64>,
+    /// Per tenant: the numbers whose publish failed (not expected anywhere).
+    pub(crate) failed: Vec<Vec<u64>>,
+    pub(crate) seconds: f64,
+}
+
+impl Published {
+    pub(crate) fn ok(&self) -> u64 {
+        self.attempted.iter().sum::<u64>() - self.failed.iter().map(|f| f.len() as u64).sum::<u64>()
+    }
+}
+
+/// Where client messages are sent from: per tenant, the connections' outgoing queues.
+pub(crate) type Senders = Vec<Vec<mpsc::Sender<String>>>;
+
+fn body(seq: u64, pad: &str) -> String {
+    format!(r#"{{"seq":{seq},"sent":{},"pad":"{pad}"}}"#, now_micros())
+}
+
+/// Publishes `options.messages` messages at `options.publish_rate`, tenant after tenant.
+pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &AtomicU64) -> Published {
+    let tenants = options.tenants;
+    let pad = "x".repeat(options.payload_bytes);
+    let failed = Arc::new(Mutex::new(vec![Vec::new(); tenants]));
+    let mut attempted = vec![0u64; tenants];
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap_or_default();
+    let pool = options.redis.as_ref().and_then(|url| {
+        let mut config = deadpool_redis::Config::from_url(url.clone());
+        config.pool = Some(deadpool_redis::PoolConfig::new(64));
+        config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).ok()
+    });
+    // Bounds the requests in flight; every message is still sent in order of its turn.
+    let in_flight = Arc::new(Semaphore::new(512));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..options.messages {
+        let due = started + Duration::from_secs_f64(i as f64 / options.publish_rate);
+        tokio::time::sleep_until(due.into()).await;
+        let tenant = (i % tenants as u64) as usize;
+        let seq = attempted[tenant];
+        attempted[tenant] += 1;
+        progress.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let failed = failed.clone();
+        match options.load {
+            Load::Webhook => {
+                let url = format!("{}/webhooks/bench", options.webhook[i as usize % options.webhook.len()]);
+                let body = body(seq, &pad);
+                let signature = HmacWebhookVerifier::sign(options.webhook_secret.as_bytes(), body.as_bytes());
+                let request = http
+                    .post(url)
+                    .header("x-tenant-id", tenant_name(tenant))
+                    .header("x-signature", signature)
+                    .header("content-type", "application/json")
+                    .body(body);
+                tasks.push(tokio::spawn(async move {
+                    let ok = request.send().await.is_ok_and(|r| r.status().is_success());
+                    if !ok {
+                        failed.lock().await[tenant].push(seq);
+                    }
+                    drop(permit);
+                }));
+            }
+            Load::Redis => {
+                let Some(pool) = pool.clone() else { break };
+                let channel = format!("tenant:{}", tenant_name(tenant));
+                let timestamp = domain::Timestamp::from_unix_millis(now_micros() / 1000);
+                let envelope = format!(
+                    r#"{{"type":"bench","payload":{},"timestamp":"{timestamp}","from_user":null,"message_id":"bench-{tenant}-{seq}","channel":"{channel}"}}"#,
+                    body(seq, &pad)
+                );
+                tasks.push(tokio::spawn(async move {
+                    let ok = match pool.get().await {
+                        Ok(mut connection) => redis::cmd("PUBLISH")
+                            .arg(&channel)
+                            .arg(envelope)
+                            .query_async::<i64>(&mut connection)
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        failed.lock().await[tenant].push(seq);
+                    }
+                    drop(permit);
+                }));
+            }
+            Load::Message => {
+                let from = &senders[tenant];
+                let frame = format!(r#"{{"type":"message","payload":{}}}"#, body(seq, &pad));
+                let sent = match from.get(seq as usize % from.len().max(1)) {
+                    Some(sender) => sender.send(frame).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    failed.lock().await[tenant].push(seq);
+                }
+                drop(permit);
+            }
+            Load::Idle => break,
+        }
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let failed = std::mem::take(&mut *failed.lock().await);
+    Published { attempted, failed, seconds }
+}
