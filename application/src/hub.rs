@@ -37,11 +37,10 @@ pub type Position<'a> = Option<(u64, &'a str)>;
 pub enum Continuity {
     /// The next message, or the first since the channel was subscribed here.
     Next,
-    /// Messages before it never arrived here (or the channel's history was lost): the local
-    /// clients of the channel must recover.
+    /// Messages before it never arrived here, or the channel's history was lost or went back
+    /// (a new epoch, or an offset already seen: Redis restored an older copy of its data): the
+    /// local clients of the channel must recover.
     Gap,
-    /// A message already received here.
-    Repeated,
 }
 
 /// A live delivery that arrived while its connection was still being opened.
@@ -345,9 +344,8 @@ impl Hub {
                 Continuity::Next
             }
             Some(last) if last.epoch == epoch => {
-                if offset <= last.offset {
-                    return Continuity::Repeated;
-                }
+                // Pub/Sub never delivers a message twice: an offset at or below the last one
+                // means the offsets are being handed out again.
                 let next = offset == last.offset + 1;
                 last.offset = offset;
                 if next { Continuity::Next } else { Continuity::Gap }

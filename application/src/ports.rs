@@ -309,11 +309,9 @@ pub enum DropReason {
     RateLimited,
     /// A client message the broker did not take.
     BrokerUnavailable,
-    /// A broker message that revealed messages missing before it: its channel's clients were
-    /// closed with 4009 and recover it, with what was missing, from the history.
+    /// A broker message that revealed messages missing before it (or offsets handed out
+    /// again): its channel's clients were closed with 4009 and recover from the history.
     Gap,
-    /// A broker message received a second time.
-    Duplicate,
 }
 
 impl DropReason {
@@ -324,7 +322,6 @@ impl DropReason {
             Self::RateLimited => "rate_limited",
             Self::BrokerUnavailable => "broker_unavailable",
             Self::Gap => "gap",
-            Self::Duplicate => "duplicate",
         }
     }
 }

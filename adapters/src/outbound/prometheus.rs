@@ -27,13 +27,12 @@ const ATTEMPTS: [ConnectionOutcome; 6] = [
     ConnectionOutcome::Unavailable,
 ];
 const SOURCES: [MessageSource; 3] = [MessageSource::Client, MessageSource::Webhook, MessageSource::Broker];
-const DROPS: [DropReason; 6] = [
+const DROPS: [DropReason; 5] = [
     DropReason::SlowConsumer,
     DropReason::Invalid,
     DropReason::RateLimited,
     DropReason::BrokerUnavailable,
     DropReason::Gap,
-    DropReason::Duplicate,
 ];
 
 /// Metrics of one instance, rendered for Prometheus.

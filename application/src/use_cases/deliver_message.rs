@@ -157,7 +157,6 @@ impl InboundHandler for DeliverBrokerMessage {
         {
             match self.hub.advance(&channel, offset, epoch) {
                 Continuity::Next => {}
-                Continuity::Repeated => return self.metrics.messages_dropped(DropReason::Duplicate, 1),
                 Continuity::Gap => return self.missed(&channel),
             }
         }
@@ -326,13 +325,23 @@ mod tests {
         let deliver = DeliverBrokerMessage::new(hub, frames());
         deliver.on_message(acme(), at(1, "e"));
         deliver.on_message(acme(), at(2, "e"));
-        deliver.on_message(acme(), at(2, "e"));
-        assert_eq!(payloads(&bob), [1, 2], "a repeated message is delivered once");
         assert_eq!(bob.closed(), None);
         deliver.on_message(acme(), at(4, "e"));
         assert_eq!(payloads(&bob), [1, 2], "offset 3 never arrived: 4 is recovered with it");
         assert_eq!(bob.closed(), Some(CloseReason::MissedMessages));
         assert_eq!(eve.closed(), None, "other tenants are not affected");
+    }
+
+    #[tokio::test]
+    async fn offsets_handed_out_again_after_redis_restored_older_data_close_the_channel_clients() {
+        let hub = hub();
+        let bob = RecordingSink::new();
+        let _s = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        deliver.on_message(acme(), at(5, "e"));
+        deliver.on_message(acme(), at(3, "e"));
+        assert_eq!(payloads(&bob), [5]);
+        assert_eq!(bob.closed(), Some(CloseReason::MissedMessages));
     }
 
     #[tokio::test]
