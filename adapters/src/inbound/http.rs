@@ -7,9 +7,8 @@ use application::{Realtime, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use warp::reply::Response;
@@ -63,8 +62,8 @@ pub async fn serve_metrics(
 /// Serves every route on `listener` until `stop` resolves, then finishes the requests in
 /// flight. Upgraded WebSocket connections are not waited for: they are closed by the caller.
 ///
-/// warp's own server has no header-read timeout, so the connections are served here by
-/// hyper-util with a timer.
+/// warp's own server has no header-read timeout, so the connections are served here by hyper's
+/// HTTP/1 server with a timer.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<Realtime>,
@@ -74,10 +73,12 @@ pub async fn serve(
 ) {
     let metrics = if http.separate_metrics_listener { None } else { http.metrics.clone() };
     let service = warp::service(routes(app, ws_settings, metrics));
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout);
-    let builder = builder.http1_only();
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout);
+    // Every connection task holds a sender; the receiver sees the channel close once the last
+    // one finished.
+    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let (shutting_down, shutdown) = tokio::sync::watch::channel(false);
     let mut stop = std::pin::pin!(stop);
     loop {
         let accepted = tokio::select! {
@@ -98,16 +99,29 @@ pub async fn serve(
         // consumer fills its (bounded) outbound queue instead of server memory.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
         let service = TowerToHyperService::new(service.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
+        // Served as `TokioIo<TcpStream>`, so the WebSocket upgrade gets the socket itself back.
+        let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let (alive, mut shutdown) = (alive.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                    // Finishes the request in flight, then closes.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(error = %error, "HTTP connection ended with an error");
             }
+            drop(alive);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = shutting_down.send(true);
+    drop(alive);
+    let _ = all_done.recv().await;
 }
 
 /// Every route of the service, errors answered as JSON.

@@ -1,26 +1,26 @@
-//! The life of one upgraded connection: one task owns the socket, drains the outbox (close
-//! request first, then heartbeat, then frames in batches), reads client frames, and always
-//! ends with a bounded close handshake.
+//! The life of one upgraded connection: one task reads the client's frames when the socket is
+//! readable, writes what the outbox could not write at once when the socket is writable again,
+//! honours a close request ahead of anything still queued, and always ends with a bounded close
+//! handshake.
+//!
+//! Nothing is buffered while the connection is idle: bytes are read into a buffer on the stack,
+//! and only an incomplete frame (or a fragmented message) is kept, until it is complete.
 
+use std::io::{ErrorKind, IoSlice};
 use std::sync::Arc;
 
 use application::{ClientFrame, FrameOutcome, Realtime, Session};
-use bytes::Bytes;
 use domain::CloseReason;
-use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio::net::TcpStream;
 
 use super::WsSettings;
-use super::outbox::Outbox;
+use super::frame::{self, Decoder, Event, Violation, opcode};
+use super::outbox::{Flush, Outbox};
 
-pub(super) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
-
-/// Frames written per flush at most, so one busy connection cannot starve its own reads.
-const WRITE_BATCH: usize = 64;
+/// Bytes read from the socket at a time, on the stack.
+const READ_CHUNK: usize = 4096;
+/// Reads per wake-up at most, so one busy client cannot starve the connection's writes.
+const READS_PER_WAKE: usize = 16;
 
 pub(super) struct Connection<'a> {
     pub(super) app: Arc<Realtime>,
@@ -29,128 +29,244 @@ pub(super) struct Connection<'a> {
     pub(super) outbox: Arc<Outbox>,
 }
 
+/// What the loop does next.
 enum Next {
     Continue,
-    Close(CloseCode, &'static str),
+    /// Close with this code (none: an empty close frame) and reason; `echo` when answering the
+    /// client's own close.
+    Close {
+        code: Option<u16>,
+        reason: &'static str,
+        echo: bool,
+    },
     Stop,
 }
 
 fn close_with(reason: CloseReason) -> Next {
-    Next::Close(CloseCode::from(reason.code()), reason.reason())
+    Next::Close { code: Some(reason.code()), reason: reason.reason(), echo: false }
+}
+
+fn violation(violation: Violation) -> Next {
+    match violation {
+        Violation::Protocol => Next::Close { code: Some(1002), reason: "protocol error", echo: false },
+        Violation::InvalidUtf8 => Next::Close { code: Some(1007), reason: "invalid UTF-8", echo: false },
+        Violation::TooBig => close_with(CloseReason::MessageTooBig),
+    }
+}
+
+/// The client's bytes on their way to becoming events.
+struct Reader {
+    decoder: Decoder,
+    /// An incomplete frame, kept until the rest arrives; empty (and unallocated) otherwise.
+    partial: Vec<u8>,
+}
+
+/// Why reading stopped for good.
+enum ReadEnd {
+    /// The client is gone (end of stream or a socket error).
+    Gone,
+    Violation(Violation),
+}
+
+impl Reader {
+    /// Reads what the socket has (into a stack buffer) and decodes it.
+    fn read(&mut self, stream: &TcpStream, events: &mut Vec<Event>) -> Result<(), ReadEnd> {
+        let mut buf = [0u8; READ_CHUNK];
+        for _ in 0..READS_PER_WAKE {
+            let n = match stream.try_read(&mut buf) {
+                Ok(0) => return Err(ReadEnd::Gone),
+                Ok(n) => n,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return Err(ReadEnd::Gone),
+            };
+            self.decode(&buf[..n], events)?;
+            if n < buf.len() || matches!(events.last(), Some(Event::Close(_))) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, bytes: &[u8], events: &mut Vec<Event>) -> Result<(), ReadEnd> {
+        if self.partial.is_empty() {
+            let used = self.decoder.decode(bytes, events).map_err(ReadEnd::Violation)?;
+            self.partial.extend_from_slice(&bytes[used..]);
+        } else {
+            self.partial.extend_from_slice(bytes);
+            let used = self.decoder.decode(&self.partial, events).map_err(ReadEnd::Violation)?;
+            self.partial.drain(..used);
+            if self.partial.is_empty() {
+                self.partial = Vec::new();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `parts` whole, waiting for the socket as needed.
+async fn write_all(stream: &TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0;
+    while written < total {
+        let mut skip = written;
+        let slices: Vec<IoSlice<'_>> = parts
+            .iter()
+            .filter_map(|part| {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    None
+                } else {
+                    let slice = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    Some(slice)
+                }
+            })
+            .collect();
+        match stream.try_write_vectored(&slices) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(error) if error.kind() == ErrorKind::WouldBlock => stream.writable().await?,
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 impl Connection<'_> {
-    pub(super) async fn run(mut self, mut socket: Socket) {
-        loop {
-            let outbox = self.outbox.clone();
-            // Unbiased: a connection that always has frames to write still reads its client
-            // (pongs, messages, close) half of the time.
-            let next = tokio::select! {
-                () = outbox.wake.notified() => self.write(&mut socket).await,
-                incoming = socket.next() => self.read(incoming).await,
+    /// Runs the connection over `stream`; `leftover` holds bytes the client sent right after
+    /// its handshake.
+    pub(super) async fn run(mut self, stream: Arc<TcpStream>, leftover: Vec<u8>) {
+        let mut reader =
+            Reader { decoder: Decoder::new(self.settings.max_message_bytes), partial: Vec::new() };
+        self.outbox.attach(stream.clone());
+        let mut next = Next::Continue;
+        if !leftover.is_empty() {
+            let mut events = Vec::new();
+            let decoded = reader.decode(&leftover, &mut events);
+            drop(leftover);
+            next = match decoded {
+                Ok(()) => Box::pin(self.handle(events)).await,
+                Err(end) => Self::ended(end),
             };
-            match next {
-                Next::Continue => {}
-                Next::Stop => break,
-                Next::Close(code, reason) => {
-                    self.close_handshake(&mut socket, code, reason).await;
-                    break;
-                }
-            }
+        }
+        while matches!(next, Next::Continue) {
+            let blocked = self.outbox.is_blocked();
+            next = tokio::select! {
+                readable = stream.readable() => match readable {
+                    Ok(()) => {
+                        let mut events = Vec::new();
+                        // Boxed, here and below: the idle connection's task keeps only what
+                        // waiting needs, not the larger state of handling frames or closing.
+                        match reader.read(&stream, &mut events) {
+                            Ok(()) if events.is_empty() => Next::Continue,
+                            Ok(()) => Box::pin(self.handle(events)).await,
+                            Err(end) => {
+                                // Events before the end still count (a message, then a bad frame).
+                                match Box::pin(self.handle(events)).await {
+                                    Next::Continue => Self::ended(end),
+                                    other => other,
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => Next::Stop,
+                },
+                () = self.outbox.wake.notified() => self.write(),
+                writable = stream.writable(), if blocked => match writable {
+                    Ok(()) => self.write(),
+                    Err(_) => Next::Stop,
+                },
+            };
+        }
+        if let Next::Close { code, reason, echo } = next {
+            Box::pin(self.close_handshake(&stream, &mut reader, code, reason, echo)).await;
         }
         self.outbox.finish();
+        // The outbox's handle on the socket may outlive this task: end the TCP connection now.
+        let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Both);
     }
 
-    async fn write(&mut self, socket: &mut Socket) -> Next {
-        let batch = self.outbox.take(WRITE_BATCH);
-        if let Some(reason) = batch.close {
-            return close_with(reason);
+    fn ended(end: ReadEnd) -> Next {
+        match end {
+            ReadEnd::Gone => Next::Stop,
+            ReadEnd::Violation(v) => violation(v),
         }
-        let io_timeout = self.settings.io_timeout;
-        let write = async {
-            if batch.ping {
-                socket.feed(Message::Ping(Bytes::new())).await?;
-            }
-            for frame in batch.frames {
-                socket.feed(text(frame)).await?;
-            }
-            socket.flush().await
-        };
-        let outbox = self.outbox.clone();
-        let next = tokio::select! {
-            written = tokio::time::timeout(io_timeout, write) => match written {
-                Ok(Ok(())) => Next::Continue,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "write failed");
-                    Next::Stop
+    }
+
+    fn write(&self) -> Next {
+        match self.outbox.flush() {
+            Flush::Done | Flush::Blocked => Next::Continue,
+            Flush::Failed => Next::Stop,
+            Flush::Close(reason) => close_with(reason),
+        }
+    }
+
+    async fn handle(&mut self, events: Vec<Event>) -> Next {
+        for event in events {
+            let outcome = match event {
+                Event::Text(text) => self.app.frames.handle(self.session, ClientFrame::Text(&text)).await,
+                Event::Binary => self.app.frames.handle(self.session, ClientFrame::Binary).await,
+                Event::Ping(payload) => {
+                    self.outbox.pong(payload);
+                    self.app.frames.seen(self.session);
+                    FrameOutcome::Nothing
                 }
-                Err(_) => {
-                    tracing::debug!("write timed out");
-                    Next::Stop
+                Event::Pong => {
+                    self.app.frames.seen(self.session);
+                    FrameOutcome::Nothing
                 }
-            },
-            // A client that does not read blocks the write; a close request (a slow consumer,
-            // typically) stops waiting and queues the close frame behind what is pending.
-            () = outbox.closing.notified() => match self.outbox.take(0).close {
-                Some(reason) => close_with(reason),
-                None => Next::Continue,
-            },
-        };
-        if batch.more {
-            self.outbox.wake.notify_one();
+                // The client started the close handshake: echo its code.
+                Event::Close(code) => return Next::Close { code, reason: "", echo: true },
+            };
+            match outcome {
+                FrameOutcome::Nothing => {}
+                FrameOutcome::Reply(reply) => {
+                    // Through the outbox, so replies keep their place among deliveries.
+                    let _ = self.session.handle().send(reply);
+                }
+                FrameOutcome::Close(reason) => return close_with(reason),
+            }
         }
-        next
+        Next::Continue
     }
 
-    async fn read(&mut self, incoming: Option<Result<Message, tungstenite::Error>>) -> Next {
-        let outcome = match incoming {
-            Some(Ok(Message::Text(text))) => {
-                self.app.frames.handle(self.session, ClientFrame::Text(text.as_str())).await
-            }
-            Some(Ok(Message::Binary(_))) => self.app.frames.handle(self.session, ClientFrame::Binary).await,
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                self.app.frames.seen(self.session);
-                FrameOutcome::Nothing
-            }
-            // The client started the close handshake; tungstenite has queued the echo, which
-            // the close path flushes.
-            Some(Ok(Message::Close(_))) => return Next::Close(CloseCode::Normal, ""),
-            Some(Err(tungstenite::Error::Capacity(_))) => return close_with(CloseReason::MessageTooBig),
-            Some(Err(tungstenite::Error::Utf8(_))) => {
-                return Next::Close(CloseCode::Invalid, "invalid UTF-8");
-            }
-            Some(Err(tungstenite::Error::Protocol(_))) => {
-                return Next::Close(CloseCode::Protocol, "protocol error");
-            }
-            Some(Err(_)) | None => return Next::Stop,
-        };
-        match outcome {
-            FrameOutcome::Nothing => Next::Continue,
-            FrameOutcome::Reply(reply) => {
-                // Through the queue, so replies keep their place among deliveries.
-                let _ = self.session.handle().send(reply);
-                Next::Continue
-            }
-            FrameOutcome::Close(reason) => close_with(reason),
-        }
-    }
-
-    /// Sends a close frame (or the echo of the client's) and waits, bounded, for the
-    /// handshake to finish.
-    async fn close_handshake(&mut self, socket: &mut Socket, code: CloseCode, reason: &'static str) {
-        self.outbox.finish();
-        let close_timeout = self.settings.close_timeout;
+    /// Finishes a frame already partly written, sends the close frame and, unless answering
+    /// the client's close, waits for the client's, all within the close timeout.
+    async fn close_handshake(
+        &mut self,
+        stream: &TcpStream,
+        reader: &mut Reader,
+        code: Option<u16>,
+        reason: &'static str,
+        echo: bool,
+    ) {
+        self.outbox.seal();
         let handshake = async {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-            // After a client-initiated close this only flushes the queued echo.
-            let _ = socket.close(Some(frame)).await;
-            while let Some(Ok(_)) = socket.next().await {}
+            loop {
+                match self.outbox.flush_in_progress() {
+                    Flush::Done => break,
+                    Flush::Blocked => stream.writable().await?,
+                    Flush::Failed | Flush::Close(_) => return Err(ErrorKind::BrokenPipe.into()),
+                }
+            }
+            let payload = code.map(|code| frame::close_payload(code, reason)).unwrap_or_default();
+            let (header, len) = frame::header(opcode::CLOSE, payload.len());
+            write_all(stream, &[&header[..len], &payload]).await?;
+            if !echo {
+                let mut events = Vec::new();
+                loop {
+                    stream.readable().await?;
+                    match reader.read(stream, &mut events) {
+                        Ok(()) if matches!(events.last(), Some(Event::Close(_))) => break,
+                        Ok(()) => events.clear(),
+                        Err(_) => break,
+                    }
+                }
+            }
+            std::io::Result::Ok(())
         };
-        let _ = tokio::time::timeout(close_timeout, handshake).await;
+        let _ = tokio::time::timeout(self.settings.close_timeout, handshake).await;
     }
-}
-
-fn text(frame: Bytes) -> Message {
-    // Frames are produced by serde_json and are valid UTF-8; the check does not copy.
-    Message::Text(Utf8Bytes::try_from(frame).unwrap_or_else(|_| Utf8Bytes::from_static("{}")))
 }

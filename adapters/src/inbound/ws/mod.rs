@@ -1,20 +1,26 @@
 //! The WebSocket endpoint, `GET /ws`.
 //!
-//! warp routes the request and serves the HTTP side, but the upgrade is ours: we take hyper's
-//! `OnUpgrade` from the request, answer `101 Switching Protocols` ourselves and build the
-//! stream with a small [`WebSocketConfig`]. warp's built-in `ws()` gives every connection a
-//! 128 KiB read buffer that cannot be configured; this way an idle connection costs a few KiB.
+//! warp routes the request and serves the HTTP side, but the upgrade and the WebSocket protocol
+//! are ours: we take hyper's `OnUpgrade` from the request, answer `101 Switching Protocols`
+//! ourselves, take the TCP socket back from hyper and speak RFC 6455 over it with a hand-written
+//! codec. warp's built-in `ws()` gives every connection a 128 KiB read buffer, and tungstenite
+//! streams keep read and write buffers per connection; here an idle connection holds no buffer
+//! at all.
 //!
-//! Each connection is one task that owns the socket: it drains the outbound queue (welcome
-//! first, then fan-out deliveries and replies), reads client frames, and honours a close
+//! Frames for a client (the welcome, fan-out deliveries, replies) are written straight to its
+//! socket by whoever delivers them; only what the socket does not take at once waits in the
+//! connection's bounded queue. Each connection has one task: it reads client frames when the
+//! socket is readable, writes the queue when the socket is writable again, and honours a close
 //! request (shutdown, time limits, slow consumer) ahead of anything still queued.
 //!
 //! # Layout
 //! - [`mod@self`]: the route, the checks before the upgrade and the `101` answer.
-//! - `outbox`: the per-connection queue, bounded in bytes.
-//! - `connection`: the task that owns an upgraded socket.
+//! - `frame`: the frame codec.
+//! - `outbox`: the write side: direct writes and the queue, bounded in bytes.
+//! - `connection`: the task of an upgraded socket.
 
 mod connection;
+mod frame;
 mod outbox;
 
 use std::collections::HashSet;
@@ -26,9 +32,8 @@ use domain::StreamPosition;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -47,8 +52,6 @@ pub struct WsSettings {
     /// When set, the only `Origin` values accepted on an upgrade (exact match). Requests
     /// without an `Origin` header are accepted either way.
     pub allowed_origins: Option<HashSet<String>>,
-    /// How long one batch of writes may take before the socket is dropped.
-    pub io_timeout: Duration,
     /// How long the server waits for the client's half of a close handshake.
     pub close_timeout: Duration,
 }
@@ -59,21 +62,8 @@ impl Default for WsSettings {
             outbound_queue_bytes: 1024 * 1024,
             max_message_bytes: 64 * 1024,
             allowed_origins: None,
-            io_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
         }
-    }
-}
-
-impl WsSettings {
-    fn tungstenite_config(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
-            .write_buffer_size(16 * 1024)
-            // Above the largest frame the service sends (a 2 MiB broker message).
-            .max_write_buffer_size(8 * 1024 * 1024)
-            .max_message_size(Some(self.max_message_bytes))
-            .max_frame_size(Some(self.max_message_bytes))
     }
 }
 
@@ -205,7 +195,7 @@ async fn upgrade(
     let mut session =
         app.connect.connect(admission, outbox.clone()).await.map_err(|e| connect_rejection(&e))?;
     let info = session.info();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "connection",
         connection_id = %info.id,
         tenant = %info.tenant_id,
@@ -213,14 +203,17 @@ async fn upgrade(
     );
     let task = async move {
         tracing::debug!("connection opened");
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let config = settings.tungstenite_config();
-                let socket =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                        .await;
+        match on_upgrade.await.map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => {
+                let stream = Arc::new(parts.io.into_inner());
+                // Copied out: the bytes share hyper's whole read buffer, which must not live on.
+                let leftover = parts.read_buf.to_vec();
+                drop(parts.read_buf);
                 let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
-                connection.run(socket).await;
+                connection.run(stream, leftover).await;
+            }
+            Ok(Err(_)) => {
+                tracing::warn!("WebSocket upgrade over an unexpected transport; connection dropped")
             }
             Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete"),
         }
