@@ -118,9 +118,8 @@ impl Application {
             ),
             None => None,
         };
-        let listener = TcpListener::bind(config.bind_addr)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
+        let listener =
+            listen(config.bind_addr).map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
         let addr =
             listener.local_addr().map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
         Ok(Self { listener, metrics_listener, addr, realtime, metrics, config, ephemeral_secret })
@@ -235,6 +234,20 @@ impl Application {
         }
         tracing::info!(connections_left = realtime.hub.len(), "stopped");
     }
+}
+
+/// Pending connections the kernel queues for `accept` (capped by `net.core.somaxconn`): room
+/// for a burst of reconnecting clients, where the usual 128 would refuse them.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the client listener with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std's listeners do: a restarted instance binds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Closes every connection with 1001, in batches spread over `over`, so clients reconnect to

@@ -10,8 +10,8 @@ build
 log "machine: $(machine)"
 start_redis
 start_instance churn REDIS_URL="$REDIS_URL"
-# A first 10 s round grows allocator pools and maps to their steady size, so the baseline is the
+# A first 30 s round grows allocator pools and maps to their steady size, so the baseline is the
 # steady state.
-"$LOADGEN" --ws "ws://$INSTANCE_URL" --connections 20000 --churn 10 --connect-rate "$RATE" --sources 4 >/dev/null
+"$LOADGEN" --ws "ws://$INSTANCE_URL" --connections 20000 --churn 30 --connect-rate "$RATE" --sources 4 >/dev/null
 "$LOADGEN" --ws "ws://$INSTANCE_URL" --connections 20000 --churn "$DURATION" --connect-rate "$RATE" --sources 4 \
   --server-pid "$INSTANCE_PID" --metrics "http://$INSTANCE_URL/metrics" | tee "$OUT/churn.json"

@@ -7,11 +7,11 @@
 //! streams keep read and write buffers per connection; here an idle connection holds no buffer
 //! at all.
 //!
-//! Frames for a client (the welcome, fan-out deliveries, replies) are written straight to its
-//! socket by whoever delivers them; only what the socket does not take at once waits in the
-//! connection's bounded queue. Each connection has one task: it reads client frames when the
-//! socket is readable, writes the queue when the socket is writable again, and honours a close
-//! request (shutdown, time limits, slow consumer) ahead of anything still queued.
+//! Frames for a client (the welcome, the replay, fan-out deliveries, replies) wait in the
+//! connection's queue, bounded in bytes. Each connection has one task: it reads client frames
+//! when the socket is readable, writes everything queued with one `writev` when woken (and the
+//! rest when the socket is writable again), and honours a close request (shutdown, time limits,
+//! slow consumer) ahead of anything still queued.
 //!
 //! # Layout
 //! - [`mod@self`]: the route, the checks before the upgrade and the `101` answer.

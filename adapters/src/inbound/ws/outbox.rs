@@ -107,7 +107,7 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Hands the socket over: from now on frames may be written straight to it.
+    /// Hands the socket over: from now on [`Outbox::flush`] writes to it.
     pub(super) fn attach(&self, stream: Arc<TcpStream>) {
         let _ = self.stream.set(stream);
         self.wake.notify_one();
