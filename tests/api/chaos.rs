@@ -215,7 +215,7 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
 
     // Give the clients time to drain, then stop whoever is still waiting.
     let drain = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_secs(45)).await;
         let _ = stop.send(true);
     });
     let mut reports = Vec::new();

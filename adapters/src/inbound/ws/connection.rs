@@ -8,6 +8,7 @@
 
 use std::io::{ErrorKind, IoSlice};
 use std::sync::Arc;
+use std::task::Poll;
 
 use application::{ClientFrame, FrameOutcome, Realtime, Session};
 use domain::CloseReason;
@@ -27,6 +28,15 @@ pub(super) struct Connection<'a> {
     pub(super) settings: Arc<WsSettings>,
     pub(super) session: &'a mut Session,
     pub(super) outbox: Arc<Outbox>,
+}
+
+/// What woke the connection's task.
+enum Ready {
+    Readable,
+    Writable,
+    /// The outbox has something to write or a close request.
+    Due,
+    Failed,
 }
 
 /// What the loop does next.
@@ -153,31 +163,41 @@ impl Connection<'_> {
         }
         while matches!(next, Next::Continue) {
             let blocked = self.outbox.is_blocked();
-            next = tokio::select! {
-                readable = stream.readable() => match readable {
-                    Ok(()) => {
-                        let mut events = Vec::new();
-                        // Boxed, here and below: the idle connection's task keeps only what
-                        // waiting needs, not the larger state of handling frames or closing.
-                        match reader.read(&stream, &mut events) {
-                            Ok(()) if events.is_empty() => Next::Continue,
-                            Ok(()) => Box::pin(self.handle(events)).await,
-                            Err(end) => {
-                                // Events before the end still count (a message, then a bad frame).
-                                match Box::pin(self.handle(events)).await {
-                                    Next::Continue => Self::ended(end),
-                                    other => other,
-                                }
+            // Polled by hand rather than with `select!` over readiness futures: the idle task
+            // waits with its wakers registered on the socket and the outbox, and no future of
+            // its own.
+            let ready = std::future::poll_fn(|cx| {
+                if self.outbox.poll_due(cx).is_ready() {
+                    return Poll::Ready(Ready::Due);
+                }
+                if blocked && let Poll::Ready(result) = stream.poll_write_ready(cx) {
+                    return Poll::Ready(result.map_or(Ready::Failed, |()| Ready::Writable));
+                }
+                match stream.poll_read_ready(cx) {
+                    Poll::Ready(result) => Poll::Ready(result.map_or(Ready::Failed, |()| Ready::Readable)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            next = match ready {
+                Ready::Due | Ready::Writable => self.write(),
+                Ready::Failed => Next::Stop,
+                Ready::Readable => {
+                    let mut events = Vec::new();
+                    // Boxed, here and below: the idle connection's task keeps only what waiting
+                    // needs, not the larger state of handling frames or closing.
+                    match reader.read(&stream, &mut events) {
+                        Ok(()) if events.is_empty() => Next::Continue,
+                        Ok(()) => Box::pin(self.handle(events)).await,
+                        Err(end) => {
+                            // Events before the end still count (a message, then a bad frame).
+                            match Box::pin(self.handle(events)).await {
+                                Next::Continue => Self::ended(end),
+                                other => other,
                             }
                         }
                     }
-                    Err(_) => Next::Stop,
-                },
-                () = self.outbox.wake.notified() => self.write(),
-                writable = stream.writable(), if blocked => match writable {
-                    Ok(()) => self.write(),
-                    Err(_) => Next::Stop,
-                },
+                }
             };
         }
         if let Next::Close { code, reason, echo } = next {

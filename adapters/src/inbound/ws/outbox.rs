@@ -11,13 +11,15 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 
 use application::ports::{ClientSink, PushError};
 use bytes::Bytes;
 use domain::CloseReason;
+use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use super::frame::{self, MAX_HEADER, opcode};
 
@@ -93,24 +95,46 @@ pub(super) struct Outbox {
     state: Mutex<State>,
     /// Set once the upgrade completed; frames queued before are written by the task.
     stream: OnceLock<Arc<TcpStream>>,
-    /// Something needs the task: queued frames, a control frame or a close request.
-    pub(super) wake: Notify,
+    /// Something needs the task: queued frames, a control frame or a close request. A flag and
+    /// a waker rather than a `Notify`, so the idle task waits without a future of its own.
+    due: AtomicBool,
+    waker: AtomicWaker,
     limit: usize,
 }
 
 impl Outbox {
     pub(super) fn new(limit: usize) -> Self {
-        Self { state: Mutex::default(), stream: OnceLock::new(), wake: Notify::new(), limit: limit.max(1) }
+        Self {
+            state: Mutex::default(),
+            stream: OnceLock::new(),
+            due: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            limit: limit.max(1),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn wake(&self) {
+        self.due.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once something was queued or requested since the last time it was ready.
+    pub(super) fn poll_due(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.due.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.due.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+    }
+
     /// Hands the socket over: from now on [`Outbox::flush`] writes to it.
     pub(super) fn attach(&self, stream: Arc<TcpStream>) {
         let _ = self.stream.set(stream);
-        self.wake.notify_one();
+        self.wake();
     }
 
     /// Whether frames wait for the socket to become writable.
@@ -124,7 +148,7 @@ impl Outbox {
         if !state.finished {
             state.control.push(Frame::new(opcode::PONG, Bytes::from(payload)));
             drop(state);
-            self.wake.notify_one();
+            self.wake();
         }
     }
 
@@ -142,8 +166,8 @@ impl Outbox {
         // Control frames go right after the frame in progress.
         if !state.control.is_empty() {
             let at = usize::from(state.written > 0);
-            let control: Vec<Frame> = state.control.drain(..).collect();
-            for (i, frame) in control.into_iter().enumerate() {
+            // Taken whole, so an idle connection keeps no allocation for its heartbeats.
+            for (i, frame) in std::mem::take(&mut state.control).into_iter().enumerate() {
                 state.queue.insert(at + i, frame);
             }
         }
@@ -227,10 +251,8 @@ fn write_queue(stream: &TcpStream, state: &mut State) -> Flush {
             }
         }
     }
-    // Nothing waits: release what a burst made the queue grow to.
-    if state.queue.capacity() > 16 {
-        state.queue = VecDeque::new();
-    }
+    // Nothing waits: an idle connection keeps no allocation for its queue.
+    state.queue = VecDeque::new();
     Flush::Done
 }
 
@@ -247,7 +269,7 @@ impl ClientSink for Outbox {
         state.queued += frame.payload.len();
         state.queue.push_back(frame);
         drop(state);
-        self.wake.notify_one();
+        self.wake();
         Ok(())
     }
 
@@ -256,7 +278,7 @@ impl ClientSink for Outbox {
         if state.close.is_none() && !state.finished {
             state.close = Some(reason);
             drop(state);
-            self.wake.notify_one();
+            self.wake();
         }
     }
 
@@ -265,7 +287,7 @@ impl ClientSink for Outbox {
         if !state.finished {
             state.control.push(Frame::new(opcode::PING, Bytes::new()));
             drop(state);
-            self.wake.notify_one();
+            self.wake();
         }
     }
 }
