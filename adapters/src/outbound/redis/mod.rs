@@ -84,6 +84,17 @@ impl RedisBrokerSettings {
 struct Subscriptions {
     wanted: HashSet<String>,
     active: HashSet<String>,
+    /// Channels whose wish changed since the last reconcile: what it has to look at, so that
+    /// a change costs the same however many channels are subscribed.
+    changed: HashSet<String>,
+}
+
+impl Subscriptions {
+    /// A new connection has nothing subscribed: everything wanted must be subscribed again.
+    fn reset(&mut self) {
+        self.active.clear();
+        self.changed = self.wanted.clone();
+    }
 }
 
 /// State shared by the broker handle and its subscriber task.
@@ -248,7 +259,10 @@ impl MessageBroker for RedisBroker {
 
     fn subscribe(&self, channels: &[Channel]) {
         let mut subscriptions = self.shared.subscriptions();
-        subscriptions.wanted.extend(channels.iter().map(Channel::name));
+        for name in channels.iter().map(Channel::name) {
+            subscriptions.wanted.insert(name.clone());
+            subscriptions.changed.insert(name);
+        }
         drop(subscriptions);
         self.shared.wish_changed.notify_one();
     }
@@ -256,7 +270,9 @@ impl MessageBroker for RedisBroker {
     fn unsubscribe(&self, channels: &[Channel]) {
         let mut subscriptions = self.shared.subscriptions();
         for channel in channels {
-            subscriptions.wanted.remove(&channel.name());
+            let name = channel.name();
+            subscriptions.wanted.remove(&name);
+            subscriptions.changed.insert(name);
         }
         drop(subscriptions);
         self.shared.wish_changed.notify_one();

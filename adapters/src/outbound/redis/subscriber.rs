@@ -37,7 +37,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 backoff = INITIAL_BACKOFF;
                 let end = session(&shared, pubsub).await;
                 shared.subscriber_up.store(false, Ordering::Release);
-                shared.subscriptions().active.clear();
+                shared.subscriptions().reset();
                 shared.bump();
                 match end {
                     End::Stopped => return,
@@ -176,14 +176,17 @@ fn dispatch(shared: &Shared, message: &Msg) -> bool {
 }
 
 /// Brings Redis in line with what is wanted: one SUBSCRIBE for everything missing, one
-/// UNSUBSCRIBE for everything no longer wanted (in batches of [`BATCH`]).
+/// UNSUBSCRIBE for everything no longer wanted (in batches of [`BATCH`]). Only the channels
+/// whose wish changed are looked at; a failure ends the session, and the next one subscribes
+/// everything wanted again.
 async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String> {
     let (add, remove): (Vec<String>, Vec<String>) = {
-        let subscriptions = shared.subscriptions();
-        (
-            subscriptions.wanted.difference(&subscriptions.active).cloned().collect(),
-            subscriptions.active.difference(&subscriptions.wanted).cloned().collect(),
-        )
+        let mut subscriptions = shared.subscriptions();
+        let changed = std::mem::take(&mut subscriptions.changed);
+        changed
+            .into_iter()
+            .filter(|name| subscriptions.wanted.contains(name) != subscriptions.active.contains(name))
+            .partition(|name| subscriptions.wanted.contains(name))
     };
     let op_timeout = shared.settings.op_timeout;
     for chunk in add.chunks(BATCH) {
