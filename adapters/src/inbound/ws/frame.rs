@@ -346,3 +346,83 @@ mod tests {
         );
     }
 }
+
+/// Property tests of the decoder: whatever the bytes, it never panics and never claims more
+/// than it was given; valid frames decode to the same events however the stream is split.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A masked client frame with the given mask.
+    fn client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    /// A valid message: text or binary, split into 1 to 3 fragments, with a ping between them.
+    fn message() -> impl Strategy<Value = (Vec<u8>, Event)> {
+        (any::<bool>(), "[ -~]{0,300}", 1usize..4, any::<[u8; 4]>()).prop_map(|(text, body, parts, mask)| {
+            let payload = body.as_bytes();
+            let kind = if text { opcode::TEXT } else { opcode::BINARY };
+            let size = payload.len().div_ceil(parts).max(1);
+            let chunks: Vec<&[u8]> =
+                if payload.is_empty() { vec![&[][..]] } else { payload.chunks(size).collect() };
+            let mut bytes = Vec::new();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let op = if i == 0 { kind } else { opcode::CONTINUATION };
+                bytes.extend(client(i + 1 == chunks.len(), op, chunk, mask));
+                if i == 0 && chunks.len() > 1 {
+                    bytes.extend(client(true, opcode::PING, b"p", mask));
+                }
+            }
+            let event = if text { Event::Text(body) } else { Event::Binary };
+            (bytes, event)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fuzz_frame_decoder_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600), max in 0usize..400) {
+            let mut decoder = Decoder::new(max);
+            let mut events = Vec::new();
+            if let Ok(used) = decoder.decode(&bytes, &mut events) {
+                prop_assert!(used <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn valid_frames_decode_the_same_however_the_stream_is_split(
+            messages in proptest::collection::vec(message(), 1..5),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let stream: Vec<u8> = messages.iter().flat_map(|(bytes, _)| bytes.clone()).collect();
+            let expected: Vec<&Event> = messages.iter().map(|(_, event)| event).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut decoder = Decoder::new(1024);
+            let (mut events, mut pending, mut from) = (Vec::new(), Vec::new(), 0);
+            for cut in cuts {
+                pending.extend_from_slice(&stream[from..cut]);
+                from = cut;
+                let used = decoder.decode(&pending, &mut events).expect("valid frames");
+                pending.drain(..used);
+            }
+            prop_assert!(pending.is_empty());
+            let data: Vec<&Event> = events.iter().filter(|e| !matches!(e, Event::Ping(_))).collect();
+            prop_assert_eq!(data, expected);
+        }
+    }
+}
