@@ -36,7 +36,9 @@ pub enum RegistryError {
 pub struct ConnectionRegistry<H> {
     connections: HashMap<ConnectionId, (ConnectionInfo, H)>,
     tenants: HashMap<TenantId, HashMap<ConnectionId, H>>,
-    users: HashMap<(TenantId, UserId), HashMap<ConnectionId, H>>,
+    /// A user has few connections (`MAX_CONNECTIONS_PER_USER`): a short list costs less than a
+    /// map per user.
+    users: HashMap<(TenantId, UserId), Vec<(ConnectionId, H)>>,
 }
 
 impl<H> Default for ConnectionRegistry<H> {
@@ -71,7 +73,7 @@ impl<H: Clone> ConnectionRegistry<H> {
         if user.is_empty() {
             needed.push(Channel::User(info.tenant_id.clone(), info.user_id.clone()));
         }
-        user.insert(info.id.clone(), handle.clone());
+        user.push((info.id.clone(), handle.clone()));
         slot.insert((info, handle));
         Ok(needed)
     }
@@ -90,7 +92,7 @@ impl<H: Clone> ConnectionRegistry<H> {
             }
         }
         if let Entry::Occupied(mut user) = self.users.entry((info.tenant_id.clone(), info.user_id.clone())) {
-            user.get_mut().remove(id);
+            user.get_mut().retain(|(other, _)| other != id);
             if user.get().is_empty() {
                 user.remove();
                 released.push(Channel::User(info.tenant_id.clone(), info.user_id.clone()));
@@ -107,7 +109,7 @@ impl<H: Clone> ConnectionRegistry<H> {
                 None => Box::new(std::iter::empty()),
             },
             Channel::User(tenant, user) => match self.users.get(&(tenant.clone(), user.clone())) {
-                Some(map) => Box::new(map.values()),
+                Some(list) => Box::new(list.iter().map(|(_, h)| h)),
                 None => Box::new(std::iter::empty()),
             },
             Channel::Global | Channel::System => Box::new(self.connections.values().map(|(_, h)| h)),
@@ -121,7 +123,7 @@ impl<H: Clone> ConnectionRegistry<H> {
 
     /// How many connections `user` of `tenant` has.
     pub fn connections_of(&self, tenant: &TenantId, user: &UserId) -> usize {
-        self.users.get(&(tenant.clone(), user.clone())).map_or(0, HashMap::len)
+        self.users.get(&(tenant.clone(), user.clone())).map_or(0, Vec::len)
     }
 
     /// Every registered connection.

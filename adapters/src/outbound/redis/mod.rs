@@ -82,11 +82,12 @@ impl RedisBrokerSettings {
 /// What the instance wants subscribed and what the current connection has confirmed.
 #[derive(Debug, Default)]
 struct Subscriptions {
-    wanted: HashSet<String>,
-    active: HashSet<String>,
+    /// Channel names, each allocated once and shared by the three sets.
+    wanted: HashSet<Arc<str>>,
+    active: HashSet<Arc<str>>,
     /// Channels whose wish changed since the last reconcile: what it has to look at, so that
     /// a change costs the same however many channels are subscribed.
-    changed: HashSet<String>,
+    changed: HashSet<Arc<str>>,
 }
 
 impl Subscriptions {
@@ -133,7 +134,7 @@ impl Shared {
     fn all_active(&self, names: &[String]) -> bool {
         self.subscriber_up.load(Ordering::Acquire) && {
             let subscriptions = self.subscriptions();
-            names.iter().all(|name| subscriptions.active.contains(name))
+            names.iter().all(|name| subscriptions.active.contains(name.as_str()))
         }
     }
 
@@ -259,7 +260,8 @@ impl MessageBroker for RedisBroker {
 
     fn subscribe(&self, channels: &[Channel]) {
         let mut subscriptions = self.shared.subscriptions();
-        for name in channels.iter().map(Channel::name) {
+        for channel in channels {
+            let name: Arc<str> = channel.name().into();
             subscriptions.wanted.insert(name.clone());
             subscriptions.changed.insert(name);
         }
@@ -270,7 +272,7 @@ impl MessageBroker for RedisBroker {
     fn unsubscribe(&self, channels: &[Channel]) {
         let mut subscriptions = self.shared.subscriptions();
         for channel in channels {
-            let name = channel.name();
+            let name: Arc<str> = channel.name().into();
             subscriptions.wanted.remove(&name);
             subscriptions.changed.insert(name);
         }

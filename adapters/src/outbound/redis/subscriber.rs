@@ -180,7 +180,7 @@ fn dispatch(shared: &Shared, message: &Msg) -> bool {
 /// whose wish changed are looked at; a failure ends the session, and the next one subscribes
 /// everything wanted again.
 async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String> {
-    let (add, remove): (Vec<String>, Vec<String>) = {
+    let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
         let mut subscriptions = shared.subscriptions();
         let changed = std::mem::take(&mut subscriptions.changed);
         changed
@@ -190,7 +190,8 @@ async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String>
     };
     let op_timeout = shared.settings.op_timeout;
     for chunk in add.chunks(BATCH) {
-        match tokio::time::timeout(op_timeout, sink.subscribe(chunk)).await {
+        let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
+        match tokio::time::timeout(op_timeout, sink.subscribe(&names)).await {
             Ok(Ok(())) => {
                 shared.subscriptions().active.extend(chunk.iter().cloned());
                 shared.bump();
@@ -208,7 +209,8 @@ async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String>
                 subscriptions.active.remove(name);
             }
         }
-        match tokio::time::timeout(op_timeout, sink.unsubscribe(chunk)).await {
+        let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
+        match tokio::time::timeout(op_timeout, sink.unsubscribe(&names)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => return Err(format!("UNSUBSCRIBE failed: {error}")),
             Err(_) => return Err("UNSUBSCRIBE not confirmed in time".to_owned()),
