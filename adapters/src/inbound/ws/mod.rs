@@ -203,19 +203,23 @@ async fn upgrade(
     );
     let task = async move {
         tracing::debug!("connection opened");
-        match on_upgrade.await.map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>()) {
-            Ok(Ok(parts)) => {
-                let stream = Arc::new(parts.io.into_inner());
-                // Copied out: the bytes share hyper's whole read buffer, which must not live on.
-                let leftover = parts.read_buf.to_vec();
-                drop(parts.read_buf);
-                let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
-                connection.run(stream, leftover).await;
-            }
+        // The socket and the early bytes are taken out before the connection runs, so that
+        // nothing else of the upgrade stays in this task's state.
+        let socket = match on_upgrade.await.map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>()) {
+            // Copied out: the bytes share hyper's whole read buffer, which must not live on.
+            Ok(Ok(parts)) => Some((parts.io.into_inner(), parts.read_buf.to_vec())),
             Ok(Err(_)) => {
-                tracing::warn!("WebSocket upgrade over an unexpected transport; connection dropped")
+                tracing::warn!("WebSocket upgrade over an unexpected transport; connection dropped");
+                None
             }
-            Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete"),
+            Err(error) => {
+                tracing::debug!(%error, "WebSocket upgrade did not complete");
+                None
+            }
+        };
+        if let Some((stream, leftover)) = socket {
+            let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
+            connection.run(Arc::new(stream), leftover).await;
         }
         tracing::debug!("connection closed");
         app.disconnect.disconnect(session);
