@@ -23,6 +23,9 @@ trap cleanup EXIT
 log() { echo "[bench] $*" >&2; }
 
 build() {
+  for tool in curl python3; do
+    command -v "$tool" >/dev/null || { echo "$tool is needed by the benchmark scripts" >&2; exit 1; }
+  done
   if [[ ! -x "$SERVER" || ! -x "$LOADGEN" || "${REBUILD:-0}" == 1 ]]; then
     log "building release binaries (slow on 2 cores; reused afterwards; REBUILD=1 to force)"
     (cd "$ROOT" && cargo build --release -p bootstrap --bin lq-realtime -p tests --bin lq-loadgen >&2)
@@ -41,6 +44,10 @@ bench_secrets() {
 
 # start_redis: sets REDIS_URL.
 start_redis() {
+  if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    echo "redis-server and redis-cli are needed: apt-get install -y redis-server" >&2
+    exit 1
+  fi
   local port; port=$(free_port)
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
     --loglevel warning >"$WORK/redis.log" 2>&1 &
