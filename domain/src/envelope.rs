@@ -21,6 +21,8 @@ pub mod kind {
     pub const MESSAGE: &str = "message";
     /// A webhook relayed to its tenant.
     pub const WEBHOOK: &str = "webhook";
+    /// A client's message to one user of its tenant, on that user's channel.
+    pub const DIRECT: &str = "direct";
     /// The first frame of every connection.
     pub const WELCOME: &str = "welcome";
     /// The answer to a client `ping`.

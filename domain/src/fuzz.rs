@@ -111,6 +111,10 @@ fn check_frame(bytes: &[u8]) {
         Ok(ClientCommand::Message { payload }) => {
             assert!(serde_json::from_str::<Value>(payload.get()).is_ok(), "payload is JSON");
         }
+        Ok(ClientCommand::Direct { to_user, payload }) => {
+            assert!(serde_json::from_str::<Value>(payload.get()).is_ok(), "payload is JSON");
+            assert!(UserId::parse(to_user.as_str()).is_ok(), "the recipient is a valid id");
+        }
         Ok(ClientCommand::Refresh { token }) => assert!(!token.is_empty()),
         Ok(ClientCommand::Ping) => {}
         Err(error) => assert!(!error.to_string().is_empty()),

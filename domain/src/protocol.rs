@@ -6,6 +6,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::id::{IdError, UserId};
+
 /// A valid client→server frame.
 #[derive(Debug, Clone)]
 pub enum ClientCommand<'a> {
@@ -15,6 +17,9 @@ pub enum ClientCommand<'a> {
     Ping,
     /// `{"type":"refresh","token":"<JWT>"}`: extend the connection's lifetime.
     Refresh { token: Cow<'a, str> },
+    /// `{"type":"direct","to_user":"<user id>","payload":…}`: deliver to every connection of
+    /// that user in the sender's tenant.
+    Direct { to_user: UserId, payload: &'a RawValue },
 }
 
 /// Why a client frame was refused. Answered with an `error` frame; the connection stays open.
@@ -26,12 +31,16 @@ pub enum ProtocolError {
     NotAnObject,
     #[error("frame has no string \"type\" field")]
     MissingType,
-    #[error("unknown frame type {0:?}; expected \"message\", \"ping\" or \"refresh\"")]
+    #[error("unknown frame type {0:?}; expected \"message\", \"direct\", \"ping\" or \"refresh\"")]
     UnknownType(String),
     #[error("a \"refresh\" frame needs a non-empty string \"token\"")]
     MissingToken,
-    #[error("a \"message\" frame needs a \"payload\"")]
+    #[error("a \"message\" or \"direct\" frame needs a \"payload\"")]
     MissingPayload,
+    #[error("a \"direct\" frame needs a string \"to_user\"")]
+    MissingRecipient,
+    #[error("invalid \"to_user\": {0}")]
+    InvalidRecipient(IdError),
     #[error("binary frames are not supported; send JSON text frames")]
     Binary,
 }
@@ -45,6 +54,8 @@ struct RawFrame<'a> {
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to_user: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -68,6 +79,8 @@ impl<'a> ClientCommand<'a> {
                 ProtocolError::NotJson(e.to_string())
             } else if text.contains("\"token\"") {
                 ProtocolError::MissingToken
+            } else if text.contains("\"to_user\"") {
+                ProtocolError::MissingRecipient
             } else {
                 ProtocolError::MissingType
             }
@@ -80,6 +93,17 @@ impl<'a> ClientCommand<'a> {
                 Some(payload) => Ok(Self::Message { payload }),
                 None => Err(ProtocolError::MissingPayload),
             },
+            Some("direct") => {
+                let to_user = frame.to_user.ok_or(ProtocolError::MissingRecipient)?;
+                let to_user = UserId::parse(&to_user).map_err(ProtocolError::InvalidRecipient)?;
+                match frame.payload {
+                    Some(payload) if crate::envelope::has_lone_surrogate(payload.get()) => {
+                        Err(ProtocolError::NotJson("lone UTF-16 surrogate escape in payload".to_owned()))
+                    }
+                    Some(payload) => Ok(Self::Direct { to_user, payload }),
+                    None => Err(ProtocolError::MissingPayload),
+                }
+            }
             Some("ping") => Ok(Self::Ping),
             Some("refresh") => match frame.token {
                 Some(token) if !token.is_empty() => Ok(Self::Refresh { token }),
@@ -223,6 +247,32 @@ mod tests {
         match ClientCommand::parse(r#"{"type":"message","payload":null}"#) {
             Ok(ClientCommand::Message { payload }) => assert_eq!(payload.get(), "null"),
             other => panic!("a null payload is a payload: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn direct_frames_name_a_valid_recipient() {
+        match ClientCommand::parse(r#"{"type":"direct","to_user":"alice","payload":{"hi":1}}"#) {
+            Ok(ClientCommand::Direct { to_user, payload }) => {
+                assert_eq!((to_user.as_str(), payload.get()), ("alice", r#"{"hi":1}"#));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        type Check = fn(&ProtocolError) -> bool;
+        let cases: [(&str, Check); 4] = [
+            (r#"{"type":"direct","payload":1}"#, |e| matches!(e, ProtocolError::MissingRecipient)),
+            (r#"{"type":"direct","to_user":7,"payload":1}"#, |e| {
+                matches!(e, ProtocolError::MissingRecipient)
+            }),
+            (r#"{"type":"direct","to_user":"a:b","payload":1}"#, |e| {
+                matches!(e, ProtocolError::InvalidRecipient(_))
+            }),
+            (r#"{"type":"direct","to_user":"alice"}"#, |e| matches!(e, ProtocolError::MissingPayload)),
+        ];
+        for (text, expected) in cases {
+            let err = ClientCommand::parse(text).expect_err(text);
+            assert!(expected(&err), "{text}: {err:?}");
+            assert_eq!(err.code(), ErrorCode::BadRequest);
         }
     }
 

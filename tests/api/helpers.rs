@@ -243,6 +243,14 @@ impl TestApp {
         WsClient::connect(request).await
     }
 
+    /// Connects `user` of `tenant` and returns the client with its welcome frame.
+    pub(crate) async fn connect_with_welcome(&self, user: &str, tenant: &str) -> (WsClient, Value) {
+        let mut client = self.try_connect(&token(user, tenant)).await.expect("connected");
+        let welcome = client.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (client, welcome)
+    }
+
     /// Connects `user` of `tenant` and consumes the welcome frame.
     pub(crate) async fn connect(&self, user: &str, tenant: &str) -> WsClient {
         let mut client = self.try_connect(&token(user, tenant)).await.expect("connected");

@@ -7,6 +7,7 @@ mod redis_support;
 mod broker_contract;
 mod chaos;
 mod deployment;
+mod direct;
 mod framing;
 mod observability;
 mod operations;

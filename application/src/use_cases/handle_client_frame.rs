@@ -90,6 +90,8 @@ impl HandleClientFrame {
     /// - `message`: published to `tenant:<tenant>`; nothing is sent back when the broker took
     ///   it (the sender receives its own message through the channel like everyone else), an
     ///   `error` frame with code `unavailable` when it did not.
+    /// - `direct`: published to `user:<tenant>:<to_user>` (the sender's tenant, always), with
+    ///   the same answers as `message`.
     /// - `ping`: a `pong` frame.
     /// - `refresh`: a `refreshed` frame with the new expiry, or an `error` frame (`unauthorized`
     ///   for a token that fails verification, `forbidden` for another user or tenant or a
@@ -114,29 +116,39 @@ impl HandleClientFrame {
         match command {
             Ok(ClientCommand::Ping) => FrameOutcome::Reply(self.frames.pong()),
             Ok(ClientCommand::Message { payload }) => {
-                self.metrics.message_received(MessageSource::Client);
-                let info = session.info();
-                let channel = Channel::Tenant(info.tenant_id.clone());
-                let envelope = self.frames.envelope(
-                    kind::MESSAGE,
-                    payload.to_owned(),
-                    Some(info.user_id.clone()),
-                    Some(channel.clone()),
-                );
-                match publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, None).await {
-                    Ok(()) => FrameOutcome::Nothing,
-                    Err(error) => {
-                        self.metrics.messages_dropped(DropReason::BrokerUnavailable, 1);
-                        tracing::warn!(%error, connection_id = %info.id, "client message not published");
-                        self.error(
-                            ErrorCode::Unavailable,
-                            "message not delivered: broker unavailable, retry later",
-                        )
-                    }
-                }
+                let channel = Channel::Tenant(session.info().tenant_id.clone());
+                self.publish(session, kind::MESSAGE, channel, payload).await
+            }
+            Ok(ClientCommand::Direct { to_user, payload }) => {
+                // Always within the sender's tenant, whatever id it names.
+                let channel = Channel::User(session.info().tenant_id.clone(), to_user);
+                self.publish(session, kind::DIRECT, channel, payload).await
             }
             Ok(ClientCommand::Refresh { token }) => self.refresh(session, &token).await,
             Err(error) => self.error(error.code(), &error.to_string()),
+        }
+    }
+
+    /// Publishes the client's `payload` as a `kind` envelope from the sender on `channel`.
+    /// Nothing is sent back when the broker took it; an `error` frame `unavailable` when not.
+    async fn publish(
+        &self,
+        session: &Session,
+        kind: &'static str,
+        channel: Channel,
+        payload: &serde_json::value::RawValue,
+    ) -> FrameOutcome {
+        self.metrics.message_received(MessageSource::Client);
+        let info = session.info();
+        let envelope =
+            self.frames.envelope(kind, payload.to_owned(), Some(info.user_id.clone()), Some(channel.clone()));
+        match publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, None).await {
+            Ok(()) => FrameOutcome::Nothing,
+            Err(error) => {
+                self.metrics.messages_dropped(DropReason::BrokerUnavailable, 1);
+                tracing::warn!(%error, connection_id = %info.id, "client message not published");
+                self.error(ErrorCode::Unavailable, "message not delivered: broker unavailable, retry later")
+            }
         }
     }
 
@@ -221,6 +233,31 @@ mod tests {
         let reply =
             run(broker, ClientFrame::Text(r#"{"type":"message","payload":{"text":"hi","n":[1,2]}}"#)).await;
         assert_eq!(reply, None);
+    }
+
+    #[tokio::test]
+    async fn a_direct_message_goes_to_the_named_users_channel_in_the_senders_tenant_only() {
+        let mut broker = MockMessageBroker::new();
+        broker
+            .expect_publish()
+            .withf(|channel, bytes| {
+                let v: Value = serde_json::from_slice(bytes).expect("json");
+                channel.name() == "user:acme:alice"
+                    && v["type"] == "direct"
+                    && v["payload"] == serde_json::json!({"secret": 1})
+                    && v["from_user"] == "bob"
+                    && v["channel"] == "user:acme:alice"
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
+        let frame = r#"{"type":"direct","to_user":"alice","payload":{"secret":1}}"#;
+        assert_eq!(run(broker, ClientFrame::Text(frame)).await, None);
+
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().never();
+        let frame = r#"{"type":"direct","to_user":"globex:alice","payload":1}"#;
+        let reply = run(broker, ClientFrame::Text(frame)).await.expect("reply");
+        assert_eq!(reply["payload"]["code"], "bad_request", "{reply}");
     }
 
     #[tokio::test]

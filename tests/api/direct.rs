@@ -1,0 +1,75 @@
+//! Direct messages: a client frame `direct` reaches every connection of the named user in the
+//! sender's tenant, on every instance, and no one else; it is kept in the user channel's
+//! history like any other message.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::helpers::*;
+use crate::redis_support::RedisServer;
+
+async fn instance(redis_url: &str) -> TestApp {
+    let url = redis_url.to_owned();
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("REDIS_URL".into(), url);
+    }))
+    .await;
+    app.wait_ready(Duration::from_secs(10)).await;
+    app
+}
+
+#[tokio::test]
+async fn a_direct_message_reaches_every_connection_of_the_user_on_every_instance_and_no_one_else() {
+    let redis = RedisServer::start();
+    let (a, b) = (instance(&redis.url()).await, instance(&redis.url()).await);
+    let mut bob = a.connect("bob", "acme").await;
+    let mut alice_a = a.connect("alice", "acme").await;
+    let mut alice_b = b.connect("alice", "acme").await;
+    let mut other_alice = b.connect("alice", "globex").await;
+    let mut carol = b.connect("carol", "acme").await;
+
+    bob.send_json(&json!({"type": "direct", "to_user": "alice", "payload": {"text": "psst"}})).await;
+    for alice in [&mut alice_a, &mut alice_b] {
+        let frame = alice.next_json().await;
+        assert_eq!(frame["type"], "direct", "{frame}");
+        assert_eq!(frame["from_user"], "bob");
+        assert_eq!(frame["channel"], "user:acme:alice");
+        assert_eq!(frame["payload"], json!({"text": "psst"}));
+        assert_eq!(frame["offset"], 1, "kept in the user channel's history");
+    }
+    for nobody in [&mut bob, &mut other_alice, &mut carol] {
+        nobody.expect_nothing_pending().await;
+    }
+
+    // A recipient id that could reach another tenant is refused.
+    bob.send_json(&json!({"type": "direct", "to_user": "globex:alice", "payload": 1})).await;
+    let error = bob.next_json().await;
+    assert_eq!(
+        (error["type"].as_str(), error["payload"]["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
+    other_alice.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_direct_message_sent_while_the_user_was_away_is_recovered_with_user_since() {
+    let app = spawn_app().await;
+    let mut alice = app.connect_with_welcome("alice", "acme").await;
+    let position = &alice.1["payload"]["positions"]["user:acme:alice"];
+    let since = format!("{}:{}", position["epoch"].as_str().expect("epoch"), position["offset"]);
+    alice.0.close().await;
+    let mut bob = app.connect("bob", "acme").await;
+    bob.send_json(&json!({"type": "direct", "to_user": "alice", "payload": "while you were away"})).await;
+    bob.expect_nothing_pending().await;
+
+    let url = app.ws_url(&format!("?token={}&user_since={since}", token("alice", "acme")));
+    let mut alice = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
+    assert_eq!(alice.next_json().await["payload"]["recovered"], true);
+    let missed = alice.next_json().await;
+    assert_eq!(
+        (missed["type"].as_str(), missed["payload"].as_str()),
+        (Some("direct"), Some("while you were away"))
+    );
+}
