@@ -56,7 +56,7 @@ async fn a_direct_message_reaches_every_connection_of_the_user_on_every_instance
 #[tokio::test]
 async fn a_direct_message_sent_while_the_user_was_away_is_recovered_with_user_since() {
     let app = spawn_app().await;
-    let mut alice = app.connect_with_welcome("alice", "acme").await;
+    let alice = app.connect_with_welcome("alice", "acme").await;
     let position = &alice.1["payload"]["positions"]["user:acme:alice"];
     let since = format!("{}:{}", position["epoch"].as_str().expect("epoch"), position["offset"]);
     alice.0.close().await;
