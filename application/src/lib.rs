@@ -26,6 +26,7 @@ pub use use_cases::deliver_message::DeliverBrokerMessage;
 pub use use_cases::disconnect_client::DisconnectClient;
 pub use use_cases::handle_client_frame::{ClientFrame, FrameOutcome, HandleClientFrame};
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
+pub use use_cases::server_api::{ApiKeys, ServerApi, ServerApiError};
 pub use use_cases::sweep_inactive::{SweepInactiveConnections, SweepReport};
 
 use ports::{Clock, IdGenerator, MessageBroker, Metrics, TokenVerifier, WebhookVerifier};
@@ -69,6 +70,8 @@ pub struct Settings {
     /// Largest replay of missed messages sent to a reconnecting client; beyond it the client
     /// is told `"recovered": false` instead. Keep it below the outbound queue size.
     pub max_replay_bytes: usize,
+    /// The keys of the server API; none: the API refuses every call.
+    pub api_keys: ApiKeys,
 }
 
 impl Default for Settings {
@@ -83,6 +86,7 @@ impl Default for Settings {
             rate_burst: 100,
             token_leeway_secs: 5,
             max_replay_bytes: 512 * 1024,
+            api_keys: ApiKeys::default(),
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct Realtime {
     pub disconnect: DisconnectClient,
     pub frames: HandleClientFrame,
     pub webhooks: IngestWebhook,
+    /// The server API for backends.
+    pub api: ServerApi,
     pub sweep: SweepInactiveConnections,
     /// The broker's inbound handler; the broker only holds it weakly.
     pub deliver: Arc<DeliverBrokerMessage>,
@@ -131,6 +137,8 @@ impl Realtime {
             frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings)
                 .with_metrics(metrics.clone()),
             webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
+                .with_metrics(metrics.clone()),
+            api: ServerApi::new(settings.api_keys.clone(), ports.broker.clone(), frames.clone())
                 .with_metrics(metrics.clone()),
             sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings).with_metrics(metrics),
             broker: ports.broker,

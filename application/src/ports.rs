@@ -286,6 +286,8 @@ pub enum MessageSource {
     Webhook,
     /// A message the broker delivered to this instance.
     Broker,
+    /// A message a backend published through the server API.
+    Api,
 }
 
 impl MessageSource {
@@ -294,6 +296,7 @@ impl MessageSource {
             Self::Client => "client",
             Self::Webhook => "webhook",
             Self::Broker => "broker",
+            Self::Api => "api",
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use adapters::outbound::history::HistorySettings;
 use adapters::outbound::hmac::Secret;
 use adapters::outbound::redis::RedisTarget;
-use application::Settings;
+use application::{ApiKeys, Settings};
 use domain::TenantId;
 
 /// HTTP + WebSocket listen address.
@@ -68,6 +68,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
 /// 0 turns deduplication off.
 pub const ENV_WEBHOOK_DEDUP_SECS: &str = "WEBHOOK_DEDUP_SECS";
 pub const DEFAULT_WEBHOOK_DEDUP_SECS: u64 = 86_400;
+/// Comma-separated keys of the server API (`Authorization: Bearer <key>`); unset: the API
+/// refuses every call.
+pub const ENV_API_KEYS: &str = "API_KEYS";
+/// Shortest accepted API key.
+pub const MIN_API_KEY_LEN: usize = 16;
 /// Messages kept per `tenant:` and `user:` channel for reconnecting clients; 0 turns history
 /// and message offsets off.
 pub const ENV_HISTORY_SIZE: &str = "HISTORY_SIZE";
@@ -304,6 +309,19 @@ fn origins(raw: &str) -> Result<HashSet<String>, String> {
     Ok(set)
 }
 
+fn api_keys(raw: &str) -> Result<ApiKeys, String> {
+    let keys: Vec<&str> = raw.split(',').map(str::trim).collect();
+    let mut problems = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        if key.len() < MIN_API_KEY_LEN {
+            problems.push(format!("key {} is shorter than {MIN_API_KEY_LEN} characters", i + 1));
+        } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            problems.push(format!("key {} holds characters other than printable ASCII", i + 1));
+        }
+    }
+    if problems.is_empty() { Ok(ApiKeys::new(keys)) } else { Err(problems.join("; ")) }
+}
+
 fn webhook_secrets(raw: &str) -> Result<HashMap<TenantId, Secret>, String> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw).map_err(|e| {
         format!("expected a JSON object mapping tenant id to secret, e.g. {{\"acme\":\"s3cret\"}}: {e}")
@@ -364,6 +382,7 @@ impl Config {
         });
         let broker = broker(&mut r);
         let webhook_secrets = r.parse(ENV_WEBHOOK_SECRETS, HashMap::new(), webhook_secrets);
+        let api_keys = r.parse(ENV_API_KEYS, ApiKeys::default(), api_keys);
         let jwt_public_key_file = r.get(ENV_JWT_PUBLIC_KEY_FILE).map(|p| PathBuf::from(p.trim()));
         if jwt_public_key_file.is_some() && (r.lookup)(ENV_JWT_SECRET_KEY).is_some() {
             r.fail(
@@ -479,6 +498,7 @@ impl Config {
                 token_leeway_secs: jwt_leeway,
                 // The replay is queued at once: it must leave room in the outbound queue.
                 max_replay_bytes: outbound_queue_bytes / 2,
+                api_keys,
             },
             max_message_bytes,
             outbound_queue_bytes,
@@ -547,8 +567,11 @@ mod tests {
             (ENV_RATE_LIMIT_PER_SEC, "0"),
             (ENV_RUST_LOG, "debug,hyper=info"),
             (ENV_LOG_FORMAT, "json"),
+            (ENV_API_KEYS, "first-key-0123456789, second-key-0123456789"),
         ])
         .expect("valid");
+        assert!(config.settings.api_keys.accepts(b"second-key-0123456789"), "keys are trimmed");
+        assert!(!format!("{config:?}").contains("first-key"), "keys never show in debug output");
         assert_eq!(config.bind_addr.to_string(), "127.0.0.1:9000");
         assert_eq!(config.jwt_secret.map(|s| s.as_bytes().len()), Some(32));
         assert!(matches!(
@@ -633,6 +656,8 @@ mod tests {
             (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_POOL_SIZE, "0")][..], ENV_REDIS_POOL_SIZE),
             (&[(ENV_WEBHOOK_DEDUP_SECS, "2592001")][..], ENV_WEBHOOK_DEDUP_SECS),
             (&[(ENV_HISTORY_SIZE, "-1")][..], ENV_HISTORY_SIZE),
+            (&[(ENV_API_KEYS, "short")][..], ENV_API_KEYS),
+            (&[(ENV_API_KEYS, "0123456789abcdef,with space 0123456")][..], ENV_API_KEYS),
             (&[(ENV_HISTORY_SIZE, "10001")][..], ENV_HISTORY_SIZE),
             (&[(ENV_HISTORY_TTL_SECS, "0")][..], ENV_HISTORY_TTL_SECS),
             (&[(ENV_DRAIN_SECS, "400")][..], ENV_DRAIN_SECS),

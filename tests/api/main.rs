@@ -16,5 +16,6 @@ mod proxy;
 mod recovery;
 mod scale_out;
 mod security;
+mod server_api;
 mod webhooks;
 mod websocket;

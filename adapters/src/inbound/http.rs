@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use application::{Realtime, WebhookError, WebhookRequest};
+use application::{Realtime, ServerApiError, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, StatusCode};
@@ -152,6 +152,13 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(webhook);
+    let api_publish = warp::path!("api" / "publish")
+        .and(warp::post())
+        .and(with(app.clone()))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(api_publish);
     health
         .or(ready)
         .unify()
@@ -160,6 +167,8 @@ pub fn routes(
         .or(ws::route(app, ws_settings))
         .unify()
         .or(webhooks)
+        .unify()
+        .or(api_publish)
         .unify()
         .recover(recover)
         .unify()
@@ -220,6 +229,48 @@ where
 
 fn too_large() -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "webhook body exceeds 1 MiB")
+}
+
+/// The key of an `Authorization: Bearer <key>` header.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, key) = authorization?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+fn api_rejection(error: &ServerApiError) -> Rejection {
+    warp::reject::custom(match error {
+        ServerApiError::Unauthorized => ApiError::unauthorized(error.to_string()),
+        ServerApiError::BadRequest(message) => ApiError::bad_request(message.clone()),
+        ServerApiError::Broker(_) => ApiError::unavailable(error.to_string()),
+    })
+}
+
+/// `POST /api/publish`: the key is checked before the body is read.
+async fn api_publish<S, B>(
+    app: Arc<Realtime>,
+    authorization: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+) -> Result<Response, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
+    B: Buf + Send,
+{
+    app.api.authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
+    if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
+        return Err(warp::reject::custom(too_large()));
+    }
+    let body = tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY))
+        .await
+        .map_err(|_| {
+            warp::reject::custom(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            ))
+        })??;
+    let message_id = app.api.publish(&body).await.map_err(|e| api_rejection(&e))?;
+    Ok(warp::reply::json(&json!({"message_id": message_id.as_str()})).into_response())
 }
 
 async fn webhook<S, B>(

@@ -26,7 +26,8 @@ const ATTEMPTS: [ConnectionOutcome; 6] = [
     ConnectionOutcome::RateLimited,
     ConnectionOutcome::Unavailable,
 ];
-const SOURCES: [MessageSource; 3] = [MessageSource::Client, MessageSource::Webhook, MessageSource::Broker];
+const SOURCES: [MessageSource; 4] =
+    [MessageSource::Client, MessageSource::Webhook, MessageSource::Broker, MessageSource::Api];
 const DROPS: [DropReason; 5] = [
     DropReason::SlowConsumer,
     DropReason::Invalid,

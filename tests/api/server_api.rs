@@ -1,0 +1,111 @@
+//! The server API: `POST /api/publish` with `Authorization: Bearer <API key>`.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const KEY: &str = "backend-api-key-0123456789";
+
+async fn app_with_key() -> TestApp {
+    spawn_app_with(test_config(|vars| {
+        vars.insert("API_KEYS".into(), format!("another-key-0123456789,{KEY}"));
+    }))
+    .await
+}
+
+async fn publish(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
+    let mut request = reqwest::Client::new().post(app.url("/api/publish")).json(body);
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    Answer::from_response(request.send().await.expect("request")).await
+}
+
+#[tokio::test]
+async fn without_a_valid_key_every_call_is_refused_with_401() {
+    let body = json!({"channel": "tenant:acme", "type": "notice", "payload": 1});
+    let closed = spawn_app().await;
+    let answer = publish(&closed, Some(KEY), &body).await;
+    assert_eq!(
+        (answer.status, answer.body["code"].as_str()),
+        (401, Some("unauthorized")),
+        "no keys: API off"
+    );
+    let app = app_with_key().await;
+    let mut client = app.connect("bob", "acme").await;
+    for key in [None, Some("backend-api-key-012345678"), Some("wrong")] {
+        let answer = publish(&app, key, &body).await;
+        assert_eq!(answer.status, 401, "{key:?}");
+    }
+    client.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_backend_publishes_to_each_kind_of_channel_and_exactly_its_clients_receive_it() {
+    let app = app_with_key().await;
+    let mut bob = app.connect("bob", "acme").await;
+    let mut alice = app.connect("alice", "acme").await;
+    let mut eve = app.connect("eve", "globex").await;
+
+    let answer =
+        publish(&app, Some(KEY), &json!({"channel": "tenant:acme", "type": "notice", "payload": {"n": 1}}))
+            .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let message_id = answer.body["message_id"].as_str().expect("message_id").to_owned();
+    for client in [&mut bob, &mut alice] {
+        let frame = client.next_json().await;
+        assert_eq!(
+            (frame["type"].as_str(), frame["channel"].as_str()),
+            (Some("notice"), Some("tenant:acme"))
+        );
+        assert_eq!((frame["payload"]["n"].as_u64(), frame["from_user"].is_null()), (Some(1), true));
+        assert_eq!(frame["message_id"], message_id.as_str());
+        assert!(frame["offset"].is_u64(), "kept in the tenant's history: {frame}");
+    }
+    eve.expect_nothing_pending().await;
+
+    let answer = publish(
+        &app,
+        Some(KEY),
+        &json!({"channel": "user:acme:alice", "type": "invoice.paid", "payload": 7}),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(alice.next_json().await["type"], "invoice.paid");
+    for other in [&mut bob, &mut eve] {
+        other.expect_nothing_pending().await;
+    }
+
+    for channel in ["global:broadcast", "system:events"] {
+        let answer =
+            publish(&app, Some(KEY), &json!({"channel": channel, "type": "maintenance", "payload": null}))
+                .await;
+        assert_eq!(answer.status, 200);
+        for client in [&mut bob, &mut alice, &mut eve] {
+            let frame = client.next_json().await;
+            assert_eq!(
+                (frame["type"].as_str(), frame["channel"].as_str()),
+                (Some("maintenance"), Some(channel))
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_400_or_413_and_nothing_is_delivered() {
+    let app = app_with_key().await;
+    let mut bob = app.connect("bob", "acme").await;
+    for body in [
+        json!({"channel": "room:1", "type": "x", "payload": 1}),
+        json!({"channel": "tenant:acme", "type": "welcome", "payload": 1}),
+        json!({"channel": "tenant:acme", "type": "", "payload": 1}),
+        json!({"channel": "tenant:acme", "type": "x"}),
+        json!([1, 2]),
+    ] {
+        let answer = publish(&app, Some(KEY), &body).await;
+        assert_eq!((answer.status, answer.body["code"].as_str()), (400, Some("bad_request")), "{body}");
+    }
+    let huge = json!({"channel": "tenant:acme", "type": "x", "payload": "x".repeat(1024 * 1024)});
+    assert_eq!(publish(&app, Some(KEY), &huge).await.status, 413);
+    bob.expect_nothing_pending().await;
+}
