@@ -9,7 +9,9 @@ use std::sync::Weak;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use domain::{Channel, Claims, CloseReason, ConnectionId, MessageId, StreamPosition, TenantId, Timestamp};
+use domain::{
+    Channel, Claims, CloseReason, ConnectionId, MessageId, StreamPosition, TenantId, Timestamp, UserId,
+};
 
 /// Resolves once the broker confirmed that channels are subscribed.
 pub type SubscribeAck = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send>>;
@@ -20,6 +22,15 @@ pub enum BrokerError {
     /// The broker cannot be reached or refused the operation; retrying later may succeed.
     #[error("message broker unavailable: {0}")]
     Unavailable(String),
+}
+
+/// An order for every instance, carried by the broker beside the channels (never delivered to
+/// clients, never kept in a history).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlCommand {
+    /// Close every connection of this user, wherever it is, with 4003.
+    Disconnect { tenant_id: TenantId, user_id: UserId },
 }
 
 /// What a broker's history holds for one channel, as read by [`MessageBroker::history`].
@@ -94,6 +105,13 @@ pub trait MessageBroker: Send + Sync {
         since: Option<StreamPosition>,
     ) -> Result<HistoryRead, BrokerError>;
 
+    /// Sends `command` to every instance (this one included); returns how many instances
+    /// received it.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the broker cannot take it.
+    async fn publish_control(&self, command: &ControlCommand) -> Result<usize, BrokerError>;
+
     /// Starts delivering messages of `channels` to this instance. Does not block.
     fn subscribe(&self, channels: &[Channel]);
 
@@ -128,6 +146,11 @@ pub trait InboundHandler: Send + Sync {
     /// The broker's link was re-established after an interruption: messages published
     /// meanwhile may never arrive.
     fn on_resubscribed(&self) {}
+
+    /// A [`ControlCommand`] for every instance arrived.
+    fn on_control(&self, command: ControlCommand) {
+        let _ = command;
+    }
 }
 
 impl TokenError {

@@ -160,11 +160,12 @@ impl Drop for RedisServer {
     }
 }
 
-/// The channels Redis currently has subscribers for, sorted.
+/// The application channels Redis currently has subscribers for, sorted (the service's own
+/// `lq-realtime:` channels, probe and control, left out).
 pub(crate) async fn pubsub_channels(connection: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     let mut channels: Vec<String> =
         redis::cmd("PUBSUB").arg("CHANNELS").query_async(connection).await.expect("PUBSUB CHANNELS");
-    channels.retain(|c| !c.starts_with("lq-realtime:probe:"));
+    channels.retain(|c| !c.starts_with("lq-realtime:"));
     channels.sort();
     channels
 }

@@ -109,3 +109,48 @@ async fn bad_requests_are_refused_with_400_or_413_and_nothing_is_delivered() {
     assert_eq!(publish(&app, Some(KEY), &huge).await.status, 413);
     bob.expect_nothing_pending().await;
 }
+
+async fn disconnect(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
+    let mut request = reqwest::Client::new().post(app.url("/api/disconnect")).json(body);
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    Answer::from_response(request.send().await.expect("request")).await
+}
+
+#[tokio::test]
+async fn a_disconnect_closes_every_connection_of_the_user_on_every_instance_with_4003() {
+    use crate::redis_support::RedisServer;
+    use std::time::Duration;
+    let redis = RedisServer::start();
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let url = redis.url();
+        let app = spawn_app_with(test_config(|vars| {
+            vars.insert("REDIS_URL".into(), url);
+            vars.insert("API_KEYS".into(), KEY.into());
+        }))
+        .await;
+        app.wait_ready(Duration::from_secs(10)).await;
+        apps.push(app);
+    }
+    let mut alice_a = apps[0].connect("alice", "acme").await;
+    let mut alice_b = apps[1].connect("alice", "acme").await;
+    let mut bob = apps[0].connect("bob", "acme").await;
+    let mut other_alice = apps[1].connect("alice", "globex").await;
+
+    let body = json!({"tenant_id": "acme", "user_id": "alice"});
+    assert_eq!(disconnect(&apps[0], None, &body).await.status, 401);
+    let answer = disconnect(&apps[0], Some(KEY), &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["instances"], 2, "both instances received the order");
+    for alice in [&mut alice_a, &mut alice_b] {
+        let close = alice.expect_close().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 4003);
+    }
+    bob.expect_nothing_pending().await;
+    other_alice.expect_nothing_pending().await;
+
+    let bad = disconnect(&apps[0], Some(KEY), &json!({"tenant_id": "acme", "user_id": "a:b"})).await;
+    assert_eq!((bad.status, bad.body["code"].as_str()), (400, Some("bad_request")));
+}

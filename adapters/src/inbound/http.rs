@@ -158,7 +158,18 @@ pub fn routes(
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
-        .and_then(api_publish);
+        .and_then(|app, authorization, content_length, body| {
+            api_call(app, authorization, content_length, body, ApiCall::Publish)
+        });
+    let api_disconnect = warp::path!("api" / "disconnect")
+        .and(warp::post())
+        .and(with(app.clone()))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(|app, authorization, content_length, body| {
+            api_call(app, authorization, content_length, body, ApiCall::Disconnect)
+        });
     health
         .or(ready)
         .unify()
@@ -169,6 +180,8 @@ pub fn routes(
         .or(webhooks)
         .unify()
         .or(api_publish)
+        .unify()
+        .or(api_disconnect)
         .unify()
         .recover(recover)
         .unify()
@@ -245,12 +258,22 @@ fn api_rejection(error: &ServerApiError) -> Rejection {
     })
 }
 
-/// `POST /api/publish`: the key is checked before the body is read.
-async fn api_publish<S, B>(
+/// The calls of the server API.
+#[derive(Debug, Clone, Copy)]
+enum ApiCall {
+    /// `POST /api/publish`.
+    Publish,
+    /// `POST /api/disconnect`.
+    Disconnect,
+}
+
+/// A server API call: the key is checked before the body is read.
+async fn api_call<S, B>(
     app: Arc<Realtime>,
     authorization: Option<String>,
     content_length: Option<u64>,
     body: S,
+    call: ApiCall,
 ) -> Result<Response, Rejection>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
@@ -269,8 +292,17 @@ where
                 "the request body did not arrive in time",
             ))
         })??;
-    let message_id = app.api.publish(&body).await.map_err(|e| api_rejection(&e))?;
-    Ok(warp::reply::json(&json!({"message_id": message_id.as_str()})).into_response())
+    let answer = match call {
+        ApiCall::Publish => {
+            let message_id = app.api.publish(&body).await.map_err(|e| api_rejection(&e))?;
+            json!({"message_id": message_id.as_str()})
+        }
+        ApiCall::Disconnect => {
+            let instances = app.api.disconnect(&body).await.map_err(|e| api_rejection(&e))?;
+            json!({"instances": instances})
+        }
+    };
+    Ok(warp::reply::json(&answer).into_response())
 }
 
 async fn webhook<S, B>(

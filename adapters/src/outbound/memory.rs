@@ -4,7 +4,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use application::ports::{BrokerError, HistoryRead, InboundHandler, MessageBroker, SubscribeAck};
+use application::ports::{
+    BrokerError, ControlCommand, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use domain::{Channel, StreamPosition};
@@ -178,6 +180,16 @@ impl MessageBroker for InMemoryBroker {
             handler.on_message(channel.clone(), message);
         }
         Ok(())
+    }
+
+    async fn publish_control(&self, command: &ControlCommand) -> Result<usize, BrokerError> {
+        match self.handler.get().and_then(Weak::upgrade) {
+            Some(handler) => {
+                handler.on_control(command.clone());
+                Ok(1)
+            }
+            None => Ok(0),
+        }
     }
 
     async fn history(

@@ -8,7 +8,9 @@ use domain::{Channel, CloseReason, InboundEnvelope, StreamPosition};
 
 use crate::frames::FrameFactory;
 use crate::hub::{Continuity, Hub};
-use crate::ports::{DropReason, HistoryRead, InboundHandler, MessageSource, Metrics, NoMetrics};
+use crate::ports::{
+    ControlCommand, DropReason, HistoryRead, InboundHandler, MessageSource, Metrics, NoMetrics,
+};
 
 /// At most one warning about invalid broker messages per this many milliseconds.
 const INVALID_WARNING_INTERVAL_MS: u64 = 10_000;
@@ -125,6 +127,19 @@ impl DeliverBrokerMessage {
 }
 
 impl InboundHandler for DeliverBrokerMessage {
+    /// `Disconnect` closes every local connection of the user with 4003.
+    fn on_control(&self, command: ControlCommand) {
+        match command {
+            ControlCommand::Disconnect { tenant_id, user_id } => {
+                let channel = Channel::User(tenant_id, user_id);
+                let closed = self.hub.close_channel(&channel, CloseReason::Inactive);
+                if closed > 0 {
+                    tracing::info!(%channel, closed, "connections of a user disconnected by the server API");
+                }
+            }
+        }
+    }
+
     fn on_resubscribed(&self) {
         self.interrupted.store(true, Ordering::Release);
     }
@@ -342,6 +357,27 @@ mod tests {
         deliver.on_message(acme(), at(3, "e"));
         assert_eq!(payloads(&bob), [5]);
         assert_eq!(bob.closed(), Some(CloseReason::MissedMessages));
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_order_closes_exactly_that_users_connections_with_4003() {
+        let hub = hub();
+        let (alice, alice_too, bob, other) =
+            (RecordingSink::new(), RecordingSink::new(), RecordingSink::new(), RecordingSink::new());
+        let _s1 = session_with_sink(&hub, "alice", "acme", alice.clone()).await;
+        let _s2 = session_with_sink(&hub, "alice", "acme", alice_too.clone()).await;
+        let _s3 = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let _s4 = session_with_sink(&hub, "alice", "globex", other.clone()).await;
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        deliver.on_control(ControlCommand::Disconnect {
+            tenant_id: TenantId::parse("acme").expect("valid"),
+            user_id: domain::UserId::parse("alice").expect("valid"),
+        });
+        assert_eq!(
+            (alice.closed(), alice_too.closed()),
+            (Some(CloseReason::Inactive), Some(CloseReason::Inactive))
+        );
+        assert_eq!((bob.closed(), other.closed()), (None, None));
     }
 
     #[tokio::test]

@@ -5,12 +5,12 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use domain::envelope::{MAX_KIND_LEN, kind};
-use domain::{Channel, MessageId};
+use domain::{Channel, MessageId, TenantId, UserId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
-use crate::ports::{BrokerError, MessageBroker, MessageSource, Metrics, NoMetrics};
+use crate::ports::{BrokerError, ControlCommand, MessageBroker, MessageSource, Metrics, NoMetrics};
 use crate::use_cases::publish_timed;
 
 /// The keys that open the server API. Their `Debug` output never shows them.
@@ -71,6 +71,14 @@ struct PublishBody<'a> {
     kind: Cow<'a, str>,
     #[serde(borrow)]
     payload: &'a RawValue,
+}
+
+/// `POST /api/disconnect`'s body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    tenant_id: TenantId,
+    user_id: UserId,
 }
 
 /// Frame types only the server sends to a connection of its own: a backend may not forge them.
@@ -148,6 +156,22 @@ impl ServerApi {
     }
 }
 
+impl ServerApi {
+    /// Closes every connection of `{"tenant_id","user_id"}` on every instance with 4003 (after
+    /// a ban or a password change, say); returns how many instances received the order.
+    ///
+    /// # Errors
+    /// [`ServerApiError::BadRequest`] for a body that is not that (ids are checked like token
+    /// claims), [`ServerApiError::Broker`] when the broker did not take the order.
+    pub async fn disconnect(&self, body: &[u8]) -> Result<usize, ServerApiError> {
+        let body: DisconnectBody = serde_json::from_slice(body).map_err(|e| {
+            ServerApiError::BadRequest(format!("expected {{\"tenant_id\",\"user_id\"}}: {e}"))
+        })?;
+        let command = ControlCommand::Disconnect { tenant_id: body.tenant_id, user_id: body.user_id };
+        self.broker.publish_control(&command).await.map_err(ServerApiError::Broker)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +240,27 @@ mod tests {
                 "{}: {refused:?}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_disconnect_is_sent_to_every_instance_and_bad_ids_are_refused() {
+        let mut broker = MockMessageBroker::new();
+        broker
+            .expect_publish_control()
+            .withf(|command| {
+                *command
+                    == ControlCommand::Disconnect {
+                        tenant_id: TenantId::parse("acme").expect("valid"),
+                        user_id: UserId::parse("alice").expect("valid"),
+                    }
+            })
+            .times(1)
+            .returning(|_| Ok(3));
+        let api = api(broker);
+        assert_eq!(api.disconnect(br#"{"tenant_id":"acme","user_id":"alice"}"#).await, Ok(3));
+        for body in [&br#"{"tenant_id":"acme"}"#[..], br#"{"tenant_id":"a:b","user_id":"alice"}"#, b"[]"] {
+            assert!(matches!(api.disconnect(body).await, Err(ServerApiError::BadRequest(_))));
         }
     }
 

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use application::ports::{
-    BrokerError, DeliveryRecord, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
+    BrokerError, ControlCommand, DeliveryRecord, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -46,6 +46,10 @@ pub use target::{RedisTarget, TargetError};
 use crate::outbound::history::{Epochs, HistorySettings};
 use crate::outbound::system::random_bytes;
 use target::PublishPool;
+
+/// The channel every instance subscribes for [`ControlCommand`]s; never a valid application
+/// channel name.
+const CONTROL_CHANNEL: &str = "lq-realtime:control";
 
 /// Tuning of the Redis broker. The defaults suit production; tests shorten them.
 #[derive(Debug, Clone)]
@@ -242,6 +246,16 @@ impl MessageBroker for RedisBroker {
             self.shared.publish_with_history(channel, &message, Some(record)).await
         } else {
             self.shared.publish_recorded_plain(channel, &message, record).await
+        }
+    }
+
+    async fn publish_control(&self, command: &ControlCommand) -> Result<usize, BrokerError> {
+        let message = serde_json::to_vec(command).map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let mut publish = deadpool_redis::redis::cmd("PUBLISH");
+        publish.arg(CONTROL_CHANNEL).arg(message);
+        match self.shared.timed(self.shared.pool.query(publish)).await? {
+            deadpool_redis::redis::Value::Int(receivers) => Ok(usize::try_from(receivers).unwrap_or(0)),
+            _ => Err(BrokerError::Unavailable("unexpected answer from Redis to PUBLISH".to_owned())),
         }
     }
 

@@ -12,8 +12,8 @@ use domain::Channel;
 use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use futures_util::{FutureExt, StreamExt};
 
-use super::Shared;
 use super::target::connect_pubsub;
+use super::{CONTROL_CHANNEL, Shared};
 
 /// First pause after a failed connection; doubled up to `max_backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
@@ -67,7 +67,12 @@ pub(super) async fn run(shared: Arc<Shared>) {
 async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSub) -> End {
     let (mut sink, mut stream) = pubsub.split();
     let op_timeout = shared.settings.op_timeout;
-    let base = [GLOBAL_CHANNEL.to_owned(), SYSTEM_CHANNEL.to_owned(), shared.probe_channel.clone()];
+    let base = [
+        GLOBAL_CHANNEL.to_owned(),
+        SYSTEM_CHANNEL.to_owned(),
+        CONTROL_CHANNEL.to_owned(),
+        shared.probe_channel.clone(),
+    ];
     match tokio::time::timeout(op_timeout, sink.subscribe(&base[..])).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => return End::Lost(format!("SUBSCRIBE failed: {error}")),
@@ -163,6 +168,13 @@ fn dispatch(shared: &Shared, message: &Msg) -> bool {
     let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) else {
         return false;
     };
+    if name == CONTROL_CHANNEL {
+        match serde_json::from_slice(message.get_payload_bytes()) {
+            Ok(command) => handler.on_control(command),
+            Err(error) => tracing::warn!(%error, "control command not understood; ignored"),
+        }
+        return true;
+    }
     match Channel::parse(name) {
         Ok(channel) => handler.on_message(channel, Bytes::copy_from_slice(message.get_payload_bytes())),
         Err(error) => {
