@@ -10,6 +10,7 @@ mod deployment;
 mod direct;
 mod framing;
 mod observability;
+mod openapi;
 mod operations;
 mod process;
 mod proxy;
