@@ -241,7 +241,7 @@ where
 }
 
 fn too_large() -> ApiError {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "webhook body exceeds 1 MiB")
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds 1 MiB")
 }
 
 /// The key of an `Authorization: Bearer <key>` header.

@@ -131,8 +131,10 @@ impl ServerApi {
         let body: PublishBody<'_> = serde_json::from_slice(body).map_err(|e| {
             ServerApiError::BadRequest(format!("expected {{\"channel\",\"type\",\"payload\"}}: {e}"))
         })?;
-        let channel = Channel::parse(&body.channel)
-            .map_err(|e| ServerApiError::BadRequest(format!("invalid channel: {e}")))?;
+        let channel = Channel::parse(&body.channel).map_err(|e| match e {
+            domain::ChannelError::Unknown(_) => ServerApiError::BadRequest(format!("invalid channel: {e}")),
+            domain::ChannelError::InvalidId(_) => ServerApiError::BadRequest(e.to_string()),
+        })?;
         if body.kind.is_empty() || body.kind.len() > MAX_KIND_LEN {
             return Err(ServerApiError::BadRequest(format!("\"type\" must be 1 to {MAX_KIND_LEN} bytes")));
         }
