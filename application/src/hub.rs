@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use bytes::Bytes;
 use domain::{
     Channel, CloseReason, ConnectionId, ConnectionInfo, ConnectionRegistry, RegistryError, StreamPosition,
-    TenantId, Timestamp,
+    TenantId, Timestamp, UserId,
 };
 
 use crate::ports::{ClientSink, MessageBroker, PushError, SubscribeAck};
@@ -478,6 +478,21 @@ impl Hub {
             }
         }
         outcome
+    }
+
+    /// How many connections `user` of `tenant` has on this instance.
+    pub fn connections_of(&self, tenant: &TenantId, user: &UserId) -> usize {
+        Self::read(self.shard(tenant)).connections_of(tenant, user)
+    }
+
+    /// Every user with a connection on this instance, with how many it has.
+    pub fn local_users(&self) -> Vec<(TenantId, UserId, usize)> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                Self::read(shard).users().map(|(t, u, n)| (t.clone(), u.clone(), n)).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Tenant and user channels some local connection needs.

@@ -26,6 +26,7 @@ pub use use_cases::deliver_message::DeliverBrokerMessage;
 pub use use_cases::disconnect_client::DisconnectClient;
 pub use use_cases::handle_client_frame::{ClientFrame, FrameOutcome, HandleClientFrame};
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
+pub use use_cases::presence::TrackPresence;
 pub use use_cases::server_api::{ApiKeys, ServerApi, ServerApiError};
 pub use use_cases::sweep_inactive::{SweepInactiveConnections, SweepReport};
 
@@ -40,6 +41,8 @@ pub struct Ports {
     pub clock: Arc<dyn Clock>,
     pub ids: Arc<dyn IdGenerator>,
     pub metrics: Arc<dyn Metrics>,
+    /// Who is online; `None`: presence turned off.
+    pub presence: Option<Arc<dyn ports::Presence>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -101,6 +104,8 @@ pub struct Realtime {
     pub webhooks: IngestWebhook,
     /// The server API for backends.
     pub api: ServerApi,
+    /// Who is online in each tenant.
+    pub presence: Arc<TrackPresence>,
     pub sweep: SweepInactiveConnections,
     /// The broker's inbound handler; the broker only holds it weakly.
     pub deliver: Arc<DeliverBrokerMessage>,
@@ -126,6 +131,12 @@ impl Realtime {
         let metrics = ports.metrics.clone();
         let deliver =
             Arc::new(DeliverBrokerMessage::new(hub.clone(), frames.clone()).with_metrics(metrics.clone()));
+        let presence = Arc::new(TrackPresence::new(
+            ports.presence.clone(),
+            hub.clone(),
+            ports.broker.clone(),
+            frames.clone(),
+        ));
         let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
         ports.broker.start(Arc::downgrade(&handler));
         Self {
@@ -135,11 +146,14 @@ impl Realtime {
                 .with_metrics(metrics.clone()),
             disconnect: DisconnectClient::new().with_metrics(ports.clock.clone(), metrics.clone()),
             frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings)
-                .with_metrics(metrics.clone()),
+                .with_metrics(metrics.clone())
+                .with_presence(presence.clone()),
             webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
                 .with_metrics(metrics.clone()),
             api: ServerApi::new(settings.api_keys.clone(), ports.broker.clone(), frames.clone())
-                .with_metrics(metrics.clone()),
+                .with_metrics(metrics.clone())
+                .with_presence(presence.clone()),
+            presence,
             sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings).with_metrics(metrics),
             broker: ports.broker,
             hub,

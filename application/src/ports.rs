@@ -409,6 +409,56 @@ pub struct DeliveryRecord {
     pub keep_secs: u64,
 }
 
+/// How a user's presence in a tenant changed, across every instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// The user had no connection anywhere and now has one.
+    Joined,
+    /// The user had connections and now has none anywhere.
+    Left,
+    Unchanged,
+}
+
+/// A user online in a tenant.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PresentUser {
+    pub user_id: UserId,
+    /// Connections over every instance.
+    pub connections: usize,
+}
+
+/// Who is online in each tenant, over every instance. Each instance keeps its own entries
+/// alive by setting them again within the presence TTL; the entries of an instance that
+/// stopped doing so (it crashed) expire.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait Presence: Send + Sync {
+    /// This instance now has `connections` connections of `user` (0: none), valid for the
+    /// presence TTL; returns how the user's presence in the tenant changed.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the store cannot be reached.
+    async fn set(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        connections: usize,
+    ) -> Result<PresenceChange, BrokerError>;
+
+    /// The tenant's users online, with their connections summed over instances.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the store cannot be reached.
+    async fn list(&self, tenant: &TenantId) -> Result<Vec<PresentUser>, BrokerError>;
+
+    /// Forgets the users of `tenant` whose every entry expired, and returns them: each is
+    /// returned to exactly one caller, over every instance.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the store cannot be reached.
+    async fn sweep(&self, tenant: &TenantId) -> Result<Vec<UserId>, BrokerError>;
+}
+
 /// What a [`DeliveryLog`] knows about a webhook delivery id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliveryClaim {

@@ -12,10 +12,11 @@ use adapters::outbound::delivery_log::InMemoryDeliveryLog;
 use adapters::outbound::hmac::HmacWebhookVerifier;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
+use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
-use application::ports::{Clock, DeliveryLog, MessageBroker};
+use application::ports::{Clock, DeliveryLog, MessageBroker, Presence};
 use application::{Ports, Realtime};
 use domain::{CloseReason, SCOPE_WS_CONNECT};
 use tokio::net::TcpListener;
@@ -86,17 +87,21 @@ impl Application {
                 verifier
             }
         };
-        let (broker, deliveries): (Arc<dyn MessageBroker>, Arc<dyn DeliveryLog>) = match &config.broker {
-            BrokerConfig::InProcess => {
-                (Arc::new(InMemoryBroker::with_history(config.history)), Arc::new(InMemoryDeliveryLog::new()))
-            }
+        type Stores = (Arc<dyn MessageBroker>, Arc<dyn DeliveryLog>, Arc<dyn Presence>);
+        let (broker, deliveries, presence): Stores = match &config.broker {
+            BrokerConfig::InProcess => (
+                Arc::new(InMemoryBroker::with_history(config.history)),
+                Arc::new(InMemoryDeliveryLog::new()),
+                Arc::new(InMemoryPresence::new()),
+            ),
             BrokerConfig::Redis { target, pool_size } => {
                 let mut settings = RedisBrokerSettings::new(target.clone());
                 settings.pool_size = *pool_size;
                 settings.history = config.history;
                 let redis = RedisBroker::new(settings).map_err(|e| StartError::Redis(e.to_string()))?;
                 let deliveries = Arc::new(redis.delivery_log());
-                (Arc::new(redis), deliveries)
+                let presence = Arc::new(redis.presence(config.presence_ttl));
+                (Arc::new(redis), deliveries, presence)
             }
         };
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
@@ -108,6 +113,7 @@ impl Application {
             clock: Arc::new(SystemClock),
             ids: Arc::new(ids),
             metrics: metrics.clone(),
+            presence: config.presence.then_some(presence),
         };
         let mut realtime = Realtime::new(ports, &config.settings);
         realtime.webhooks = realtime.webhooks.with_delivery_log(deliveries, config.webhook_dedup_secs);
@@ -189,6 +195,19 @@ impl Application {
             let _ = accepting_stopped.await;
         }));
         let sweeper = tokio::spawn(sweep_periodically(realtime.clone()));
+        let presence_refresher = tokio::spawn({
+            let realtime = realtime.clone();
+            // Three refreshes per TTL: an entry survives one missed refresh.
+            let period = (config.presence_ttl / 3).max(Duration::from_millis(500));
+            async move {
+                let mut ticks = tokio::time::interval(period);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    realtime.presence.refresh().await;
+                }
+            }
+        });
         let position_checker = tokio::spawn({
             let realtime = realtime.clone();
             async move {
@@ -220,6 +239,7 @@ impl Application {
         drain(&realtime, config.drain).await;
         sweeper.abort();
         position_checker.abort();
+        presence_refresher.abort();
         upkeep.abort();
         let _ = stop_metrics.send(());
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;

@@ -73,6 +73,12 @@ pub const DEFAULT_WEBHOOK_DEDUP_SECS: u64 = 86_400;
 pub const ENV_API_KEYS: &str = "API_KEYS";
 /// Shortest accepted API key.
 pub const MIN_API_KEY_LEN: usize = 16;
+/// `on` (default) or `off`: who is online in each tenant, with join and leave announcements.
+pub const ENV_PRESENCE: &str = "PRESENCE";
+/// Seconds after which the users of an instance that stopped refreshing them (it crashed)
+/// leave.
+pub const ENV_PRESENCE_TTL_SECS: &str = "PRESENCE_TTL_SECS";
+pub const DEFAULT_PRESENCE_TTL_SECS: u64 = 30;
 /// Messages kept per `tenant:` and `user:` channel for reconnecting clients; 0 turns history
 /// and message offsets off.
 pub const ENV_HISTORY_SIZE: &str = "HISTORY_SIZE";
@@ -165,6 +171,9 @@ pub struct Config {
     pub webhook_dedup_secs: u64,
     /// History kept per `tenant:` and `user:` channel.
     pub history: HistorySettings,
+    /// Presence on (`PRESENCE`), and how long an instance's entries live without a refresh.
+    pub presence: bool,
+    pub presence_ttl: Duration,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -383,6 +392,17 @@ impl Config {
         let broker = broker(&mut r);
         let webhook_secrets = r.parse(ENV_WEBHOOK_SECRETS, HashMap::new(), webhook_secrets);
         let api_keys = r.parse(ENV_API_KEYS, ApiKeys::default(), api_keys);
+        let presence = r.parse(ENV_PRESENCE, true, |raw| match raw {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(format!("expected on or off, got {other:?}")),
+        });
+        let presence_ttl = r.parse(ENV_PRESENCE_TTL_SECS, DEFAULT_PRESENCE_TTL_SECS, |raw| {
+            positive::<u64>(raw)
+                .ok()
+                .filter(|n| (3..=3600).contains(n))
+                .ok_or_else(|| format!("expected 3 to 3600 seconds, got {raw:?}"))
+        });
         let jwt_public_key_file = r.get(ENV_JWT_PUBLIC_KEY_FILE).map(|p| PathBuf::from(p.trim()));
         if jwt_public_key_file.is_some() && (r.lookup)(ENV_JWT_SECRET_KEY).is_some() {
             r.fail(
@@ -508,6 +528,8 @@ impl Config {
             drain: Duration::from_secs(drain),
             webhook_dedup_secs,
             history: HistorySettings { size: history_size, ttl: Duration::from_secs(history_ttl) },
+            presence,
+            presence_ttl: Duration::from_secs(presence_ttl),
             log_filter,
             log_format,
         })
@@ -657,6 +679,8 @@ mod tests {
             (&[(ENV_WEBHOOK_DEDUP_SECS, "2592001")][..], ENV_WEBHOOK_DEDUP_SECS),
             (&[(ENV_HISTORY_SIZE, "-1")][..], ENV_HISTORY_SIZE),
             (&[(ENV_API_KEYS, "short")][..], ENV_API_KEYS),
+            (&[(ENV_PRESENCE, "yes")][..], ENV_PRESENCE),
+            (&[(ENV_PRESENCE_TTL_SECS, "2")][..], ENV_PRESENCE_TTL_SECS),
             (&[(ENV_API_KEYS, "0123456789abcdef,with space 0123456")][..], ENV_API_KEYS),
             (&[(ENV_HISTORY_SIZE, "10001")][..], ENV_HISTORY_SIZE),
             (&[(ENV_HISTORY_TTL_SECS, "0")][..], ENV_HISTORY_TTL_SECS),

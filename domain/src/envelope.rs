@@ -23,6 +23,12 @@ pub mod kind {
     pub const WEBHOOK: &str = "webhook";
     /// A client's message to one user of its tenant, on that user's channel.
     pub const DIRECT: &str = "direct";
+    /// The answer to a `presence` frame: who is online in the tenant.
+    pub const PRESENCE: &str = "presence";
+    /// A user's first connection in the tenant opened, on any instance.
+    pub const PRESENCE_JOIN: &str = "presence.join";
+    /// A user's last connection in the tenant closed, on every instance.
+    pub const PRESENCE_LEAVE: &str = "presence.leave";
     /// The first frame of every connection.
     pub const WELCOME: &str = "welcome";
     /// The answer to a client `ping`.

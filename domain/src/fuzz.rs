@@ -116,7 +116,7 @@ fn check_frame(bytes: &[u8]) {
             assert!(UserId::parse(to_user.as_str()).is_ok(), "the recipient is a valid id");
         }
         Ok(ClientCommand::Refresh { token }) => assert!(!token.is_empty()),
-        Ok(ClientCommand::Ping) => {}
+        Ok(ClientCommand::Ping | ClientCommand::Presence) => {}
         Err(error) => assert!(!error.to_string().is_empty()),
     }
 }

@@ -20,6 +20,8 @@ pub enum ClientCommand<'a> {
     /// `{"type":"direct","to_user":"<user id>","payload":…}`: deliver to every connection of
     /// that user in the sender's tenant.
     Direct { to_user: UserId, payload: &'a RawValue },
+    /// `{"type":"presence"}`: answered with the tenant's users online.
+    Presence,
 }
 
 /// Why a client frame was refused. Answered with an `error` frame; the connection stays open.
@@ -31,7 +33,9 @@ pub enum ProtocolError {
     NotAnObject,
     #[error("frame has no string \"type\" field")]
     MissingType,
-    #[error("unknown frame type {0:?}; expected \"message\", \"direct\", \"ping\" or \"refresh\"")]
+    #[error(
+        "unknown frame type {0:?}; expected \"message\", \"direct\", \"presence\", \"ping\" or \"refresh\""
+    )]
     UnknownType(String),
     #[error("a \"refresh\" frame needs a non-empty string \"token\"")]
     MissingToken,
@@ -105,6 +109,7 @@ impl<'a> ClientCommand<'a> {
                 }
             }
             Some("ping") => Ok(Self::Ping),
+            Some("presence") => Ok(Self::Presence),
             Some("refresh") => match frame.token {
                 Some(token) if !token.is_empty() => Ok(Self::Refresh { token }),
                 _ => Err(ProtocolError::MissingToken),

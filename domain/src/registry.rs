@@ -126,6 +126,11 @@ impl<H: Clone> ConnectionRegistry<H> {
         self.users.get(&(tenant.clone(), user.clone())).map_or(0, Vec::len)
     }
 
+    /// Every user with a connection, with how many it has.
+    pub fn users(&self) -> impl Iterator<Item = (&TenantId, &UserId, usize)> + '_ {
+        self.users.iter().map(|((tenant, user), list)| (tenant, user, list.len()))
+    }
+
     /// Every registered connection.
     pub fn iter(&self) -> impl Iterator<Item = (&ConnectionInfo, &H)> + '_ {
         self.connections.values().map(|(info, handle)| (info, handle))

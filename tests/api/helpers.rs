@@ -107,6 +107,9 @@ pub(crate) fn test_config(adjust: impl FnOnce(&mut HashMap<String, String>)) -> 
         ("BIND_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("JWT_SECRET_KEY".to_owned(), JWT_SECRET.to_owned()),
         ("WEBHOOK_SECRETS".to_owned(), json!({"acme": ACME_SECRET, "globex": GLOBEX_SECRET}).to_string()),
+        // Presence announcements would interleave with what most tests look for; the presence
+        // tests turn it on.
+        ("PRESENCE".to_owned(), "off".to_owned()),
         // Shut down at once unless a test is about draining.
         ("DRAIN_GRACE_SECS".to_owned(), "0".to_owned()),
         ("DRAIN_SECS".to_owned(), "0".to_owned()),

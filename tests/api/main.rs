@@ -12,6 +12,7 @@ mod framing;
 mod observability;
 mod openapi;
 mod operations;
+mod presence;
 mod process;
 mod proxy;
 mod recovery;

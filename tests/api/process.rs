@@ -40,6 +40,8 @@ pub(crate) async fn start(extra_env: &[(&str, &str)]) -> Process {
         ("LOG_FORMAT", "json"),
         ("DRAIN_GRACE_SECS", "0"),
         ("DRAIN_SECS", "1"),
+        // As in `test_config`: the presence tests turn it on.
+        ("PRESENCE", "off"),
     ];
     env.extend_from_slice(extra_env);
     let mut child = command(&env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starts");

@@ -62,7 +62,7 @@ start_instance() {
   local name=$1; shift
   local port; port=$(free_port)
   env -i PATH="$PATH" BIND_ADDR="127.0.0.1:$port" JWT_SECRET_KEY="$JWT_SECRET_KEY" \
-    WEBHOOK_SECRETS="$(bench_secrets 64)" MAX_CONNECTIONS=20000 RUST_LOG=warn "$@" \
+    WEBHOOK_SECRETS="$(bench_secrets 64)" MAX_CONNECTIONS=20000 RUST_LOG=warn PRESENCE=off "$@" \
     "$SERVER" >"$WORK/$name.log" 2>&1 &
   INSTANCE_PID=$!
   PIDS+=("$INSTANCE_PID")

@@ -170,6 +170,11 @@ pub fn routes(
         .and_then(|app, authorization, content_length, body| {
             api_call(app, authorization, content_length, body, ApiCall::Disconnect)
         });
+    let api_presence = warp::path!("api" / "tenants" / String / "presence")
+        .and(warp::get())
+        .and(with(app.clone()))
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(api_presence);
     health
         .or(ready)
         .unify()
@@ -182,6 +187,8 @@ pub fn routes(
         .or(api_publish)
         .unify()
         .or(api_disconnect)
+        .unify()
+        .or(api_presence)
         .unify()
         .recover(recover)
         .unify()
@@ -256,6 +263,23 @@ fn api_rejection(error: &ServerApiError) -> Rejection {
         ServerApiError::BadRequest(message) => ApiError::bad_request(message.clone()),
         ServerApiError::Broker(_) => ApiError::unavailable(error.to_string()),
     })
+}
+
+/// `GET /api/tenants/{tenant}/presence`: the tenant's users online.
+async fn api_presence(
+    tenant: String,
+    app: Arc<Realtime>,
+    authorization: Option<String>,
+) -> Result<Response, Rejection> {
+    app.api.authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
+    match app.api.presence(&tenant).await.map_err(|e| api_rejection(&e))? {
+        Some(users) => Ok(warp::reply::json(&json!({"users": users})).into_response()),
+        None => Err(warp::reject::custom(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "presence_off",
+            "presence is turned off on this deployment",
+        ))),
+    }
 }
 
 /// The calls of the server API.

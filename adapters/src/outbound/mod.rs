@@ -5,6 +5,7 @@ pub mod history;
 pub mod hmac;
 pub mod jwt;
 pub mod memory;
+pub mod presence;
 pub mod prometheus;
 pub mod redis;
 pub mod system;

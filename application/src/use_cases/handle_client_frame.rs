@@ -15,6 +15,7 @@ use crate::Settings;
 use crate::frames::{FrameFactory, encode};
 use crate::ports::{DropReason, MessageBroker, MessageSource, Metrics, NoMetrics, TokenVerifier};
 use crate::use_cases::connect_client::{Session, token_deadline};
+use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
 
 /// A frame as received from the client.
@@ -36,6 +37,11 @@ pub enum FrameOutcome {
 }
 
 #[derive(Serialize)]
+struct PresencePayload {
+    users: Vec<crate::ports::PresentUser>,
+}
+
+#[derive(Serialize)]
 struct Refreshed {
     exp: u64,
 }
@@ -47,6 +53,7 @@ pub struct HandleClientFrame {
     frames: FrameFactory,
     token_leeway_secs: u64,
     metrics: Arc<dyn Metrics>,
+    presence: Option<Arc<TrackPresence>>,
 }
 
 impl std::fmt::Debug for HandleClientFrame {
@@ -68,12 +75,19 @@ impl HandleClientFrame {
             frames,
             token_leeway_secs: settings.token_leeway_secs,
             metrics: Arc::new(NoMetrics),
+            presence: None,
         }
     }
 
     /// Reports to `metrics` instead of nowhere.
     pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Answers `presence` frames from `presence`.
+    pub fn with_presence(mut self, presence: Arc<TrackPresence>) -> Self {
+        self.presence = Some(presence);
         self
     }
 
@@ -115,6 +129,7 @@ impl HandleClientFrame {
         };
         match command {
             Ok(ClientCommand::Ping) => FrameOutcome::Reply(self.frames.pong()),
+            Ok(ClientCommand::Presence) => self.presence(session).await,
             Ok(ClientCommand::Message { payload }) => {
                 let channel = Channel::Tenant(session.info().tenant_id.clone());
                 self.publish(session, kind::MESSAGE, channel, payload).await
@@ -148,6 +163,24 @@ impl HandleClientFrame {
                 self.metrics.messages_dropped(DropReason::BrokerUnavailable, 1);
                 tracing::warn!(%error, connection_id = %info.id, "client message not published");
                 self.error(ErrorCode::Unavailable, "message not delivered: broker unavailable, retry later")
+            }
+        }
+    }
+
+    /// Answers a `presence` frame with the tenant's users online.
+    async fn presence(&self, session: &Session) -> FrameOutcome {
+        let listed = match &self.presence {
+            Some(presence) => presence.list(&session.info().tenant_id).await,
+            None => Ok(None),
+        };
+        match listed {
+            Ok(Some(users)) => {
+                let payload = raw_payload(&PresencePayload { users });
+                FrameOutcome::Reply(encode(&self.frames.envelope(kind::PRESENCE, payload, None, None)))
+            }
+            Ok(None) => self.error(ErrorCode::Unsupported, "presence is turned off on this deployment"),
+            Err(_) => {
+                self.error(ErrorCode::Unavailable, "presence unavailable: broker unreachable, retry later")
             }
         }
     }

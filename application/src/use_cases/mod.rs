@@ -5,6 +5,7 @@ pub mod deliver_message;
 pub mod disconnect_client;
 pub mod handle_client_frame;
 pub mod ingest_webhook;
+pub mod presence;
 pub mod server_api;
 pub mod sweep_inactive;
 

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
 use crate::ports::{BrokerError, ControlCommand, MessageBroker, MessageSource, Metrics, NoMetrics};
+use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
 
 /// The keys that open the server API. Their `Debug` output never shows them.
@@ -90,6 +91,7 @@ pub struct ServerApi {
     broker: Arc<dyn MessageBroker>,
     frames: FrameFactory,
     metrics: Arc<dyn Metrics>,
+    presence: Option<Arc<TrackPresence>>,
 }
 
 impl std::fmt::Debug for ServerApi {
@@ -100,13 +102,35 @@ impl std::fmt::Debug for ServerApi {
 
 impl ServerApi {
     pub fn new(keys: ApiKeys, broker: Arc<dyn MessageBroker>, frames: FrameFactory) -> Self {
-        Self { keys, broker, frames, metrics: Arc::new(NoMetrics) }
+        Self { keys, broker, frames, metrics: Arc::new(NoMetrics), presence: None }
     }
 
     /// Reports to `metrics` instead of nowhere.
     pub fn with_metrics(mut self, metrics: Arc<dyn Metrics>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// Answers presence calls from `presence`.
+    pub fn with_presence(mut self, presence: Arc<TrackPresence>) -> Self {
+        self.presence = Some(presence);
+        self
+    }
+
+    /// The users online in `tenant`; `Ok(None)` when presence is turned off.
+    ///
+    /// # Errors
+    /// [`ServerApiError::BadRequest`] for an invalid tenant id, [`ServerApiError::Broker`] when
+    /// the presence store cannot be reached.
+    pub async fn presence(
+        &self,
+        tenant: &str,
+    ) -> Result<Option<Vec<crate::ports::PresentUser>>, ServerApiError> {
+        let tenant = TenantId::parse(tenant).map_err(|e| ServerApiError::BadRequest(e.to_string()))?;
+        match &self.presence {
+            Some(presence) => presence.list(&tenant).await.map_err(ServerApiError::Broker),
+            None => Ok(None),
+        }
     }
 
     /// Checks the key of an `Authorization: Bearer <key>` header.

@@ -217,12 +217,16 @@ async fn upgrade(
                 None
             }
         };
+        let (tenant, user) = (session.info().tenant_id.clone(), session.info().user_id.clone());
         if let Some((stream, leftover)) = socket {
+            // Boxed: presence's state need not stay in the connection's task.
+            Box::pin(app.presence.changed(&tenant, &user)).await;
             let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
             connection.run(Arc::new(stream), leftover).await;
         }
         tracing::debug!("connection closed");
         app.disconnect.disconnect(session);
+        Box::pin(app.presence.changed(&tenant, &user)).await;
     };
     tokio::spawn(tracing::Instrument::instrument(task, span));
     let mut response = Response::new(warp::hyper::body::Bytes::new().into());

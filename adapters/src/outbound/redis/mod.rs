@@ -23,10 +23,12 @@
 
 mod delivery_log;
 mod history;
+mod presence;
 mod subscriber;
 mod target;
 
 pub use delivery_log::RedisDeliveryLog;
+pub use presence::RedisPresence;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -210,6 +212,13 @@ impl RedisBroker {
             epochs: Epochs::default(),
         });
         Ok(Self { shared })
+    }
+
+    /// The presence store on this broker's Redis; this instance's entries expire `ttl` after
+    /// they were last set.
+    pub fn presence(&self, ttl: Duration) -> RedisPresence {
+        let instance = self.shared.probe_channel.rsplit(':').next().unwrap_or_default().to_owned();
+        RedisPresence { shared: self.shared.clone(), instance, ttl }
     }
 
     /// The webhook delivery log on this broker's Redis.

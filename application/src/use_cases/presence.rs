@@ -1,0 +1,189 @@
+//! Presence: who is online in a tenant, over every instance, and the `presence.join` /
+//! `presence.leave` announcements on the tenant channel.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use domain::envelope::{kind, raw_payload};
+use domain::{Channel, TenantId, UserId};
+use serde::Serialize;
+
+use crate::frames::FrameFactory;
+use crate::hub::Hub;
+use crate::ports::{BrokerError, MessageBroker, Presence, PresenceChange, PresentUser};
+use crate::use_cases::publish_timed;
+
+#[derive(Serialize)]
+struct Who<'a> {
+    user_id: &'a str,
+}
+
+/// The presence use-case. Without a [`Presence`] store (presence turned off) it does nothing
+/// and lists nothing.
+pub struct TrackPresence {
+    store: Option<Arc<dyn Presence>>,
+    hub: Arc<Hub>,
+    broker: Arc<dyn MessageBroker>,
+    frames: FrameFactory,
+}
+
+impl std::fmt::Debug for TrackPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackPresence").field("on", &self.store.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl TrackPresence {
+    pub fn new(
+        store: Option<Arc<dyn Presence>>,
+        hub: Arc<Hub>,
+        broker: Arc<dyn MessageBroker>,
+        frames: FrameFactory,
+    ) -> Self {
+        Self { store, hub, broker, frames }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// The user's connections on this instance changed (one opened or closed): records the new
+    /// count and announces a join or a leave to the tenant when there is one. Failures are
+    /// logged: presence never holds a connection up.
+    pub async fn changed(&self, tenant: &TenantId, user: &UserId) {
+        let Some(store) = &self.store else { return };
+        let connections = self.hub.connections_of(tenant, user);
+        match store.set(tenant, user, connections).await {
+            Ok(change) => self.announce(tenant, user, change).await,
+            Err(error) => tracing::warn!(%error, %tenant, "presence not updated"),
+        }
+    }
+
+    /// The tenant's users online, sorted by user id.
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the store cannot be reached; `Ok(None)` when presence
+    /// is turned off.
+    pub async fn list(&self, tenant: &TenantId) -> Result<Option<Vec<PresentUser>>, BrokerError> {
+        let Some(store) = &self.store else { return Ok(None) };
+        let mut users = store.list(tenant).await?;
+        users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        Ok(Some(users))
+    }
+
+    /// Keeps this instance's entries alive and announces the leave of users whose instance
+    /// stopped keeping theirs (it crashed). Call it well within the presence TTL.
+    pub async fn refresh(&self) {
+        let Some(store) = &self.store else { return };
+        let mut tenants = BTreeSet::new();
+        for (tenant, user, connections) in self.hub.local_users() {
+            match store.set(&tenant, &user, connections).await {
+                // An entry that had expired (Redis lost it, say) comes back as a join.
+                Ok(change) => self.announce(&tenant, &user, change).await,
+                Err(error) => {
+                    tracing::warn!(%error, "presence not refreshed; retrying at the next round");
+                    return;
+                }
+            }
+            tenants.insert(tenant);
+        }
+        for tenant in tenants {
+            match store.sweep(&tenant).await {
+                Ok(gone) => {
+                    for user in gone {
+                        self.announce(&tenant, &user, PresenceChange::Left).await;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, %tenant, "presence not swept"),
+            }
+        }
+    }
+
+    async fn announce(&self, tenant: &TenantId, user: &UserId, change: PresenceChange) {
+        let kind = match change {
+            PresenceChange::Joined => kind::PRESENCE_JOIN,
+            PresenceChange::Left => kind::PRESENCE_LEAVE,
+            PresenceChange::Unchanged => return,
+        };
+        let channel = Channel::Tenant(tenant.clone());
+        let payload = raw_payload(&Who { user_id: user.as_str() });
+        let envelope = self.frames.envelope(kind, payload, None, Some(channel.clone()));
+        let metrics = crate::ports::NoMetrics;
+        if let Err(error) = publish_timed(&*self.broker, &metrics, &channel, &envelope, None).await {
+            tracing::warn!(%error, %tenant, kind, "presence change not announced");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::{MockMessageBroker, MockPresence};
+    use crate::use_cases::test_support::*;
+    use serde_json::Value;
+
+    fn broker(announced: Arc<std::sync::Mutex<Vec<(String, String)>>>) -> MockMessageBroker {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
+        broker.expect_publish().returning(move |channel, bytes| {
+            let v: Value = serde_json::from_slice(&bytes).expect("json");
+            let who = v["payload"]["user_id"].as_str().unwrap_or_default().to_owned();
+            announced
+                .lock()
+                .expect("lock")
+                .push((format!("{}@{}", v["type"].as_str().unwrap_or_default(), channel.name()), who));
+            Ok(())
+        });
+        broker
+    }
+
+    #[tokio::test]
+    async fn joins_and_leaves_are_announced_to_the_tenant_and_refresh_announces_expired_users() {
+        let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let broker: Arc<dyn MessageBroker> = Arc::new(broker(announced.clone()));
+        let hub = Arc::new(Hub::new(broker.clone(), 10));
+        let mut store = MockPresence::new();
+        let mut calls = 0;
+        store.expect_set().returning(move |_, _, n| {
+            calls += 1;
+            Ok(match (calls, n) {
+                (1, 1) => PresenceChange::Joined,
+                (_, 0) => PresenceChange::Left,
+                _ => PresenceChange::Unchanged,
+            })
+        });
+        store.expect_sweep().returning(|_| Ok(vec![UserId::parse("ghost").expect("valid")]));
+        let presence = TrackPresence::new(Some(Arc::new(store)), hub.clone(), broker, frames());
+        let (acme, alice) = (TenantId::parse("acme").expect("valid"), UserId::parse("alice").expect("valid"));
+        let first = session(&hub, "alice", "acme").await;
+        presence.changed(&acme, &alice).await;
+        let second = session(&hub, "alice", "acme").await;
+        presence.changed(&acme, &alice).await;
+        presence.refresh().await;
+        crate::DisconnectClient::new().disconnect(first);
+        crate::DisconnectClient::new().disconnect(second);
+        presence.changed(&acme, &alice).await;
+        let got = announced.lock().expect("lock").clone();
+        assert_eq!(
+            got,
+            [
+                ("presence.join@tenant:acme".to_owned(), "alice".to_owned()),
+                ("presence.leave@tenant:acme".to_owned(), "ghost".to_owned()),
+                ("presence.leave@tenant:acme".to_owned(), "alice".to_owned()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_store_nothing_is_tracked_or_listed() {
+        let broker: Arc<dyn MessageBroker> = Arc::new(MockMessageBroker::new());
+        let hub = Arc::new(Hub::new(broker.clone(), 10));
+        let presence = TrackPresence::new(None, hub, broker, frames());
+        assert!(!presence.is_on());
+        assert_eq!(presence.list(&TenantId::parse("acme").expect("valid")).await, Ok(None));
+        presence.refresh().await;
+    }
+}
