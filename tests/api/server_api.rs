@@ -42,13 +42,26 @@ async fn without_a_valid_key_every_call_is_refused_with_401() {
 
 #[tokio::test]
 async fn a_backend_publishes_to_each_kind_of_channel_and_exactly_its_clients_receive_it() {
-    let app = app_with_key().await;
-    let mut bob = app.connect("bob", "acme").await;
-    let mut alice = app.connect("alice", "acme").await;
-    let mut eve = app.connect("eve", "globex").await;
+    // Two instances on a real Redis: the call goes to one, the clients are spread over both.
+    let redis = crate::redis_support::RedisServer::start();
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let url = redis.url();
+        let app = spawn_app_with(test_config(|vars| {
+            vars.insert("REDIS_URL".into(), url);
+            vars.insert("API_KEYS".into(), KEY.into());
+        }))
+        .await;
+        app.wait_ready(std::time::Duration::from_secs(10)).await;
+        apps.push(app);
+    }
+    let app = &apps[0];
+    let mut bob = apps[0].connect("bob", "acme").await;
+    let mut alice = apps[1].connect("alice", "acme").await;
+    let mut eve = apps[1].connect("eve", "globex").await;
 
     let answer =
-        publish(&app, Some(KEY), &json!({"channel": "tenant:acme", "type": "notice", "payload": {"n": 1}}))
+        publish(app, Some(KEY), &json!({"channel": "tenant:acme", "type": "notice", "payload": {"n": 1}}))
             .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let message_id = answer.body["message_id"].as_str().expect("message_id").to_owned();
