@@ -77,12 +77,9 @@ async fn a_backend_publishes_to_each_kind_of_channel_and_exactly_its_clients_rec
     }
     eve.expect_nothing_pending().await;
 
-    let answer = publish(
-        &app,
-        Some(KEY),
-        &json!({"channel": "user:acme:alice", "type": "invoice.paid", "payload": 7}),
-    )
-    .await;
+    let answer =
+        publish(app, Some(KEY), &json!({"channel": "user:acme:alice", "type": "invoice.paid", "payload": 7}))
+            .await;
     assert_eq!(answer.status, 200);
     assert_eq!(alice.next_json().await["type"], "invoice.paid");
     for other in [&mut bob, &mut eve] {
@@ -91,7 +88,7 @@ async fn a_backend_publishes_to_each_kind_of_channel_and_exactly_its_clients_rec
 
     for channel in ["global:broadcast", "system:events"] {
         let answer =
-            publish(&app, Some(KEY), &json!({"channel": channel, "type": "maintenance", "payload": null}))
+            publish(app, Some(KEY), &json!({"channel": channel, "type": "maintenance", "payload": null}))
                 .await;
         assert_eq!(answer.status, 200);
         for client in [&mut bob, &mut alice, &mut eve] {
