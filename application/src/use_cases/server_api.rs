@@ -82,8 +82,16 @@ struct DisconnectBody {
     user_id: UserId,
 }
 
-/// Frame types only the server sends to a connection of its own: a backend may not forge them.
-const RESERVED_KINDS: [&str; 4] = [kind::WELCOME, kind::PONG, kind::ERROR, kind::REFRESHED];
+/// Frame types only the server produces: a backend may not forge them.
+const RESERVED_KINDS: [&str; 7] = [
+    kind::WELCOME,
+    kind::PONG,
+    kind::ERROR,
+    kind::REFRESHED,
+    kind::PRESENCE,
+    kind::PRESENCE_JOIN,
+    kind::PRESENCE_LEAVE,
+];
 
 /// The server API use-case.
 pub struct ServerApi {
@@ -255,6 +263,7 @@ mod tests {
             br#"{"channel":"tenant:ac me","type":"x","payload":1}"#,
             br#"{"channel":"tenant:acme","type":"","payload":1}"#,
             br#"{"channel":"tenant:acme","type":"welcome","payload":1}"#,
+            br#"{"channel":"tenant:acme","type":"presence.join","payload":{"user_id":"x"}}"#,
             br#"{"channel":"tenant:acme","type":"x","payload":1,"extra":true}"#,
             br#"{"channel":"tenant:acme","type":"x","payload":"\ud800"}"#,
         ] {
