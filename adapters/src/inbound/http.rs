@@ -152,24 +152,10 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(webhook);
-    let api_publish = warp::path!("api" / "publish")
-        .and(warp::post())
-        .and(with(app.clone()))
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .and_then(|app, authorization, content_length, body| {
-            api_call(app, authorization, content_length, body, ApiCall::Publish)
-        });
-    let api_disconnect = warp::path!("api" / "disconnect")
-        .and(warp::post())
-        .and(with(app.clone()))
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .and_then(|app, authorization, content_length, body| {
-            api_call(app, authorization, content_length, body, ApiCall::Disconnect)
-        });
+    let api_publish =
+        warp::path!("api" / "publish").and(warp::post()).and(api_call(app.clone(), ApiCall::Publish));
+    let api_disconnect =
+        warp::path!("api" / "disconnect").and(warp::post()).and(api_call(app.clone(), ApiCall::Disconnect));
     let api_presence = warp::path!("api" / "tenants" / String / "presence")
         .and(warp::get())
         .and(with(app.clone()))
@@ -247,6 +233,21 @@ where
     Ok(collected.freeze())
 }
 
+/// Reads a body of at most [`MAX_WEBHOOK_BODY`] that must arrive within
+/// [`WEBHOOK_BODY_TIMEOUT`]; a late one is answered 408 with `late`.
+async fn read_in_time<S, B>(body: S, late: &'static str) -> Result<Bytes, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    match tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY)).await {
+        Ok(read) => read.map_err(warp::reject::custom),
+        Err(_) => {
+            Err(warp::reject::custom(ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", late)))
+        }
+    }
+}
+
 fn too_large() -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds 1 MiB")
 }
@@ -291,8 +292,22 @@ enum ApiCall {
     Disconnect,
 }
 
+/// The rest of a server API `POST` route, after its path and method.
+fn api_call(
+    app: Arc<Realtime>,
+    call: ApiCall,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+    with(app)
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(move |app, authorization, content_length, body| {
+            answer_api_call(app, authorization, content_length, body, call)
+        })
+}
+
 /// A server API call: the key is checked before the body is read.
-async fn api_call<S, B>(
+async fn answer_api_call<S, B>(
     app: Arc<Realtime>,
     authorization: Option<String>,
     content_length: Option<u64>,
@@ -307,15 +322,7 @@ where
     if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
         return Err(warp::reject::custom(too_large()));
     }
-    let body = tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY))
-        .await
-        .map_err(|_| {
-            warp::reject::custom(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request body did not arrive in time",
-            ))
-        })??;
+    let body = read_in_time(body, "the request body did not arrive in time").await?;
     let answer = match call {
         ApiCall::Publish => {
             let message_id = app.api.publish(&body).await.map_err(|e| api_rejection(&e))?;
@@ -350,15 +357,7 @@ where
         warp::reject::custom(ApiError::unavailable("too many webhooks being received; retry later"))
     })?;
     // The signature can only be checked on the whole body: a sender that trickles it is cut off.
-    let body = tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY))
-        .await
-        .map_err(|_| {
-            warp::reject::custom(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the webhook body did not arrive in time",
-            ))
-        })??;
+    let body = read_in_time(body, "the webhook body did not arrive in time").await?;
     let request = WebhookRequest {
         provider: &provider,
         tenant: tenant.as_deref(),
