@@ -2,8 +2,6 @@
 //! sender's tenant, on every instance, and no one else; it is kept in the user channel's
 //! history like any other message.
 
-use std::time::Duration;
-
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -11,13 +9,7 @@ use crate::helpers::*;
 use crate::redis_support::RedisServer;
 
 async fn instance(redis_url: &str) -> TestApp {
-    let url = redis_url.to_owned();
-    let app = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url);
-    }))
-    .await;
-    app.wait_ready(Duration::from_secs(10)).await;
-    app
+    spawn_on_redis(redis_url, &[]).await
 }
 
 #[tokio::test]

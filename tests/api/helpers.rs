@@ -122,6 +122,20 @@ pub(crate) async fn spawn_app() -> TestApp {
     spawn_app_with(test_config(|_| {})).await
 }
 
+/// An instance joined to the Redis at `redis_url`, with `vars` on top of the test configuration,
+/// once it answers `/ready` with 200.
+pub(crate) async fn spawn_on_redis(redis_url: &str, vars: &[(&str, &str)]) -> TestApp {
+    let app = spawn_app_with(test_config(|config| {
+        config.insert("REDIS_URL".to_owned(), redis_url.to_owned());
+        for (key, value) in vars {
+            config.insert((*key).to_owned(), (*value).to_owned());
+        }
+    }))
+    .await;
+    app.wait_ready(Duration::from_secs(10)).await;
+    app
+}
+
 pub(crate) async fn spawn_app_with(config: Config) -> TestApp {
     let app = Application::build(config).await.expect("application starts");
     let addr = app.local_addr();

@@ -12,15 +12,7 @@ use crate::redis_support::RedisServer;
 const KEY: &str = "backend-api-key-0123456789";
 
 async fn instance(redis_url: &str) -> TestApp {
-    let url = redis_url.to_owned();
-    let app = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url);
-        vars.insert("API_KEYS".into(), KEY.into());
-        vars.insert("PRESENCE".into(), "on".into());
-    }))
-    .await;
-    app.wait_ready(Duration::from_secs(10)).await;
-    app
+    spawn_on_redis(redis_url, &[("API_KEYS", KEY), ("PRESENCE", "on")]).await
 }
 
 /// The next frame of `kind` (presence announcements interleave with other frames).
@@ -123,13 +115,7 @@ async fn the_users_of_a_crashed_instance_leave_once_their_entries_expire() {
     use crate::process::start;
     let redis = RedisServer::start();
     let url = redis.url();
-    let surviving = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url.clone());
-        vars.insert("PRESENCE_TTL_SECS".into(), "3".into());
-        vars.insert("PRESENCE".into(), "on".into());
-    }))
-    .await;
-    surviving.wait_ready(Duration::from_secs(10)).await;
+    let surviving = spawn_on_redis(&url, &[("PRESENCE_TTL_SECS", "3"), ("PRESENCE", "on")]).await;
     let secrets = json!({"acme": ACME_SECRET}).to_string();
     let crashing = start(&[
         ("REDIS_URL", &url),

@@ -82,12 +82,7 @@ async fn a_reconnecting_client_gets_what_it_missed_then_live_messages_in_process
 #[tokio::test]
 async fn a_reconnecting_client_gets_what_it_missed_then_live_messages_through_redis() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let app = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url);
-    }))
-    .await;
-    app.wait_ready(Duration::from_secs(10)).await;
+    let app = spawn_on_redis(&redis.url(), &[]).await;
     recovery_round_trip(&app).await;
 }
 
@@ -143,12 +138,7 @@ async fn a_malformed_position_is_refused_with_400_before_the_upgrade() {
 #[tokio::test]
 async fn after_redis_loses_its_data_reconnecting_clients_are_told_and_a_new_epoch_begins() {
     let mut redis = RedisServer::start();
-    let url = redis.url();
-    let app = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url);
-    }))
-    .await;
-    app.wait_ready(Duration::from_secs(10)).await;
+    let app = spawn_on_redis(&redis.url(), &[]).await;
     let (mut client, _) = connect_with(&app, "").await;
     post(&app, 1).await;
     let before = client.next_json().await;
@@ -174,17 +164,8 @@ async fn clients_of_an_instance_that_missed_messages_are_closed_with_4009_and_re
     let redis = RedisServer::start();
     let proxy = FreezableProxy::start(redis.port).await;
     let through_proxy = format!("redis://127.0.0.1:{}", proxy.port);
-    let deaf = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), through_proxy);
-    }))
-    .await;
-    let url = redis.url();
-    let healthy = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url);
-    }))
-    .await;
-    deaf.wait_ready(Duration::from_secs(10)).await;
-    healthy.wait_ready(Duration::from_secs(10)).await;
+    let deaf = spawn_on_redis(&through_proxy, &[]).await;
+    let healthy = spawn_on_redis(&redis.url(), &[]).await;
     let (mut client, _) = connect_with(&deaf, "").await;
     post(&healthy, 1).await;
     let first = client.next_json().await;

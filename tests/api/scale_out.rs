@@ -13,13 +13,7 @@ use crate::proxy::FreezableProxy;
 use crate::redis_support::{RedisServer, pubsub_channels};
 
 async fn instance(redis_url: &str) -> TestApp {
-    let url = redis_url.to_owned();
-    let app = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_URL".into(), url);
-    }))
-    .await;
-    app.wait_ready(Duration::from_secs(10)).await;
-    app
+    spawn_on_redis(redis_url, &[]).await
 }
 
 /// Polls `check` every 25 ms until it holds or `within` has passed.

@@ -13,12 +13,17 @@ async fn app_with_key() -> TestApp {
     .await
 }
 
-async fn publish(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
-    let mut request = reqwest::Client::new().post(app.url("/api/publish")).json(body);
+/// `POST` of `body` to the server API's `path`, with `key` as the bearer when given.
+async fn call(app: &TestApp, path: &str, key: Option<&str>, body: &Value) -> Answer {
+    let mut request = reqwest::Client::new().post(app.url(path)).json(body);
     if let Some(key) = key {
         request = request.header("authorization", format!("Bearer {key}"));
     }
     Answer::from_response(request.send().await.expect("request")).await
+}
+
+async fn publish(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
+    call(app, "/api/publish", key, body).await
 }
 
 #[tokio::test]
@@ -44,17 +49,10 @@ async fn without_a_valid_key_every_call_is_refused_with_401() {
 async fn a_backend_publishes_to_each_kind_of_channel_and_exactly_its_clients_receive_it() {
     // Two instances on a real Redis: the call goes to one, the clients are spread over both.
     let redis = crate::redis_support::RedisServer::start();
-    let mut apps = Vec::new();
-    for _ in 0..2 {
-        let url = redis.url();
-        let app = spawn_app_with(test_config(|vars| {
-            vars.insert("REDIS_URL".into(), url);
-            vars.insert("API_KEYS".into(), KEY.into());
-        }))
-        .await;
-        app.wait_ready(std::time::Duration::from_secs(10)).await;
-        apps.push(app);
-    }
+    let apps = [
+        spawn_on_redis(&redis.url(), &[("API_KEYS", KEY)]).await,
+        spawn_on_redis(&redis.url(), &[("API_KEYS", KEY)]).await,
+    ];
     let app = &apps[0];
     let mut bob = apps[0].connect("bob", "acme").await;
     let mut alice = apps[1].connect("alice", "acme").await;
@@ -121,29 +119,17 @@ async fn bad_requests_are_refused_with_400_or_413_and_nothing_is_delivered() {
 }
 
 async fn disconnect(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
-    let mut request = reqwest::Client::new().post(app.url("/api/disconnect")).json(body);
-    if let Some(key) = key {
-        request = request.header("authorization", format!("Bearer {key}"));
-    }
-    Answer::from_response(request.send().await.expect("request")).await
+    call(app, "/api/disconnect", key, body).await
 }
 
 #[tokio::test]
 async fn a_disconnect_closes_every_connection_of_the_user_on_every_instance_with_4003() {
     use crate::redis_support::RedisServer;
-    use std::time::Duration;
     let redis = RedisServer::start();
-    let mut apps = Vec::new();
-    for _ in 0..2 {
-        let url = redis.url();
-        let app = spawn_app_with(test_config(|vars| {
-            vars.insert("REDIS_URL".into(), url);
-            vars.insert("API_KEYS".into(), KEY.into());
-        }))
-        .await;
-        app.wait_ready(Duration::from_secs(10)).await;
-        apps.push(app);
-    }
+    let apps = [
+        spawn_on_redis(&redis.url(), &[("API_KEYS", KEY)]).await,
+        spawn_on_redis(&redis.url(), &[("API_KEYS", KEY)]).await,
+    ];
     let mut alice_a = apps[0].connect("alice", "acme").await;
     let mut alice_b = apps[1].connect("alice", "acme").await;
     let mut bob = apps[0].connect("bob", "acme").await;
