@@ -334,9 +334,7 @@ impl Hub {
     /// Records that a message at `offset` of `epoch` arrived on `channel` and tells whether it
     /// follows the previous one.
     pub fn advance(&self, channel: &Channel, offset: u64, epoch: &str) -> Continuity {
-        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else {
-            return Continuity::Next;
-        };
+        let Some(tenant) = channel.tenant() else { return Continuity::Next };
         let mut positions = self.positions_of(tenant);
         match positions.get_mut(channel) {
             None => {
@@ -359,14 +357,14 @@ impl Hub {
 
     /// The position of the last message received on `channel`, if any since it was subscribed.
     pub fn received(&self, channel: &Channel) -> Option<StreamPosition> {
-        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else { return None };
+        let tenant = channel.tenant()?;
         self.positions_of(tenant).get(channel).cloned()
     }
 
     /// Moves `channel`'s received position to `position` (messages up to it are accounted
     /// for), unless it is already there or beyond, or the channel has no local connections.
     pub fn skip_to(&self, channel: &Channel, position: &StreamPosition) {
-        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else { return };
+        let Some(tenant) = channel.tenant() else { return };
         if let Some(last) = self.positions_of(tenant).get_mut(channel)
             && (last.epoch != position.epoch || last.offset < position.offset)
         {
@@ -387,7 +385,7 @@ impl Hub {
 
     /// Closes every local connection listening on `channel` with `reason`; returns how many.
     pub fn close_channel(&self, channel: &Channel, reason: CloseReason) -> usize {
-        let (Channel::Tenant(tenant) | Channel::User(tenant, _)) = channel else { return 0 };
+        let Some(tenant) = channel.tenant() else { return 0 };
         let shard = Self::read(self.shard(tenant));
         let mut closed = 0;
         for handle in shard.recipients(channel) {

@@ -65,6 +65,14 @@ impl Channel {
         matches!(self, Self::Global | Self::System)
     }
 
+    /// The tenant a `tenant:` or `user:` channel belongs to; `None` for broadcasts.
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match self {
+            Self::Tenant(tenant) | Self::User(tenant, _) => Some(tenant),
+            Self::Global | Self::System => None,
+        }
+    }
+
     /// Whether messages of this channel are kept in a history with offsets: `tenant:` and
     /// `user:` channels are, broadcasts are not.
     pub fn has_history(&self) -> bool {
