@@ -10,7 +10,8 @@
 //!   per-connection loop with a bounded outbound queue.
 //! - [`outbound::memory`]: `InMemoryBroker`, the single-instance broker.
 //! - [`outbound::jwt`]: `JwtVerifier` (HS256 only) and `JwtIssuer`.
-//! - [`outbound::hmac`]: `HmacWebhookVerifier` (HMAC-SHA256, constant-time).
+//! - [`outbound::signatures`]: `SignatureVerifier` (hmac-sha256, GitHub, Stripe and Standard
+//!   Webhooks signatures, several secrets per provider, constant-time).
 //! - [`outbound::system`]: `SystemClock` and `RandomIdGenerator`.
 
 pub mod inbound;

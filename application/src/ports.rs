@@ -10,7 +10,8 @@ use std::sync::Weak;
 use async_trait::async_trait;
 use bytes::Bytes;
 use domain::{
-    Channel, Claims, CloseReason, ConnectionId, MessageId, StreamPosition, TenantId, Timestamp, UserId,
+    Channel, Claims, CloseReason, ConnectionId, MessageId, Provider, StreamPosition, TenantId, Timestamp,
+    UserId,
 };
 
 /// Resolves once the broker confirmed that channels are subscribed.
@@ -209,30 +210,66 @@ pub trait TokenVerifier: Send + Sync {
 pub enum SignatureError {
     #[error("signature header is missing")]
     Missing,
-    #[error("signature header is not sha256=<hex>")]
+    #[error("signature header is malformed")]
     Malformed,
     #[error("signature does not match")]
     Mismatch,
-    #[error("tenant has no webhook secret")]
+    #[error("signature timestamp is outside the tolerance")]
+    Expired,
+    #[error("tenant has no webhook secret for this provider")]
     UnknownTenant,
 }
 
-/// Verifies that a webhook body was signed with the tenant's secret.
+/// The headers of a webhook request, looked up by name without regard to case. A value that
+/// is not visible ASCII is given as `"\u{fffd}"`, so it can never pass as a valid one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Headers<'a>(pub &'a [(&'a str, &'a str)]);
+
+impl<'a> Headers<'a> {
+    /// The first value of header `name`, trimmed; `None` when absent or empty.
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.0
+            .iter()
+            .filter(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.trim())
+            .find(|value| !value.is_empty())
+    }
+}
+
+/// A webhook to verify: the tenant and provider it was addressed to, its headers and its raw
+/// body.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedWebhook<'a> {
+    pub tenant: &'a TenantId,
+    pub provider: &'a Provider,
+    pub headers: Headers<'a>,
+    pub body: &'a [u8],
+}
+
+/// What the signature scheme of a verified webhook says about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// The provider's event name (`X-GitHub-Event`, the body's `type`), when the scheme has one.
+    pub event: Option<String>,
+    /// The sender's delivery id (`X-GitHub-Delivery`, Stripe's event id, `webhook-id`…), which
+    /// deduplication is keyed on.
+    pub delivery_id: Option<String>,
+    /// The largest body accepted from this tenant and provider, when lower than the service's.
+    pub max_body_bytes: Option<usize>,
+}
+
+/// Verifies that a webhook was signed by its tenant's provider, with the scheme and secrets
+/// configured for that tenant and provider.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait WebhookVerifier: Send + Sync {
-    /// Checks `signature` (the `x-signature` header, if any) against `body` for `tenant`, in
-    /// constant time.
+    /// Checks the webhook's signature over its raw body in constant time, and its timestamp
+    /// against the scheme's tolerance where the scheme signs one.
     ///
     /// # Errors
-    /// [`SignatureError`] when the signature is missing, malformed or wrong, or the tenant has
-    /// no secret.
-    async fn verify<'a>(
-        &self,
-        tenant: &TenantId,
-        body: &[u8],
-        signature: Option<&'a str>,
-    ) -> Result<(), SignatureError>;
+    /// [`SignatureError`] when the signature is missing, malformed, wrong or too old or too
+    /// new, or the tenant has no secret for this provider.
+    async fn verify<'a>(&self, webhook: &SignedWebhook<'a>) -> Result<Verified, SignatureError>;
 }
 
 /// The current time.

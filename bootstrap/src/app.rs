@@ -9,12 +9,12 @@ use std::time::Duration;
 use adapters::inbound::http::{HttpSettings, serve, serve_metrics};
 use adapters::inbound::ws::WsSettings;
 use adapters::outbound::delivery_log::InMemoryDeliveryLog;
-use adapters::outbound::hmac::HmacWebhookVerifier;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
 use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
+use adapters::outbound::signatures::SignatureVerifier;
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
 use application::ports::{Clock, DeliveryLog, MessageBroker, Presence};
 use application::{Ports, Realtime};
@@ -109,7 +109,7 @@ impl Application {
         let ports = Ports {
             broker,
             tokens: Arc::new(tokens),
-            webhooks: Arc::new(HmacWebhookVerifier::new(config.webhook_secrets.clone())),
+            webhooks: Arc::new(signature_verifier(&config)),
             clock: Arc::new(SystemClock),
             ids: Arc::new(ids),
             metrics: metrics.clone(),
@@ -261,6 +261,20 @@ impl Application {
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds the client listener with [`LISTEN_BACKLOG`].
+/// `WEBHOOK_SECRETS` for every provider of their tenants, and `WEBHOOK_CONFIG`'s entries
+/// above them for their tenant and provider.
+fn signature_verifier(config: &Config) -> SignatureVerifier {
+    let verifier = config
+        .webhook_secrets
+        .iter()
+        .fold(SignatureVerifier::new(Arc::new(SystemClock)), |v, (tenant, secret)| {
+            v.with_tenant_secret(tenant.clone(), secret.clone())
+        });
+    config.webhook_endpoints.iter().fold(verifier, |v, entry| {
+        v.with_endpoint(entry.tenant.clone(), entry.provider.clone(), entry.endpoint.clone())
+    })
+}
+
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };

@@ -11,10 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use adapters::outbound::history::HistorySettings;
-use adapters::outbound::hmac::Secret;
 use adapters::outbound::redis::RedisTarget;
+use adapters::outbound::signatures::Secret;
 use application::{ApiKeys, Settings};
 use domain::TenantId;
+
+use crate::webhook_config::{self, WebhookEndpoint};
 
 /// HTTP + WebSocket listen address.
 pub const ENV_BIND_ADDR: &str = "BIND_ADDR";
@@ -31,8 +33,11 @@ pub const DEFAULT_REDIS_POOL_SIZE: usize = 200;
 pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
 /// Name of the master the sentinels monitor.
 pub const ENV_REDIS_SENTINEL_MASTER: &str = "REDIS_SENTINEL_MASTER";
-/// JSON object mapping tenant id to webhook secret.
+/// JSON object mapping tenant id to webhook secret (`hmac-sha256`, every provider).
 pub const ENV_WEBHOOK_SECRETS: &str = "WEBHOOK_SECRETS";
+/// Path of the TOML file listing each tenant's webhook providers: scheme, secrets, tolerance,
+/// body limit. Its entries win over `WEBHOOK_SECRETS` for their tenant and provider.
+pub const ENV_WEBHOOK_CONFIG: &str = "WEBHOOK_CONFIG";
 /// WebSocket connections per instance.
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -156,6 +161,8 @@ pub struct Config {
     pub jwt_audience: Option<String>,
     pub broker: BrokerConfig,
     pub webhook_secrets: HashMap<TenantId, Secret>,
+    /// The providers of `WEBHOOK_CONFIG`.
+    pub webhook_endpoints: Vec<WebhookEndpoint>,
     /// `None`: every origin may connect.
     pub allowed_origins: Option<HashSet<String>>,
     /// Connection limits, timings and the token leeway.
@@ -352,6 +359,14 @@ fn webhook_secrets(raw: &str) -> Result<HashMap<TenantId, Secret>, String> {
     if problems.is_empty() { Ok(secrets) } else { Err(problems.join("; ")) }
 }
 
+/// Reads and parses the webhook configuration file at `path`; each problem names the file and
+/// its line.
+fn webhook_endpoints(path: &str) -> Result<Vec<WebhookEndpoint>, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {path}: {e}")])?;
+    webhook_config::parse(&text)
+        .map_err(|problems| problems.into_iter().map(|p| format!("{path} {p}")).collect())
+}
+
 /// Parses `JWT_SECRET_KEY` alone, for commands that need nothing else.
 ///
 /// # Errors
@@ -391,6 +406,14 @@ impl Config {
         });
         let broker = broker(&mut r);
         let webhook_secrets = r.parse(ENV_WEBHOOK_SECRETS, HashMap::new(), webhook_secrets);
+        let webhook_endpoints = r.get(ENV_WEBHOOK_CONFIG).map_or_else(Vec::new, |path| {
+            webhook_endpoints(path.trim()).unwrap_or_else(|problems| {
+                for problem in problems {
+                    r.fail(ENV_WEBHOOK_CONFIG, problem);
+                }
+                Vec::new()
+            })
+        });
         let api_keys = r.parse(ENV_API_KEYS, ApiKeys::default(), api_keys);
         let presence = r.parse(ENV_PRESENCE, true, |raw| match raw {
             "on" => Ok(true),
@@ -506,6 +529,7 @@ impl Config {
             jwt_audience,
             broker,
             webhook_secrets,
+            webhook_endpoints,
             allowed_origins,
             settings: Settings {
                 max_connections,

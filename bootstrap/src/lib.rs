@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: environment variables, their defaults and validation.
+//! - [`webhook_config`]: the webhook configuration file (`WEBHOOK_CONFIG`).
 //! - [`app`]: `Application::build` (wire and bind) and `run_until` (serve, then shut down).
 //! - [`telemetry`]: `tracing` set-up (text or JSON).
 //! - [`cli`]: `lq-realtime` and `lq-realtime token`.
@@ -12,6 +13,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod telemetry;
+pub mod webhook_config;
 
 pub use app::{Application, StartError};
 pub use config::Config;

@@ -391,3 +391,30 @@ impl WsClient {
         while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.socket.next()).await {}
     }
 }
+
+/// A file in the temporary directory, removed when dropped.
+#[derive(Debug)]
+pub(crate) struct TempFile {
+    pub(crate) path: std::path::PathBuf,
+}
+
+impl TempFile {
+    /// Writes `contents` to a new file whose name ends with `suffix`.
+    pub(crate) fn with_contents(suffix: &str, contents: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("lq-realtime-{}-{n}-{suffix}", std::process::id()));
+        std::fs::write(&path, contents).expect("temporary file written");
+        Self { path }
+    }
+
+    pub(crate) fn path_str(&self) -> &str {
+        self.path.to_str().expect("UTF-8 temporary path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -19,5 +19,6 @@ mod recovery;
 mod scale_out;
 mod security;
 mod server_api;
+mod webhook_providers;
 mod webhooks;
 mod websocket;

@@ -152,6 +152,48 @@ async fn bad_configuration_stops_the_process_with_one_line_per_problem() {
 }
 
 #[tokio::test]
+async fn a_malformed_webhook_configuration_file_stops_the_process_naming_each_line() {
+    let file = crate::helpers::TempFile::with_contents(
+        "webhooks.toml",
+        "[tenants.acme.providers.github]\nscheme = \"github\"\nsecrets = []\n\n[tenants.acme.providers.stripe]\nscheme = \"stripe\"\nsecrets = [\"sk_live_1\"]\n",
+    );
+    let output = command(&[("WEBHOOK_CONFIG", file.path_str())]).output().await.expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let path = file.path_str();
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "configuration error: WEBHOOK_CONFIG: {path} line 3: secrets: lists no secret: at least one is required"
+            ),
+            format!(
+                "configuration error: WEBHOOK_CONFIG: {path} line 7: secrets: secret 1: Stripe signing secrets start with whsec_ (Stripe Dashboard → Webhooks → Signing secret)"
+            ),
+        ],
+        "{stderr}"
+    );
+    let broken = crate::helpers::TempFile::with_contents(
+        "broken.toml",
+        "[tenants.acme.providers.github\nscheme = 1\n",
+    );
+    let output = command(&[("WEBHOOK_CONFIG", broken.path_str())]).output().await.expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("configuration error: WEBHOOK_CONFIG: {} line 1: ", broken.path_str())),
+        "{stderr}"
+    );
+    let missing = command(&[("WEBHOOK_CONFIG", "/nonexistent/webhooks.toml")]).output().await.expect("runs");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.starts_with("configuration error: WEBHOOK_CONFIG: cannot read /nonexistent/webhooks.toml: "),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn a_port_already_in_use_is_reported_without_a_panic() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();

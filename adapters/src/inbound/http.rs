@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use application::ports::Headers;
+use application::use_cases::ingest_webhook::TENANT_HEADER;
 use application::{Realtime, ServerApiError, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -143,11 +145,16 @@ pub fn routes(
         }
     });
     let bodies = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WEBHOOK_BODIES));
-    let webhooks = warp::path!("webhooks" / String)
+    // `POST /webhooks/{provider}` names the tenant in `x-tenant-id`; senders that cannot add
+    // a header name it in the path.
+    let by_header = warp::path!("webhooks" / String).and(warp::post()).map(|provider| (provider, None));
+    let by_path = warp::path!("webhooks" / String / String)
         .and(warp::post())
+        .map(|provider, tenant| (provider, Some(tenant)));
+    let webhooks = by_header
+        .or(by_path)
+        .unify()
         .and(with((app.clone(), bodies)))
-        .and(warp::header::optional::<String>("x-tenant-id"))
-        .and(warp::header::optional::<String>("x-signature"))
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
@@ -337,10 +344,8 @@ where
 }
 
 async fn webhook<S, B>(
-    provider: String,
+    (provider, path_tenant): (String, Option<String>),
     (app, bodies): (Arc<Realtime>, Arc<tokio::sync::Semaphore>),
-    tenant: Option<String>,
-    signature: Option<String>,
     content_length: Option<u64>,
     headers: HeaderMap,
     body: S,
@@ -358,18 +363,21 @@ where
     })?;
     // The signature can only be checked on the whole body: a sender that trickles it is cut off.
     let body = read_in_time(body, "the webhook body did not arrive in time").await?;
+    // A value that is not visible ASCII can never be a valid signature, timestamp or id.
+    let pairs: Vec<(&str, &str)> =
+        headers.iter().map(|(name, value)| (name.as_str(), value.to_str().unwrap_or("\u{fffd}"))).collect();
     let request = WebhookRequest {
         provider: &provider,
-        tenant: tenant.as_deref(),
-        signature: signature.as_deref(),
-        delivery_id: delivery_id(&headers),
+        path_tenant: path_tenant.as_deref(),
+        headers: Headers(&pairs),
         body: &body,
     };
     // Only validated values name the span: the rest of the request is untrusted text.
+    let tenant = path_tenant.as_deref().or_else(|| request.headers.get(TENANT_HEADER));
     let span = tracing::info_span!(
         "webhook",
         provider = domain::Provider::parse(&provider).ok().map(|p| p.to_string()),
-        tenant = tenant.as_deref().and_then(|t| domain::TenantId::parse(t).ok()).map(|t| t.to_string()),
+        tenant = tenant.and_then(|t| domain::TenantId::parse(t).ok()).map(|t| t.to_string()),
     );
     let outcome = tracing::Instrument::instrument(app.webhooks.ingest(request), span.clone()).await;
     let _entered = span.enter();
@@ -393,8 +401,12 @@ where
 fn webhook_error(error: &WebhookError) -> ApiError {
     match error {
         WebhookError::InvalidProvider(_) => ApiError::not_found(),
-        WebhookError::MissingTenant | WebhookError::InvalidTenant(_) => {
-            ApiError::bad_request(error.to_string())
+        WebhookError::MissingTenant
+        | WebhookError::InvalidTenant(_)
+        | WebhookError::TenantMismatch
+        | WebhookError::InvalidEvent => ApiError::bad_request(error.to_string()),
+        WebhookError::TooLarge(_) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", error.to_string())
         }
         // One answer for every signature problem, so tenants cannot be probed.
         WebhookError::Unauthorized(_) => ApiError::unauthorized("invalid signature"),
@@ -407,17 +419,4 @@ fn webhook_error(error: &WebhookError) -> ApiError {
             ApiError::new(StatusCode::CONFLICT, "delivery_in_progress", error.to_string()).retry_after(1)
         }
     }
-}
-
-/// The headers that carry a sender's delivery id, in order of preference.
-const DELIVERY_ID_HEADERS: [&str; 3] = ["x-webhook-id", "webhook-id", "x-github-delivery"];
-
-/// The delivery id of a webhook, if the sender gave a non-empty one. A value that is not
-/// visible ASCII is passed on as it cannot be valid, so the use-case refuses it in its turn
-/// (and only when deduplication is on).
-fn delivery_id(headers: &HeaderMap) -> Option<&str> {
-    DELIVERY_ID_HEADERS.iter().filter_map(|name| headers.get(*name)).find_map(|value| match value.to_str() {
-        Ok(id) => Some(id.trim()).filter(|id| !id.is_empty()),
-        Err(_) => Some("\u{fffd}"),
-    })
 }

@@ -2,10 +2,10 @@
 
 pub mod delivery_log;
 pub mod history;
-pub mod hmac;
 pub mod jwt;
 pub mod memory;
 pub mod presence;
 pub mod prometheus;
 pub mod redis;
+pub mod signatures;
 pub mod system;

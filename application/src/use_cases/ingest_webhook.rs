@@ -10,23 +10,29 @@ use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
 use crate::ports::{
-    BrokerError, DeliveryClaim, DeliveryLog, DeliveryRecord, MessageBroker, MessageSource, Metrics,
-    NoMetrics, SignatureError, WebhookVerifier,
+    BrokerError, DeliveryClaim, DeliveryLog, DeliveryRecord, Headers, MessageBroker, MessageSource, Metrics,
+    NoMetrics, SignatureError, SignedWebhook, WebhookVerifier,
 };
 use crate::use_cases::publish_timed;
 
-/// A webhook as the HTTP adapter received it. The body size limit is the adapter's job.
+/// A webhook as the HTTP adapter received it. The service-wide body size limit is the
+/// adapter's job; a tenant's lower limit for a provider is checked here.
 #[derive(Debug, Clone, Copy)]
 pub struct WebhookRequest<'a> {
     pub provider: &'a str,
-    /// The `x-tenant-id` header.
-    pub tenant: Option<&'a str>,
-    /// The `x-signature` header.
-    pub signature: Option<&'a str>,
-    /// The sender's delivery id (`x-webhook-id`, `webhook-id` or `X-GitHub-Delivery`), if any.
-    pub delivery_id: Option<&'a str>,
+    /// The tenant named in the path (`POST /webhooks/{provider}/{tenant}`), if the route has
+    /// one; otherwise the `x-tenant-id` header names it.
+    pub path_tenant: Option<&'a str>,
+    /// Every header of the request (signatures, timestamps, event names, delivery ids).
+    pub headers: Headers<'a>,
     pub body: &'a [u8],
 }
+
+/// The header that names the tenant on `POST /webhooks/{provider}`.
+pub const TENANT_HEADER: &str = "x-tenant-id";
+
+/// Longest accepted provider event name, in bytes.
+pub const MAX_EVENT_LEN: usize = 128;
 
 /// What an accepted webhook became.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,12 +51,21 @@ pub enum WebhookError {
     /// The provider path segment is not `[a-z0-9_-]{1,64}`. HTTP 404.
     #[error("unknown webhook provider: {0}")]
     InvalidProvider(IdError),
-    /// No `x-tenant-id` header. HTTP 400.
+    /// No tenant in the path and no `x-tenant-id` header. HTTP 400.
     #[error("missing x-tenant-id header")]
     MissingTenant,
-    /// The `x-tenant-id` header is not a valid tenant id. HTTP 400.
-    #[error("invalid x-tenant-id header: {0}")]
+    /// The tenant (path segment or `x-tenant-id` header) is not a valid tenant id. HTTP 400.
+    #[error("invalid tenant: {0}")]
     InvalidTenant(IdError),
+    /// An `x-tenant-id` header that names another tenant than the path. HTTP 400.
+    #[error("the x-tenant-id header names another tenant than the path")]
+    TenantMismatch,
+    /// A body over the limit configured for this tenant and provider. HTTP 413.
+    #[error("request body exceeds the {0} bytes accepted from this provider")]
+    TooLarge(usize),
+    /// The provider's event name is longer than 128 bytes or holds control characters. HTTP 400.
+    #[error("invalid event name: expected 1 to 128 characters without control characters")]
+    InvalidEvent,
     /// Missing or wrong signature, or a tenant without a secret. HTTP 401, the same answer in
     /// every case so that tenants cannot be probed.
     #[error("invalid signature")]
@@ -72,6 +87,8 @@ pub enum WebhookError {
 #[derive(Serialize)]
 struct WebhookPayload<'a> {
     provider: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
     data: &'a RawValue,
 }
 
@@ -111,12 +128,13 @@ impl IngestWebhook {
         self
     }
 
-    /// Verifies the webhook and publishes `{"provider":…,"data":<body>}` as a `webhook`
-    /// message to `tenant:<tenant>`. Returns the message id once the broker accepted it.
+    /// Verifies the webhook and publishes `{"provider":…,"event":…,"data":<body>}` as a
+    /// `webhook` message to `tenant:<tenant>`. Returns the message id once the broker accepted
+    /// it.
     ///
     /// # Errors
-    /// [`WebhookError`], checked in this order: provider, tenant header, signature, JSON,
-    /// delivery id (when deduplication is on), broker.
+    /// [`WebhookError`], checked in this order: provider, tenant, signature, body size, event
+    /// name, JSON, delivery id (when deduplication is on), broker.
     pub async fn ingest(&self, request: WebhookRequest<'_>) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
         let mut authenticated = None;
@@ -127,7 +145,13 @@ impl IngestWebhook {
             Err(WebhookError::InvalidDeliveryId) => "bad_request",
             Err(WebhookError::InProgress) => "in_progress",
             Err(WebhookError::InvalidProvider(_)) => "not_found",
-            Err(WebhookError::MissingTenant | WebhookError::InvalidTenant(_)) => "bad_request",
+            Err(
+                WebhookError::MissingTenant
+                | WebhookError::InvalidTenant(_)
+                | WebhookError::TenantMismatch
+                | WebhookError::InvalidEvent,
+            ) => "bad_request",
+            Err(WebhookError::TooLarge(_)) => "too_large",
             Err(WebhookError::Unauthorized(_)) => "unauthorized",
             Err(WebhookError::InvalidJson(_)) => "invalid_json",
             Err(WebhookError::Broker(_)) => "unavailable",
@@ -145,13 +169,22 @@ impl IngestWebhook {
         authenticated: &mut Option<Provider>,
     ) -> Result<Accepted, WebhookError> {
         let provider = Provider::parse(request.provider).map_err(WebhookError::InvalidProvider)?;
-        let tenant = request.tenant.ok_or(WebhookError::MissingTenant)?;
-        let tenant = TenantId::parse(tenant).map_err(WebhookError::InvalidTenant)?;
-        self.verifier
-            .verify(&tenant, request.body, request.signature)
-            .await
-            .map_err(WebhookError::Unauthorized)?;
+        let tenant = tenant(&request)?;
+        let webhook = SignedWebhook {
+            tenant: &tenant,
+            provider: &provider,
+            headers: request.headers,
+            body: request.body,
+        };
+        let verified = self.verifier.verify(&webhook).await.map_err(WebhookError::Unauthorized)?;
         *authenticated = Some(provider.clone());
+        if let Some(limit) = verified.max_body_bytes.filter(|limit| request.body.len() > *limit) {
+            return Err(WebhookError::TooLarge(limit));
+        }
+        let event = verified.event.as_deref();
+        if event.is_some_and(|e| e.is_empty() || e.len() > MAX_EVENT_LEN || e.chars().any(char::is_control)) {
+            return Err(WebhookError::InvalidEvent);
+        }
         let text = std::str::from_utf8(request.body)
             .map_err(|_| WebhookError::InvalidJson("body is not UTF-8".to_owned()))?;
         let data: &RawValue =
@@ -159,8 +192,8 @@ impl IngestWebhook {
         if domain::envelope::has_lone_surrogate(data.get()) {
             return Err(WebhookError::InvalidJson("lone UTF-16 surrogate escape".to_owned()));
         }
-        let payload = raw_payload(&WebhookPayload { provider: provider.as_str(), data });
-        let delivery = match (request.delivery_id, &self.deliveries) {
+        let payload = raw_payload(&WebhookPayload { provider: provider.as_str(), event, data });
+        let delivery = match (verified.delivery_id.as_deref(), &self.deliveries) {
             (Some(id), Some((log, keep))) => {
                 MessageId::parse(id).map_err(|_| WebhookError::InvalidDeliveryId)?;
                 match log.claim(&tenant, id, PENDING_DELIVERY_SECS).await.map_err(WebhookError::Broker)? {
@@ -211,21 +244,36 @@ impl IngestWebhook {
     }
 }
 
+/// The tenant a webhook is addressed to: the path's, or the `x-tenant-id` header's.
+fn tenant(request: &WebhookRequest<'_>) -> Result<TenantId, WebhookError> {
+    let header = request.headers.get(TENANT_HEADER);
+    let name = match (request.path_tenant, header) {
+        (Some(path), Some(header)) if path != header => return Err(WebhookError::TenantMismatch),
+        (Some(name), _) | (None, Some(name)) => name,
+        (None, None) => return Err(WebhookError::MissingTenant),
+    };
+    TenantId::parse(name).map_err(WebhookError::InvalidTenant)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ports::{MockDeliveryLog, MockMessageBroker, MockWebhookVerifier};
+    use crate::ports::{MockDeliveryLog, MockMessageBroker, MockWebhookVerifier, Verified};
     use crate::use_cases::test_support::*;
     use serde_json::{Value, json};
 
     fn verifier(result: Result<(), SignatureError>) -> MockWebhookVerifier {
+        verified(result.map(|()| Verified::default()))
+    }
+
+    fn verified(result: Result<Verified, SignatureError>) -> MockWebhookVerifier {
         let mut verifier = MockWebhookVerifier::new();
-        verifier.expect_verify().returning(move |_, _, _| result.clone());
+        verifier.expect_verify().returning(move |_| result.clone());
         verifier
     }
 
     fn request<'a>(provider: &'a str, tenant: Option<&'a str>, body: &'a [u8]) -> WebhookRequest<'a> {
-        WebhookRequest { provider, tenant, signature: Some("sha256=00"), delivery_id: None, body }
+        WebhookRequest { provider, path_tenant: tenant, headers: Headers::default(), body }
     }
 
     fn use_case(verifier: MockWebhookVerifier, broker: MockMessageBroker) -> IngestWebhook {
@@ -263,6 +311,22 @@ mod tests {
                 matches!(e, WebhookError::InvalidProvider(_))
             }),
             (request("github", None, b"{}"), Ok(()), |e| matches!(e, WebhookError::MissingTenant)),
+            (
+                WebhookRequest {
+                    headers: Headers(&[("X-Tenant-Id", "globex")]),
+                    ..request("github", Some("acme"), b"{}")
+                },
+                Ok(()),
+                |e| matches!(e, WebhookError::TenantMismatch),
+            ),
+            (
+                WebhookRequest {
+                    headers: Headers(&[("x-tenant-id", "a:b")]),
+                    ..request("github", None, b"{}")
+                },
+                Ok(()),
+                |e| matches!(e, WebhookError::InvalidTenant(_)),
+            ),
             (request("github", Some("a:b"), b"{}"), Ok(()), |e| matches!(e, WebhookError::InvalidTenant(_))),
             (request("github", Some("acme"), b"{}"), Err(SignatureError::Mismatch), |e| {
                 matches!(e, WebhookError::Unauthorized(SignatureError::Mismatch))
@@ -283,8 +347,13 @@ mod tests {
         }
     }
 
-    fn with_id<'a>(body: &'a [u8], id: &'a str) -> WebhookRequest<'a> {
-        WebhookRequest { delivery_id: Some(id), ..request("github", Some("acme"), body) }
+    fn with_id(body: &[u8]) -> WebhookRequest<'_> {
+        request("github", Some("acme"), body)
+    }
+
+    /// A verifier that finds delivery id `id` in the webhook.
+    fn verifier_with_id(id: &str) -> MockWebhookVerifier {
+        verified(Ok(Verified { delivery_id: Some(id.to_owned()), ..Verified::default() }))
     }
 
     fn log(claim: DeliveryClaim) -> MockDeliveryLog {
@@ -318,8 +387,8 @@ mod tests {
             .withf(move |_, _, r| recorded(r))
             .times(1)
             .returning(|_, _, _| Ok(()));
-        let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(Arc::new(log), 86_400);
-        let accepted = ingest.ingest(with_id(b"{}", "d-1")).await.expect("accepted");
+        let ingest = use_case(verifier_with_id("d-1"), broker).with_delivery_log(Arc::new(log), 86_400);
+        let accepted = ingest.ingest(with_id(b"{}")).await.expect("accepted");
         assert!(!accepted.duplicate);
     }
 
@@ -327,11 +396,11 @@ mod tests {
     async fn a_delivery_already_relayed_answers_its_message_id_and_relays_nothing() {
         let mut broker = MockMessageBroker::new();
         broker.expect_publish().never();
-        let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(
+        let ingest = use_case(verifier_with_id("d-1"), broker).with_delivery_log(
             Arc::new(log(DeliveryClaim::Delivered(MessageId::parse("orig").expect("valid")))),
             60,
         );
-        let accepted = ingest.ingest(with_id(b"{}", "d-1")).await.expect("accepted");
+        let accepted = ingest.ingest(with_id(b"{}")).await.expect("accepted");
         assert_eq!(
             accepted,
             Accepted { message_id: MessageId::parse("orig").expect("valid"), duplicate: true }
@@ -342,9 +411,9 @@ mod tests {
     async fn a_delivery_in_progress_is_refused_for_now() {
         let mut broker = MockMessageBroker::new();
         broker.expect_publish().never();
-        let ingest = use_case(verifier(Ok(())), broker)
+        let ingest = use_case(verifier_with_id("d-1"), broker)
             .with_delivery_log(Arc::new(log(DeliveryClaim::InProgress)), 60);
-        assert_eq!(ingest.ingest(with_id(b"{}", "d-1")).await, Err(WebhookError::InProgress));
+        assert_eq!(ingest.ingest(with_id(b"{}")).await, Err(WebhookError::InProgress));
     }
 
     #[tokio::test]
@@ -354,8 +423,8 @@ mod tests {
         log.expect_complete().never();
         let mut broker = MockMessageBroker::new();
         broker.expect_publish_recorded().returning(|_, _, _| Err(BrokerError::Unavailable("down".into())));
-        let ingest = use_case(verifier(Ok(())), broker).with_delivery_log(Arc::new(log), 60);
-        assert!(matches!(ingest.ingest(with_id(b"{}", "d-1")).await, Err(WebhookError::Broker(_))));
+        let ingest = use_case(verifier_with_id("d-1"), broker).with_delivery_log(Arc::new(log), 60);
+        assert!(matches!(ingest.ingest(with_id(b"{}")).await, Err(WebhookError::Broker(_))));
     }
 
     #[tokio::test]
@@ -363,8 +432,74 @@ mod tests {
         let mut log = MockDeliveryLog::new();
         log.expect_claim().never();
         let ingest =
-            use_case(verifier(Ok(())), MockMessageBroker::new()).with_delivery_log(Arc::new(log), 60);
-        assert_eq!(ingest.ingest(with_id(b"{}", "a b")).await, Err(WebhookError::InvalidDeliveryId));
+            use_case(verifier_with_id("a b"), MockMessageBroker::new()).with_delivery_log(Arc::new(log), 60);
+        assert_eq!(ingest.ingest(with_id(b"{}")).await, Err(WebhookError::InvalidDeliveryId));
+    }
+
+    #[tokio::test]
+    async fn the_tenant_is_taken_from_the_header_when_the_path_has_none_and_both_reach_the_verifier() {
+        for (path, headers) in
+            [(None, &[("x-tenant-id", "acme")][..]), (Some("acme"), &[("X-TENANT-ID", "acme")][..])]
+        {
+            let mut verifier = MockWebhookVerifier::new();
+            verifier
+                .expect_verify()
+                .withf(|w| w.tenant.as_str() == "acme" && w.provider.as_str() == "github" && w.body == b"{}")
+                .times(1)
+                .returning(|_| Ok(Verified::default()));
+            let mut broker = MockMessageBroker::new();
+            broker.expect_publish().times(1).returning(|_, _| Ok(()));
+            let request = WebhookRequest {
+                path_tenant: path,
+                headers: Headers(headers),
+                ..request("github", None, b"{}")
+            };
+            use_case(verifier, broker).ingest(request).await.expect("accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_event_name_of_the_scheme_joins_the_payload() {
+        let mut broker = MockMessageBroker::new();
+        broker
+            .expect_publish()
+            .withf(|_, bytes| {
+                let v: Value = serde_json::from_slice(bytes).expect("json");
+                v["payload"]
+                    == json!({"provider": "stripe", "event": "invoice.paid", "data": {"id": "evt_1"}})
+            })
+            .times(1)
+            .returning(|_, _| Ok(()));
+        let verifier = verified(Ok(Verified { event: Some("invoice.paid".into()), ..Verified::default() }));
+        use_case(verifier, broker)
+            .ingest(request("stripe", Some("acme"), br#"{"id":"evt_1"}"#))
+            .await
+            .expect("accepted");
+    }
+
+    #[tokio::test]
+    async fn a_bad_event_name_or_a_body_over_the_providers_limit_is_refused_after_the_signature() {
+        let cases = [
+            (Verified { event: Some("push\n".into()), ..Verified::default() }, WebhookError::InvalidEvent),
+            (Verified { event: Some(String::new()), ..Verified::default() }, WebhookError::InvalidEvent),
+            (
+                Verified { event: Some("e".repeat(MAX_EVENT_LEN + 1)), ..Verified::default() },
+                WebhookError::InvalidEvent,
+            ),
+            (Verified { max_body_bytes: Some(2), ..Verified::default() }, WebhookError::TooLarge(2)),
+        ];
+        for (verified_as, expected) in cases {
+            let mut broker = MockMessageBroker::new();
+            broker.expect_publish().never();
+            let result = use_case(verified(Ok(verified_as)), broker)
+                .ingest(request("github", Some("acme"), b"{ }"))
+                .await;
+            assert_eq!(result, Err(expected));
+        }
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().times(1).returning(|_, _| Ok(()));
+        let at_limit = verified(Ok(Verified { max_body_bytes: Some(3), ..Verified::default() }));
+        use_case(at_limit, broker).ingest(request("github", Some("acme"), b"{ }")).await.expect("accepted");
     }
 
     #[tokio::test]

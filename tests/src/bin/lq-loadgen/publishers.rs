@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use adapters::outbound::hmac::HmacWebhookVerifier;
+use adapters::outbound::signatures::sign;
 use deadpool_redis::redis;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
@@ -63,7 +63,7 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
             Load::Webhook => {
                 let url = format!("{}/webhooks/bench", options.webhook[i as usize % options.webhook.len()]);
                 let body = body(seq, &pad);
-                let signature = HmacWebhookVerifier::sign(options.webhook_secret.as_bytes(), body.as_bytes());
+                let signature = sign::sha256_header(options.webhook_secret.as_bytes(), body.as_bytes());
                 let request = http
                     .post(url)
                     .header("x-tenant-id", tenant_name(tenant))
