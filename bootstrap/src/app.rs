@@ -260,7 +260,6 @@ impl Application {
 /// for a burst of reconnecting clients, where the usual 128 would refuse them.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds the client listener with [`LISTEN_BACKLOG`].
 /// `WEBHOOK_SECRETS` for every provider of their tenants, and `WEBHOOK_CONFIG`'s entries
 /// above them for their tenant and provider.
 fn signature_verifier(config: &Config) -> SignatureVerifier {
@@ -275,6 +274,7 @@ fn signature_verifier(config: &Config) -> SignatureVerifier {
     })
 }
 
+/// Binds the client listener with [`LISTEN_BACKLOG`].
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };

@@ -43,7 +43,8 @@ struct TenantEntry {
 #[serde(deny_unknown_fields)]
 struct ProviderEntry {
     scheme: Spanned<String>,
-    secrets: Spanned<Vec<String>>,
+    /// Read as any value and checked here, so that no parser message can quote a secret.
+    secrets: Spanned<toml::Value>,
     tolerance_secs: Option<Spanned<i64>>,
     max_body_bytes: Option<Spanned<i64>>,
 }
@@ -132,8 +133,15 @@ fn endpoint(
         }
         bytes
     });
+    let Some(secrets) = secret_list(entry.secrets.get_ref()) else {
+        report(
+            entry.secrets.span(),
+            "secrets: expected a list of strings, such as [\"new-secret\", \"old-secret\"]".to_owned(),
+        );
+        return None;
+    };
     let scheme = scheme?;
-    let mut endpoint = match Endpoint::new(scheme, entry.secrets.get_ref()) {
+    let mut endpoint = match Endpoint::new(scheme, &secrets) {
         Ok(endpoint) => endpoint,
         Err(problems) => {
             for problem in problems {
@@ -149,6 +157,11 @@ fn endpoint(
         endpoint = endpoint.with_max_body_bytes(bytes);
     }
     Some(endpoint)
+}
+
+/// The strings of a list of strings.
+fn secret_list(value: &toml::Value) -> Option<Vec<&str>> {
+    value.as_array()?.iter().map(toml::Value::as_str).collect()
 }
 
 /// The 1-based line of byte `offset` in `text`.
@@ -254,6 +267,16 @@ max_body_bytes = 2000000
         assert!(problems[0].starts_with("line ") && problems[0].contains("secret"), "{problems:?}");
         let problems = parse("[tenants.acme.providers.github]\nsecrets = [\"x\"]\n").expect_err("bad");
         assert!(problems[0].contains("scheme"), "{problems:?}");
+        for not_a_list in ["\"whsec_top-secret\"", "[\"whsec_top-secret\", 5]"] {
+            let text =
+                format!("[tenants.acme.providers.stripe]\nscheme = \"stripe\"\nsecrets = {not_a_list}\n");
+            let problems = parse(&text).expect_err("bad");
+            assert_eq!(
+                problems,
+                ["line 3: secrets: expected a list of strings, such as [\"new-secret\", \"old-secret\"]"],
+                "no secret is quoted"
+            );
+        }
         let problems = parse("[tenants.acme]\n").expect_err("bad");
         assert_eq!(
             problems,

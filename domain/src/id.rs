@@ -17,11 +17,19 @@ pub enum IdError {
     Empty { kind: &'static str },
     #[error("{kind} is longer than {max} characters")]
     TooLong { kind: &'static str, max: usize },
-    #[error("{kind} may only contain A-Z, a-z, 0-9, '.', '_' and '-'")]
-    InvalidCharacter { kind: &'static str },
+    #[error("{kind} may only contain {allowed}")]
+    InvalidCharacter { kind: &'static str, allowed: &'static str },
 }
 
-fn check(kind: &'static str, value: &str, max: usize, allowed: fn(u8) -> bool) -> Result<(), IdError> {
+/// The characters of an identifier, as error messages name them.
+const ID_CHARACTERS: &str = "A-Z, a-z, 0-9, '.', '_' and '-'";
+
+fn check(
+    kind: &'static str,
+    value: &str,
+    max: usize,
+    (allowed, described): (fn(u8) -> bool, &'static str),
+) -> Result<(), IdError> {
     if value.is_empty() {
         return Err(IdError::Empty { kind });
     }
@@ -29,7 +37,7 @@ fn check(kind: &'static str, value: &str, max: usize, allowed: fn(u8) -> bool) -
         return Err(IdError::TooLong { kind, max });
     }
     if !value.bytes().all(allowed) {
-        return Err(IdError::InvalidCharacter { kind });
+        return Err(IdError::InvalidCharacter { kind, allowed: described });
     }
     Ok(())
 }
@@ -51,7 +59,7 @@ macro_rules! identifier {
             /// [`IdError`] when the value is empty, longer than 128 bytes or holds a character
             /// outside `[A-Za-z0-9._-]`.
             pub fn parse(value: &str) -> Result<Self, IdError> {
-                check($kind, value, MAX_ID_LEN, id_byte)?;
+                check($kind, value, MAX_ID_LEN, (id_byte, ID_CHARACTERS))?;
                 Ok(Self(Arc::from(value)))
             }
 
@@ -130,9 +138,15 @@ impl Provider {
     /// [`IdError`] when the value is empty, longer than 64 bytes or holds a character outside
     /// `[a-z0-9_-]`.
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        check("provider", value, MAX_PROVIDER_LEN, |b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-')
-        })?;
+        check(
+            "provider",
+            value,
+            MAX_PROVIDER_LEN,
+            (
+                |b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'),
+                "a-z, 0-9, '_' and '-'",
+            ),
+        )?;
         Ok(Self(Arc::from(value)))
     }
 
@@ -168,7 +182,11 @@ mod tests {
     #[test]
     fn ids_that_could_inject_a_channel_are_rejected() {
         for bad in ["a:b", "tenant*", "a?", "[a]", "a b", "a\tb", "a\nb", "é", "a/b"] {
-            assert_eq!(UserId::parse(bad), Err(IdError::InvalidCharacter { kind: "user id" }), "{bad:?}");
+            assert_eq!(
+                UserId::parse(bad),
+                Err(IdError::InvalidCharacter { kind: "user id", allowed: ID_CHARACTERS }),
+                "{bad:?}"
+            );
         }
     }
 

@@ -63,8 +63,8 @@ pub enum WebhookError {
     /// A body over the limit configured for this tenant and provider. HTTP 413.
     #[error("request body exceeds the {0} bytes accepted from this provider")]
     TooLarge(usize),
-    /// The provider's event name is longer than 128 bytes or holds control characters. HTTP 400.
-    #[error("invalid event name: expected 1 to 128 characters without control characters")]
+    /// The provider's event name is not 1 to 128 visible ASCII characters. HTTP 400.
+    #[error("invalid event name: expected 1 to 128 visible ASCII characters")]
     InvalidEvent,
     /// Missing or wrong signature, or a tenant without a secret. HTTP 401, the same answer in
     /// every case so that tenants cannot be probed.
@@ -77,7 +77,7 @@ pub enum WebhookError {
     #[error(transparent)]
     Broker(BrokerError),
     /// The delivery id is not `[A-Za-z0-9._-]{1,128}`. HTTP 400.
-    #[error("invalid delivery id header: expected 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'")]
+    #[error("invalid delivery id: expected 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'")]
     InvalidDeliveryId,
     /// The same delivery is being processed by another request. HTTP 409; retry later.
     #[error("this delivery is being processed; retry later")]
@@ -182,7 +182,9 @@ impl IngestWebhook {
             return Err(WebhookError::TooLarge(limit));
         }
         let event = verified.event.as_deref();
-        if event.is_some_and(|e| e.is_empty() || e.len() > MAX_EVENT_LEN || e.chars().any(char::is_control)) {
+        if event.is_some_and(|e| {
+            e.is_empty() || e.len() > MAX_EVENT_LEN || !e.bytes().all(|b| b.is_ascii_graphic())
+        }) {
             return Err(WebhookError::InvalidEvent);
         }
         let text = std::str::from_utf8(request.body)
@@ -482,6 +484,8 @@ mod tests {
         let cases = [
             (Verified { event: Some("push\n".into()), ..Verified::default() }, WebhookError::InvalidEvent),
             (Verified { event: Some(String::new()), ..Verified::default() }, WebhookError::InvalidEvent),
+            (Verified { event: Some("\u{fffd}".into()), ..Verified::default() }, WebhookError::InvalidEvent),
+            (Verified { event: Some("a b".into()), ..Verified::default() }, WebhookError::InvalidEvent),
             (
                 Verified { event: Some("e".repeat(MAX_EVENT_LEN + 1)), ..Verified::default() },
                 WebhookError::InvalidEvent,
