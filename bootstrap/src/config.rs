@@ -31,6 +31,12 @@ pub const ENV_REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
 pub const DEFAULT_REDIS_POOL_SIZE: usize = 200;
 /// Comma-separated `host:port` of Redis Sentinels; selects the Sentinel-managed master.
 pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
+/// Comma-separated `host:port` of Redis Cluster nodes (any of them; the rest is discovered);
+/// selects the cluster broker with sharded Pub/Sub. `REDIS_URL=redis+cluster://host:port,…`
+/// is the same.
+pub const ENV_REDIS_CLUSTER_NODES: &str = "REDIS_CLUSTER_NODES";
+/// The `REDIS_URL` scheme that names cluster nodes.
+pub const CLUSTER_URL_SCHEME: &str = "redis+cluster://";
 /// Name of the master the sentinels monitor.
 pub const ENV_REDIS_SENTINEL_MASTER: &str = "REDIS_SENTINEL_MASTER";
 /// JSON object mapping tenant id to webhook secret (`hmac-sha256`, every provider).
@@ -238,11 +244,53 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
     }
 }
 
+/// `host:port[,host:port…]`, each problem reported against `variable`.
+fn host_ports<F: Fn(&str) -> Option<String>>(
+    r: &mut Reader<F>,
+    variable: &'static str,
+    list: &str,
+) -> Vec<String> {
+    let mut nodes = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        match entry.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                nodes.push(entry.to_owned());
+            }
+            _ => r.fail(variable, format!("expected host:port[,host:port…], got {entry:?}")),
+        }
+    }
+    nodes
+}
+
 fn broker<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> BrokerConfig {
-    let url = r.get(ENV_REDIS_URL).map(|raw| raw.trim().to_owned());
+    let mut url = r.get(ENV_REDIS_URL).map(|raw| raw.trim().to_owned());
     let sentinels = r.get(ENV_REDIS_SENTINELS);
     let master = r.get(ENV_REDIS_SENTINEL_MASTER).map(|m| m.trim().to_owned());
     let pool_size = r.parse(ENV_REDIS_POOL_SIZE, DEFAULT_REDIS_POOL_SIZE, positive::<usize>);
+    let mut cluster =
+        r.get(ENV_REDIS_CLUSTER_NODES).map(|raw| (ENV_REDIS_CLUSTER_NODES, raw.trim().to_owned()));
+    if let Some(nodes) = url.as_deref().and_then(|u| u.strip_prefix(CLUSTER_URL_SCHEME)) {
+        if cluster.is_some() {
+            r.fail(
+                ENV_REDIS_URL,
+                format!("set either {ENV_REDIS_URL} or {ENV_REDIS_CLUSTER_NODES}, not both"),
+            );
+        }
+        cluster = Some((ENV_REDIS_URL, nodes.to_owned()));
+        url = None;
+    }
+    if let Some((variable, list)) = cluster {
+        let nodes = host_ports(r, variable, &list);
+        for (set, name) in [(url.is_some(), ENV_REDIS_URL), (sentinels.is_some(), ENV_REDIS_SENTINELS)] {
+            if set {
+                r.fail(name, format!("set either {name} or a Redis Cluster ({variable}), not both"));
+            }
+        }
+        if master.is_some() {
+            r.fail(ENV_REDIS_SENTINEL_MASTER, format!("only used with {ENV_REDIS_SENTINELS}"));
+        }
+        return BrokerConfig::Redis { target: RedisTarget::Cluster { nodes }, pool_size };
+    }
     if let Some(url) = &url {
         if url.starts_with("rediss://") {
             r.fail(ENV_REDIS_URL, "rediss:// (Redis over TLS) is not supported by this build; use redis://");
@@ -263,17 +311,7 @@ fn broker<F: Fn(&str) -> Option<String>>(r: &mut Reader<F>) -> BrokerConfig {
             RedisTarget::Url(url)
         }
         (None, Some(list), master) => {
-            let mut sentinels = Vec::new();
-            for entry in list.split(',').map(str::trim) {
-                match entry.rsplit_once(':') {
-                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-                        sentinels.push(entry.to_owned());
-                    }
-                    _ => {
-                        r.fail(ENV_REDIS_SENTINELS, format!("expected host:port[,host:port…], got {entry:?}"))
-                    }
-                }
-            }
+            let sentinels = host_ports(r, ENV_REDIS_SENTINELS, &list);
             let Some(master) = master else {
                 r.fail(ENV_REDIS_SENTINEL_MASTER, format!("required with {ENV_REDIS_SENTINELS}"));
                 return BrokerConfig::InProcess;
@@ -692,6 +730,21 @@ mod tests {
     }
 
     #[test]
+    fn cluster_nodes_select_the_cluster_broker_in_either_form() {
+        for vars in [
+            &[(ENV_REDIS_CLUSTER_NODES, "10.0.0.1:7000, redis-2:7001")][..],
+            &[(ENV_REDIS_URL, "redis+cluster://10.0.0.1:7000,redis-2:7001")][..],
+        ] {
+            match parse(vars).expect("valid").broker {
+                BrokerConfig::Redis { target: RedisTarget::Cluster { nodes }, .. } => {
+                    assert_eq!(nodes, ["10.0.0.1:7000", "redis-2:7001"]);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn inconsistent_or_out_of_range_settings_are_refused_one_line_each() {
         for (vars, variable) in [
             (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_SENTINELS, "a:1")][..], ENV_REDIS_URL),
@@ -700,6 +753,11 @@ mod tests {
             (&[(ENV_REDIS_SENTINELS, "a"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
             (&[(ENV_REDIS_SENTINELS, "a:0"), (ENV_REDIS_SENTINEL_MASTER, "m")][..], ENV_REDIS_SENTINELS),
             (&[(ENV_REDIS_URL, "redis://a"), (ENV_REDIS_POOL_SIZE, "0")][..], ENV_REDIS_POOL_SIZE),
+            (&[(ENV_REDIS_CLUSTER_NODES, "a:1,b")][..], ENV_REDIS_CLUSTER_NODES),
+            (&[(ENV_REDIS_CLUSTER_NODES, "a:1"), (ENV_REDIS_URL, "redis://a")][..], ENV_REDIS_URL),
+            (&[(ENV_REDIS_CLUSTER_NODES, "a:1"), (ENV_REDIS_SENTINELS, "s:1")][..], ENV_REDIS_SENTINELS),
+            (&[(ENV_REDIS_URL, "redis+cluster://a:1"), (ENV_REDIS_CLUSTER_NODES, "a:1")][..], ENV_REDIS_URL),
+            (&[(ENV_REDIS_URL, "redis+cluster://a:0")][..], ENV_REDIS_URL),
             (&[(ENV_WEBHOOK_DEDUP_SECS, "2592001")][..], ENV_WEBHOOK_DEDUP_SECS),
             (&[(ENV_HISTORY_SIZE, "-1")][..], ENV_HISTORY_SIZE),
             (&[(ENV_API_KEYS, "short")][..], ENV_API_KEYS),

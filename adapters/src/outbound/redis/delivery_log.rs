@@ -1,6 +1,6 @@
 //! `RedisDeliveryLog`: webhook delivery ids shared by every instance, as Redis keys with expiry.
 //!
-//! `lq-realtime:delivery:{tenant}:{id}` holds `""` while the delivery is being processed (set
+//! `lq-realtime:{tenant:<tenant>}:delivery:<id>` holds `""` while the delivery is being processed (set
 //! with NX, so exactly one instance claims it) and the message id once it was relayed. The
 //! broker's publish script writes the message id in the same step as the publish (see
 //! `RedisBroker::publish_recorded`), so a crash right after a publish cannot let a retry of the
@@ -35,8 +35,9 @@ impl std::fmt::Debug for RedisDeliveryLog {
 }
 
 pub(super) fn key(tenant: &TenantId, delivery_id: &str) -> String {
-    // Both parts are validated ids: no ':' can shift the key's structure.
-    format!("lq-realtime:delivery:{tenant}:{delivery_id}")
+    // Both parts are validated ids: no ':' can shift the key's structure. The hash tag is the
+    // tenant channel's, so on a cluster the key lives on the node that publishes to it.
+    format!("lq-realtime:{{tenant:{tenant}}}:delivery:{delivery_id}")
 }
 
 impl RedisDeliveryLog {

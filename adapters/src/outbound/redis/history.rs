@@ -2,7 +2,9 @@
 //! of its last messages, written by the same Lua script that publishes, so a message is in the
 //! history if and only if it was published, and offsets follow publication order.
 //!
-//! Keys share the hash tag `{<channel>}`, so both live on one node of a cluster:
+//! Keys share the hash tag `{<channel>}`, which hashes to the slot of the channel itself, so on
+//! a cluster both keys and the sharded channel live on one node and one script can append and
+//! `SPUBLISH` (a webhook's delivery key carries its tenant channel's tag for the same reason):
 //! - `lq-realtime:{tenant:acme}:position` — hash: `e` epoch, `s` latest offset;
 //! - `lq-realtime:{tenant:acme}:history` — stream: entry id `<offset>-0`, fields `t` (Redis
 //!   time in seconds when appended) and `m` (the published message).
@@ -22,14 +24,31 @@ use super::Shared;
 use super::delivery_log::key as delivery_key;
 use crate::outbound::history::open_envelope;
 
+/// The scripts that publish, with `PUBLISH` on one Redis or `SPUBLISH` on a cluster, where
+/// the channel hashes to the slot of the keys (see the module's documentation).
+struct PublishScripts {
+    publish: Script,
+    publish_recorded: Script,
+}
+
+impl PublishScripts {
+    fn with(command: &str) -> Self {
+        Self {
+            publish: Script::new(&PUBLISH.replace("PUBLISH_COMMAND", command)),
+            publish_recorded: Script::new(&PUBLISH_RECORDED.replace("PUBLISH_COMMAND", command)),
+        }
+    }
+}
+
+static PLAIN: LazyLock<PublishScripts> = LazyLock::new(|| PublishScripts::with("PUBLISH"));
+static SHARDED: LazyLock<PublishScripts> = LazyLock::new(|| PublishScripts::with("SPUBLISH"));
+
 /// KEYS: position hash, history stream, optionally a webhook delivery key. ARGV: channel,
 /// envelope without its closing brace, history size, TTL in seconds, epoch to start when the
 /// channel has none, and with a delivery key its message id and seconds to keep it.
 /// Publishes the envelope with `"offset"` and `"epoch"` added, records the delivery; returns
 /// the offset.
-static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const PUBLISH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[5]
@@ -42,20 +61,14 @@ local now = redis.call('TIME')
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 't', now[1], 'm', message)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], message)
+redis.call('PUBLISH_COMMAND', ARGV[1], message)
 if KEYS[3] then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 return offset
-"#,
-    )
-});
+"#;
 
 /// KEYS: a webhook delivery key. ARGV: channel, message, message id, seconds to keep it.
 /// Publishes without history and records the delivery.
-static PUBLISH_RECORDED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        "redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) return redis.call('PUBLISH', ARGV[1], ARGV[2])",
-    )
-});
+const PUBLISH_RECORDED: &str = "redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) return redis.call('PUBLISH_COMMAND', ARGV[1], ARGV[2])";
 
 /// KEYS: position hash, history stream. ARGV: epoch to start when the channel has none, TTL in
 /// seconds, the asked epoch ('' when not asked), the asked offset.
@@ -99,6 +112,10 @@ fn unexpected(what: &str) -> BrokerError {
 }
 
 impl Shared {
+    fn scripts(&self) -> &'static PublishScripts {
+        if self.pool.publish_command() == "SPUBLISH" { &SHARDED } else { &PLAIN }
+    }
+
     /// Appends `message` to `channel`'s history, publishes it and records `record`, in one
     /// script.
     pub(super) async fn publish_with_history(
@@ -113,7 +130,7 @@ impl Shared {
         let name = channel.name();
         let (position, history) = keys(&name);
         let history_settings = self.settings.history;
-        let mut invocation = PUBLISH.prepare_invoke();
+        let mut invocation = self.scripts().publish.prepare_invoke();
         invocation
             .key(position)
             .key(history)
@@ -138,7 +155,7 @@ impl Shared {
         message: &[u8],
         record: &DeliveryRecord,
     ) -> Result<(), BrokerError> {
-        let mut invocation = PUBLISH_RECORDED.prepare_invoke();
+        let mut invocation = self.scripts().publish_recorded.prepare_invoke();
         invocation
             .key(delivery_key(&record.tenant, &record.delivery_id))
             .arg(channel.name())

@@ -21,6 +21,7 @@
 //! - `target`: a plain Redis URL or a Sentinel-managed master.
 //! - `history`: the publish-and-append and read scripts.
 
+mod cluster;
 mod delivery_log;
 mod history;
 mod presence;

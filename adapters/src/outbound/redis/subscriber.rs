@@ -12,23 +12,27 @@ use domain::Channel;
 use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use futures_util::{FutureExt, StreamExt};
 
-use super::target::connect_pubsub;
+use super::target::{RedisTarget, connect_pubsub};
 use super::{CONTROL_CHANNEL, Shared};
 
 /// First pause after a failed connection; doubled up to `max_backoff`.
-const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+pub(super) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const BATCH: usize = 500;
 /// Probes published without coming back before the subscriber is presumed deaf.
 const MISSED_PROBES_LIMIT: u32 = 2;
 
 /// Why a subscriber session ended.
-enum End {
+pub(super) enum End {
     Stopped,
     Lost(String),
 }
 
 pub(super) async fn run(shared: Arc<Shared>) {
+    if let RedisTarget::Cluster { nodes } = &shared.settings.target {
+        let nodes = nodes.clone();
+        return super::cluster::run(shared, nodes).await;
+    }
     let mut backoff = INITIAL_BACKOFF;
     let mut reported_down = false;
     while !shared.stopped.load(Ordering::Acquire) {
@@ -165,18 +169,24 @@ fn dispatch(shared: &Shared, message: &Msg) -> bool {
         }
         return true;
     }
+    deliver(shared, name, message.get_payload_bytes())
+}
+
+/// Hands the message `payload` of channel `name` to the application: a control command, or a
+/// message of an application channel. Returns `false` once the application is gone.
+pub(super) fn deliver(shared: &Shared, name: &str, payload: &[u8]) -> bool {
     let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) else {
         return false;
     };
     if name == CONTROL_CHANNEL {
-        match serde_json::from_slice(message.get_payload_bytes()) {
+        match serde_json::from_slice(payload) {
             Ok(command) => handler.on_control(command),
             Err(error) => tracing::warn!(%error, "control command not understood; ignored"),
         }
         return true;
     }
     match Channel::parse(name) {
-        Ok(channel) => handler.on_message(channel, Bytes::copy_from_slice(message.get_payload_bytes())),
+        Ok(channel) => handler.on_message(channel, Bytes::copy_from_slice(payload)),
         Err(error) => {
             let count = shared.invalid_channels.fetch_add(1, Ordering::Relaxed);
             if count.is_power_of_two() || count == 0 {

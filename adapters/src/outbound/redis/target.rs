@@ -1,7 +1,9 @@
-//! Where Redis is: one URL, or a master found through Sentinel.
+//! Where Redis is: one URL, a master found through Sentinel, or a Redis Cluster.
 
 use std::time::Duration;
 
+use deadpool_redis::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use deadpool_redis::redis::cluster_async::ClusterConnection;
 use deadpool_redis::redis::sentinel::{SentinelClient, SentinelServerType};
 use deadpool_redis::redis::{self, aio::PubSub};
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
@@ -15,6 +17,9 @@ pub enum RedisTarget {
     Url(String),
     /// The master named `master`, as the sentinels at `sentinels` (`host:port`) report it.
     Sentinel { sentinels: Vec<String>, master: String },
+    /// A Redis Cluster reached first through any of `nodes` (`host:port`); channels use
+    /// sharded Pub/Sub (`SPUBLISH`/`SSUBSCRIBE`).
+    Cluster { nodes: Vec<String> },
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -27,6 +32,7 @@ impl std::fmt::Debug for RedisTarget {
                 .field("sentinels", sentinels)
                 .field("master", master)
                 .finish(),
+            Self::Cluster { nodes } => f.debug_struct("RedisTarget::Cluster").field("nodes", nodes).finish(),
         }
     }
 }
@@ -44,6 +50,20 @@ fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
 pub(super) enum PublishPool {
     Direct(deadpool_redis::Pool),
     Sentinel(deadpool_redis::sentinel::Pool),
+    /// The cluster connection of the current subscriber session: one multiplexed connection
+    /// per node, which routes each command to the node owning its slot, follows `MOVED` and
+    /// `ASK`, and reconnects by itself. `None` between sessions.
+    Cluster(std::sync::RwLock<Option<ClusterConnection>>),
+}
+
+/// The cluster connection of a session, or why there is none.
+fn cluster_connection(
+    slot: &std::sync::RwLock<Option<ClusterConnection>>,
+) -> Result<ClusterConnection, String> {
+    slot.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .ok_or_else(|| "not connected to the Redis cluster".to_owned())
 }
 
 fn pool_config(settings: &RedisBrokerSettings) -> PoolConfig {
@@ -73,12 +93,37 @@ impl PublishPool {
                 config.pool = Some(pool_config(settings));
                 config.create_pool(runtime).map(Self::Sentinel).map_err(|e| TargetError(e.to_string()))
             }
+            RedisTarget::Cluster { nodes } => {
+                cluster_client(nodes, settings.op_timeout, None)?;
+                Ok(Self::Cluster(std::sync::RwLock::new(None)))
+            }
+        }
+    }
+
+    /// The command that publishes: `SPUBLISH` (sharded Pub/Sub) on a cluster, `PUBLISH`
+    /// otherwise.
+    pub(super) fn publish_command(&self) -> &'static str {
+        if matches!(self, Self::Cluster(_)) { "SPUBLISH" } else { "PUBLISH" }
+    }
+
+    /// The cluster connection of the current session, if any.
+    pub(super) fn cluster_connection(&self) -> Option<ClusterConnection> {
+        match self {
+            Self::Cluster(slot) => cluster_connection(slot).ok(),
+            _ => None,
+        }
+    }
+
+    /// Installs (or, with `None`, removes) the cluster connection of a session.
+    pub(super) fn set_cluster_connection(&self, connection: Option<ClusterConnection>) {
+        if let Self::Cluster(slot) = self {
+            *slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
         }
     }
 
     /// PUBLISH on a pooled connection; errors are described, never carrying the URL.
     pub(super) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
-        let mut command = redis::cmd("PUBLISH");
+        let mut command = redis::cmd(self.publish_command());
         command.arg(channel).arg(message);
         self.query(command).await.map(|_| ())
     }
@@ -98,6 +143,7 @@ impl PublishPool {
                 Ok(mut connection) => invocation.invoke_async(&mut connection).await,
                 Err(error) => return Err(format!("no Redis connection: {error}")),
             },
+            Self::Cluster(slot) => invocation.invoke_async(&mut cluster_connection(slot)?).await,
         };
         result.map_err(|e| format!("Redis script failed: {e}"))
     }
@@ -113,6 +159,7 @@ impl PublishPool {
                 Ok(mut connection) => command.query_async(&mut connection).await,
                 Err(error) => return Err(format!("no Redis connection: {error}")),
             },
+            Self::Cluster(slot) => command.query_async(&mut cluster_connection(slot)?).await,
         };
         result.map_err(|e| format!("Redis command failed: {e}"))
     }
@@ -121,10 +168,34 @@ impl PublishPool {
     /// failover, to the new master).
     pub(super) fn reset(&self) {
         match self {
-            Self::Direct(pool) => pool.retain(|_, _| false),
-            Self::Sentinel(pool) => pool.retain(|_, _| false),
-        };
+            Self::Direct(pool) => {
+                pool.retain(|_, _| false);
+            }
+            Self::Sentinel(pool) => {
+                pool.retain(|_, _| false);
+            }
+            // The cluster connection reconnects each node by itself.
+            Self::Cluster(_) => {}
+        }
     }
+}
+
+/// A cluster client on `nodes` (`host:port`); with `pushes`, over RESP3 with every push
+/// (sharded messages, subscription changes, disconnections) sent there.
+pub(super) fn cluster_client(
+    nodes: &[String],
+    timeout: Duration,
+    pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+) -> Result<ClusterClient, TargetError> {
+    let urls: Vec<String> = nodes.iter().map(|node| format!("redis://{node}")).collect();
+    let mut builder = ClusterClientBuilder::new(urls)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .use_protocol(redis::ProtocolVersion::RESP3);
+    if let Some(pushes) = pushes {
+        builder = builder.push_sender(pushes);
+    }
+    builder.build().map_err(|e| TargetError(format!("invalid Redis Cluster nodes: {e}")))
 }
 
 /// Opens a dedicated Pub/Sub connection to the current master.
@@ -132,6 +203,9 @@ pub(super) async fn connect_pubsub(target: &RedisTarget, timeout: Duration) -> R
     let connect = async {
         let client = match target {
             RedisTarget::Url(url) => redis::Client::open(url.as_str()).map_err(|e| e.to_string())?,
+            RedisTarget::Cluster { .. } => {
+                return Err("a cluster has no single Pub/Sub connection".to_owned());
+            }
             RedisTarget::Sentinel { sentinels, master } => {
                 let mut sentinel = SentinelClient::build(
                     sentinel_urls(sentinels),

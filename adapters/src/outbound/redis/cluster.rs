@@ -1,0 +1,699 @@
+//! The subscriber of a Redis Cluster: sharded Pub/Sub (`SSUBSCRIBE`) over one cluster
+//! connection, which holds one multiplexed connection per node and carries every command of
+//! the instance too (publishes, scripts, presence, delivery ids).
+//!
+//! - A sharded channel lives on the master owning its hash slot, and one `SSUBSCRIBE` may only
+//!   name channels of one slot: subscriptions are sent grouped by slot, each group on its own
+//!   task, so a node that does not answer delays only its own channels.
+//! - The cluster connection re-subscribes a reconnected node, and after a topology change
+//!   (failover, slot migration) moves every subscription to its slot's new owner. Every
+//!   subscription it re-established on its own (an `ssubscribe` confirmation this instance did
+//!   not ask for) makes the application check its channels' positions, since what was published
+//!   meanwhile never arrived.
+//! - A slot migrated away ends its channels' subscriptions with a server-sent `sunsubscribe`:
+//!   those channels are subscribed again, now on their new owner, and then checked likewise.
+//! - Each master has a probe channel (a name hashing to one of its slots); a probe is published
+//!   to each every second. Publishing is also what makes the connection notice a dead master
+//!   and refresh the topology. A master whose probes are accepted but do not come back has its
+//!   channels subscribed again; when that does not help, the whole session starts over.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::redis::cluster_async::ClusterConnection;
+use deadpool_redis::redis::{self, PushInfo, PushKind, Value};
+use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::subscriber::{End, INITIAL_BACKOFF, deliver};
+use super::target::cluster_client;
+use super::{CONTROL_CHANNEL, Shared};
+
+/// Number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16_384;
+/// Slot groups subscribed or unsubscribed at once.
+const CONCURRENT_GROUPS: usize = 64;
+/// Probes of one master accepted without coming back before its channels are subscribed again.
+const RESUBSCRIBE_AFTER_MISSED: u32 = 3;
+/// … and before the whole session starts over.
+const RECONNECT_AFTER_MISSED: u32 = 6;
+/// Delay before the positions are checked after a re-subscription, so that one topology change
+/// (many confirmations) makes one check.
+const CHECK_DELAY: Duration = Duration::from_millis(100);
+
+/// The hash slot of a key or sharded channel name (CRC16/XMODEM of its hash tag, or of the
+/// whole name when it has none, modulo 16384).
+pub(super) fn slot(name: &[u8]) -> u16 {
+    let tagged = name
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &name[open + 1..];
+            rest.iter().position(|b| *b == b'}').filter(|close| *close > 0).map(|close| &rest[..close])
+        })
+        .unwrap_or(name);
+    crc16(tagged) % SLOTS
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in bytes {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 == 0 { crc << 1 } else { (crc << 1) ^ 0x1021 };
+        }
+    }
+    crc
+}
+
+/// The masters of the cluster and the slot ranges each owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Topology {
+    /// `host:port` → inclusive slot ranges.
+    masters: HashMap<String, Vec<(u16, u16)>>,
+}
+
+impl Topology {
+    /// From a `CLUSTER SLOTS` reply.
+    fn parse(reply: &Value) -> Option<Self> {
+        let Value::Array(ranges) = reply else { return None };
+        let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
+        for range in ranges {
+            let Value::Array(fields) = range else { return None };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let host = match master.first()? {
+                Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok()?,
+                Value::SimpleString(text) => text.clone(),
+                _ => return None,
+            };
+            let Value::Int(port) = master.get(1)? else { return None };
+            let range = (u16::try_from(*start).ok()?, u16::try_from(*end).ok()?);
+            masters.entry(format!("{host}:{port}")).or_default().push(range);
+        }
+        Some(Self { masters })
+    }
+
+    fn owner(&self, slot: u16) -> Option<&str> {
+        self.masters
+            .iter()
+            .find(|(_, ranges)| ranges.iter().any(|(start, end)| (*start..=*end).contains(&slot)))
+            .map(|(node, _)| node.as_str())
+    }
+}
+
+/// The probe of one master.
+struct Probe {
+    channel: Arc<str>,
+    /// Highest probe the master accepted, and highest that came back.
+    published: Arc<AtomicU64>,
+    received: u64,
+    /// The last publish failed: the master is unreachable (or failing over).
+    unreachable: Arc<AtomicBool>,
+    missed: u32,
+}
+
+/// What a subscription task reports back.
+struct Outcome {
+    names: Vec<Arc<str>>,
+    subscribe: bool,
+    result: Result<(), String>,
+}
+
+/// One connection to the cluster and what this instance asked of it.
+struct Session {
+    connection: ClusterConnection,
+    topology: Topology,
+    /// Probe channel per master.
+    probes: HashMap<String, Probe>,
+    /// The instance's own channels (broadcast, system, control, probes) subscribed, or being.
+    internal: HashSet<Arc<str>>,
+    internal_active: HashSet<Arc<str>>,
+    /// Confirmations expected for this instance's own `SSUBSCRIBE`s and `SUNSUBSCRIBE`s.
+    solicited_subscribe: HashMap<Arc<str>, u32>,
+    solicited_unsubscribe: HashMap<Arc<str>, u32>,
+    /// Channels whose subscription was lost: once subscribed again, positions are checked.
+    lost: HashSet<Arc<str>>,
+    /// Channels no longer wanted whose `SUNSUBSCRIBE` failed.
+    unsubscribe_again: HashSet<Arc<str>>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    check_due: Option<Instant>,
+    /// A subscription failed: reconcile again at the next probe tick.
+    retry: bool,
+}
+
+pub(super) async fn run(shared: Arc<Shared>, nodes: Vec<String>) {
+    let mut backoff = INITIAL_BACKOFF;
+    let mut reported_down = false;
+    while !shared.stopped.load(Ordering::Acquire) {
+        let (pushes_tx, pushes) = mpsc::unbounded_channel();
+        match connect(&shared, &nodes, pushes_tx).await {
+            Ok(connection) => {
+                backoff = INITIAL_BACKOFF;
+                shared.pool.set_cluster_connection(Some(connection.clone()));
+                let end = session(&shared, connection, pushes).await;
+                shared.pool.set_cluster_connection(None);
+                shared.subscriber_up.store(false, Ordering::Release);
+                shared.subscriptions().reset();
+                shared.bump();
+                match end {
+                    End::Stopped => return,
+                    End::Lost(reason) => {
+                        tracing::warn!(%reason, "Redis Cluster subscriber session lost; reconnecting");
+                        reported_down = true;
+                    }
+                }
+            }
+            Err(reason) => {
+                if !reported_down {
+                    tracing::warn!(%reason, "Redis Cluster unreachable; retrying with backoff");
+                    reported_down = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shared.stop.notified() => {}
+        }
+        backoff = (backoff * 2).min(shared.settings.max_backoff);
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    nodes: &[String],
+    pushes: mpsc::UnboundedSender<PushInfo>,
+) -> Result<ClusterConnection, String> {
+    let timeout = shared.settings.op_timeout;
+    let client = cluster_client(nodes, timeout, Some(pushes)).map_err(|e| e.0)?;
+    match tokio::time::timeout(timeout * 3, client.get_async_connection()).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(format!("cannot connect to the Redis Cluster: {error}")),
+        Err(_) => Err(format!("no connection to the Redis Cluster within {:?}", timeout * 3)),
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    connection: ClusterConnection,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+) -> End {
+    let (outcomes_tx, mut outcomes) = mpsc::unbounded_channel();
+    let mut session = Session {
+        connection,
+        topology: Topology::default(),
+        probes: HashMap::new(),
+        internal: HashSet::new(),
+        internal_active: HashSet::new(),
+        solicited_subscribe: HashMap::new(),
+        solicited_unsubscribe: HashMap::new(),
+        lost: HashSet::new(),
+        unsubscribe_again: HashSet::new(),
+        outcomes: outcomes_tx,
+        check_due: None,
+        retry: false,
+    };
+    if let Err(reason) = session.refresh_topology(shared).await {
+        return End::Lost(reason);
+    }
+    let base: Vec<Arc<str>> =
+        [GLOBAL_CHANNEL, SYSTEM_CHANNEL, CONTROL_CHANNEL].into_iter().map(Arc::from).collect();
+    session.internal.extend(base.iter().cloned());
+    session.update_probes(shared);
+    // Everything the instance needs before it is usable, confirmed before it says so.
+    let mut first: Vec<Arc<str>> = session.internal.iter().cloned().collect();
+    let (add, _) = take_changes(shared);
+    first.extend(add);
+    session.send(shared, first, true);
+    let deadline = Instant::now() + shared.settings.confirm_timeout;
+    while !session.internal.iter().all(|name| session.internal_active.contains(name)) {
+        tokio::select! {
+            outcome = outcomes.recv() => match outcome {
+                Some(outcome) => session.apply(shared, outcome),
+                None => return End::Stopped,
+            },
+            push = pushes.recv() => match push {
+                Some(push) => if !session.on_push(shared, push) { return End::Stopped },
+                None => return End::Lost("connection closed".to_owned()),
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return End::Lost("the cluster did not confirm the subscriptions in time".to_owned());
+            }
+        }
+    }
+    shared.probe_missing.store(false, Ordering::Release);
+    shared.subscriber_up.store(true, Ordering::Release);
+    shared.bump();
+    if let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) {
+        handler.on_resubscribed();
+    }
+    tracing::info!(masters = session.topology.masters.len(), "Redis Cluster subscriber connected");
+    let mut probe = tokio::time::interval(shared.settings.probe_interval);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if shared.stopped.load(Ordering::Acquire) {
+            return End::Stopped;
+        }
+        let check_due = session.check_due;
+        tokio::select! {
+            biased;
+            () = shared.stop.notified() => return End::Stopped,
+            () = shared.wish_changed.notified() => session.reconcile(shared),
+            Some(outcome) = outcomes.recv() => session.apply(shared, outcome),
+            _ = probe.tick() => {
+                // Deliver what already arrived before judging the probes.
+                while let Ok(push) = pushes.try_recv() {
+                    if !session.on_push(shared, push) {
+                        return End::Stopped;
+                    }
+                }
+                if let Err(reason) = session.tick(shared).await {
+                    return End::Lost(reason);
+                }
+            }
+            () = sleep_until(check_due) => {
+                session.check_due = None;
+                if let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) {
+                    handler.on_resubscribed();
+                }
+            }
+            push = pushes.recv() => match push {
+                Some(push) => if !session.on_push(shared, push) { return End::Stopped },
+                None => return End::Lost("connection closed".to_owned()),
+            },
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Channels wanted and not active, and active and no longer wanted, among those that changed.
+fn take_changes(shared: &Shared) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    let mut subscriptions = shared.subscriptions();
+    let changed = std::mem::take(&mut subscriptions.changed);
+    changed
+        .into_iter()
+        .filter(|name| subscriptions.wanted.contains(name) != subscriptions.active.contains(name))
+        .partition(|name| subscriptions.wanted.contains(name))
+}
+
+fn text(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+impl Session {
+    async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), String> {
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("SLOTS");
+        let reply =
+            tokio::time::timeout(shared.settings.op_timeout, command.query_async(&mut self.connection))
+                .await
+                .map_err(|_| "CLUSTER SLOTS not answered in time".to_owned())?
+                .map_err(|e| format!("CLUSTER SLOTS failed: {e}"))?;
+        let topology = Topology::parse(&reply).ok_or("unexpected answer to CLUSTER SLOTS")?;
+        if topology.masters.is_empty() {
+            return Err("the cluster has no master with slots".to_owned());
+        }
+        if topology != self.topology {
+            tracing::info!(masters = topology.masters.len(), "Redis Cluster topology");
+        }
+        self.topology = topology;
+        Ok(())
+    }
+
+    /// One probe channel per master: masters that appeared get one, masters gone lose theirs.
+    fn update_probes(&mut self, shared: &Shared) {
+        let gone: Vec<String> =
+            self.probes.keys().filter(|node| !self.topology.masters.contains_key(*node)).cloned().collect();
+        let mut unsubscribe = Vec::new();
+        for node in gone {
+            if let Some(probe) = self.probes.remove(&node) {
+                self.internal.remove(&probe.channel);
+                self.internal_active.remove(&probe.channel);
+                unsubscribe.push(probe.channel);
+            }
+        }
+        let mut subscribe = Vec::new();
+        let missing: HashSet<&String> =
+            self.topology.masters.keys().filter(|node| !self.probes.contains_key(*node)).collect();
+        if !missing.is_empty() {
+            let mut found = HashMap::new();
+            for n in 0..100_000u32 {
+                let name = format!("{}:{n}", shared.probe_channel);
+                if let Some(owner) = self.topology.owner(slot(name.as_bytes()))
+                    && missing.contains(&owner.to_owned())
+                    && !found.contains_key(owner)
+                {
+                    found.insert(owner.to_owned(), name);
+                    if found.len() == missing.len() {
+                        break;
+                    }
+                }
+            }
+            for (node, name) in found {
+                let channel: Arc<str> = name.into();
+                self.internal.insert(channel.clone());
+                subscribe.push(channel.clone());
+                let probe = Probe {
+                    channel,
+                    published: Arc::new(AtomicU64::new(0)),
+                    received: 0,
+                    unreachable: Arc::new(AtomicBool::new(false)),
+                    missed: 0,
+                };
+                self.probes.insert(node, probe);
+            }
+        }
+        self.send(shared, subscribe, true);
+        self.send(shared, unsubscribe, false);
+    }
+
+    /// Sends `SSUBSCRIBE` (or `SUNSUBSCRIBE`) for `names`, one command per slot, each on its own
+    /// task; the outcomes come back through `outcomes`.
+    fn send(&mut self, shared: &Shared, names: Vec<Arc<str>>, subscribe: bool) {
+        if names.is_empty() {
+            return;
+        }
+        let mut groups: HashMap<u16, Vec<Arc<str>>> = HashMap::new();
+        for name in names {
+            let expected =
+                if subscribe { &mut self.solicited_subscribe } else { &mut self.solicited_unsubscribe };
+            *expected.entry(name.clone()).or_default() += 1;
+            groups.entry(slot(name.as_bytes())).or_default().push(name);
+        }
+        let connection = self.connection.clone();
+        let outcomes = self.outcomes.clone();
+        let timeout = shared.settings.op_timeout;
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            futures_util::stream::iter(groups.into_values())
+                .for_each_concurrent(CONCURRENT_GROUPS, |names| {
+                    let mut connection = connection.clone();
+                    let outcomes = outcomes.clone();
+                    async move {
+                        let args: Vec<&str> = names.iter().map(|name| &**name).collect();
+                        let command = async {
+                            if subscribe {
+                                connection.ssubscribe(&args).await
+                            } else {
+                                connection.sunsubscribe(&args).await
+                            }
+                        };
+                        let result = match tokio::time::timeout(timeout, command).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(error)) => Err(error.to_string()),
+                            Err(_) => Err(format!("not confirmed within {timeout:?}")),
+                        };
+                        let _ = outcomes.send(Outcome { names, subscribe, result });
+                    }
+                })
+                .await;
+        });
+    }
+
+    /// Records what a subscription task reports.
+    fn apply(&mut self, shared: &Shared, outcome: Outcome) {
+        let expected =
+            if outcome.subscribe { &mut self.solicited_subscribe } else { &mut self.solicited_unsubscribe };
+        if let Err(error) = &outcome.result {
+            // No confirmation will come for these.
+            for name in &outcome.names {
+                forget(expected, name);
+            }
+            let verb = if outcome.subscribe { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" };
+            tracing::warn!(%error, channels = outcome.names.len(), "{verb} failed; retrying");
+            self.retry = true;
+            if outcome.subscribe {
+                let mut subscriptions = shared.subscriptions();
+                for name in outcome.names {
+                    if !self.internal.contains(&name) {
+                        subscriptions.changed.insert(name);
+                    }
+                }
+            } else {
+                self.unsubscribe_again.extend(outcome.names);
+            }
+            return;
+        }
+        if !outcome.subscribe {
+            return;
+        }
+        let mut recovered = false;
+        {
+            let mut subscriptions = shared.subscriptions();
+            for name in outcome.names {
+                recovered |= self.lost.remove(&name);
+                if self.internal.contains(&name) {
+                    self.internal_active.insert(name);
+                } else if subscriptions.wanted.contains(&name) {
+                    subscriptions.active.insert(name);
+                }
+            }
+        }
+        shared.bump();
+        if recovered {
+            self.schedule_check();
+        }
+    }
+
+    fn schedule_check(&mut self) {
+        self.check_due.get_or_insert_with(|| Instant::now() + CHECK_DELAY);
+    }
+
+    /// Subscribes what is wanted and not active, unsubscribes what is active and not wanted.
+    fn reconcile(&mut self, shared: &Shared) {
+        let (add, remove) = take_changes(shared);
+        {
+            // No longer counted as active from the moment the SUNSUBSCRIBE leaves.
+            let mut subscriptions = shared.subscriptions();
+            for name in &remove {
+                subscriptions.active.remove(name);
+            }
+        }
+        let mut remove = remove;
+        remove.extend(self.unsubscribe_again.drain());
+        self.send(shared, add, true);
+        self.send(shared, remove, false);
+    }
+
+    /// Handles one push of the connection. Returns `false` once the application is gone.
+    fn on_push(&mut self, shared: &Shared, push: PushInfo) -> bool {
+        let name = push.data.first().and_then(text).and_then(|n| std::str::from_utf8(n).ok());
+        match (push.kind, name) {
+            (PushKind::SMessage | PushKind::Message, Some(name)) => {
+                let payload = push.data.get(1).and_then(text).unwrap_or_default();
+                if let Some(probe) = self.probes.values_mut().find(|probe| &*probe.channel == name) {
+                    if let Some(seq) = std::str::from_utf8(payload).ok().and_then(|s| s.parse().ok()) {
+                        probe.received = probe.received.max(seq);
+                    }
+                    return true;
+                }
+                deliver(shared, name, payload)
+            }
+            (PushKind::SSubscribe, Some(name)) => {
+                if !forget(&mut self.solicited_subscribe, name) {
+                    // Re-established by the connection itself (after a reconnection or a
+                    // topology change): what was published meanwhile never arrived.
+                    self.schedule_check();
+                }
+                true
+            }
+            (PushKind::SUnsubscribe, Some(name)) => {
+                if !forget(&mut self.solicited_unsubscribe, name) {
+                    // The server ended it: its slot moved to another master.
+                    self.lost_subscription(shared, name);
+                }
+                true
+            }
+            (PushKind::Disconnection, _) => {
+                tracing::debug!("a Redis Cluster node connection closed; it reconnects and re-subscribes");
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// `name` is no longer subscribed although wanted: subscribe it again (on its slot's
+    /// current owner), then check positions.
+    fn lost_subscription(&mut self, shared: &Shared, name: &str) {
+        let name: Arc<str> = name.into();
+        if self.internal.contains(&name) {
+            self.internal_active.remove(&name);
+            self.lost.insert(name.clone());
+            self.send(shared, vec![name], true);
+            return;
+        }
+        let mut subscriptions = shared.subscriptions();
+        if subscriptions.wanted.contains(&name) {
+            subscriptions.active.remove(&name);
+            subscriptions.changed.insert(name.clone());
+            drop(subscriptions);
+            self.lost.insert(name);
+            shared.wish_changed.notify_one();
+        }
+    }
+
+    /// Once per probe interval: refresh the topology, judge and publish the probes, retry what
+    /// failed.
+    async fn tick(&mut self, shared: &Shared) -> Result<(), String> {
+        if let Err(reason) = self.refresh_topology(shared).await {
+            tracing::debug!(%reason, "Redis Cluster topology not refreshed");
+        }
+        self.update_probes(shared);
+        let mut missing = false;
+        let mut deaf_nodes = Vec::new();
+        for (node, probe) in &mut self.probes {
+            let unreachable = probe.unreachable.load(Ordering::Acquire);
+            if probe.received < probe.published.load(Ordering::Acquire) {
+                probe.missed += 1;
+                missing = true;
+                if probe.missed >= RECONNECT_AFTER_MISSED {
+                    return Err(format!("probe messages of {node} stopped arriving"));
+                }
+                if probe.missed == RESUBSCRIBE_AFTER_MISSED {
+                    deaf_nodes.push(node.clone());
+                }
+            } else {
+                probe.missed = 0;
+            }
+            missing |= unreachable || !self.internal_active.contains(&probe.channel);
+        }
+        shared.probe_missing.store(missing, Ordering::Release);
+        for node in deaf_nodes {
+            tracing::warn!(%node, "probe messages of a Redis Cluster master stopped arriving; subscribing its channels again");
+            self.resubscribe_node(shared, &node);
+        }
+        for probe in self.probes.values() {
+            tokio::spawn(send_probe(
+                shared.pool_connection(),
+                probe.channel.clone(),
+                probe.published.clone(),
+                probe.unreachable.clone(),
+                shared.settings.op_timeout,
+            ));
+        }
+        if std::mem::take(&mut self.retry) {
+            let pending: Vec<Arc<str>> =
+                self.internal.iter().filter(|name| !self.internal_active.contains(*name)).cloned().collect();
+            let pending: Vec<Arc<str>> =
+                pending.into_iter().filter(|name| !self.solicited_subscribe.contains_key(name)).collect();
+            self.send(shared, pending, true);
+            self.reconcile(shared);
+        }
+        Ok(())
+    }
+
+    /// Subscribes again every channel of the slots `node` owns.
+    fn resubscribe_node(&mut self, shared: &Shared, node: &str) {
+        let owned = |name: &Arc<str>| self.topology.owner(slot(name.as_bytes())) == Some(node);
+        let internal: Vec<Arc<str>> = self.internal.iter().filter(|name| owned(name)).cloned().collect();
+        let mut channels: Vec<Arc<str>> = {
+            let subscriptions = shared.subscriptions();
+            subscriptions.wanted.iter().filter(|name| owned(name)).cloned().collect()
+        };
+        channels.extend(internal);
+        self.lost.extend(channels.iter().cloned());
+        self.send(shared, channels, true);
+    }
+}
+
+/// Removes one expected confirmation of `name`; `false` when none was expected.
+fn forget(expected: &mut HashMap<Arc<str>, u32>, name: &str) -> bool {
+    match expected.get_mut(name) {
+        Some(count) if *count > 1 => {
+            *count -= 1;
+            true
+        }
+        Some(_) => {
+            expected.remove(name);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Publishes the next probe of one master; only a probe the master accepted is expected back.
+async fn send_probe(
+    connection: Option<ClusterConnection>,
+    channel: Arc<str>,
+    published: Arc<AtomicU64>,
+    unreachable: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    let Some(mut connection) = connection else { return };
+    let next = published.load(Ordering::Acquire) + 1;
+    let mut command = redis::cmd("SPUBLISH");
+    command.arg(&*channel).arg(next);
+    let sent = tokio::time::timeout(timeout, command.query_async::<Value>(&mut connection)).await;
+    let accepted = matches!(sent, Ok(Ok(_)));
+    unreachable.store(!accepted, Ordering::Release);
+    if accepted {
+        published.fetch_max(next, Ordering::AcqRel);
+    }
+}
+
+impl Shared {
+    /// The cluster connection of the current session, if any.
+    fn pool_connection(&self) -> Option<ClusterConnection> {
+        self.pool.cluster_connection()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_cluster_specification() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(slot(b"foo"), 12_182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"{tenant:acme}"), slot(b"tenant:acme"));
+        assert_eq!(slot(b"lq-realtime:{tenant:acme}:history"), slot(b"tenant:acme"));
+        // An empty tag hashes the whole name.
+        assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
+    }
+
+    #[test]
+    fn the_topology_is_read_from_cluster_slots() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.into()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("127.0.0.1", 7000),
+                node("127.0.0.1", 7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(10922), node("127.0.0.1", 7001)]),
+            Value::Array(vec![Value::Int(10923), Value::Int(16383), node("127.0.0.1", 7002)]),
+        ]);
+        let topology = Topology::parse(&reply).expect("valid");
+        assert_eq!(topology.masters.len(), 3);
+        assert_eq!(topology.owner(0), Some("127.0.0.1:7000"));
+        assert_eq!(topology.owner(5461), Some("127.0.0.1:7001"));
+        assert_eq!(topology.owner(16_383), Some("127.0.0.1:7002"));
+        assert_eq!(Topology::parse(&Value::Nil), None);
+    }
+}
