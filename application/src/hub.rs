@@ -232,12 +232,22 @@ impl ConnectionHandle {
 
 type Shard = RwLock<ConnectionRegistry<Arc<ConnectionHandle>>>;
 
+/// Where a history channel stands on this instance.
+#[derive(Debug, Clone)]
+struct Known {
+    position: StreamPosition,
+    /// Read when a connection was admitted, before any message arrived since the channel was
+    /// subscribed; replaced by the first message that arrives.
+    admitted_at: bool,
+}
+
 /// This instance's connections.
 pub struct Hub {
     shards: Box<[Shard]>,
     /// Per shard: the position of the last message received on each history channel that
-    /// has local connections. Reset when the channel is subscribed anew.
-    positions: Box<[Mutex<HashMap<Channel, StreamPosition>>]>,
+    /// has local connections, or the position a connection was admitted at. Reset when the
+    /// channel is subscribed anew.
+    positions: Box<[Mutex<HashMap<Channel, Known>>]>,
     broker: Arc<dyn MessageBroker>,
     registered: AtomicUsize,
     admitted: Arc<AtomicUsize>,
@@ -319,7 +329,7 @@ impl Hub {
         &self.shards[Self::shard_index(tenant)]
     }
 
-    fn positions_of(&self, tenant: &TenantId) -> std::sync::MutexGuard<'_, HashMap<Channel, StreamPosition>> {
+    fn positions_of(&self, tenant: &TenantId) -> std::sync::MutexGuard<'_, HashMap<Channel, Known>> {
         self.positions[Self::shard_index(tenant)].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -336,9 +346,12 @@ impl Hub {
     pub fn advance(&self, channel: &Channel, offset: u64, epoch: &str) -> Continuity {
         let Some(tenant) = channel.tenant() else { return Continuity::Next };
         let mut positions = self.positions_of(tenant);
-        match positions.get_mut(channel) {
+        match positions.get_mut(channel).filter(|known| !known.admitted_at).map(|known| &mut known.position) {
             None => {
-                positions.insert(channel.clone(), StreamPosition::new(epoch, offset));
+                positions.insert(
+                    channel.clone(),
+                    Known { position: StreamPosition::new(epoch, offset), admitted_at: false },
+                );
                 Continuity::Next
             }
             Some(last) if last.epoch == epoch => {
@@ -355,17 +368,29 @@ impl Hub {
         }
     }
 
-    /// The position of the last message received on `channel`, if any since it was subscribed.
+    /// Records `position`, read when a connection was admitted on `channel`, as where the
+    /// channel stands when nothing was received on it since it was subscribed: a message lost
+    /// before the first one that arrives is then noticed too. Messages that arrive are not
+    /// judged against it (one published just before the read may still be on its way).
+    pub fn note_admitted(&self, channel: &Channel, position: &StreamPosition) {
+        let Some(tenant) = channel.tenant() else { return };
+        self.positions_of(tenant)
+            .entry(channel.clone())
+            .or_insert_with(|| Known { position: position.clone(), admitted_at: true });
+    }
+
+    /// The position of the last message received on `channel` since it was subscribed, or else
+    /// the position a connection was admitted at, if any.
     pub fn received(&self, channel: &Channel) -> Option<StreamPosition> {
         let tenant = channel.tenant()?;
-        self.positions_of(tenant).get(channel).cloned()
+        self.positions_of(tenant).get(channel).map(|known| known.position.clone())
     }
 
     /// Moves `channel`'s received position to `position` (messages up to it are accounted
     /// for), unless it is already there or beyond, or the channel has no local connections.
     pub fn skip_to(&self, channel: &Channel, position: &StreamPosition) {
         let Some(tenant) = channel.tenant() else { return };
-        if let Some(last) = self.positions_of(tenant).get_mut(channel)
+        if let Some(last) = self.positions_of(tenant).get_mut(channel).map(|known| &mut known.position)
             && (last.epoch != position.epoch || last.offset < position.offset)
         {
             *last = position.clone();
@@ -378,7 +403,7 @@ impl Hub {
             .iter()
             .flat_map(|positions| {
                 let positions = positions.lock().unwrap_or_else(PoisonError::into_inner);
-                positions.iter().map(|(c, p)| (c.clone(), p.clone())).collect::<Vec<_>>()
+                positions.iter().map(|(c, known)| (c.clone(), known.position.clone())).collect::<Vec<_>>()
             })
             .collect()
     }

@@ -222,6 +222,9 @@ impl Application {
         let broker = match &config.broker {
             BrokerConfig::InProcess => "in-process (single instance)",
             BrokerConfig::Redis { target: adapters::outbound::redis::RedisTarget::Url(_), .. } => "redis",
+            BrokerConfig::Redis {
+                target: adapters::outbound::redis::RedisTarget::Cluster { .. }, ..
+            } => "redis cluster (sharded pub/sub)",
             BrokerConfig::Redis { .. } => "redis via sentinel",
         };
         tracing::info!(%addr, max_connections = config.settings.max_connections, broker, "lq-realtime listening");

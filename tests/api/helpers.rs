@@ -369,6 +369,20 @@ impl WsClient {
     }
 
     /// Waits for the server's close frame and returns it.
+    /// The next data frame as JSON, or the close frame if the server closes first.
+    pub(crate) async fn next_data_or_close(&mut self) -> Result<Value, Option<CloseFrame>> {
+        loop {
+            match self.next_message().await {
+                Message::Text(text) => return Ok(serde_json::from_str(&text).expect("a JSON frame")),
+                Message::Close(frame) => {
+                    let _ = tokio::time::timeout(PATIENCE, self.socket.next()).await;
+                    return Err(frame);
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub(crate) async fn expect_close(&mut self) -> Option<CloseFrame> {
         loop {
             match tokio::time::timeout(PATIENCE, self.socket.next()).await {

@@ -6,6 +6,7 @@ mod redis_support;
 
 mod broker_contract;
 mod chaos;
+mod cluster;
 mod deployment;
 mod direct;
 mod framing;

@@ -169,3 +169,109 @@ pub(crate) async fn pubsub_channels(connection: &mut redis::aio::MultiplexedConn
     channels.sort();
     channels
 }
+
+/// `redis-cli` with `args` against the server on `port`; its output, trimmed.
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); it comes with redis-server"));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// A Redis Cluster of three masters, and one replica each when asked, on free ports, with
+/// fast failure detection (`cluster-node-timeout 1000`) and without full coverage required; its
+/// processes are killed when dropped.
+pub(crate) struct RedisCluster {
+    pub(crate) nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub(crate) fn start(replicas: bool) -> Self {
+        let count = if replicas { 6 } else { 3 };
+        let nodes: Vec<RedisServer> = (0..count)
+            // As docs/operations.md recommends: the other masters keep serving while one fails over.
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ])
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        if replicas {
+            create.args(["--cluster-replicas", "1"]);
+        }
+        let output = create.arg("--cluster-yes").output().expect("redis-cli --cluster create runs");
+        assert!(output.status.success(), "cluster not created: {}", String::from_utf8_lossy(&output.stdout));
+        let cluster = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cluster.is_settled(replicas) {
+            assert!(Instant::now() < deadline, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// Every node sees the cluster as ok with three masters, and every replica is in sync.
+    fn is_settled(&self, replicas: bool) -> bool {
+        self.nodes.iter().all(|node| {
+            let info = redis_cli(node.port, &["CLUSTER", "INFO"]);
+            let replication = redis_cli(node.port, &["INFO", "replication"]);
+            info.contains("cluster_state:ok")
+                && info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+                && info.contains("cluster_size:3")
+                && (!replicas
+                    || replication.contains("role:master")
+                    || replication.contains("master_link_status:up"))
+        })
+    }
+
+    /// `host:port` of every node, comma-separated, as `REDIS_CLUSTER_NODES` takes them.
+    pub(crate) fn seeds(&self) -> String {
+        self.nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The slot of a key or sharded channel, as the cluster computes it.
+    pub(crate) fn keyslot(&self, name: &str) -> u16 {
+        redis_cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", name]).parse().expect("a slot")
+    }
+
+    /// Port of the master serving `slot`, as a live node reports it (`CLUSTER NODES`).
+    pub(crate) fn master_of(&self, slot: u16) -> u16 {
+        let node = self.nodes.iter().find(|node| node.child.is_some()).expect("a live node");
+        let nodes = redis_cli(node.port, &["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                match (start.parse::<u16>(), end.parse::<u16>()) {
+                    (Ok(start), Ok(end)) => (start..=end).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                let address = fields[1].split('@').next().unwrap_or_default();
+                return address.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port");
+            }
+        }
+        panic!("no master for slot {slot} in {nodes}");
+    }
+
+    pub(crate) fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes.iter_mut().find(|node| node.port == port).expect("a node of the cluster")
+    }
+}

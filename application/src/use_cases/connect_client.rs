@@ -260,6 +260,9 @@ impl ConnectClient {
         // Read after the subscription is active: everything after these positions arrives live.
         let catch_up = self.catch_up(&info, resume).await.map_err(ConnectError::Broker)?;
         session.handle.open(catch_up.first, &catch_up.positions).map_err(|_| ConnectError::Gone)?;
+        for (channel, position) in &catch_up.positions {
+            self.hub.note_admitted(channel, position);
+        }
         Ok(session)
     }
 

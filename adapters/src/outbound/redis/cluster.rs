@@ -23,17 +23,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_redis::redis::cluster_async::ClusterConnection;
-use deadpool_redis::redis::{self, PushInfo, PushKind, Value};
+use deadpool_redis::redis::{PushInfo, PushKind, Value};
 use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::routing::{Topology, slot};
 use super::subscriber::{End, INITIAL_BACKOFF, deliver};
 use super::target::cluster_client;
 use super::{CONTROL_CHANNEL, Shared};
 
-/// Number of hash slots of a Redis Cluster.
-const SLOTS: u16 = 16_384;
 /// Slot groups subscribed or unsubscribed at once.
 const CONCURRENT_GROUPS: usize = 64;
 /// Probes of one master accepted without coming back before its channels are subscribed again.
@@ -43,70 +42,6 @@ const RECONNECT_AFTER_MISSED: u32 = 6;
 /// Delay before the positions are checked after a re-subscription, so that one topology change
 /// (many confirmations) makes one check.
 const CHECK_DELAY: Duration = Duration::from_millis(100);
-
-/// The hash slot of a key or sharded channel name (CRC16/XMODEM of its hash tag, or of the
-/// whole name when it has none, modulo 16384).
-pub(super) fn slot(name: &[u8]) -> u16 {
-    let tagged = name
-        .iter()
-        .position(|b| *b == b'{')
-        .and_then(|open| {
-            let rest = &name[open + 1..];
-            rest.iter().position(|b| *b == b'}').filter(|close| *close > 0).map(|close| &rest[..close])
-        })
-        .unwrap_or(name);
-    crc16(tagged) % SLOTS
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for byte in bytes {
-        crc ^= u16::from(*byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 == 0 { crc << 1 } else { (crc << 1) ^ 0x1021 };
-        }
-    }
-    crc
-}
-
-/// The masters of the cluster and the slot ranges each owns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Topology {
-    /// `host:port` → inclusive slot ranges.
-    masters: HashMap<String, Vec<(u16, u16)>>,
-}
-
-impl Topology {
-    /// From a `CLUSTER SLOTS` reply.
-    fn parse(reply: &Value) -> Option<Self> {
-        let Value::Array(ranges) = reply else { return None };
-        let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
-        for range in ranges {
-            let Value::Array(fields) = range else { return None };
-            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
-                (fields.first(), fields.get(1), fields.get(2))
-            else {
-                return None;
-            };
-            let host = match master.first()? {
-                Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok()?,
-                Value::SimpleString(text) => text.clone(),
-                _ => return None,
-            };
-            let Value::Int(port) = master.get(1)? else { return None };
-            let range = (u16::try_from(*start).ok()?, u16::try_from(*end).ok()?);
-            masters.entry(format!("{host}:{port}")).or_default().push(range);
-        }
-        Some(Self { masters })
-    }
-
-    fn owner(&self, slot: u16) -> Option<&str> {
-        self.masters
-            .iter()
-            .find(|(_, ranges)| ranges.iter().any(|(start, end)| (*start..=*end).contains(&slot)))
-            .map(|(node, _)| node.as_str())
-    }
-}
 
 /// The probe of one master.
 struct Probe {
@@ -156,9 +91,7 @@ pub(super) async fn run(shared: Arc<Shared>, nodes: Vec<String>) {
         match connect(&shared, &nodes, pushes_tx).await {
             Ok(connection) => {
                 backoff = INITIAL_BACKOFF;
-                shared.pool.set_cluster_connection(Some(connection.clone()));
                 let end = session(&shared, connection, pushes).await;
-                shared.pool.set_cluster_connection(None);
                 shared.subscriber_up.store(false, Ordering::Release);
                 shared.subscriptions().reset();
                 shared.bump();
@@ -317,22 +250,34 @@ fn text(value: &Value) -> Option<&[u8]> {
 }
 
 impl Session {
+    /// Reads the topology through the publish pools. When slots changed owner, the channels
+    /// of those slots are subscribed again (the cluster connection moves them too, but only once
+    /// it notices), then checked.
     async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), String> {
-        let mut command = redis::cmd("CLUSTER");
-        command.arg("SLOTS");
-        let reply =
-            tokio::time::timeout(shared.settings.op_timeout, command.query_async(&mut self.connection))
-                .await
-                .map_err(|_| "CLUSTER SLOTS not answered in time".to_owned())?
-                .map_err(|e| format!("CLUSTER SLOTS failed: {e}"))?;
-        let topology = Topology::parse(&reply).ok_or("unexpected answer to CLUSTER SLOTS")?;
-        if topology.masters.is_empty() {
-            return Err("the cluster has no master with slots".to_owned());
+        let Some(pools) = shared.pool.cluster() else { return Err("not a cluster".to_owned()) };
+        let topology = shared.timed(pools.refresh()).await.map_err(|e| e.to_string())?;
+        if *topology == self.topology {
+            return Ok(());
         }
-        if topology != self.topology {
-            tracing::info!(masters = topology.masters.len(), "Redis Cluster topology");
+        tracing::info!(masters = topology.masters.len(), "Redis Cluster topology");
+        let previous = std::mem::replace(&mut self.topology, (*topology).clone());
+        if previous.masters.is_empty() {
+            return Ok(());
         }
-        self.topology = topology;
+        let moved = |name: &Arc<str>| {
+            let slot = slot(name.as_bytes());
+            previous.owner(slot) != self.topology.owner(slot)
+        };
+        let mut channels: Vec<Arc<str>> = self.internal.iter().filter(|name| moved(name)).cloned().collect();
+        channels.extend(shared.subscriptions().wanted.iter().filter(|name| moved(name)).cloned());
+        if !channels.is_empty() {
+            tracing::info!(
+                channels = channels.len(),
+                "channels moved to another master; subscribing them there"
+            );
+            self.mark_lost(shared, &channels);
+            self.send(shared, channels, true);
+        }
         Ok(())
     }
 
@@ -441,7 +386,10 @@ impl Session {
             if outcome.subscribe {
                 let mut subscriptions = shared.subscriptions();
                 for name in outcome.names {
-                    if !self.internal.contains(&name) {
+                    if self.internal.contains(&name) {
+                        self.internal_active.remove(&name);
+                    } else {
+                        subscriptions.active.remove(&name);
                         subscriptions.changed.insert(name);
                     }
                 }
@@ -550,7 +498,7 @@ impl Session {
 
     /// Once per probe interval: refresh the topology, judge and publish the probes, retry what
     /// failed.
-    async fn tick(&mut self, shared: &Shared) -> Result<(), String> {
+    async fn tick(&mut self, shared: &Arc<Shared>) -> Result<(), String> {
         if let Err(reason) = self.refresh_topology(shared).await {
             tracing::debug!(%reason, "Redis Cluster topology not refreshed");
         }
@@ -580,11 +528,10 @@ impl Session {
         }
         for probe in self.probes.values() {
             tokio::spawn(send_probe(
-                shared.pool_connection(),
+                shared.clone(),
                 probe.channel.clone(),
                 probe.published.clone(),
                 probe.unreachable.clone(),
-                shared.settings.op_timeout,
             ));
         }
         if std::mem::take(&mut self.retry) {
@@ -598,6 +545,19 @@ impl Session {
         Ok(())
     }
 
+    /// `channels` are not (or no longer surely) subscribed: not active until confirmed again,
+    /// and checked once they are.
+    fn mark_lost(&mut self, shared: &Shared, channels: &[Arc<str>]) {
+        let mut subscriptions = shared.subscriptions();
+        for name in channels {
+            self.internal_active.remove(name);
+            subscriptions.active.remove(name);
+            self.lost.insert(name.clone());
+        }
+        drop(subscriptions);
+        shared.bump();
+    }
+
     /// Subscribes again every channel of the slots `node` owns.
     fn resubscribe_node(&mut self, shared: &Shared, node: &str) {
         let owned = |name: &Arc<str>| self.topology.owner(slot(name.as_bytes())) == Some(node);
@@ -607,7 +567,7 @@ impl Session {
             subscriptions.wanted.iter().filter(|name| owned(name)).cloned().collect()
         };
         channels.extend(internal);
-        self.lost.extend(channels.iter().cloned());
+        self.mark_lost(shared, &channels);
         self.send(shared, channels, true);
     }
 }
@@ -629,71 +589,15 @@ fn forget(expected: &mut HashMap<Arc<str>, u32>, name: &str) -> bool {
 
 /// Publishes the next probe of one master; only a probe the master accepted is expected back.
 async fn send_probe(
-    connection: Option<ClusterConnection>,
+    shared: Arc<Shared>,
     channel: Arc<str>,
     published: Arc<AtomicU64>,
     unreachable: Arc<AtomicBool>,
-    timeout: Duration,
 ) {
-    let Some(mut connection) = connection else { return };
     let next = published.load(Ordering::Acquire) + 1;
-    let mut command = redis::cmd("SPUBLISH");
-    command.arg(&*channel).arg(next);
-    let sent = tokio::time::timeout(timeout, command.query_async::<Value>(&mut connection)).await;
-    let accepted = matches!(sent, Ok(Ok(_)));
+    let accepted = shared.publish_bytes(&channel, next.to_string().as_bytes()).await.is_ok();
     unreachable.store(!accepted, Ordering::Release);
     if accepted {
         published.fetch_max(next, Ordering::AcqRel);
-    }
-}
-
-impl Shared {
-    /// The cluster connection of the current session, if any.
-    fn pool_connection(&self) -> Option<ClusterConnection> {
-        self.pool.cluster_connection()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_follow_the_cluster_specification() {
-        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        assert_eq!(crc16(b"123456789"), 0x31c3);
-        assert_eq!(slot(b"foo"), 12_182);
-        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
-        assert_eq!(slot(b"{tenant:acme}"), slot(b"tenant:acme"));
-        assert_eq!(slot(b"lq-realtime:{tenant:acme}:history"), slot(b"tenant:acme"));
-        // An empty tag hashes the whole name.
-        assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
-    }
-
-    #[test]
-    fn the_topology_is_read_from_cluster_slots() {
-        let node = |host: &str, port: i64| {
-            Value::Array(vec![
-                Value::BulkString(host.into()),
-                Value::Int(port),
-                Value::BulkString(b"id".to_vec()),
-            ])
-        };
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                Value::Int(0),
-                Value::Int(5460),
-                node("127.0.0.1", 7000),
-                node("127.0.0.1", 7003),
-            ]),
-            Value::Array(vec![Value::Int(5461), Value::Int(10922), node("127.0.0.1", 7001)]),
-            Value::Array(vec![Value::Int(10923), Value::Int(16383), node("127.0.0.1", 7002)]),
-        ]);
-        let topology = Topology::parse(&reply).expect("valid");
-        assert_eq!(topology.masters.len(), 3);
-        assert_eq!(topology.owner(0), Some("127.0.0.1:7000"));
-        assert_eq!(topology.owner(5461), Some("127.0.0.1:7001"));
-        assert_eq!(topology.owner(16_383), Some("127.0.0.1:7002"));
-        assert_eq!(Topology::parse(&Value::Nil), None);
     }
 }

@@ -41,9 +41,9 @@ pub(super) fn key(tenant: &TenantId, delivery_id: &str) -> String {
 }
 
 impl RedisDeliveryLog {
-    async fn run(&self, command: redis::Cmd) -> Result<Value, BrokerError> {
+    async fn run(&self, key: &str, command: redis::Cmd) -> Result<Value, BrokerError> {
         let timeout = self.shared.settings.op_timeout;
-        match tokio::time::timeout(timeout, self.shared.pool.query(command)).await {
+        match tokio::time::timeout(timeout, self.shared.pool.query(key, command)).await {
             Ok(result) => result.map_err(BrokerError::Unavailable),
             Err(_) => Err(BrokerError::Unavailable(format!("no answer from Redis within {timeout:?}"))),
         }
@@ -61,12 +61,12 @@ impl DeliveryLog for RedisDeliveryLog {
         let key = key(tenant, delivery_id);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg("").arg("NX").arg("EX").arg(pending_secs.max(1));
-        if matches!(self.run(set).await?, Value::Okay | Value::SimpleString(_)) {
+        if matches!(self.run(&key, set).await?, Value::Okay | Value::SimpleString(_)) {
             return Ok(DeliveryClaim::Claimed);
         }
         let mut get = redis::cmd("GET");
         get.arg(&key);
-        match self.run(get).await? {
+        match self.run(&key, get).await? {
             Value::BulkString(bytes) if bytes.is_empty() => Ok(DeliveryClaim::InProgress),
             Value::BulkString(bytes) => {
                 match std::str::from_utf8(&bytes).ok().and_then(|s| MessageId::parse(s).ok()) {
@@ -80,19 +80,18 @@ impl DeliveryLog for RedisDeliveryLog {
     }
 
     async fn complete(&self, record: &DeliveryRecord) -> Result<(), BrokerError> {
+        let key = key(&record.tenant, &record.delivery_id);
         let mut set = redis::cmd("SET");
-        set.arg(key(&record.tenant, &record.delivery_id))
-            .arg(record.message_id.as_str())
-            .arg("EX")
-            .arg(record.keep_secs.max(1));
-        self.run(set).await.map(|_| ())
+        set.arg(&key).arg(record.message_id.as_str()).arg("EX").arg(record.keep_secs.max(1));
+        self.run(&key, set).await.map(|_| ())
     }
 
     async fn release(&self, tenant: &TenantId, delivery_id: &str) {
+        let key = key(tenant, delivery_id);
         let mut invocation = RELEASE.prepare_invoke();
-        invocation.key(key(tenant, delivery_id));
+        invocation.key(&key);
         let timeout = self.shared.settings.op_timeout;
-        let result = match tokio::time::timeout(timeout, self.shared.pool.invoke(&invocation)).await {
+        let result = match tokio::time::timeout(timeout, self.shared.pool.invoke(&key, &invocation)).await {
             Ok(result) => result,
             Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
         };

@@ -132,7 +132,7 @@ impl Shared {
         let history_settings = self.settings.history;
         let mut invocation = self.scripts().publish.prepare_invoke();
         invocation
-            .key(position)
+            .key(&position)
             .key(history)
             .arg(&name)
             .arg(open)
@@ -145,7 +145,7 @@ impl Shared {
                 .arg(record.message_id.as_str())
                 .arg(record.keep_secs.max(1));
         }
-        self.timed(self.pool.invoke(&invocation)).await.map(|_| ())
+        self.timed(self.pool.invoke(&position, &invocation)).await.map(|_| ())
     }
 
     /// Publishes `message` without history and records `record`, in one script.
@@ -155,14 +155,15 @@ impl Shared {
         message: &[u8],
         record: &DeliveryRecord,
     ) -> Result<(), BrokerError> {
+        let delivery = delivery_key(&record.tenant, &record.delivery_id);
         let mut invocation = self.scripts().publish_recorded.prepare_invoke();
         invocation
-            .key(delivery_key(&record.tenant, &record.delivery_id))
+            .key(&delivery)
             .arg(channel.name())
             .arg(message)
             .arg(record.message_id.as_str())
             .arg(record.keep_secs.max(1));
-        self.timed(self.pool.invoke(&invocation)).await.map(|_| ())
+        self.timed(self.pool.invoke(&delivery, &invocation)).await.map(|_| ())
     }
 
     /// Reads `channel`'s position and, when `since` is given, what was published after it.
@@ -175,13 +176,13 @@ impl Shared {
         let (since_epoch, since_offset) = since.map_or((String::new(), 0), |s| (s.epoch, s.offset));
         let mut invocation = READ.prepare_invoke();
         invocation
-            .key(position)
+            .key(&position)
             .key(history)
             .arg(self.epochs.next())
             .arg(self.settings.history.ttl.as_secs().max(1))
             .arg(since_epoch)
             .arg(since_offset);
-        let reply = self.timed(self.pool.invoke(&invocation)).await?;
+        let reply = self.timed(self.pool.invoke(&position, &invocation)).await?;
         parse_read(reply).ok_or_else(|| unexpected("read"))
     }
 }

@@ -25,6 +25,7 @@ mod cluster;
 mod delivery_log;
 mod history;
 mod presence;
+mod routing;
 mod subscriber;
 mod target;
 
@@ -261,9 +262,9 @@ impl MessageBroker for RedisBroker {
 
     async fn publish_control(&self, command: &ControlCommand) -> Result<usize, BrokerError> {
         let message = serde_json::to_vec(command).map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        let mut publish = deadpool_redis::redis::cmd("PUBLISH");
+        let mut publish = deadpool_redis::redis::cmd(self.shared.pool.publish_command());
         publish.arg(CONTROL_CHANNEL).arg(message);
-        match self.shared.timed(self.shared.pool.query(publish)).await? {
+        match self.shared.timed(self.shared.pool.query(CONTROL_CHANNEL, publish)).await? {
             deadpool_redis::redis::Value::Int(receivers) => Ok(usize::try_from(receivers).unwrap_or(0)),
             _ => Err(BrokerError::Unavailable("unexpected answer from Redis to PUBLISH".to_owned())),
         }

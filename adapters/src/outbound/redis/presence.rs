@@ -139,14 +139,15 @@ impl Presence for RedisPresence {
     ) -> Result<PresenceChange, BrokerError> {
         let prefix = prefix(tenant);
         let mut invocation = SET.prepare_invoke();
+        let users = format!("{prefix}users");
         invocation
-            .key(format!("{prefix}users"))
+            .key(&users)
             .key(format!("{prefix}{user}"))
             .arg(&self.instance)
             .arg(connections)
             .arg(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(user.as_str());
-        match self.shared.timed(self.shared.pool.invoke(&invocation)).await? {
+        match self.shared.timed(self.shared.pool.invoke(&users, &invocation)).await? {
             Value::Int(1) => Ok(PresenceChange::Joined),
             Value::Int(-1) => Ok(PresenceChange::Left),
             Value::Int(_) => Ok(PresenceChange::Unchanged),
@@ -157,8 +158,10 @@ impl Presence for RedisPresence {
     async fn list(&self, tenant: &TenantId) -> Result<Vec<PresentUser>, BrokerError> {
         let prefix = prefix(tenant);
         let mut invocation = LIST.prepare_invoke();
-        invocation.key(format!("{prefix}users")).arg(&prefix);
-        let Value::Array(items) = self.shared.timed(self.shared.pool.invoke(&invocation)).await? else {
+        let users = format!("{prefix}users");
+        invocation.key(&users).arg(&prefix);
+        let Value::Array(items) = self.shared.timed(self.shared.pool.invoke(&users, &invocation)).await?
+        else {
             return Err(unexpected());
         };
         items
@@ -178,8 +181,10 @@ impl Presence for RedisPresence {
     async fn sweep(&self, tenant: &TenantId) -> Result<Vec<UserId>, BrokerError> {
         let prefix = prefix(tenant);
         let mut invocation = SWEEP.prepare_invoke();
-        invocation.key(format!("{prefix}users")).arg(&prefix);
-        let Value::Array(items) = self.shared.timed(self.shared.pool.invoke(&invocation)).await? else {
+        let users = format!("{prefix}users");
+        invocation.key(&users).arg(&prefix);
+        let Value::Array(items) = self.shared.timed(self.shared.pool.invoke(&users, &invocation)).await?
+        else {
             return Err(unexpected());
         };
         Ok(items.iter().filter_map(text).filter_map(|u| UserId::parse(&u).ok()).collect())

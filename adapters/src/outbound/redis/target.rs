@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use deadpool_redis::redis::cluster::{ClusterClient, ClusterClientBuilder};
-use deadpool_redis::redis::cluster_async::ClusterConnection;
 use deadpool_redis::redis::sentinel::{SentinelClient, SentinelServerType};
 use deadpool_redis::redis::{self, aio::PubSub};
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 
 use super::RedisBrokerSettings;
+use super::routing::{ClusterPools, Op};
 
 /// How to reach Redis.
 #[derive(Clone)]
@@ -50,20 +50,8 @@ fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
 pub(super) enum PublishPool {
     Direct(deadpool_redis::Pool),
     Sentinel(deadpool_redis::sentinel::Pool),
-    /// The cluster connection of the current subscriber session: one multiplexed connection
-    /// per node, which routes each command to the node owning its slot, follows `MOVED` and
-    /// `ASK`, and reconnects by itself. `None` between sessions.
-    Cluster(std::sync::RwLock<Option<ClusterConnection>>),
-}
-
-/// The cluster connection of a session, or why there is none.
-fn cluster_connection(
-    slot: &std::sync::RwLock<Option<ClusterConnection>>,
-) -> Result<ClusterConnection, String> {
-    slot.read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-        .ok_or_else(|| "not connected to the Redis cluster".to_owned())
+    /// A pool per master, each command routed by the slot of its key or channel.
+    Cluster(Box<ClusterPools>),
 }
 
 fn pool_config(settings: &RedisBrokerSettings) -> PoolConfig {
@@ -95,7 +83,11 @@ impl PublishPool {
             }
             RedisTarget::Cluster { nodes } => {
                 cluster_client(nodes, settings.op_timeout, None)?;
-                Ok(Self::Cluster(std::sync::RwLock::new(None)))
+                Ok(Self::Cluster(Box::new(ClusterPools::new(
+                    nodes.clone(),
+                    pool_config(settings),
+                    settings.op_timeout,
+                ))))
             }
         }
     }
@@ -106,18 +98,11 @@ impl PublishPool {
         if matches!(self, Self::Cluster(_)) { "SPUBLISH" } else { "PUBLISH" }
     }
 
-    /// The cluster connection of the current session, if any.
-    pub(super) fn cluster_connection(&self) -> Option<ClusterConnection> {
+    /// The cluster's pools, when the target is a cluster.
+    pub(super) fn cluster(&self) -> Option<&ClusterPools> {
         match self {
-            Self::Cluster(slot) => cluster_connection(slot).ok(),
+            Self::Cluster(pools) => Some(pools),
             _ => None,
-        }
-    }
-
-    /// Installs (or, with `None`, removes) the cluster connection of a session.
-    pub(super) fn set_cluster_connection(&self, connection: Option<ClusterConnection>) {
-        if let Self::Cluster(slot) = self {
-            *slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
         }
     }
 
@@ -125,13 +110,14 @@ impl PublishPool {
     pub(super) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
         let mut command = redis::cmd(self.publish_command());
         command.arg(channel).arg(message);
-        self.query(command).await.map(|_| ())
+        self.query(channel, command).await.map(|_| ())
     }
 
     /// Runs one script (EVALSHA, loading it first when Redis does not know it) on a pooled
-    /// connection.
+    /// connection; on a cluster, on the master owning the slot of `route` (its first key).
     pub(super) async fn invoke(
         &self,
+        route: &str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<redis::Value, String> {
         let result = match self {
@@ -143,13 +129,19 @@ impl PublishPool {
                 Ok(mut connection) => invocation.invoke_async(&mut connection).await,
                 Err(error) => return Err(format!("no Redis connection: {error}")),
             },
-            Self::Cluster(slot) => invocation.invoke_async(&mut cluster_connection(slot)?).await,
+            Self::Cluster(pools) => {
+                return pools
+                    .run(route, Op::Script(invocation))
+                    .await
+                    .map_err(|e| format!("Redis script failed: {e}"));
+            }
         };
         result.map_err(|e| format!("Redis script failed: {e}"))
     }
 
-    /// Runs one command on a pooled connection.
-    pub(super) async fn query(&self, command: redis::Cmd) -> Result<redis::Value, String> {
+    /// Runs one command on a pooled connection; on a cluster, on the master owning the slot of
+    /// `route` (its key or sharded channel).
+    pub(super) async fn query(&self, route: &str, command: redis::Cmd) -> Result<redis::Value, String> {
         let result = match self {
             Self::Direct(pool) => match pool.get().await {
                 Ok(mut connection) => command.query_async(&mut connection).await,
@@ -159,7 +151,12 @@ impl PublishPool {
                 Ok(mut connection) => command.query_async(&mut connection).await,
                 Err(error) => return Err(format!("no Redis connection: {error}")),
             },
-            Self::Cluster(slot) => command.query_async(&mut cluster_connection(slot)?).await,
+            Self::Cluster(pools) => {
+                return pools
+                    .run(route, Op::Command(&command))
+                    .await
+                    .map_err(|e| format!("Redis command failed: {e}"));
+            }
         };
         result.map_err(|e| format!("Redis command failed: {e}"))
     }

@@ -1,0 +1,322 @@
+//! Commands on a Redis Cluster: one `deadpool-redis` pool per master, each command sent to the
+//! master that owns the hash slot of its key or sharded channel.
+//!
+//! The topology (which master owns which slots) comes from `CLUSTER SLOTS`, asked of any master
+//! or seed that answers. A `MOVED` answer sends the command again to the named node and
+//! refreshes the topology; an `ASK` answer sends it once to the named node after `ASKING`. A
+//! master that cannot be reached refreshes the topology: when its slots moved (a replica was
+//! promoted) the command goes to the new owner, otherwise it fails at once. A failing master
+//! never delays commands for the others: each has its own pool, and nothing waits on a shared
+//! lock while a node is down.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, ErrorKind, RedisError, ScriptInvocation, ServerErrorKind, Value};
+use deadpool_redis::{Pool, PoolConfig, Runtime};
+use tokio::time::Instant;
+
+/// Number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16_384;
+/// Commands are redirected or retried at most this many times.
+const ATTEMPTS: usize = 4;
+/// A refresh asked for within this time of the last one reuses its answer.
+const REFRESH_COOLDOWN: Duration = Duration::from_millis(100);
+
+/// The hash slot of a key or sharded channel name (CRC16/XMODEM of its hash tag, or of the
+/// whole name when it has none, modulo 16384).
+pub(super) fn slot(name: &[u8]) -> u16 {
+    let tagged = name
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &name[open + 1..];
+            rest.iter().position(|b| *b == b'}').filter(|close| *close > 0).map(|close| &rest[..close])
+        })
+        .unwrap_or(name);
+    crc16(tagged) % SLOTS
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in bytes {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 == 0 { crc << 1 } else { (crc << 1) ^ 0x1021 };
+        }
+    }
+    crc
+}
+
+/// The masters of the cluster and the slot ranges each owns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Topology {
+    /// `host:port` → inclusive slot ranges.
+    pub(super) masters: HashMap<String, Vec<(u16, u16)>>,
+}
+
+impl Topology {
+    /// From a `CLUSTER SLOTS` reply given by the node at `asked` (whose host stands in for
+    /// an empty one).
+    pub(super) fn parse(reply: &Value, asked: &str) -> Option<Self> {
+        let Value::Array(ranges) = reply else { return None };
+        let asked_host = asked.rsplit_once(':').map_or(asked, |(host, _)| host);
+        let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
+        for range in ranges {
+            let Value::Array(fields) = range else { return None };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let host = match master.first()? {
+                Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok()?,
+                Value::SimpleString(text) => text.clone(),
+                _ => return None,
+            };
+            let host = if host.is_empty() || host == "?" { asked_host.to_owned() } else { host };
+            let Value::Int(port) = master.get(1)? else { return None };
+            let range = (u16::try_from(*start).ok()?, u16::try_from(*end).ok()?);
+            masters.entry(format!("{host}:{port}")).or_default().push(range);
+        }
+        Some(Self { masters })
+    }
+
+    /// The master owning `slot`, if any.
+    pub(super) fn owner(&self, slot: u16) -> Option<&str> {
+        self.masters
+            .iter()
+            .find(|(_, ranges)| ranges.iter().any(|(start, end)| (*start..=*end).contains(&slot)))
+            .map(|(node, _)| node.as_str())
+    }
+}
+
+/// A command or a script.
+#[derive(Clone, Copy)]
+pub(super) enum Op<'a> {
+    Command(&'a redis::Cmd),
+    Script(&'a ScriptInvocation<'a>),
+}
+
+impl Op<'_> {
+    async fn send(
+        self,
+        connection: &mut deadpool_redis::Connection,
+        asking: bool,
+    ) -> redis::RedisResult<Value> {
+        if asking {
+            redis::cmd("ASKING").query_async::<Value>(connection).await?;
+        }
+        match self {
+            Self::Command(command) => command.query_async(connection).await,
+            Self::Script(invocation) => invocation.invoke_async(connection).await,
+        }
+    }
+}
+
+/// The pools of the masters, and the topology that routes to them.
+pub(super) struct ClusterPools {
+    seeds: Vec<String>,
+    config: PoolConfig,
+    timeout: Duration,
+    topology: RwLock<Arc<Topology>>,
+    pools: Mutex<HashMap<String, Pool>>,
+    /// When the topology was last refreshed; held while one refresh runs.
+    refreshed: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl ClusterPools {
+    pub(super) fn new(seeds: Vec<String>, config: PoolConfig, timeout: Duration) -> Self {
+        Self {
+            seeds,
+            config,
+            timeout,
+            topology: RwLock::new(Arc::new(Topology::default())),
+            pools: Mutex::new(HashMap::new()),
+            refreshed: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub(super) fn topology(&self) -> Arc<Topology> {
+        self.topology.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn pool(&self, node: &str) -> Result<Pool, String> {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = pools.get(node) {
+            return Ok(pool.clone());
+        }
+        let mut config = deadpool_redis::Config::from_url(format!("redis://{node}"));
+        config.pool = Some(self.config);
+        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| e.to_string())?;
+        pools.insert(node.to_owned(), pool.clone());
+        Ok(pool)
+    }
+
+    /// Asks the masters, then the seeds, for the topology; the first answer wins.
+    pub(super) async fn refresh(&self) -> Result<Arc<Topology>, String> {
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN) {
+            return Ok(self.topology());
+        }
+        let mut candidates: Vec<String> = self.topology().masters.keys().cloned().collect();
+        for seed in &self.seeds {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
+        let mut last_error = "no Redis Cluster node to ask".to_owned();
+        for node in candidates {
+            match self.ask_topology(&node).await {
+                Ok(topology) => {
+                    let topology = Arc::new(topology);
+                    *self.topology.write().unwrap_or_else(PoisonError::into_inner) = topology.clone();
+                    self.pools
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|node, _| topology.masters.contains_key(node));
+                    *refreshed = Some(Instant::now());
+                    return Ok(topology);
+                }
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn ask_topology(&self, node: &str) -> Result<Topology, String> {
+        let ask = async {
+            let mut connection = self.pool(node)?.get().await.map_err(|e| e.to_string())?;
+            let reply: Value = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| e.to_string())?;
+            let topology = Topology::parse(&reply, node).ok_or("unexpected answer to CLUSTER SLOTS")?;
+            if topology.masters.is_empty() {
+                return Err("no master owns a slot".to_owned());
+            }
+            Ok(topology)
+        };
+        tokio::time::timeout(self.timeout, ask).await.map_err(|_| format!("{node} did not answer in time"))?
+    }
+
+    /// Runs `op` on the master owning the slot of `route` (a key or a sharded channel).
+    pub(super) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, String> {
+        let slot = slot(route.as_bytes());
+        let mut redirect: Option<String> = None;
+        let mut asking = false;
+        let mut last_error = String::new();
+        for _ in 0..ATTEMPTS {
+            let node = match redirect.take() {
+                Some(node) => node,
+                None => match self.topology().owner(slot) {
+                    Some(node) => node.to_owned(),
+                    None => match self.refresh().await?.owner(slot) {
+                        Some(node) => node.to_owned(),
+                        None => return Err(format!("no Redis Cluster master owns slot {slot}")),
+                    },
+                },
+            };
+            let connection = match self.pool(&node)?.get().await {
+                Ok(connection) => Ok(connection),
+                Err(error) => Err(format!("no connection to {node}: {error}")),
+            };
+            let result = match connection {
+                Ok(mut connection) => op.send(&mut connection, std::mem::take(&mut asking)).await,
+                Err(error) => {
+                    last_error = error;
+                    if self.moved_away(slot, &node).await {
+                        continue;
+                    }
+                    return Err(last_error);
+                }
+            };
+            let error = match result {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            last_error = error.to_string();
+            match error.kind() {
+                ErrorKind::Server(ServerErrorKind::Moved) => {
+                    redirect = redirect_node(&error);
+                    // The next commands go to the new owner without a redirection.
+                    let _ = self.refresh().await;
+                }
+                ErrorKind::Server(ServerErrorKind::Ask) => {
+                    redirect = redirect_node(&error);
+                    asking = true;
+                }
+                _ if error.is_io_error() || error.is_unrecoverable_error() => {
+                    if !self.moved_away(slot, &node).await {
+                        return Err(last_error);
+                    }
+                }
+                _ => return Err(last_error),
+            }
+            if redirect.is_none()
+                && matches!(error.kind(), ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask))
+            {
+                return Err(last_error);
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Whether `slot` has another owner than `node` once the topology is refreshed.
+    async fn moved_away(&self, slot: u16, node: &str) -> bool {
+        match self.refresh().await {
+            Ok(topology) => topology.owner(slot).is_some_and(|owner| owner != node),
+            Err(_) => false,
+        }
+    }
+}
+
+fn redirect_node(error: &RedisError) -> Option<String> {
+    error.redirect_node().map(|(host, port)| format!("{host}:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_cluster_specification() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(slot(b"foo"), 12_182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"{tenant:acme}"), slot(b"tenant:acme"));
+        assert_eq!(slot(b"lq-realtime:{tenant:acme}:history"), slot(b"tenant:acme"));
+        // An empty tag hashes the whole name.
+        assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
+    }
+
+    #[test]
+    fn the_topology_is_read_from_cluster_slots() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.into()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(10922), node("10.0.0.2", 7001)]),
+            Value::Array(vec![Value::Int(10923), Value::Int(16383), node("", 7002)]),
+        ]);
+        let topology = Topology::parse(&reply, "10.0.0.3:7002").expect("valid");
+        assert_eq!(topology.masters.len(), 3);
+        assert_eq!(topology.owner(0), Some("10.0.0.1:7000"));
+        assert_eq!(topology.owner(5461), Some("10.0.0.2:7001"));
+        assert_eq!(topology.owner(16_383), Some("10.0.0.3:7002"), "an empty host is the node asked");
+        assert_eq!(Topology::parse(&Value::Nil, "x:1"), None);
+    }
+}
