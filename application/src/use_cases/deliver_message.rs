@@ -432,4 +432,36 @@ mod tests {
         deliver.on_message(acme(), at(6, "e"));
         assert_eq!(payloads(&bob), [3], "the clients recover 4 to 6 from the history");
     }
+
+    #[tokio::test]
+    async fn a_channel_that_received_nothing_yet_is_checked_from_the_position_its_clients_were_admitted_at() {
+        let mut broker = MockMessageBroker::new();
+        broker.expect_subscribe().returning(|_| ());
+        broker.expect_unsubscribe().returning(|_| ());
+        broker.expect_until_active().returning(|_| ack_ok());
+        // Every channel stands at offset 2 when the clients are admitted (two channels each);
+        // afterwards, the tenant channels at 3.
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        broker.expect_history().returning(move |channel, _| {
+            let admitted = reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 4;
+            let offset = if admitted || !channel.name().starts_with("tenant:") { 2 } else { 3 };
+            Ok(HistoryRead { position: Some(StreamPosition::new("e", offset)), missed: None })
+        });
+        let hub = Arc::new(Hub::new(Arc::new(broker), 10));
+        let (bob, eve) = (RecordingSink::new(), RecordingSink::new());
+        let _s1 = session_with_sink(&hub, "bob", "acme", bob.clone()).await;
+        let _s2 = session_with_sink(&hub, "eve", "globex", eve.clone()).await;
+        let globex = Channel::Tenant(TenantId::parse("globex").expect("valid"));
+        // acme's message 3 was lost while the broker link was down; globex's 2 was published
+        // just before the admission read and is still on its way, then its 3 arrives.
+        let deliver = DeliverBrokerMessage::new(hub, frames());
+        deliver.on_message(globex.clone(), at(2, "e"));
+        assert_eq!(payloads(&eve), [2], "a message from before the admission read is no gap");
+        deliver.on_resubscribed();
+        deliver.check_positions().await;
+        deliver.on_message(globex, at(3, "e"));
+        deliver.check_positions().await;
+        assert_eq!(bob.closed(), Some(CloseReason::MissedMessages), "never a silent gap");
+        assert_eq!(eve.closed(), None);
+    }
 }
