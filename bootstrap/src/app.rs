@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adapters::inbound::console::{CONSOLE_PROVIDER, ConsoleSettings, DEMO_TENANT, Demo};
 use adapters::inbound::http::{HttpSettings, serve, serve_metrics};
 use adapters::inbound::ws::WsSettings;
 use adapters::outbound::delivery_log::InMemoryDeliveryLog;
@@ -14,11 +15,11 @@ use adapters::outbound::memory::InMemoryBroker;
 use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
-use adapters::outbound::signatures::SignatureVerifier;
+use adapters::outbound::signatures::{Endpoint, Scheme, SignatureVerifier};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
 use application::ports::{Clock, DeliveryLog, MessageBroker, Presence};
 use application::{Ports, Realtime};
-use domain::{CloseReason, SCOPE_WS_CONNECT};
+use domain::{CloseReason, Provider, SCOPE_WS_CONNECT, TenantId};
 use tokio::net::TcpListener;
 
 use crate::config::{BrokerConfig, Config, JwtSecret};
@@ -51,6 +52,8 @@ pub struct Application {
     config: Config,
     /// Set when no `JWT_SECRET_KEY` was configured: the generated secret, to mint a demo token.
     ephemeral_secret: Option<JwtSecret>,
+    /// The browser console, when `CONSOLE` is on.
+    console: Option<ConsoleSettings>,
 }
 
 impl std::fmt::Debug for Application {
@@ -106,10 +109,38 @@ impl Application {
         };
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
         let metrics = Arc::new(PrometheusMetrics::new(env!("CARGO_PKG_VERSION")));
+        // In demo mode the console relays test webhooks of the demo tenant, signed with a secret
+        // of this process.
+        let demo = match (&ephemeral_secret, config.console) {
+            (Some(secret), true) => {
+                let webhook_secret: String = random_bytes(32)
+                    .map_err(|e| StartError::Randomness(e.to_string()))?
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let (secret, iss, aud) =
+                    (secret.clone(), config.jwt_issuer.clone(), config.jwt_audience.clone());
+                let token = move || mint_demo_token(&secret, iss.clone(), aud.clone());
+                Some(Demo { token: Arc::new(token), webhook_secret: Arc::from(webhook_secret.as_bytes()) })
+            }
+            _ => None,
+        };
+        let mut verifier = signature_verifier(&config);
+        if let Some(demo) = &demo {
+            let secret = String::from_utf8_lossy(&demo.webhook_secret).into_owned();
+            let endpoint = Endpoint::new(Scheme::HmacSha256, &[secret])
+                .map_err(|problems| StartError::Randomness(problems.join("; ")))?;
+            verifier = verifier.with_endpoint(
+                TenantId::parse(DEMO_TENANT).map_err(|e| StartError::Randomness(e.to_string()))?,
+                Provider::parse(CONSOLE_PROVIDER).map_err(|e| StartError::Randomness(e.to_string()))?,
+                endpoint,
+            );
+        }
+        let console = config.console.then(|| ConsoleSettings { demo });
         let ports = Ports {
             broker,
             tokens: Arc::new(tokens),
-            webhooks: Arc::new(signature_verifier(&config)),
+            webhooks: Arc::new(verifier),
             clock: Arc::new(SystemClock),
             ids: Arc::new(ids),
             metrics: metrics.clone(),
@@ -128,7 +159,7 @@ impl Application {
             listen(config.bind_addr).map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
         let addr =
             listener.local_addr().map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
-        Ok(Self { listener, metrics_listener, addr, realtime, metrics, config, ephemeral_secret })
+        Ok(Self { listener, metrics_listener, addr, realtime, metrics, config, ephemeral_secret, console })
     }
 
     /// The address actually bound.
@@ -145,24 +176,13 @@ impl Application {
     /// valid for an hour, signed with this process's ephemeral secret.
     pub fn demo_token(&self) -> Option<String> {
         let secret = self.ephemeral_secret.as_ref()?;
-        let now = SystemClock.now().unix_seconds();
-        JwtIssuer::hs256(secret.as_bytes())
-            .issue(&TokenRequest {
-                user_id: "demo".into(),
-                tenant_id: "demo".into(),
-                scope: SCOPE_WS_CONNECT.into(),
-                iat: now,
-                exp: now + 3600,
-                iss: self.config.jwt_issuer.clone(),
-                aud: self.config.jwt_audience.clone(),
-            })
-            .ok()
+        mint_demo_token(secret, self.config.jwt_issuer.clone(), self.config.jwt_audience.clone())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, closes every WebSocket with
     /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
-        let Self { listener, metrics_listener, addr, realtime, metrics, config, .. } = self;
+        let Self { listener, metrics_listener, addr, realtime, metrics, config, console, .. } = self;
         let ws = WsSettings {
             outbound_queue_bytes: config.outbound_queue_bytes,
             max_message_bytes: config.max_message_bytes,
@@ -173,6 +193,7 @@ impl Application {
             header_read_timeout: config.header_read_timeout,
             metrics: Some(metrics.clone()),
             separate_metrics_listener: metrics_listener.is_some(),
+            console,
         };
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         if let Some(listener) = metrics_listener {
@@ -262,6 +283,22 @@ impl Application {
 /// Pending connections the kernel queues for `accept` (capped by `net.core.somaxconn`): room
 /// for a burst of reconnecting clients, where the usual 128 would refuse them.
 const LISTEN_BACKLOG: u32 = 4096;
+
+/// A token for user `demo` of tenant `demo`, valid for an hour, signed with `secret`.
+fn mint_demo_token(secret: &JwtSecret, iss: Option<String>, aud: Option<String>) -> Option<String> {
+    let now = SystemClock.now().unix_seconds();
+    JwtIssuer::hs256(secret.as_bytes())
+        .issue(&TokenRequest {
+            user_id: DEMO_TENANT.into(),
+            tenant_id: DEMO_TENANT.into(),
+            scope: SCOPE_WS_CONNECT.into(),
+            iat: now,
+            exp: now + 3600,
+            iss,
+            aud,
+        })
+        .ok()
+}
 
 /// `WEBHOOK_SECRETS` for every provider of their tenants, and `WEBHOOK_CONFIG`'s entries
 /// above them for their tenant and provider.

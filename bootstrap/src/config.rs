@@ -90,6 +90,9 @@ pub const ENV_PRESENCE: &str = "PRESENCE";
 /// leave.
 pub const ENV_PRESENCE_TTL_SECS: &str = "PRESENCE_TTL_SECS";
 pub const DEFAULT_PRESENCE_TTL_SECS: u64 = 30;
+/// `on` or `off`: the browser console at `/`. Default: `on` in demo mode (no
+/// `JWT_SECRET_KEY` nor `JWT_PUBLIC_KEY_FILE`), `off` otherwise.
+pub const ENV_CONSOLE: &str = "CONSOLE";
 /// Messages kept per `tenant:` and `user:` channel for reconnecting clients; 0 turns history
 /// and message offsets off.
 pub const ENV_HISTORY_SIZE: &str = "HISTORY_SIZE";
@@ -187,6 +190,8 @@ pub struct Config {
     /// Presence on (`PRESENCE`), and how long an instance's entries live without a refresh.
     pub presence: bool,
     pub presence_ttl: Duration,
+    /// The browser console at `/` (`CONSOLE`).
+    pub console: bool,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -458,6 +463,12 @@ impl Config {
             "off" => Ok(false),
             other => Err(format!("expected on or off, got {other:?}")),
         });
+        let demo_mode = r.get(ENV_JWT_SECRET_KEY).is_none() && r.get(ENV_JWT_PUBLIC_KEY_FILE).is_none();
+        let console = r.parse(ENV_CONSOLE, demo_mode, |raw| match raw {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(format!("expected on or off, got {other:?}")),
+        });
         let presence_ttl = r.parse(ENV_PRESENCE_TTL_SECS, DEFAULT_PRESENCE_TTL_SECS, |raw| {
             positive::<u64>(raw)
                 .ok()
@@ -592,6 +603,7 @@ impl Config {
             history: HistorySettings { size: history_size, ttl: Duration::from_secs(history_ttl) },
             presence,
             presence_ttl: Duration::from_secs(presence_ttl),
+            console,
             log_filter,
             log_format,
         })
@@ -727,6 +739,17 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_console_is_on_by_default_only_in_demo_mode() {
+        assert!(Config::from_lookup(|_| None).expect("valid").console);
+        let secret = (ENV_JWT_SECRET_KEY, "0123456789abcdef0123456789abcdef");
+        assert!(!parse(&[secret]).expect("valid").console, "a secret turns the demo off");
+        assert!(parse(&[secret, (ENV_CONSOLE, "on")]).expect("valid").console);
+        assert!(!parse(&[(ENV_CONSOLE, "off")]).expect("valid").console);
+        let errors = parse(&[(ENV_CONSOLE, "yes")]).expect_err("refused");
+        assert_eq!(errors.0[0].to_string(), "CONSOLE: expected on or off, got \"yes\"");
     }
 
     #[test]

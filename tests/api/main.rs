@@ -5,6 +5,7 @@ mod helpers;
 mod redis_support;
 
 mod broker_contract;
+mod browser;
 mod chaos;
 mod cluster;
 mod deployment;

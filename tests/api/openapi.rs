@@ -34,7 +34,7 @@ fn spec_operations() -> BTreeSet<(String, String)> {
 fn code_routes() -> BTreeSet<(String, String)> {
     let inbound = workspace().join("adapters/src/inbound");
     let mut routes = BTreeSet::new();
-    for file in ["http.rs", "ws/mod.rs"] {
+    for file in ["http.rs", "ws/mod.rs", "console/mod.rs"] {
         let source = std::fs::read_to_string(inbound.join(file)).expect("source");
         let mut rest = source.as_str();
         while let Some(at) = rest.find("warp::path!(") {
@@ -57,6 +57,15 @@ fn code_routes() -> BTreeSet<(String, String)> {
                 .find(|m| window.contains(&format!("warp::{m}()")))
                 .unwrap_or_else(|| panic!("no method filter after warp::path!({})", &rest[..end]));
             routes.insert((method.to_uppercase(), format!("/{}", segments.join("/"))));
+        }
+        // The root, as `warp::path::end()` followed by its method.
+        if let Some(at) = source.find("warp::path::end()") {
+            let window = &source[at..source.len().min(at + 80)];
+            let method = ["get", "post"]
+                .into_iter()
+                .find(|m| window.contains(&format!("warp::{m}()")))
+                .expect("method");
+            routes.insert((method.to_uppercase(), "/".to_owned()));
         }
     }
     routes
@@ -88,7 +97,10 @@ fn every_route_in_the_code_is_in_the_spec_and_every_operation_of_the_spec_is_in_
 
 #[tokio::test]
 async fn every_operation_of_the_spec_answers_something_other_than_no_such_route() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+    }))
+    .await;
     let http = reqwest::Client::new();
     for (method, path) in spec_operations() {
         let path = path.replace("{provider}", "github").replace("{tenant}", "acme");

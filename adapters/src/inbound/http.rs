@@ -16,6 +16,7 @@ use serde_json::json;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::inbound::console::{self, ConsoleSettings};
 use crate::inbound::error::{ApiError, recover};
 use crate::inbound::ws::{self, WsSettings};
 use crate::outbound::prometheus::PrometheusMetrics;
@@ -43,11 +44,18 @@ pub struct HttpSettings {
     pub metrics: Option<Arc<PrometheusMetrics>>,
     /// `/metrics` is served by [`serve_metrics`] on its own listener, not on the main one.
     pub separate_metrics_listener: bool,
+    /// The browser console at `/`, when served.
+    pub console: Option<ConsoleSettings>,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(10), metrics: None, separate_metrics_listener: false }
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            metrics: None,
+            separate_metrics_listener: false,
+            console: None,
+        }
     }
 }
 
@@ -74,7 +82,7 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let metrics = if http.separate_metrics_listener { None } else { http.metrics.clone() };
-    let service = warp::service(routes(app, ws_settings, metrics));
+    let service = warp::service(routes(app, ws_settings, metrics, http.console.clone()));
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout);
     // Every connection task holds a sender; the receiver sees the channel close once the last
@@ -131,6 +139,7 @@ pub fn routes(
     app: Arc<Realtime>,
     ws_settings: WsSettings,
     metrics: Option<Arc<PrometheusMetrics>>,
+    console: Option<ConsoleSettings>,
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static {
     let health = warp::path!("health")
         .and(warp::get())
@@ -173,7 +182,7 @@ pub fn routes(
         .unify()
         .or(metrics_route(metrics))
         .unify()
-        .or(ws::route(app, ws_settings))
+        .or(ws::route(app.clone(), ws_settings))
         .unify()
         .or(webhooks)
         .unify()
@@ -182,6 +191,8 @@ pub fn routes(
         .or(api_disconnect)
         .unify()
         .or(api_presence)
+        .unify()
+        .or(console::routes(app, console))
         .unify()
         .recover(recover)
         .unify()
@@ -242,7 +253,7 @@ where
 
 /// Reads a body of at most [`MAX_WEBHOOK_BODY`] that must arrive within
 /// [`WEBHOOK_BODY_TIMEOUT`]; a late one is answered 408 with `late`.
-async fn read_in_time<S, B>(body: S, late: &'static str) -> Result<Bytes, Rejection>
+pub(crate) async fn read_in_time<S, B>(body: S, late: &'static str) -> Result<Bytes, Rejection>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
@@ -398,7 +409,7 @@ where
     }
 }
 
-fn webhook_error(error: &WebhookError) -> ApiError {
+pub(crate) fn webhook_error(error: &WebhookError) -> ApiError {
     match error {
         WebhookError::InvalidProvider(_) => ApiError::not_found(),
         WebhookError::MissingTenant

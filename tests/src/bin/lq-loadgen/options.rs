@@ -20,7 +20,8 @@ lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
   --payload-bytes B     padding added to every message (default 0)
   --webhook URL         webhook base URL, e.g. http://127.0.0.1:8080 (repeat to spread)
   --webhook-secret S    webhook secret of every bench tenant (default: $WEBHOOK_SECRET)
-  --redis URL           Redis the instances use, for --load redis
+  --redis URL           Redis the instances use, for --load redis: redis://host:port, or
+                        redis+cluster://host:port,host:port… for a Redis Cluster (SPUBLISH)
   --drain SECS          wait at most this long after the last publish for deliveries (default 5)
   --churn SECS          instead of holding connections: open and close connections at
                         --connect-rate for SECS

@@ -1,4 +1,5 @@
-//! Publishing numbered messages through webhooks, client messages or Redis `PUBLISH`.
+//! Publishing numbered messages through webhooks, client messages or Redis `PUBLISH` (or
+//! `SPUBLISH` on a Redis Cluster).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,48 @@ impl Published {
 /// Where client messages are sent from: per tenant, the connections' outgoing queues.
 pub(crate) type Senders = Vec<Vec<mpsc::Sender<String>>>;
 
+/// `PUBLISH` through a pool on one Redis, or `SPUBLISH` through a cluster connection, which
+/// sends each to the master owning the channel's slot.
+#[derive(Clone)]
+enum RedisPublisher {
+    Single(deadpool_redis::Pool),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl RedisPublisher {
+    /// From `redis://host:port` or `redis+cluster://host:port,host:port…`.
+    async fn new(url: &str) -> Option<Self> {
+        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+            let urls: Vec<String> = nodes.split(',').map(|node| format!("redis://{}", node.trim())).collect();
+            let client = redis::cluster::ClusterClient::new(urls).ok()?;
+            return client.get_async_connection().await.ok().map(Self::Cluster);
+        }
+        let mut config = deadpool_redis::Config::from_url(url.to_owned());
+        config.pool = Some(deadpool_redis::PoolConfig::new(64));
+        config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).ok().map(Self::Single)
+    }
+
+    async fn publish(&self, channel: &str, message: String) -> bool {
+        match self {
+            Self::Single(pool) => match pool.get().await {
+                Ok(mut connection) => redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<i64>(&mut connection)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            },
+            Self::Cluster(connection) => redis::cmd("SPUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut connection.clone())
+                .await
+                .is_ok(),
+        }
+    }
+}
+
 fn body(seq: u64, pad: &str) -> String {
     format!(r#"{{"seq":{seq},"sent":{},"pad":"{pad}"}}"#, now_micros())
 }
@@ -41,11 +84,10 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
     let failed = Arc::new(Mutex::new(vec![Vec::new(); tenants]));
     let mut attempted = vec![0u64; tenants];
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap_or_default();
-    let pool = options.redis.as_ref().and_then(|url| {
-        let mut config = deadpool_redis::Config::from_url(url.clone());
-        config.pool = Some(deadpool_redis::PoolConfig::new(64));
-        config.create_pool(Some(deadpool_redis::Runtime::Tokio1)).ok()
-    });
+    let redis = match &options.redis {
+        Some(url) => RedisPublisher::new(url).await,
+        None => None,
+    };
     // Bounds the requests in flight; every message is still sent in order of its turn.
     let in_flight = Arc::new(Semaphore::new(512));
     let started = Instant::now();
@@ -79,7 +121,7 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
                 }));
             }
             Load::Redis => {
-                let Some(pool) = pool.clone() else { break };
+                let Some(redis) = redis.clone() else { break };
                 let channel = format!("tenant:{}", tenant_name(tenant));
                 let timestamp = domain::Timestamp::from_unix_millis(now_micros() / 1000);
                 let envelope = format!(
@@ -87,15 +129,7 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
                     body(seq, &pad)
                 );
                 tasks.push(tokio::spawn(async move {
-                    let ok = match pool.get().await {
-                        Ok(mut connection) => redis::cmd("PUBLISH")
-                            .arg(&channel)
-                            .arg(envelope)
-                            .query_async::<i64>(&mut connection)
-                            .await
-                            .is_ok(),
-                        Err(_) => false,
-                    };
+                    let ok = redis.publish(&channel, envelope).await;
                     if !ok {
                         failed.lock().await[tenant].push(seq);
                     }

@@ -1,0 +1,114 @@
+// The console page: a thin user interface over lq-client.js.
+import { LqClient, describeClose } from "/console/lq-client.js";
+
+const $ = (id) => document.getElementById(id);
+const LOG_LIMIT = 200;
+let client = null;
+let config = { demo: false, token: null, webhook: false };
+
+function wsUrl() {
+  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+}
+
+function notice(text) {
+  $("notice").textContent = text;
+}
+
+function show(state, detail) {
+  $("state").textContent = state + (detail && detail.delayMs !== undefined ? ` (in ${detail.delayMs} ms)` : "");
+  $("state").dataset.state = state;
+  if (detail && detail.code !== undefined) {
+    $("close-code").textContent = String(detail.code);
+    $("close-meaning").textContent = `${detail.meaning}${detail.reason ? ` — "${detail.reason}"` : ""}`;
+  }
+  if (detail && detail.recovered !== undefined) {
+    $("recovered").textContent = detail.recovered === null ? "— (no position given)" : String(detail.recovered);
+  }
+  const connected = state === "open" || state === "connecting" || state === "reconnecting";
+  $("connect").disabled = connected;
+  $("disconnect").disabled = !connected;
+}
+
+function log(frame) {
+  const item = document.createElement("li");
+  item.dataset.type = frame.type;
+  const type = document.createElement("span");
+  type.className = "type";
+  type.textContent = frame.type;
+  const parts = [
+    frame.channel ? `channel=${frame.channel}` : null,
+    frame.from_user ? `from_user=${frame.from_user}` : null,
+    typeof frame.offset === "number" ? `offset=${frame.offset}` : null,
+    `payload=${JSON.stringify(frame.payload)}`,
+  ].filter(Boolean);
+  item.append(type, " ", parts.join(" "));
+  $("log").prepend(item);
+  while ($("log").children.length > LOG_LIMIT) $("log").lastElementChild.remove();
+}
+
+async function currentToken() {
+  const typed = $("token").value.trim();
+  if (typed) return typed;
+  throw new Error("enter a token");
+}
+
+function payload() {
+  const text = $("message").value;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+$("connect").addEventListener("click", () => {
+  if (client) client.disconnect();
+  client = new LqClient({
+    url: wsUrl(),
+    getToken: async () => {
+      // In demo mode a fresh demo token is minted for every connection and refresh.
+      if (config.demo && $("token").dataset.demo === $("token").value) {
+        const fresh = await (await fetch("/console/config")).json();
+        $("token").value = $("token").dataset.demo = fresh.token;
+      }
+      return currentToken();
+    },
+    onState: show,
+    onWelcome: (welcome) => log(welcome),
+    onEnvelope: log,
+  });
+  client.connect();
+});
+
+$("disconnect").addEventListener("click", () => client && client.disconnect());
+$("send-message").addEventListener("click", () => notice(client && client.message(payload()) ? "message sent" : "not connected"));
+$("send-direct").addEventListener("click", () => {
+  const to = $("direct-to").value.trim();
+  notice(client && client.direct(to, payload()) ? `direct message sent to ${to}` : "not connected");
+});
+$("send-presence").addEventListener("click", () => notice(client && client.presence() ? "presence asked" : "not connected"));
+$("send-webhook").addEventListener("click", async () => {
+  const response = await fetch("/console/webhook", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(payload()),
+  });
+  const body = await response.json().catch(() => ({}));
+  notice(response.ok ? `webhook accepted: ${body.message_id}` : `webhook refused: ${response.status} ${body.message || ""}`);
+});
+
+(async () => {
+  try {
+    config = await (await fetch("/console/config")).json();
+  } catch {
+    // Served without the configuration endpoint: nothing to prefill.
+  }
+  if (config.demo && config.token) {
+    $("token").value = $("token").dataset.demo = config.token;
+    $("mode").textContent = "Demo mode: connected as user demo of tenant demo with a token of this process. Set JWT_SECRET_KEY for anything but a trial.";
+  } else {
+    $("mode").textContent = "Paste a token for your tenant and user, then connect.";
+  }
+  $("send-webhook").hidden = !config.webhook;
+  window.lqConsole = { describeClose, get client() { return client; } };
+})();

@@ -1,0 +1,205 @@
+// lq-client.js — a small browser client for lq-realtime (no dependencies, an ES module).
+//
+// It keeps one WebSocket open to /ws:
+// - reconnects after any close it may reconnect after, with exponential backoff and jitter;
+// - resumes where it stopped: every envelope of a tenant or user channel carries its `offset`
+//   and `epoch`, the client remembers the latest of each channel and reconnects with
+//   `since=<epoch>:<offset>` (tenant channel) and `user_since=` (user channel), so the server
+//   replays what was missed (`welcome.payload.recovered === true`) or says it cannot
+//   (`recovered === false`: resync from your own backend);
+// - refreshes its token before it expires with a `refresh` frame, asking `getToken()` for a
+//   fresh one, and asks again before every reconnection.
+//
+//   import { LqClient } from "./lq-client.js";
+//   const client = new LqClient({
+//     url: "wss://realtime.example.com/ws",
+//     getToken: async () => (await fetch("/my-backend/realtime-token")).text(),
+//     onEnvelope: (envelope) => console.log(envelope.type, envelope.payload),
+//     onWelcome: (welcome) => { if (welcome.payload.recovered === false) resyncFromBackend(); },
+//   });
+//   client.connect();
+//   client.message({ text: "hello" });
+
+/** What each close code means, as docs/protocol.md lists them, and whether to reconnect. */
+export const CLOSE_CODES = {
+  1000: { meaning: "closed normally", reconnect: false },
+  1001: { meaning: "server shutting down or draining, or idle timeout", reconnect: true },
+  1002: { meaning: "protocol error", reconnect: false },
+  1006: { meaning: "connection lost without a close frame (network, server down, or refused)", reconnect: true },
+  1007: { meaning: "invalid UTF-8", reconnect: false },
+  1008: { meaning: "policy violation: kept flooding past the rate limit", reconnect: true, delayMs: 10000 },
+  1009: { meaning: "message over MAX_MESSAGE_BYTES", reconnect: false },
+  1011: { meaning: "internal error", reconnect: true },
+  4001: { meaning: "token expired and not refreshed", reconnect: true },
+  4003: { meaning: "disconnected on purpose: inactive, or by a backend", reconnect: false },
+  4008: { meaning: "slow consumer: outbound queue overflowed", reconnect: true },
+  4009: { meaning: "the instance missed messages: reconnect with since to recover", reconnect: true, delayMs: 0 },
+};
+
+/** The meaning of a close code. */
+export function describeClose(code) {
+  return (CLOSE_CODES[code] || { meaning: "unknown close code" }).meaning;
+}
+
+/** Seconds since the epoch at which a JWT expires, or null when it cannot be read. */
+export function tokenExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4))).exp;
+    return typeof exp === "number" ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
+export class LqClient {
+  /**
+   * @param {object} options
+   * @param {string} options.url             the /ws URL (ws:// or wss://)
+   * @param {() => Promise<string>|string} options.getToken   a current token, asked before
+   *        every connection and before the token in use expires
+   * @param {(envelope: object) => void} [options.onEnvelope] every frame but welcome
+   * @param {(welcome: object) => void} [options.onWelcome]
+   * @param {(state: string, detail?: object) => void} [options.onState] "connecting", "open",
+   *        "reconnecting" (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code,
+   *        reason, meaning})
+   * @param {number} [options.minDelayMs]  first reconnection delay (default 500)
+   * @param {number} [options.maxDelayMs]  longest reconnection delay (default 15000)
+   */
+  constructor(options) {
+    this.options = { minDelayMs: 500, maxDelayMs: 15000, ...options };
+    this.positions = {}; // channel -> {offset, epoch}
+    this.state = "idle";
+    this.socket = null;
+    this.attempts = 0;
+    this.stopped = true;
+    this.timers = { reconnect: null, refresh: null };
+  }
+
+  /** Opens the connection (and keeps it open until disconnect()). */
+  connect() {
+    this.stopped = false;
+    this.attempts = 0;
+    this.open();
+  }
+
+  /** Closes the connection with 1000 and stops reconnecting. */
+  disconnect() {
+    this.stopped = true;
+    this.clearTimers();
+    if (this.socket) this.socket.close(1000, "bye");
+    else this.setState("closed", { code: 1000, reason: "", meaning: describeClose(1000) });
+  }
+
+  /** Sends a frame; returns false when the connection is not open. */
+  send(frame) {
+    if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return false;
+    this.socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  message(payload) { return this.send({ type: "message", payload }); }
+  direct(toUser, payload) { return this.send({ type: "direct", to_user: toUser, payload }); }
+  presence() { return this.send({ type: "presence" }); }
+
+  setState(state, detail) {
+    this.state = state;
+    if (this.options.onState) this.options.onState(state, detail);
+  }
+
+  clearTimers() {
+    clearTimeout(this.timers.reconnect);
+    clearTimeout(this.timers.refresh);
+  }
+
+  /** The resume part of the query: the last position of the tenant and user channels. */
+  resumeQuery() {
+    let query = "";
+    for (const [channel, position] of Object.entries(this.positions)) {
+      const value = encodeURIComponent(`${position.epoch}:${position.offset}`);
+      if (channel.startsWith("tenant:")) query += `&since=${value}`;
+      if (channel.startsWith("user:")) query += `&user_since=${value}`;
+    }
+    return query;
+  }
+
+  async open() {
+    this.setState(this.attempts === 0 ? "connecting" : "reconnecting");
+    let token;
+    try {
+      token = await this.options.getToken();
+    } catch (error) {
+      this.scheduleReconnect({ code: 1006, reason: `no token: ${error}` });
+      return;
+    }
+    if (this.stopped) return;
+    const socket = new WebSocket(`${this.options.url}?token=${encodeURIComponent(token)}${this.resumeQuery()}`);
+    this.socket = socket;
+    socket.onmessage = (event) => this.receive(event.data, token);
+    socket.onclose = (event) => {
+      if (this.socket === socket) this.socket = null;
+      clearTimeout(this.timers.refresh);
+      const info = { code: event.code, reason: event.reason, meaning: describeClose(event.code) };
+      const rule = CLOSE_CODES[event.code] || { reconnect: true };
+      if (this.stopped || !rule.reconnect) {
+        this.stopped = true;
+        this.setState("closed", info);
+      } else {
+        this.scheduleReconnect(info, rule.delayMs);
+      }
+    };
+  }
+
+  receive(data, token) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (frame.channel && typeof frame.offset === "number" && frame.epoch) {
+      this.positions[frame.channel] = { offset: frame.offset, epoch: frame.epoch };
+    }
+    if (frame.type === "welcome") {
+      this.attempts = 0;
+      // The server's positions are where live delivery starts; replayed messages follow.
+      // When recovered, the replayed envelopes that follow move the positions on; otherwise
+      // the client starts from where the server stands.
+      for (const [channel, position] of Object.entries(frame.payload.positions || {})) {
+        if (frame.payload.recovered !== true || !this.positions[channel]) this.positions[channel] = position;
+      }
+      this.scheduleRefresh(token);
+      this.setState("open", { recovered: frame.payload.recovered });
+      if (this.options.onWelcome) this.options.onWelcome(frame);
+      return;
+    }
+    if (frame.type === "refreshed" && frame.payload && frame.payload.exp) {
+      this.scheduleRefresh(null, frame.payload.exp);
+    }
+    if (this.options.onEnvelope) this.options.onEnvelope(frame);
+  }
+
+  /** Sends a fresh token at 80 % of the current one's remaining lifetime. */
+  scheduleRefresh(token, exp = token && tokenExpiry(token)) {
+    clearTimeout(this.timers.refresh);
+    if (!exp) return;
+    const remainingMs = exp * 1000 - Date.now();
+    this.timers.refresh = setTimeout(async () => {
+      try {
+        const fresh = await this.options.getToken();
+        this.send({ type: "refresh", token: fresh });
+      } catch {
+        // The server closes with 4001 at expiry; the reconnection asks for a token again.
+      }
+    }, Math.max(1000, remainingMs * 0.8));
+  }
+
+  scheduleReconnect(info, delayMs) {
+    this.attempts += 1;
+    const backoff = Math.min(this.options.maxDelayMs, this.options.minDelayMs * 2 ** (this.attempts - 1));
+    const delay = delayMs !== undefined ? delayMs : backoff / 2 + Math.random() * (backoff / 2);
+    this.setState("reconnecting", { ...info, delayMs: Math.round(delay) });
+    clearTimeout(this.timers.reconnect);
+    this.timers.reconnect = setTimeout(() => this.open(), delay);
+  }
+}

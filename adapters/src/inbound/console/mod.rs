@@ -1,0 +1,134 @@
+//! The browser console at `GET /`: one static page, its script and style, and the reference
+//! JavaScript client (`lq-client.js`), all embedded in the binary. In demo mode (no
+//! `JWT_SECRET_KEY`), `GET /console/config` hands the page a fresh demo token and
+//! `POST /console/webhook` relays a correctly signed test webhook to the demo tenant.
+
+use std::sync::Arc;
+
+use application::ports::Headers;
+use application::{Realtime, WebhookRequest};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::inbound::error::ApiError;
+use crate::inbound::http::read_in_time;
+use crate::outbound::signatures::sign;
+
+const INDEX: &str = include_str!("index.html");
+const SCRIPT: &str = include_str!("console.js");
+const CLIENT: &str = include_str!("lq-client.js");
+const STYLE: &str = include_str!("console.css");
+
+/// The provider name of the console's test webhooks.
+pub const CONSOLE_PROVIDER: &str = "console";
+/// The tenant of the demo token and of the console's test webhooks.
+pub const DEMO_TENANT: &str = "demo";
+
+/// The page's own resources only; WebSockets to this origin.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+/// What the console offers in demo mode.
+#[derive(Clone)]
+pub struct Demo {
+    /// Mints a token for user `demo` of tenant `demo`.
+    pub token: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// The secret the demo tenant's `console` provider verifies with (`hmac-sha256`).
+    pub webhook_secret: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Demo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Demo").finish_non_exhaustive()
+    }
+}
+
+/// The console, when served.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleSettings {
+    /// Set in demo mode only.
+    pub demo: Option<Demo>,
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = Response::new(body.into());
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
+/// The console's routes; with `settings` unset none of them exists.
+pub fn routes(
+    app: Arc<Realtime>,
+    settings: Option<ConsoleSettings>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+    let enabled = settings.is_some();
+    let demo = settings.and_then(|s| s.demo);
+    let on = warp::any()
+        .and_then(move || async move { if enabled { Ok(()) } else { Err(warp::reject::not_found()) } });
+    let on = on.untuple_one();
+    let page = warp::path::end().and(warp::get()).map(|| asset(INDEX, "text/html; charset=utf-8"));
+    let script = warp::path!("console" / "console.js")
+        .and(warp::get())
+        .map(|| asset(SCRIPT, "text/javascript; charset=utf-8"));
+    let client = warp::path!("console" / "lq-client.js")
+        .and(warp::get())
+        .map(|| asset(CLIENT, "text/javascript; charset=utf-8"));
+    let style = warp::path!("console" / "console.css")
+        .and(warp::get())
+        .map(|| asset(STYLE, "text/css; charset=utf-8"));
+    let config_demo = demo.clone();
+    let config = warp::path!("console" / "config").and(warp::get()).map(move || {
+        let token = config_demo.as_ref().and_then(|demo| (demo.token)());
+        let body = json!({"demo": token.is_some(), "token": token, "tenant": token.as_ref().map(|_| DEMO_TENANT), "webhook": config_demo.is_some()});
+        let mut response = warp::reply::json(&body).into_response();
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    });
+    let webhook = warp::path!("console" / "webhook").and(warp::post()).and(warp::body::stream()).and_then(
+        move |body| {
+            let (app, demo) = (app.clone(), demo.clone());
+            async move {
+                // As any webhook: at most 1 MiB, within 30 s.
+                let body = read_in_time(body, "the webhook body did not arrive in time").await?;
+                test_webhook(&app, demo.as_ref(), &body).await
+            }
+        },
+    );
+    on.and(
+        page.or(script).unify().or(client).unify().or(style).unify().or(config).unify().or(webhook).unify(),
+    )
+}
+
+/// Signs `body` as the demo tenant's `console` provider would and relays it like any webhook.
+async fn test_webhook(app: &Realtime, demo: Option<&Demo>, body: &[u8]) -> Result<Response, Rejection> {
+    let Some(demo) = demo else {
+        return Err(warp::reject::custom(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the test webhook exists in demo mode only (without JWT_SECRET_KEY)",
+        )));
+    };
+    let signature = sign::sha256_header(&demo.webhook_secret, body);
+    let headers = [("x-signature", signature.as_str())];
+    let request = WebhookRequest {
+        provider: CONSOLE_PROVIDER,
+        path_tenant: Some(DEMO_TENANT),
+        headers: Headers(&headers),
+        body,
+    };
+    match app.webhooks.ingest(request).await {
+        Ok(accepted) => {
+            Ok(warp::reply::json(&json!({"status": "accepted", "message_id": accepted.message_id.as_str()}))
+                .into_response())
+        }
+        Err(error) => Err(warp::reject::custom(crate::inbound::http::webhook_error(&error))),
+    }
+}

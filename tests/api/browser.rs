@@ -1,0 +1,413 @@
+//! The console at `/` in a real browser: Debian's Chromium, headless, driven through
+//! `chromedriver` over the WebDriver protocol. A screenshot of the console after the scripted
+//! session is saved to `target/browser/console.png`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::helpers::*;
+use crate::process;
+use crate::redis_support::{RedisServer, free_port};
+
+/// The W3C WebDriver key of an element reference.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A headless Chromium session; the browser and its driver end with it.
+struct Browser {
+    driver: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+    _profile: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = free_port();
+        let driver = tokio::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start chromedriver ({e}); install it with `apt-get install -y chromium chromium-driver`")
+            });
+        let http = reqwest::Client::new();
+        let root = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = http.get(format!("{root}/status")).send().await;
+            if let Ok(response) = ready
+                && response.json::<Value>().await.is_ok_and(|v| v["value"]["ready"] == true)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile =
+            std::env::temp_dir().join(format!("lq-realtime-chromium-{}-{port}", std::process::id()));
+        let capabilities = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1200,900", format!("--user-data-dir={}", profile.display())],
+            },
+        }}});
+        let session: Value = http
+            .post(format!("{root}/session"))
+            .json(&capabilities)
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("session JSON");
+        let id = session["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {session}"));
+        Self { driver, base: format!("{root}/session/{id}"), http, _profile: TempDir(profile) }
+    }
+
+    async fn command(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        let request = if body.is_null() { request } else { request.json(&body) };
+        let answer: Value =
+            request.send().await.expect("WebDriver request").json().await.expect("WebDriver JSON");
+        assert!(answer["value"]["error"].is_null(), "WebDriver {path}: {answer}");
+        answer["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.command(reqwest::Method::POST, "/url", json!({"url": url})).await;
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let found = self
+            .command(reqwest::Method::POST, "/element", json!({"using": "css selector", "value": css}))
+            .await;
+        found[ELEMENT].as_str().expect("element id").to_owned()
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.element(css).await;
+        self.command(reqwest::Method::POST, &format!("/element/{id}/click"), json!({})).await;
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        let id = self.element(css).await;
+        self.command(reqwest::Method::POST, &format!("/element/{id}/clear"), json!({})).await;
+        self.command(reqwest::Method::POST, &format!("/element/{id}/value"), json!({"text": text})).await;
+    }
+
+    /// Runs `script` (a function body) in the page and returns what it returns.
+    async fn eval(&self, script: &str) -> Value {
+        self.command(reqwest::Method::POST, "/execute/sync", json!({"script": script, "args": []})).await
+    }
+
+    /// Waits until `script` returns something truthy, and returns it.
+    async fn until(&self, what: &str, script: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let value = self.eval(script).await;
+            if !(value.is_null() || value == false || value == "") {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}; page state: {}",
+                self.state().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The console's visible state, for failure messages.
+    async fn state(&self) -> Value {
+        self.eval(
+            "const t = (id) => (document.getElementById(id) || {}).textContent; \
+             return {state: t('state'), close: t('close-code') + ' ' + t('close-meaning'), recovered: t('recovered'), \
+                     notice: t('notice'), log: [...document.querySelectorAll('#log li')].slice(0, 5).map(li => li.textContent)};",
+        )
+        .await
+    }
+
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.command(reqwest::Method::GET, "/screenshot", Value::Null).await;
+        let bytes = b64_decode(png.as_str().expect("base64 PNG"));
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser");
+        std::fs::create_dir_all(&dir).expect("target/browser");
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("screenshot written");
+        path
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ends the session (and the browser) before the driver is killed.
+        let url = self.base.clone();
+        let _ = std::thread::spawn(move || {
+            let _ = std::process::Command::new("curl").args(["-s", "-X", "DELETE", &url]).output();
+        })
+        .join();
+        let _ = self.driver.start_kill();
+    }
+}
+
+fn b64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for byte in text.bytes().filter(|b| *b != b'=') {
+        let value = ALPHABET.iter().position(|c| *c == byte).expect("base64") as u32;
+        buffer = (buffer << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+const PATIENCE_IN_PAGE: Duration = Duration::from_secs(10);
+
+/// The newest log entry of `kind`, as the page shows it.
+fn newest(kind: &str) -> String {
+    format!(
+        "const li = document.querySelector('#log li[data-type=\"{kind}\"]'); return li && li.textContent;"
+    )
+}
+
+#[tokio::test]
+async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arriving() {
+    // Demo mode: no JWT_SECRET_KEY, so the console is on and prefilled.
+    let app = spawn_app_with(test_config(|vars| {
+        vars.remove("JWT_SECRET_KEY");
+        vars.insert("PRESENCE".to_owned(), "on".to_owned());
+    }))
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser
+        .until("demo token prefilled", "return document.getElementById('token').value;", PATIENCE_IN_PAGE)
+        .await;
+    browser.click("#connect").await;
+    browser
+        .until(
+            "connected",
+            "return document.getElementById('state').textContent === 'open';",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    let welcome = browser.until("welcome logged", &newest("welcome"), PATIENCE_IN_PAGE).await;
+    assert!(welcome.as_str().expect("text").contains("\"user_id\":\"demo\""), "{welcome}");
+
+    browser.fill("#message", r#"{"text":"hello from the browser"}"#).await;
+    browser.click("#send-message").await;
+    let message = browser.until("own message received", &newest("message"), PATIENCE_IN_PAGE).await;
+    let message = message.as_str().expect("text");
+    assert!(message.contains("channel=tenant:demo") && message.contains("from_user=demo"), "{message}");
+    assert!(message.contains(r#"payload={"text":"hello from the browser"}"#), "{message}");
+
+    browser.click("#send-presence").await;
+    let presence = browser.until("presence answered", &newest("presence"), PATIENCE_IN_PAGE).await;
+    assert!(presence.as_str().expect("text").contains(r#"{"user_id":"demo","connections":1}"#), "{presence}");
+
+    browser.fill("#message", r#"{"action":"deployed"}"#).await;
+    browser.click("#send-webhook").await;
+    let webhook = browser.until("test webhook received", &newest("webhook"), PATIENCE_IN_PAGE).await;
+    let webhook = webhook.as_str().expect("text");
+    assert!(webhook.contains(r#"payload={"provider":"console","data":{"action":"deployed"}}"#), "{webhook}");
+    let notice = browser.eval("return document.getElementById('notice').textContent;").await;
+    assert!(notice.as_str().expect("text").starts_with("webhook accepted: "), "{notice}");
+    let path = browser.screenshot("console.png").await;
+    assert!(std::fs::metadata(&path).expect("screenshot").len() > 1000);
+
+    browser.click("#disconnect").await;
+    browser
+        .until(
+            "closed",
+            "return document.getElementById('state').textContent === 'closed';",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    let close = browser.eval("return document.getElementById('close-code').textContent;").await;
+    assert_eq!(close, "1000");
+}
+
+#[tokio::test]
+async fn after_the_server_is_killed_and_restarted_the_console_reconnects_and_reports_recovered() {
+    let redis = RedisServer::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("BIND_ADDR", addr.as_str()),
+        ("REDIS_URL", &redis.url()),
+        ("CONSOLE", "on"),
+        ("API_KEYS", "backend-api-key-0123456789"),
+    ];
+    let server = process::start(&env).await;
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{addr}/")).await;
+    browser.fill("#token", &token("ann", "acme")).await;
+    browser.click("#connect").await;
+    browser
+        .until(
+            "connected",
+            "return document.getElementById('state').textContent === 'open';",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    // A message gives the page a position to resume from.
+    let publish = |n: u32| {
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/api/publish");
+        async move {
+            http.post(url)
+                .bearer_auth("backend-api-key-0123456789")
+                .json(&json!({"channel": "tenant:acme", "type": "note", "payload": n}))
+                .send()
+                .await
+                .expect("published")
+                .status()
+        }
+    };
+    assert_eq!(publish(1).await, 200);
+    browser.until("first note", &newest("note"), PATIENCE_IN_PAGE).await;
+
+    server.signal("KILL");
+    browser
+        .until(
+            "reconnecting",
+            "return document.getElementById('state').textContent.startsWith('reconnecting');",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    let close = browser.eval("return document.getElementById('close-code').textContent;").await;
+    assert_eq!(close, "1006", "the connection was lost without a close frame");
+    let restarted = process::start(&env).await;
+    browser
+        .until(
+            "reconnected",
+            "return document.getElementById('state').textContent === 'open';",
+            Duration::from_secs(30),
+        )
+        .await;
+    let recovered = browser.eval("return document.getElementById('recovered').textContent;").await;
+    assert_eq!(recovered, "true", "{}", browser.state().await);
+    assert_eq!(publish(2).await, 200);
+    let note = browser.until("second note", "const li = document.querySelector('#log li[data-type=\"note\"]'); return li && li.textContent.includes('payload=2') && li.textContent;", PATIENCE_IN_PAGE).await;
+    assert!(note.as_str().expect("text").contains("offset=2"), "{note}");
+    drop(restarted);
+}
+
+/// Serves one HTML page on a free port of 127.0.0.1, for as long as the task lives.
+async fn serve_page(html: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bound");
+    let origin = format!("http://{}", listener.local_addr().expect("address"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut request).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}",
+                    html.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (origin, task)
+}
+
+#[tokio::test]
+async fn with_allowed_origins_set_the_console_connects_and_a_page_from_another_origin_is_refused() {
+    let port = free_port();
+    let own_origin = format!("http://127.0.0.1:{port}");
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("BIND_ADDR".to_owned(), format!("127.0.0.1:{port}"));
+        vars.insert("ALLOWED_ORIGINS".to_owned(), own_origin.clone());
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+    }))
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.fill("#token", &token("ann", "acme")).await;
+    browser.click("#connect").await;
+    browser
+        .until(
+            "connected from the allowed origin",
+            "return document.getElementById('state').textContent === 'open';",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+
+    let page = format!(
+        "<!doctype html><title>foreign</title><script>\
+         const ws = new WebSocket('ws://127.0.0.1:{port}/ws?token={}');\
+         ws.onopen = () => document.title = 'open';\
+         ws.onclose = (e) => document.title = 'closed ' + e.code;\
+         </script>",
+        token("mallory", "acme")
+    );
+    let (foreign, _server) = serve_page(page).await;
+    assert_ne!(foreign, own_origin);
+    browser.goto(&format!("{foreign}/")).await;
+    let title = browser
+        .until(
+            "the foreign page's socket ended",
+            "return document.title.startsWith('closed') && document.title;",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    // The server answered the upgrade with 403: the browser reports an abnormal closure.
+    assert_eq!(title, "closed 1006");
+}
+
+#[tokio::test]
+async fn the_console_is_on_in_demo_mode_off_with_a_secret_unless_turned_on_and_demo_only_endpoints_say_so() {
+    let demo = spawn_app_with(test_config(|vars| {
+        vars.remove("JWT_SECRET_KEY");
+    }))
+    .await;
+    let page = demo.http.get(demo.url("/")).send().await.expect("request");
+    assert_eq!(page.status(), 200);
+    let headers = page.headers().clone();
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert!(headers["content-security-policy"].to_str().expect("ascii").contains("script-src 'self'"));
+    assert!(page.text().await.expect("body").contains("lq-realtime console"));
+    let config = demo.get("/console/config").await;
+    assert_eq!((config.body["demo"].clone(), config.body["webhook"].clone()), (json!(true), json!(true)));
+    assert_eq!(config.body["token"].as_str().expect("a token").split('.').count(), 3);
+
+    let with_secret = spawn_app().await;
+    let answer = with_secret.get("/").await;
+    assert_eq!((answer.status, answer.body["message"].as_str()), (404, Some("no such route")));
+
+    let turned_on = spawn_app_with(test_config(|vars| {
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+    }))
+    .await;
+    assert_eq!(turned_on.get("/").await.status, 200);
+    let config = turned_on.get("/console/config").await;
+    assert_eq!(config.body, json!({"demo": false, "token": null, "tenant": null, "webhook": false}));
+    let refused =
+        turned_on.http.post(turned_on.url("/console/webhook")).body("{}").send().await.expect("request");
+    assert_eq!(refused.status(), 404);
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(body["message"], "the test webhook exists in demo mode only (without JWT_SECRET_KEY)");
+}
