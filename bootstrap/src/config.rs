@@ -24,7 +24,8 @@ pub const DEFAULT_BIND_ADDR: &str = "0.0.0.0:8080";
 /// HS256 secret for client tokens, at least [`MIN_JWT_SECRET_BYTES`] bytes.
 pub const ENV_JWT_SECRET_KEY: &str = "JWT_SECRET_KEY";
 pub const MIN_JWT_SECRET_BYTES: usize = 32;
-/// Redis URL of the broker; unset (and no Sentinel) means the in-process broker.
+/// Redis URL of the broker (`redis+cluster://host:port,…` for a Redis Cluster); unset (and no
+/// Sentinel nor cluster) means the in-process broker.
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
 /// Connections in the Redis publish pool.
 pub const ENV_REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
@@ -155,7 +156,7 @@ impl fmt::Debug for JwtSecret {
 pub enum BrokerConfig {
     /// No Redis configured: a single instance with the in-process broker.
     InProcess,
-    /// Redis, reached directly or through Sentinel.
+    /// Redis, reached directly, through Sentinel, or as a cluster.
     Redis { target: RedisTarget, pool_size: usize },
 }
 
@@ -258,10 +259,17 @@ fn host_ports<F: Fn(&str) -> Option<String>>(
     let mut nodes = Vec::new();
     for entry in list.split(',').map(str::trim) {
         match entry.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Some((host, port))
+                if !host.is_empty()
+                    && !host.contains(['/', '@', ' '])
+                    && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+            {
                 nodes.push(entry.to_owned());
             }
-            _ => r.fail(variable, format!("expected host:port[,host:port…], got {entry:?}")),
+            _ => r.fail(
+                variable,
+                format!("expected host:port[,host:port…] (no scheme, no password), got {entry:?}"),
+            ),
         }
     }
     nodes
@@ -781,6 +789,8 @@ mod tests {
             (&[(ENV_REDIS_CLUSTER_NODES, "a:1"), (ENV_REDIS_SENTINELS, "s:1")][..], ENV_REDIS_SENTINELS),
             (&[(ENV_REDIS_URL, "redis+cluster://a:1"), (ENV_REDIS_CLUSTER_NODES, "a:1")][..], ENV_REDIS_URL),
             (&[(ENV_REDIS_URL, "redis+cluster://a:0")][..], ENV_REDIS_URL),
+            (&[(ENV_REDIS_CLUSTER_NODES, "redis://a:1")][..], ENV_REDIS_CLUSTER_NODES),
+            (&[(ENV_REDIS_CLUSTER_NODES, "user:pw@a:1")][..], ENV_REDIS_CLUSTER_NODES),
             (&[(ENV_WEBHOOK_DEDUP_SECS, "2592001")][..], ENV_WEBHOOK_DEDUP_SECS),
             (&[(ENV_HISTORY_SIZE, "-1")][..], ENV_HISTORY_SIZE),
             (&[(ENV_API_KEYS, "short")][..], ENV_API_KEYS),

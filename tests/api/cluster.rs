@@ -37,10 +37,17 @@ async fn the_cluster_broker_keeps_the_history_contract() {
 }
 
 async fn on_cluster(cluster: &RedisCluster) -> TestApp {
+    on_cluster_with(cluster, &[]).await
+}
+
+async fn on_cluster_with(cluster: &RedisCluster, extra: &[(&str, &str)]) -> TestApp {
     let seeds = cluster.seeds();
     let app = spawn_app_with(test_config(|vars| {
         vars.insert("REDIS_CLUSTER_NODES".to_owned(), seeds);
         vars.insert("API_KEYS".to_owned(), KEY.to_owned());
+        for (key, value) in extra {
+            vars.insert((*key).to_owned(), (*value).to_owned());
+        }
     }))
     .await;
     app.wait_ready(Duration::from_secs(10)).await;
@@ -243,4 +250,35 @@ async fn when_a_master_fails_over_its_channels_resume_within_5_s_and_the_others_
         }
         client.expect_nothing_pending().await;
     }
+}
+
+#[tokio::test]
+async fn presence_is_shared_by_the_instances_of_a_cluster() {
+    let cluster = RedisCluster::start(false);
+    let (a, b) = (
+        on_cluster_with(&cluster, &[("PRESENCE", "on")]).await,
+        on_cluster_with(&cluster, &[("PRESENCE", "on")]).await,
+    );
+    let mut watcher = a.connect("ann", "acme").await;
+    let _bob = b.connect("bob", "acme").await;
+    // Ann saw her own join first, then Bob's, announced by the other instance.
+    let mut joined = Vec::new();
+    while joined.len() < 2 {
+        let frame = watcher.next_json().await;
+        if frame["type"] == "presence.join" {
+            joined.push(frame["payload"]["user_id"].as_str().expect("user").to_owned());
+        }
+    }
+    assert!(joined.contains(&"bob".to_owned()), "{joined:?}");
+    let answer =
+        a.http.get(a.url("/api/tenants/acme/presence")).bearer_auth(KEY).send().await.expect("request");
+    let body: Value = answer.json().await.expect("JSON");
+    let mut users: Vec<String> = body["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["user_id"].as_str().expect("id").to_owned())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["ann", "bob"]);
 }

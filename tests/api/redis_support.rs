@@ -190,6 +190,15 @@ pub(crate) struct RedisCluster {
 
 impl RedisCluster {
     pub(crate) fn start(replicas: bool) -> Self {
+        let version = Command::new("redis-server").arg("--version").output().expect("redis-server runs");
+        let version = String::from_utf8_lossy(&version.stdout).into_owned();
+        let major: u32 = version
+            .split("v=")
+            .nth(1)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        assert!(major >= 7, "the cluster tests need Redis 7.0 or later (sharded Pub/Sub): {version}");
         let count = if replicas { 6 } else { 3 };
         let nodes: Vec<RedisServer> = (0..count)
             // As docs/operations.md recommends: the other masters keep serving while one fails over.

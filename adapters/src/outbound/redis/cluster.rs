@@ -1,6 +1,7 @@
 //! The subscriber of a Redis Cluster: sharded Pub/Sub (`SSUBSCRIBE`) over one cluster
-//! connection, which holds one multiplexed connection per node and carries every command of
-//! the instance too (publishes, scripts, presence, delivery ids).
+//! connection of the `redis` crate, which holds one multiplexed connection per node. Commands
+//! (publishes, scripts, presence, delivery ids) do not use it: they go through the per-master
+//! pools of `routing`, so that a failing master never delays the others.
 //!
 //! - A sharded channel lives on the master owning its hash slot, and one `SSUBSCRIBE` may only
 //!   name channels of one slot: subscriptions are sent grouped by slot, each group on its own
@@ -12,10 +13,13 @@
 //!   meanwhile never arrived.
 //! - A slot migrated away ends its channels' subscriptions with a server-sent `sunsubscribe`:
 //!   those channels are subscribed again, now on their new owner, and then checked likewise.
+//! - Every probe interval the topology is read through the pools; channels whose slot changed
+//!   owner are subscribed again, on the new owner, then checked.
 //! - Each master has a probe channel (a name hashing to one of its slots); a probe is published
-//!   to each every second. Publishing is also what makes the connection notice a dead master
-//!   and refresh the topology. A master whose probes are accepted but do not come back has its
-//!   channels subscribed again; when that does not help, the whole session starts over.
+//!   to each every second through the pools. A master whose probes are accepted but do not come
+//!   back has its channels subscribed again; when that does not help, the whole session starts
+//!   over. A master that cannot be reached (failing over) does not make the instance unready:
+//!   the other masters' channels work on, and its own resume once a replica took over.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -255,7 +259,9 @@ impl Session {
     /// it notices), then checked.
     async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), String> {
         let Some(pools) = shared.pool.cluster() else { return Err("not a cluster".to_owned()) };
-        let topology = shared.timed(pools.refresh()).await.map_err(|e| e.to_string())?;
+        let refreshed = shared.timed(pools.refresh()).await;
+        shared.publisher_up.store(refreshed.is_ok(), Ordering::Release);
+        let topology = refreshed.map_err(|e| e.to_string())?;
         if *topology == self.topology {
             return Ok(());
         }
@@ -519,7 +525,9 @@ impl Session {
             } else {
                 probe.missed = 0;
             }
-            missing |= unreachable || !self.internal_active.contains(&probe.channel);
+            // A master that cannot be reached is failing over: its channels are unavailable
+            // until a replica took over, the others work on.
+            missing |= !unreachable && !self.internal_active.contains(&probe.channel);
         }
         shared.probe_missing.store(missing, Ordering::Release);
         for node in deaf_nodes {

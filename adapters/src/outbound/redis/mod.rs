@@ -12,14 +12,21 @@
 //!   subscriber; when it stops coming back the subscriber is presumed deaf (the state a
 //!   connection can be left in after a failover) and is reconnected.
 //! - With Sentinel, both the pool and the subscriber ask the sentinels for the current master.
+//! - On a Redis Cluster, channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): commands go through a
+//!   pool per master, routed by hash slot, and the subscriptions through one cluster connection
+//!   (one connection per node); see `cluster` and `routing`.
 //! - Messages of `tenant:` and `user:` channels are published by a Lua script that also
 //!   appends them to the channel's history (see `history`).
 //!
 //! # Layout
 //! - [`mod@self`]: settings, the broker and its port implementation.
 //! - `subscriber`: the subscriber connection's life: connect, reconcile, dispatch, probe.
-//! - `target`: a plain Redis URL or a Sentinel-managed master.
+//! - `cluster`: the same on a Redis Cluster: slot-grouped subscriptions, re-subscription
+//!   where slots moved, a probe per master.
+//! - `routing`: a Redis Cluster's topology, hash slots, and the per-master pools.
+//! - `target`: a plain Redis URL, a Sentinel-managed master, or a cluster.
 //! - `history`: the publish-and-append and read scripts.
+//! - `delivery_log`, `presence`: webhook delivery ids and presence, on the same pools.
 
 mod cluster;
 mod delivery_log;
@@ -164,7 +171,11 @@ impl Shared {
                 self.settings.op_timeout
             ))),
         };
-        self.publisher_up.store(result.is_ok(), Ordering::Release);
+        // On a cluster one failing master says nothing of the others: there, whether Redis
+        // answers is judged by the topology refresh of every probe interval.
+        if self.pool.cluster().is_none() {
+            self.publisher_up.store(result.is_ok(), Ordering::Release);
+        }
         result
     }
 }

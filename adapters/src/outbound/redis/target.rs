@@ -171,7 +171,7 @@ impl PublishPool {
             Self::Sentinel(pool) => {
                 pool.retain(|_, _| false);
             }
-            // The cluster connection reconnects each node by itself.
+            // Each master's pool is dropped once a topology refresh no longer lists it.
             Self::Cluster(_) => {}
         }
     }
