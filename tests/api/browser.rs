@@ -411,3 +411,58 @@ async fn the_console_is_on_in_demo_mode_off_with_a_secret_unless_turned_on_and_d
     let body: Value = refused.json().await.expect("JSON");
     assert_eq!(body["message"], "the test webhook exists in demo mode only (without JWT_SECRET_KEY)");
 }
+
+#[tokio::test]
+async fn the_client_refreshes_its_token_before_it_expires_and_does_not_reconnect_after_4003() {
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+        vars.insert("API_KEYS".to_owned(), "backend-api-key-0123456789".to_owned());
+    }))
+    .await;
+    let short = sign_claims(
+        &json!({"user_id": "ann", "tenant_id": "acme", "scope": "ws:connect", "exp": now_secs() + 4}),
+        jsonwebtoken::Algorithm::HS256,
+        JWT_SECRET,
+    );
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.fill("#token", &short).await;
+    browser.click("#connect").await;
+    browser
+        .until(
+            "connected",
+            "return document.getElementById('state').textContent === 'open';",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    // The page's token source now gives a longer-lived token: the client sends it as a refresh
+    // before the first one expires (4 s, plus the server's 5 s leeway).
+    browser.fill("#token", &token("ann", "acme")).await;
+    let refreshed = browser.until("token refreshed", &newest("refreshed"), PATIENCE_IN_PAGE).await;
+    assert!(refreshed.as_str().expect("text").contains("exp"), "{refreshed}");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let state = browser.state().await;
+    assert_eq!(state["state"], "open", "still connected after the first token's deadline: {state}");
+    assert_eq!(state["close"], "— ", "never closed: {state}");
+
+    // A backend disconnects the user: 4003, and the client stays closed.
+    let answer = app
+        .http
+        .post(app.url("/api/disconnect"))
+        .bearer_auth("backend-api-key-0123456789")
+        .json(&json!({"tenant_id": "acme", "user_id": "ann"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 200);
+    browser
+        .until(
+            "closed",
+            "return document.getElementById('state').textContent === 'closed';",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    assert_eq!(browser.eval("return document.getElementById('close-code').textContent;").await, "4003");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(browser.eval("return document.getElementById('state').textContent;").await, "closed");
+}
