@@ -388,10 +388,28 @@ async fn the_console_is_on_in_demo_mode_off_with_a_secret_unless_turned_on_and_d
     assert_eq!(page.status(), 200);
     let headers = page.headers().clone();
     assert_eq!(headers["content-type"], "text/html; charset=utf-8");
-    assert!(headers["content-security-policy"].to_str().expect("ascii").contains("script-src 'self'"));
+    let policy = headers["content-security-policy"].to_str().expect("ascii");
+    for directive in
+        ["default-src 'none'", "script-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"]
+    {
+        assert!(policy.contains(directive), "{directive} in {policy}");
+    }
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
     assert!(page.text().await.expect("body").contains("lq-realtime console"));
     let config = demo.get("/console/config").await;
+    assert_eq!(config.headers["cache-control"], "no-store");
     assert_eq!((config.body["demo"].clone(), config.body["webhook"].clone()), (json!(true), json!(true)));
+    // Another site's page cannot post test webhooks from a visitor's browser.
+    let foreign = demo
+        .http
+        .post(demo.url("/console/webhook"))
+        .header("origin", "https://elsewhere.example")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(foreign.status(), 403);
     assert_eq!(config.body["token"].as_str().expect("a token").split('.').count(), 3);
 
     let with_secret = spawn_app().await;
@@ -419,8 +437,9 @@ async fn the_client_refreshes_its_token_before_it_expires_and_does_not_reconnect
         vars.insert("API_KEYS".to_owned(), "backend-api-key-0123456789".to_owned());
     }))
     .await;
+    let minted = Instant::now();
     let short = sign_claims(
-        &json!({"user_id": "ann", "tenant_id": "acme", "scope": "ws:connect", "exp": now_secs() + 4}),
+        &json!({"user_id": "ann", "tenant_id": "acme", "scope": "ws:connect", "exp": now_secs() + 10}),
         jsonwebtoken::Algorithm::HS256,
         JWT_SECRET,
     );
@@ -436,11 +455,11 @@ async fn the_client_refreshes_its_token_before_it_expires_and_does_not_reconnect
         )
         .await;
     // The page's token source now gives a longer-lived token: the client sends it as a refresh
-    // before the first one expires (4 s, plus the server's 5 s leeway).
+    // before the first one expires (10 s, plus the server's 5 s leeway).
     browser.fill("#token", &token("ann", "acme")).await;
     let refreshed = browser.until("token refreshed", &newest("refreshed"), PATIENCE_IN_PAGE).await;
     assert!(refreshed.as_str().expect("text").contains("exp"), "{refreshed}");
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    tokio::time::sleep_until((minted + Duration::from_secs(17)).into()).await;
     let state = browser.state().await;
     assert_eq!(state["state"], "open", "still connected after the first token's deadline: {state}");
     assert_eq!(state["close"], "— ", "never closed: {state}");

@@ -21,8 +21,8 @@ function show(state, detail) {
     $("close-code").textContent = String(detail.code);
     $("close-meaning").textContent = `${detail.meaning}${detail.reason ? ` — "${detail.reason}"` : ""}`;
   }
-  if (detail && detail.recovered !== undefined) {
-    $("recovered").textContent = detail.recovered === null ? "— (no position given)" : String(detail.recovered);
+  if (state === "open") {
+    $("recovered").textContent = detail && detail.recovered !== null ? String(detail.recovered) : "— (not resuming)";
   }
   const connected = state === "open" || state === "connecting" || state === "reconnecting";
   $("connect").disabled = connected;
@@ -62,7 +62,11 @@ function payload() {
 }
 
 $("connect").addEventListener("click", () => {
-  if (client) client.disconnect();
+  if (client) {
+    // The old client's own close is not news.
+    client.options.onState = null;
+    client.disconnect();
+  }
   client = new LqClient({
     url: wsUrl(),
     getToken: async () => {
@@ -84,6 +88,10 @@ $("disconnect").addEventListener("click", () => client && client.disconnect());
 $("send-message").addEventListener("click", () => notice(client && client.message(payload()) ? "message sent" : "not connected"));
 $("send-direct").addEventListener("click", () => {
   const to = $("direct-to").value.trim();
+  if (!to) {
+    notice("enter the user id to send to");
+    return;
+  }
   notice(client && client.direct(to, payload()) ? `direct message sent to ${to}` : "not connected");
 });
 $("send-presence").addEventListener("click", () => notice(client && client.presence() ? "presence asked" : "not connected"));

@@ -52,6 +52,9 @@ export function tokenExpiry(token) {
   }
 }
 
+/** Browsers' timers take at most 2^31 - 1 ms. */
+const LONGEST_TIMER_MS = 2147483647;
+
 export class LqClient {
   /**
    * @param {object} options
@@ -60,9 +63,9 @@ export class LqClient {
    *        every connection and before the token in use expires
    * @param {(envelope: object) => void} [options.onEnvelope] every frame but welcome
    * @param {(welcome: object) => void} [options.onWelcome]
-   * @param {(state: string, detail?: object) => void} [options.onState] "connecting", "open",
-   *        "reconnecting" (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code,
-   *        reason, meaning})
+   * @param {(state: string, detail?: object) => void} [options.onState] "connecting",
+   *        "open" (detail: {recovered: true | false | null when not resuming}), "reconnecting"
+   *        (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code, reason, meaning})
    * @param {number} [options.minDelayMs]  first reconnection delay (default 500)
    * @param {number} [options.maxDelayMs]  longest reconnection delay (default 15000)
    */
@@ -71,24 +74,40 @@ export class LqClient {
     this.positions = {}; // channel -> {offset, epoch}
     this.state = "idle";
     this.socket = null;
+    this.token = null;
     this.attempts = 0;
     this.stopped = true;
+    // Bumped by every connect() and disconnect(): events of an older socket are ignored.
+    this.generation = 0;
     this.timers = { reconnect: null, refresh: null };
   }
 
   /** Opens the connection (and keeps it open until disconnect()). */
   connect() {
+    this.retire();
     this.stopped = false;
     this.attempts = 0;
-    this.open();
+    this.open(this.generation);
   }
 
   /** Closes the connection with 1000 and stops reconnecting. */
   disconnect() {
+    const wasOpen = this.retire();
     this.stopped = true;
+    this.setState("closed", { code: 1000, reason: wasOpen ? "closed by the client" : "", meaning: describeClose(1000) });
+  }
+
+  /** Ends the current socket and timers; their later events are ignored. */
+  retire() {
+    this.generation += 1;
     this.clearTimers();
-    if (this.socket) this.socket.close(1000, "bye");
-    else this.setState("closed", { code: 1000, reason: "", meaning: describeClose(1000) });
+    const socket = this.socket;
+    this.socket = null;
+    if (socket && socket.readyState <= WebSocket.OPEN) {
+      socket.close(1000, "bye");
+      return true;
+    }
+    return false;
   }
 
   /** Sends a frame; returns false when the connection is not open. */
@@ -123,21 +142,34 @@ export class LqClient {
     return query;
   }
 
-  async open() {
+  async open(generation) {
     this.setState(this.attempts === 0 ? "connecting" : "reconnecting");
     let token;
     try {
       token = await this.options.getToken();
     } catch (error) {
-      this.scheduleReconnect({ code: 1006, reason: `no token: ${error}` });
+      if (generation === this.generation && !this.stopped) {
+        this.scheduleReconnect(generation, { code: 1006, reason: `no token: ${error.message || error}` });
+      }
       return;
     }
-    if (this.stopped) return;
+    if (generation !== this.generation || this.stopped) return;
+    const exp = tokenExpiry(token);
+    if (exp !== null && exp * 1000 <= Date.now()) {
+      // The server would refuse it: only a fresh token helps.
+      this.stopped = true;
+      this.setState("closed", { code: 4001, reason: "the token has expired and getToken gave no fresh one", meaning: describeClose(4001) });
+      return;
+    }
+    this.token = token;
     const socket = new WebSocket(`${this.options.url}?token=${encodeURIComponent(token)}${this.resumeQuery()}`);
     this.socket = socket;
-    socket.onmessage = (event) => this.receive(event.data, token);
+    socket.onmessage = (event) => {
+      if (generation === this.generation) this.receive(event.data);
+    };
     socket.onclose = (event) => {
-      if (this.socket === socket) this.socket = null;
+      if (generation !== this.generation) return;
+      this.socket = null;
       clearTimeout(this.timers.refresh);
       const info = { code: event.code, reason: event.reason, meaning: describeClose(event.code) };
       const rule = CLOSE_CODES[event.code] || { reconnect: true };
@@ -145,12 +177,12 @@ export class LqClient {
         this.stopped = true;
         this.setState("closed", info);
       } else {
-        this.scheduleReconnect(info, rule.delayMs);
+        this.scheduleReconnect(generation, info, rule.delayMs);
       }
     };
   }
 
-  receive(data, token) {
+  receive(data) {
     let frame;
     try {
       frame = JSON.parse(data);
@@ -162,44 +194,56 @@ export class LqClient {
     }
     if (frame.type === "welcome") {
       this.attempts = 0;
-      // The server's positions are where live delivery starts; replayed messages follow.
       // When recovered, the replayed envelopes that follow move the positions on; otherwise
       // the client starts from where the server stands.
       for (const [channel, position] of Object.entries(frame.payload.positions || {})) {
         if (frame.payload.recovered !== true || !this.positions[channel]) this.positions[channel] = position;
       }
-      this.scheduleRefresh(token);
-      this.setState("open", { recovered: frame.payload.recovered });
+      this.scheduleRefresh(tokenExpiry(this.token));
+      const recovered = typeof frame.payload.recovered === "boolean" ? frame.payload.recovered : null;
+      this.setState("open", { recovered });
       if (this.options.onWelcome) this.options.onWelcome(frame);
       return;
     }
-    if (frame.type === "refreshed" && frame.payload && frame.payload.exp) {
-      this.scheduleRefresh(null, frame.payload.exp);
+    if (frame.type === "refreshed" && frame.payload && typeof frame.payload.exp === "number") {
+      this.scheduleRefresh(frame.payload.exp);
     }
     if (this.options.onEnvelope) this.options.onEnvelope(frame);
   }
 
-  /** Sends a fresh token at 80 % of the current one's remaining lifetime. */
-  scheduleRefresh(token, exp = token && tokenExpiry(token)) {
+  /** Asks for a fresh token at 80 % of the current one's remaining lifetime, and sends it. */
+  scheduleRefresh(exp) {
     clearTimeout(this.timers.refresh);
     if (!exp) return;
+    const generation = this.generation;
     const remainingMs = exp * 1000 - Date.now();
+    const delay = Math.min(LONGEST_TIMER_MS, Math.max(1000, remainingMs * 0.8));
     this.timers.refresh = setTimeout(async () => {
+      let fresh;
       try {
-        const fresh = await this.options.getToken();
-        this.send({ type: "refresh", token: fresh });
+        fresh = await this.options.getToken();
       } catch {
-        // The server closes with 4001 at expiry; the reconnection asks for a token again.
+        return; // The server closes with 4001 at expiry; the reconnection asks again.
       }
-    }, Math.max(1000, remainingMs * 0.8));
+      if (generation !== this.generation) return;
+      const freshExp = tokenExpiry(fresh);
+      if (fresh === this.token || (freshExp !== null && freshExp <= exp)) {
+        // Nothing newer to send: the server closes with 4001 at expiry, and the reconnection
+        // asks for a token again.
+        return;
+      }
+      if (this.send({ type: "refresh", token: fresh })) this.token = fresh;
+    }, delay);
   }
 
-  scheduleReconnect(info, delayMs) {
+  scheduleReconnect(generation, info, delayMs) {
     this.attempts += 1;
     const backoff = Math.min(this.options.maxDelayMs, this.options.minDelayMs * 2 ** (this.attempts - 1));
     const delay = delayMs !== undefined ? delayMs : backoff / 2 + Math.random() * (backoff / 2);
-    this.setState("reconnecting", { ...info, delayMs: Math.round(delay) });
+    this.setState("reconnecting", { meaning: describeClose(info.code), ...info, delayMs: Math.round(delay) });
     clearTimeout(this.timers.reconnect);
-    this.timers.reconnect = setTimeout(() => this.open(), delay);
+    this.timers.reconnect = setTimeout(() => {
+      if (generation === this.generation && !this.stopped) this.open(generation);
+    }, delay);
   }
 }

@@ -13,7 +13,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::error::ApiError;
-use crate::inbound::http::read_in_time;
+use crate::inbound::http::{MAX_WEBHOOK_BODY, read_in_time};
 use crate::outbound::signatures::sign;
 
 const INDEX: &str = include_str!("index.html");
@@ -26,9 +26,9 @@ pub const CONSOLE_PROVIDER: &str = "console";
 /// The tenant of the demo token and of the console's test webhooks.
 pub const DEMO_TENANT: &str = "demo";
 
-/// The page's own resources only; WebSockets to this origin.
+/// The page's own resources only; requests and WebSockets to this origin only.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
-     connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
 /// What the console offers in demo mode.
@@ -92,16 +92,40 @@ pub fn routes(
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     });
-    let webhook = warp::path!("console" / "webhook").and(warp::post()).and(warp::body::stream()).and_then(
-        move |body| {
+    let webhook = warp::path!("console" / "webhook")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::optional::<String>("host"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(move |origin: Option<String>, host: Option<String>, length: Option<u64>, body| {
             let (app, demo) = (app.clone(), demo.clone());
             async move {
+                // Only the console's own page may post: a page of another site could otherwise
+                // post into the demo tenant from a visitor's browser.
+                let same_origin = |origin: &str| {
+                    let host = host.as_deref().unwrap_or_default();
+                    origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host)
+                };
+                if origin.as_deref().is_some_and(|origin| !same_origin(origin)) {
+                    return Err(warp::reject::custom(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "origin_not_allowed",
+                        "the test webhook is posted by the console's own page only",
+                    )));
+                }
                 // As any webhook: at most 1 MiB, within 30 s.
+                if length.is_some_and(|length| length > MAX_WEBHOOK_BODY as u64) {
+                    return Err(warp::reject::custom(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "request body exceeds 1 MiB",
+                    )));
+                }
                 let body = read_in_time(body, "the webhook body did not arrive in time").await?;
                 test_webhook(&app, demo.as_ref(), &body).await
             }
-        },
-    );
+        });
     on.and(
         page.or(script).unify().or(client).unify().or(style).unify().or(config).unify().or(webhook).unify(),
     )
