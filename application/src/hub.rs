@@ -50,6 +50,42 @@ struct Held {
     frame: Bytes,
 }
 
+/// Where a connection stood in its tenant or user channel when it was opened: the welcome's
+/// position, up to which the client has everything (replayed, or before where it starts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Floor {
+    offset: u64,
+    /// A hash of the epoch, enough to tell two epochs apart.
+    epoch: u64,
+}
+
+fn epoch_hash(epoch: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    epoch.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The index of a connection's tenant (0) or user (1) channel among its floors.
+fn floor_slot(channel: &Channel) -> Option<usize> {
+    match channel {
+        Channel::Tenant(_) => Some(0),
+        Channel::User(..) => Some(1),
+        _ => None,
+    }
+}
+
+/// How a connection takes live deliveries.
+enum Gate {
+    /// Being opened: they wait here, to follow the welcome and the replay.
+    Holding(Vec<Held>),
+    /// Open. A live message at or below the floor of its channel was already covered when the
+    /// connection was opened: one published before the position was read may still reach this
+    /// instance afterwards (its subscriber running behind), and is dropped. The first message
+    /// beyond a floor lifts it.
+    Open([Option<Floor>; 2]),
+}
+
 /// One live connection as the hub sees it. The timestamps are atomics, in Unix milliseconds,
 /// so the connection's reader and the heartbeat never take a lock for them.
 pub struct ConnectionHandle {
@@ -65,10 +101,11 @@ pub struct ConnectionHandle {
     expires_at: AtomicU64,
     /// The server asked the connection to close; a drain skips it.
     closing: AtomicBool,
-    /// Set until [`ConnectionHandle::open`]: live deliveries wait in `held` meanwhile, so the
-    /// welcome and any replayed history go first.
-    holding: AtomicBool,
-    held: Mutex<Option<Vec<Held>>>,
+    /// Set while live deliveries go through `gate`: until [`ConnectionHandle::open`] (they
+    /// wait there, so the welcome and any replayed history go first), then while a floor is
+    /// set.
+    gated: AtomicBool,
+    gate: Mutex<Gate>,
 }
 
 impl std::fmt::Debug for ConnectionHandle {
@@ -89,16 +126,16 @@ impl ConnectionHandle {
             last_ping: AtomicU64::new(now),
             expires_at: AtomicU64::new(expires_at.map_or(0, Timestamp::unix_millis)),
             closing: AtomicBool::new(false),
-            holding: AtomicBool::new(false),
-            held: Mutex::new(None),
+            gated: AtomicBool::new(false),
+            gate: Mutex::new(Gate::Open([None; 2])),
         }
     }
 
     /// A handle whose live deliveries are held back until [`ConnectionHandle::open`].
     pub fn held(info: ConnectionInfo, sink: Arc<dyn ClientSink>, expires_at: Option<Timestamp>) -> Self {
         let handle = Self::new(info, sink, expires_at);
-        *handle.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(Vec::new());
-        handle.holding.store(true, Ordering::Release);
+        *handle.gate.lock().unwrap_or_else(PoisonError::into_inner) = Gate::Holding(Vec::new());
+        handle.gated.store(true, Ordering::Release);
         handle
     }
 
@@ -117,8 +154,17 @@ impl ConnectionHandle {
     ) -> Result<(), PushError> {
         // Deliveries racing with this wait on the lock and, finding nothing held any more,
         // queue behind everything queued here.
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let waiting = held.take().unwrap_or_default();
+        let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut floors = [None; 2];
+        for (channel, position) in covered {
+            if let Some(slot) = floor_slot(channel) {
+                floors[slot] = Some(Floor { offset: position.offset, epoch: epoch_hash(&position.epoch) });
+            }
+        }
+        let waiting = match std::mem::replace(&mut *gate, Gate::Open(floors)) {
+            Gate::Holding(waiting) => waiting,
+            Gate::Open(_) => Vec::new(),
+        };
         let result = (|| {
             for frame in first {
                 self.send(frame)?;
@@ -133,28 +179,43 @@ impl ConnectionHandle {
             }
             Ok(())
         })();
-        self.holding.store(false, Ordering::Release);
-        drop(held);
+        self.gated.store(floors.iter().any(Option::is_some), Ordering::Release);
+        drop(gate);
         result
     }
 
     /// Delivers a fan-out frame of `channel` at `position`: held while the connection is being
     /// opened, queued otherwise.
     fn deliver(&self, channel: &Channel, position: Position<'_>, frame: &Bytes) -> Result<(), PushError> {
-        if self.holding.load(Ordering::Acquire) {
-            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(waiting) = held.as_mut() {
-                if waiting.len() >= MAX_HELD_FRAMES {
-                    drop(held);
-                    self.close(CloseReason::SlowConsumer);
-                    return Err(PushError::Full);
+        if self.gated.load(Ordering::Acquire) {
+            let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            match &mut *gate {
+                Gate::Holding(waiting) => {
+                    if waiting.len() >= MAX_HELD_FRAMES {
+                        drop(gate);
+                        self.close(CloseReason::SlowConsumer);
+                        return Err(PushError::Full);
+                    }
+                    waiting.push(Held {
+                        channel: channel.clone(),
+                        position: position.map(|(offset, epoch)| (offset, epoch.to_owned())),
+                        frame: frame.clone(),
+                    });
+                    return Ok(());
                 }
-                waiting.push(Held {
-                    channel: channel.clone(),
-                    position: position.map(|(offset, epoch)| (offset, epoch.to_owned())),
-                    frame: frame.clone(),
-                });
-                return Ok(());
+                Gate::Open(floors) => {
+                    if let (Some(slot), Some((offset, epoch))) = (floor_slot(channel), position)
+                        && let Some(floor) = floors[slot]
+                    {
+                        if floor.epoch == epoch_hash(epoch) && offset <= floor.offset {
+                            return Ok(());
+                        }
+                        floors[slot] = None;
+                        if floors.iter().all(Option::is_none) {
+                            self.gated.store(false, Ordering::Release);
+                        }
+                    }
+                }
             }
         }
         self.send(frame.clone())

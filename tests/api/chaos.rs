@@ -225,8 +225,17 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
     drain.abort();
 
     let (mut lost, mut duplicated, mut out_of_order, mut reconnects, mut not_recovered) = (0, 0, 0, 0, 0);
-    for report in &reports {
+    for (n, report) in reports.iter().enumerate() {
         let (l, d, o) = count_faults(&report.sequence);
+        if l + d + o > 0 {
+            // What a failure looks like, to tell where it comes from.
+            let at = report.sequence.windows(2).position(|w| w[1] <= w[0]).unwrap_or(0);
+            let around = &report.sequence[at.saturating_sub(3)..report.sequence.len().min(at + 4)];
+            println!(
+                "client {n}: {} reconnections, sequence around the fault: {around:?}",
+                report.reconnects
+            );
+        }
         lost += l;
         duplicated += d;
         out_of_order += o;

@@ -282,3 +282,73 @@ async fn presence_is_shared_by_the_instances_of_a_cluster() {
     users.sort();
     assert_eq!(users, ["ann", "bob"]);
 }
+
+/// Moves `slot` from the master on `from` to the master on `to`, its keys included, as
+/// `redis-cli --cluster reshard` does.
+fn migrate_slot(cluster: &RedisCluster, slot: u16, from: u16, to: u16) {
+    let (from_id, to_id) = (redis_cli(from, &["CLUSTER", "MYID"]), redis_cli(to, &["CLUSTER", "MYID"]));
+    let slot = slot.to_string();
+    assert_eq!(redis_cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]), "OK");
+    assert_eq!(redis_cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]), "OK");
+    loop {
+        let keys = redis_cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let port = to.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        args.extend(keys);
+        assert_eq!(redis_cli(from, &args), "OK");
+    }
+    for node in &cluster.nodes {
+        redis_cli(node.port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+    }
+}
+
+#[tokio::test]
+async fn when_a_slot_moves_to_another_master_its_channels_follow_and_the_others_never_stop() {
+    let cluster = RedisCluster::start(false);
+    let app = on_cluster(&cluster).await;
+    let tenants = tenant_per_master(&cluster);
+    let mut owners = tenants.keys().copied();
+    let (from, to) = (owners.next().expect("a master"), owners.next().expect("another"));
+    let (moving, staying) = (tenants[&from].clone(), tenants[&to].clone());
+    let (mut moving_client, welcome) = app.connect_with_welcome("u1", &moving).await;
+    let position = welcome["payload"]["positions"][format!("tenant:{moving}")].clone();
+    let mut staying_client = app.connect("u1", &staying).await;
+    let note =
+        |tenant: &str, n: u32| json!({"channel": format!("tenant:{tenant}"), "type": "note", "payload": n});
+    assert_eq!(publish(&app, &note(&moving, 1)).await.status, 200);
+    assert_eq!(moving_client.next_json().await["payload"], 1);
+
+    let slot = cluster.keyslot(&format!("tenant:{moving}"));
+    migrate_slot(&cluster, slot, from, to);
+    assert_eq!(cluster.master_of(slot), to);
+    // Publishing follows the slot at once (MOVED); the history moved with it, so offsets go on.
+    let answer = publish(&app, &note(&moving, 2)).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(publish(&app, &note(&staying, 1)).await.status, 200);
+    assert_eq!(staying_client.next_json().await["payload"], 1, "the other channels never stop");
+    // The moved channel's message arrives live once the instance subscribed on the new owner, or
+    // through a 4009 close and recovery when it was published before: never lost.
+    let frame = match moving_client.next_data_or_close().await {
+        Ok(frame) => frame,
+        Err(close) => {
+            assert_eq!(close.map(|c| u16::from(c.code)), Some(4009));
+            let since = format!("{}:{}", position["epoch"].as_str().expect("epoch"), 1);
+            let request = app.ws_url(&format!("?token={}&since={since}", token("u1", &moving)));
+            moving_client = WsClient::connect(request.into_client_request().expect("request"))
+                .await
+                .expect("reconnected");
+            let welcome = moving_client.next_json().await;
+            assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
+            moving_client.next_json().await
+        }
+    };
+    assert_eq!((frame["payload"].clone(), frame["offset"].clone()), (json!(2), json!(2)), "{frame}");
+    // And later messages arrive live.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(publish(&app, &note(&moving, 3)).await.status, 200);
+    assert_eq!(moving_client.next_json().await["payload"], 3);
+}

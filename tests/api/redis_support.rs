@@ -253,7 +253,8 @@ impl RedisCluster {
 
     /// The slot of a key or sharded channel, as the cluster computes it.
     pub(crate) fn keyslot(&self, name: &str) -> u16 {
-        redis_cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", name]).parse().expect("a slot")
+        let node = self.nodes.iter().find(|node| node.child.is_some()).expect("a live node");
+        redis_cli(node.port, &["CLUSTER", "KEYSLOT", name]).parse().expect("a slot")
     }
 
     /// Port of the master serving `slot`, as a live node reports it (`CLUSTER NODES`).

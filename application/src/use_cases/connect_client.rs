@@ -545,6 +545,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_already_replayed_that_reaches_the_instance_after_the_connection_opened_is_not_sent_again()
+     {
+        let read = HistoryRead {
+            position: Some(StreamPosition::new("e1", 3)),
+            missed: Some(vec![message(2, "two"), message(3, "three")]),
+        };
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let broker = racing_broker(slot.clone(), read, vec![]);
+        let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
+        slot.set(hub.clone()).expect("once");
+        let sink = RecordingSink::new();
+        let resume = Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None };
+        let admission = connect.authorize(Some("t")).await.expect("admitted").resuming(resume);
+        let _session = connect.connect(admission, sink.clone()).await.expect("connected");
+        // The instance's subscriber ran behind: 3, published before the history was read,
+        // reaches it only now; then 4, then a new epoch.
+        let acme = Channel::Tenant(domain::TenantId::parse("acme").expect("valid"));
+        hub.fan_out(&acme, &message(3, "three"), Some((3, "e1")));
+        hub.fan_out(&acme, &message(4, "four"), Some((4, "e1")));
+        hub.fan_out(&acme, &message(1, "one of a new epoch"), Some((1, "e2")));
+        assert_eq!(payloads(&sink.frames()), ["two", "three", "four", "one of a new epoch"]);
+    }
+
+    #[tokio::test]
     async fn a_client_whose_position_is_out_of_reach_is_told_and_gets_no_partial_replay() {
         let read = HistoryRead { position: Some(StreamPosition::new("e2", 5)), missed: None };
         let frames = resume(

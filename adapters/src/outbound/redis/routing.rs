@@ -240,12 +240,12 @@ impl ClusterPools {
             last_error = error.to_string();
             match error.kind() {
                 ErrorKind::Server(ServerErrorKind::Moved) => {
-                    redirect = redirect_node(&error);
+                    redirect = redirect_node(&error, &node);
                     // The next commands go to the new owner without a redirection.
                     let _ = self.refresh().await;
                 }
                 ErrorKind::Server(ServerErrorKind::Ask) => {
-                    redirect = redirect_node(&error);
+                    redirect = redirect_node(&error, &node);
                     asking = true;
                 }
                 _ if error.is_io_error() || error.is_unrecoverable_error() => {
@@ -273,8 +273,14 @@ impl ClusterPools {
     }
 }
 
-fn redirect_node(error: &RedisError) -> Option<String> {
-    error.redirect_node().map(|(host, port)| format!("{host}:{port}"))
+/// The node a `MOVED` or `ASK` answer of `asked` names, as `host:port` (an unknown host, sent as
+/// `:port`, is `asked`'s).
+fn redirect_node(error: &RedisError, asked: &str) -> Option<String> {
+    let (address, _slot) = error.redirect_node()?;
+    Some(match address.strip_prefix(':') {
+        Some(port) => format!("{}:{port}", asked.rsplit_once(':').map_or(asked, |(host, _)| host)),
+        None => address.to_owned(),
+    })
 }
 
 #[cfg(test)]
