@@ -542,6 +542,12 @@ impl Session {
                 probe.unreachable.clone(),
             ));
         }
+        // A lost channel no longer wanted will not be confirmed: nothing to check for it.
+        if !self.lost.is_empty() {
+            let subscriptions = shared.subscriptions();
+            let internal = &self.internal;
+            self.lost.retain(|name| internal.contains(name) || subscriptions.wanted.contains(name));
+        }
         if std::mem::take(&mut self.retry) {
             let pending: Vec<Arc<str>> =
                 self.internal.iter().filter(|name| !self.internal_active.contains(*name)).cloned().collect();
