@@ -143,6 +143,31 @@ impl Browser {
         .await
     }
 
+    /// Waits until the console's state reads `state`.
+    async fn until_state(&self, state: &str, within: Duration) {
+        let script = format!("return document.getElementById('state').textContent === '{state}';");
+        self.until(state, &script, within).await;
+    }
+
+    /// Loads the console at `url`, types `token` (or waits for the demo token), connects, and
+    /// waits until the connection is open.
+    async fn connect_console(&self, url: &str, token: Option<&str>) {
+        self.goto(url).await;
+        match token {
+            Some(token) => self.fill("#token", token).await,
+            None => {
+                self.until(
+                    "demo token prefilled",
+                    "return document.getElementById('token').value;",
+                    PATIENCE_IN_PAGE,
+                )
+                .await;
+            }
+        }
+        self.click("#connect").await;
+        self.until_state("open", PATIENCE_IN_PAGE).await;
+    }
+
     async fn screenshot(&self, name: &str) -> PathBuf {
         let png = self.command(reqwest::Method::GET, "/screenshot", Value::Null).await;
         let bytes = b64_decode(png.as_str().expect("base64 PNG"));
@@ -200,18 +225,7 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
     }))
     .await;
     let browser = Browser::start().await;
-    browser.goto(&app.url("/")).await;
-    browser
-        .until("demo token prefilled", "return document.getElementById('token').value;", PATIENCE_IN_PAGE)
-        .await;
-    browser.click("#connect").await;
-    browser
-        .until(
-            "connected",
-            "return document.getElementById('state').textContent === 'open';",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
+    browser.connect_console(&app.url("/"), None).await;
     let welcome = browser.until("welcome logged", &newest("welcome"), PATIENCE_IN_PAGE).await;
     assert!(welcome.as_str().expect("text").contains("\"user_id\":\"demo\""), "{welcome}");
 
@@ -237,13 +251,7 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
     assert!(std::fs::metadata(&path).expect("screenshot").len() > 1000);
 
     browser.click("#disconnect").await;
-    browser
-        .until(
-            "closed",
-            "return document.getElementById('state').textContent === 'closed';",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
+    browser.until_state("closed", PATIENCE_IN_PAGE).await;
     let close = browser.eval("return document.getElementById('close-code').textContent;").await;
     assert_eq!(close, "1000");
 }
@@ -260,16 +268,7 @@ async fn after_the_server_is_killed_and_restarted_the_console_reconnects_and_rep
     ];
     let server = process::start(&env).await;
     let browser = Browser::start().await;
-    browser.goto(&format!("http://{addr}/")).await;
-    browser.fill("#token", &token("ann", "acme")).await;
-    browser.click("#connect").await;
-    browser
-        .until(
-            "connected",
-            "return document.getElementById('state').textContent === 'open';",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
+    browser.connect_console(&format!("http://{addr}/"), Some(&token("ann", "acme"))).await;
     // A message gives the page a position to resume from.
     let publish = |n: u32| {
         let http = reqwest::Client::new();
@@ -298,13 +297,7 @@ async fn after_the_server_is_killed_and_restarted_the_console_reconnects_and_rep
     let close = browser.eval("return document.getElementById('close-code').textContent;").await;
     assert_eq!(close, "1006", "the connection was lost without a close frame");
     let restarted = process::start(&env).await;
-    browser
-        .until(
-            "reconnected",
-            "return document.getElementById('state').textContent === 'open';",
-            Duration::from_secs(30),
-        )
-        .await;
+    browser.until_state("open", Duration::from_secs(30)).await;
     let recovered = browser.eval("return document.getElementById('recovered').textContent;").await;
     assert_eq!(recovered, "true", "{}", browser.state().await);
     assert_eq!(publish(2).await, 200);
@@ -345,16 +338,8 @@ async fn with_allowed_origins_set_the_console_connects_and_a_page_from_another_o
     }))
     .await;
     let browser = Browser::start().await;
-    browser.goto(&app.url("/")).await;
-    browser.fill("#token", &token("ann", "acme")).await;
-    browser.click("#connect").await;
-    browser
-        .until(
-            "connected from the allowed origin",
-            "return document.getElementById('state').textContent === 'open';",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
+    // The console's own origin is allowed.
+    browser.connect_console(&app.url("/"), Some(&token("ann", "acme"))).await;
 
     let page = format!(
         "<!doctype html><title>foreign</title><script>\
@@ -444,16 +429,7 @@ async fn the_client_refreshes_its_token_before_it_expires_and_does_not_reconnect
         JWT_SECRET,
     );
     let browser = Browser::start().await;
-    browser.goto(&app.url("/")).await;
-    browser.fill("#token", &short).await;
-    browser.click("#connect").await;
-    browser
-        .until(
-            "connected",
-            "return document.getElementById('state').textContent === 'open';",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
+    browser.connect_console(&app.url("/"), Some(&short)).await;
     // The page's token source now gives a longer-lived token: the client sends it as a refresh
     // before the first one expires (10 s, plus the server's 5 s leeway).
     browser.fill("#token", &token("ann", "acme")).await;
@@ -474,13 +450,7 @@ async fn the_client_refreshes_its_token_before_it_expires_and_does_not_reconnect
         .await
         .expect("request");
     assert_eq!(answer.status(), 200);
-    browser
-        .until(
-            "closed",
-            "return document.getElementById('state').textContent === 'closed';",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
+    browser.until_state("closed", PATIENCE_IN_PAGE).await;
     assert_eq!(browser.eval("return document.getElementById('close-code').textContent;").await, "4003");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(browser.eval("return document.getElementById('state').textContent;").await, "closed");

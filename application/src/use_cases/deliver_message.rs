@@ -399,25 +399,32 @@ mod tests {
         assert_eq!(eve.closed(), None);
     }
 
-    #[tokio::test]
-    async fn after_an_interruption_a_channel_that_stays_behind_the_broker_is_closed_to_recover() {
+    /// A broker whose channels stand, in epoch `e`, at `offset(channel, admitted)`: `admitted`
+    /// for the reads of two connections being admitted (two channels each), then not.
+    fn positions_broker(offset: impl Fn(&str, bool) -> u64 + Send + 'static) -> MockMessageBroker {
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
-        // The clients are admitted at acme 2 and globex 1 (two channels each); afterwards the
-        // broker's latest offsets are acme 5 and globex 3.
         let reads = std::sync::atomic::AtomicUsize::new(0);
         broker.expect_history().returning(move |channel, _| {
             let admitted = reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 4;
-            let offset = match (channel.name().as_str(), admitted) {
-                ("tenant:acme", true) => 2,
-                ("tenant:acme", false) => 5,
-                ("tenant:globex", true) => 1,
-                ("tenant:globex", false) => 3,
-                _ => 0,
-            };
-            Ok(HistoryRead { position: Some(StreamPosition::new("e", offset)), missed: None })
+            let position = StreamPosition::new("e", offset(&channel.name(), admitted));
+            Ok(HistoryRead { position: Some(position), missed: None })
+        });
+        broker
+    }
+
+    #[tokio::test]
+    async fn after_an_interruption_a_channel_that_stays_behind_the_broker_is_closed_to_recover() {
+        // The clients are admitted at acme 2 and globex 1; afterwards the broker's latest offsets
+        // are acme 5 and globex 3.
+        let broker = positions_broker(|channel, admitted| match (channel, admitted) {
+            ("tenant:acme", true) => 2,
+            ("tenant:acme", false) => 5,
+            ("tenant:globex", true) => 1,
+            ("tenant:globex", false) => 3,
+            _ => 0,
         });
         let hub = Arc::new(Hub::new(Arc::new(broker), 10));
         let (bob, eve) = (RecordingSink::new(), RecordingSink::new());
@@ -444,18 +451,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_that_received_nothing_yet_is_checked_from_the_position_its_clients_were_admitted_at() {
-        let mut broker = MockMessageBroker::new();
-        broker.expect_subscribe().returning(|_| ());
-        broker.expect_unsubscribe().returning(|_| ());
-        broker.expect_until_active().returning(|_| ack_ok());
-        // Every channel stands at offset 2 when the clients are admitted (two channels each);
-        // afterwards, the tenant channels at 3.
-        let reads = std::sync::atomic::AtomicUsize::new(0);
-        broker.expect_history().returning(move |channel, _| {
-            let admitted = reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 4;
-            let offset = if admitted || !channel.name().starts_with("tenant:") { 2 } else { 3 };
-            Ok(HistoryRead { position: Some(StreamPosition::new("e", offset)), missed: None })
-        });
+        // Every channel stands at offset 2 when the clients are admitted; afterwards, the tenant
+        // channels at 3.
+        let broker = positions_broker(
+            |channel, admitted| {
+                if admitted || !channel.starts_with("tenant:") { 2 } else { 3 }
+            },
+        );
         let hub = Arc::new(Hub::new(Arc::new(broker), 10));
         let (bob, eve) = (RecordingSink::new(), RecordingSink::new());
         let _s1 = session_with_sink(&hub, "bob", "acme", bob.clone()).await;

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::routing::{Topology, slot};
-use super::subscriber::{End, INITIAL_BACKOFF, deliver};
+use super::subscriber::{End, deliver, take_changes, with_backoff};
 use super::target::cluster_client;
 use super::{CONTROL_CHANNEL, Shared};
 
@@ -88,38 +88,16 @@ struct Session {
 }
 
 pub(super) async fn run(shared: Arc<Shared>, nodes: Vec<String>) {
-    let mut backoff = INITIAL_BACKOFF;
-    let mut reported_down = false;
-    while !shared.stopped.load(Ordering::Acquire) {
+    let messages = (
+        "Redis Cluster subscriber session lost; reconnecting",
+        "Redis Cluster unreachable; retrying with backoff",
+    );
+    with_backoff(&shared, messages, || async {
         let (pushes_tx, pushes) = mpsc::unbounded_channel();
-        match connect(&shared, &nodes, pushes_tx).await {
-            Ok(connection) => {
-                backoff = INITIAL_BACKOFF;
-                let end = session(&shared, connection, pushes).await;
-                shared.subscriber_up.store(false, Ordering::Release);
-                shared.subscriptions().reset();
-                shared.bump();
-                match end {
-                    End::Stopped => return,
-                    End::Lost(reason) => {
-                        tracing::warn!(%reason, "Redis Cluster subscriber session lost; reconnecting");
-                        reported_down = true;
-                    }
-                }
-            }
-            Err(reason) => {
-                if !reported_down {
-                    tracing::warn!(%reason, "Redis Cluster unreachable; retrying with backoff");
-                    reported_down = true;
-                }
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = shared.stop.notified() => {}
-        }
-        backoff = (backoff * 2).min(shared.settings.max_backoff);
-    }
+        let connection = connect(&shared, &nodes, pushes_tx).await?;
+        Ok(session(&shared, connection, pushes).await)
+    })
+    .await;
 }
 
 async fn connect(
@@ -233,16 +211,6 @@ async fn sleep_until(due: Option<Instant>) {
         Some(due) => tokio::time::sleep_until(due).await,
         None => std::future::pending().await,
     }
-}
-
-/// Channels wanted and not active, and active and no longer wanted, among those that changed.
-fn take_changes(shared: &Shared) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
-    let mut subscriptions = shared.subscriptions();
-    let changed = std::mem::take(&mut subscriptions.changed);
-    changed
-        .into_iter()
-        .filter(|name| subscriptions.wanted.contains(name) != subscriptions.active.contains(name))
-        .partition(|name| subscriptions.wanted.contains(name))
 }
 
 fn text(value: &Value) -> Option<&[u8]> {

@@ -33,20 +33,39 @@ pub(super) async fn run(shared: Arc<Shared>) {
         let nodes = nodes.clone();
         return super::cluster::run(shared, nodes).await;
     }
+    let messages =
+        ("Redis subscriber connection lost; reconnecting", "Redis unreachable; retrying with backoff");
+    with_backoff(&shared, messages, || async {
+        match connect_pubsub(&shared.settings.target, shared.settings.op_timeout).await {
+            Ok(pubsub) => Ok(session(&shared, pubsub).await),
+            Err(reason) => Err(reason),
+        }
+    })
+    .await;
+}
+
+/// Runs `attempt` — connect, then a session until it ends — again and again until the broker
+/// stops, pausing with capped exponential backoff after each failure. `messages` are what the
+/// log says when a session is lost and (once per outage) when Redis cannot be reached.
+pub(super) async fn with_backoff<F, Fut>(shared: &Shared, messages: (&str, &str), mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<End, String>>,
+{
+    let (lost, unreachable) = messages;
     let mut backoff = INITIAL_BACKOFF;
     let mut reported_down = false;
     while !shared.stopped.load(Ordering::Acquire) {
-        match connect_pubsub(&shared.settings.target, shared.settings.op_timeout).await {
-            Ok(pubsub) => {
+        match attempt().await {
+            Ok(end) => {
                 backoff = INITIAL_BACKOFF;
-                let end = session(&shared, pubsub).await;
                 shared.subscriber_up.store(false, Ordering::Release);
                 shared.subscriptions().reset();
                 shared.bump();
                 match end {
                     End::Stopped => return,
                     End::Lost(reason) => {
-                        tracing::warn!(%reason, "Redis subscriber connection lost; reconnecting");
+                        tracing::warn!(%reason, "{lost}");
                         reported_down = true;
                         // A failover may have left pooled connections on the old master.
                         shared.pool.reset();
@@ -55,7 +74,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
             }
             Err(reason) => {
                 if !reported_down {
-                    tracing::warn!(%reason, "Redis unreachable; retrying with backoff");
+                    tracing::warn!(%reason, "{unreachable}");
                     reported_down = true;
                 }
             }
@@ -197,19 +216,23 @@ pub(super) fn deliver(shared: &Shared, name: &str, payload: &[u8]) -> bool {
     true
 }
 
+/// Channels wanted and not active, and active and no longer wanted, among those whose wish
+/// changed since the last call.
+pub(super) fn take_changes(shared: &Shared) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    let mut subscriptions = shared.subscriptions();
+    let changed = std::mem::take(&mut subscriptions.changed);
+    changed
+        .into_iter()
+        .filter(|name| subscriptions.wanted.contains(name) != subscriptions.active.contains(name))
+        .partition(|name| subscriptions.wanted.contains(name))
+}
+
 /// Brings Redis in line with what is wanted: one SUBSCRIBE for everything missing, one
 /// UNSUBSCRIBE for everything no longer wanted (in batches of [`BATCH`]). Only the channels
 /// whose wish changed are looked at; a failure ends the session, and the next one subscribes
 /// everything wanted again.
 async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String> {
-    let (add, remove): (Vec<Arc<str>>, Vec<Arc<str>>) = {
-        let mut subscriptions = shared.subscriptions();
-        let changed = std::mem::take(&mut subscriptions.changed);
-        changed
-            .into_iter()
-            .filter(|name| subscriptions.wanted.contains(name) != subscriptions.active.contains(name))
-            .partition(|name| subscriptions.wanted.contains(name))
-    };
+    let (add, remove) = take_changes(shared);
     let op_timeout = shared.settings.op_timeout;
     for chunk in add.chunks(BATCH) {
         let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
