@@ -15,7 +15,7 @@ use adapters::outbound::memory::InMemoryBroker;
 use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
-use adapters::outbound::signatures::{Endpoint, Scheme, SignatureVerifier};
+use adapters::outbound::signatures::{Endpoint, Secret, SignatureVerifier};
 use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
 use application::ports::{Clock, DeliveryLog, MessageBroker, Presence};
 use application::{Ports, Realtime};
@@ -113,28 +113,21 @@ impl Application {
         // of this process.
         let demo = match (&ephemeral_secret, config.console) {
             (Some(secret), true) => {
-                let webhook_secret: String = random_bytes(32)
-                    .map_err(|e| StartError::Randomness(e.to_string()))?
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
+                let webhook_secret = random_bytes(32).map_err(|e| StartError::Randomness(e.to_string()))?;
                 let (secret, iss, aud) =
                     (secret.clone(), config.jwt_issuer.clone(), config.jwt_audience.clone());
                 let token = move || mint_demo_token(&secret, iss.clone(), aud.clone());
-                Some(Demo { token: Arc::new(token), webhook_secret: Arc::from(webhook_secret.as_bytes()) })
+                Some(Demo { token: Arc::new(token), webhook_secret: Arc::from(webhook_secret) })
             }
             _ => None,
         };
         let mut verifier = signature_verifier(&config);
-        if let Some(demo) = &demo {
-            let secret = String::from_utf8_lossy(&demo.webhook_secret).into_owned();
-            let endpoint = Endpoint::new(Scheme::HmacSha256, &[secret])
-                .map_err(|problems| StartError::Randomness(problems.join("; ")))?;
-            verifier = verifier.with_endpoint(
-                TenantId::parse(DEMO_TENANT).map_err(|e| StartError::Randomness(e.to_string()))?,
-                Provider::parse(CONSOLE_PROVIDER).map_err(|e| StartError::Randomness(e.to_string()))?,
-                endpoint,
-            );
+        // Both names are valid constants; the console's browser test relays a test webhook.
+        if let (Some(demo), Ok(tenant), Ok(provider)) =
+            (&demo, TenantId::parse(DEMO_TENANT), Provider::parse(CONSOLE_PROVIDER))
+        {
+            let endpoint = Endpoint::hmac_sha256(Secret::new(demo.webhook_secret.to_vec()));
+            verifier = verifier.with_endpoint(tenant, provider, endpoint);
         }
         let console = config.console.then(|| ConsoleSettings { demo });
         let ports = Ports {
@@ -215,30 +208,13 @@ impl Application {
         let server = tokio::spawn(serve(listener, realtime.clone(), ws, http, async {
             let _ = accepting_stopped.await;
         }));
-        let sweeper = tokio::spawn(sweep_periodically(realtime.clone()));
-        let presence_refresher = tokio::spawn({
-            let realtime = realtime.clone();
-            // Three refreshes per TTL: an entry survives one missed refresh.
-            let period = (config.presence_ttl / 3).max(Duration::from_millis(500));
-            async move {
-                let mut ticks = tokio::time::interval(period);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
-                    realtime.presence.refresh().await;
-                }
-            }
-        });
-        let position_checker = tokio::spawn({
-            let realtime = realtime.clone();
-            async move {
-                let mut ticks = tokio::time::interval(POSITION_CHECK_PERIOD);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
-                    realtime.deliver.check_positions().await;
-                }
-            }
+        let sweeper = every(SWEEP_PERIOD, &realtime, |realtime| async move { sweep(&realtime) });
+        // Three refreshes per TTL: an entry survives one missed refresh.
+        let presence_period = (config.presence_ttl / 3).max(Duration::from_millis(500));
+        let presence_refresher =
+            every(presence_period, &realtime, |realtime| async move { realtime.presence.refresh().await });
+        let position_checker = every(POSITION_CHECK_PERIOD, &realtime, |realtime| async move {
+            realtime.deliver.check_positions().await;
         });
         let broker = match &config.broker {
             BrokerConfig::InProcess => "in-process (single instance)",
@@ -343,19 +319,33 @@ const POSITION_CHECK_PERIOD: Duration = Duration::from_secs(1);
 /// How often every connection's time limits are checked and heartbeats sent when due.
 const SWEEP_PERIOD: Duration = Duration::from_millis(250);
 
-async fn sweep_periodically(realtime: Arc<Realtime>) {
-    let mut ticks = tokio::time::interval(SWEEP_PERIOD);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let report = realtime.sweep.sweep();
-        if report.closed() > 0 {
-            tracing::info!(
-                token_expired = report.expired,
-                idle = report.idle,
-                inactive = report.inactive,
-                "closed connections"
-            );
+/// Runs `job` every `period` (a late run delays the next ones rather than bunching them) until
+/// the returned task is aborted.
+fn every<F, Fut>(period: Duration, realtime: &Arc<Realtime>, job: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Arc<Realtime>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let realtime = realtime.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            job(realtime.clone()).await;
         }
+    })
+}
+
+/// Closes the connections whose token expired or that went idle or inactive.
+fn sweep(realtime: &Realtime) {
+    let report = realtime.sweep.sweep();
+    if report.closed() > 0 {
+        tracing::info!(
+            token_expired = report.expired,
+            idle = report.idle,
+            inactive = report.inactive,
+            "closed connections"
+        );
     }
 }

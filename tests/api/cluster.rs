@@ -42,16 +42,7 @@ async fn on_cluster(cluster: &RedisCluster) -> TestApp {
 
 async fn on_cluster_with(cluster: &RedisCluster, extra: &[(&str, &str)]) -> TestApp {
     let seeds = cluster.seeds();
-    let app = spawn_app_with(test_config(|vars| {
-        vars.insert("REDIS_CLUSTER_NODES".to_owned(), seeds);
-        vars.insert("API_KEYS".to_owned(), KEY.to_owned());
-        for (key, value) in extra {
-            vars.insert((*key).to_owned(), (*value).to_owned());
-        }
-    }))
-    .await;
-    app.wait_ready(Duration::from_secs(10)).await;
-    app
+    spawn_ready(&[&[("REDIS_CLUSTER_NODES", seeds.as_str()), ("API_KEYS", KEY)], extra].concat()).await
 }
 
 async fn publish(app: &TestApp, body: &Value) -> Answer {

@@ -125,8 +125,12 @@ pub(crate) async fn spawn_app() -> TestApp {
 /// An instance joined to the Redis at `redis_url`, with `vars` on top of the test configuration,
 /// once it answers `/ready` with 200.
 pub(crate) async fn spawn_on_redis(redis_url: &str, vars: &[(&str, &str)]) -> TestApp {
+    spawn_ready(&[&[("REDIS_URL", redis_url)], vars].concat()).await
+}
+
+/// An instance with `vars` on top of the test configuration, once it answers `/ready` with 200.
+pub(crate) async fn spawn_ready(vars: &[(&str, &str)]) -> TestApp {
     let app = spawn_app_with(test_config(|config| {
-        config.insert("REDIS_URL".to_owned(), redis_url.to_owned());
         for (key, value) in vars {
             config.insert((*key).to_owned(), (*value).to_owned());
         }

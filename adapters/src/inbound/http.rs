@@ -270,6 +270,15 @@ fn too_large() -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds 1 MiB")
 }
 
+/// Refuses a request whose `Content-Length` announces more than [`MAX_WEBHOOK_BODY`], before
+/// any of its body is read.
+pub(crate) fn refuse_announced_too_large(content_length: Option<u64>) -> Result<(), Rejection> {
+    if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
+        return Err(warp::reject::custom(too_large()));
+    }
+    Ok(())
+}
+
 /// The key of an `Authorization: Bearer <key>` header.
 fn bearer(authorization: Option<&str>) -> Option<&str> {
     let (scheme, key) = authorization?.trim().split_once(' ')?;
@@ -337,9 +346,7 @@ where
     B: Buf + Send,
 {
     app.api.authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
-    if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
-        return Err(warp::reject::custom(too_large()));
-    }
+    refuse_announced_too_large(content_length)?;
     let body = read_in_time(body, "the request body did not arrive in time").await?;
     let answer = match call {
         ApiCall::Publish => {
@@ -365,9 +372,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf + Send,
 {
-    if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
-        return Err(warp::reject::custom(too_large()));
-    }
+    refuse_announced_too_large(content_length)?;
     // Bodies are buffered before the signature can be checked: their number is bounded too.
     let _receiving = bodies.try_acquire().map_err(|_| {
         warp::reject::custom(ApiError::unavailable("too many webhooks being received; retry later"))

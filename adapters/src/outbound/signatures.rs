@@ -129,6 +129,16 @@ impl Endpoint {
         Ok(Self { scheme, keys, tolerance_secs: DEFAULT_TOLERANCE_SECS, max_body_bytes: None })
     }
 
+    /// The `hmac-sha256` endpoint of one secret, as given (any bytes).
+    pub fn hmac_sha256(secret: Secret) -> Self {
+        Self {
+            scheme: Scheme::HmacSha256,
+            keys: vec![secret],
+            tolerance_secs: DEFAULT_TOLERANCE_SECS,
+            max_body_bytes: None,
+        }
+    }
+
     /// Accepts timestamps at most `secs` away from now (timestamped schemes only).
     #[must_use]
     pub fn with_tolerance_secs(mut self, secs: u64) -> Self {
@@ -205,13 +215,7 @@ impl SignatureVerifier {
     /// `hmac-sha256` and `secret`.
     #[must_use]
     pub fn with_tenant_secret(mut self, tenant: TenantId, secret: Secret) -> Self {
-        let endpoint = Endpoint {
-            scheme: Scheme::HmacSha256,
-            keys: vec![secret],
-            tolerance_secs: DEFAULT_TOLERANCE_SECS,
-            max_body_bytes: None,
-        };
-        self.any_provider.insert(tenant, endpoint);
+        self.any_provider.insert(tenant, Endpoint::hmac_sha256(secret));
         self
     }
 

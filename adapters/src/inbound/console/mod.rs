@@ -13,7 +13,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::error::ApiError;
-use crate::inbound::http::{MAX_WEBHOOK_BODY, read_in_time};
+use crate::inbound::http::{read_in_time, refuse_announced_too_large};
 use crate::outbound::signatures::sign;
 
 const INDEX: &str = include_str!("index.html");
@@ -115,13 +115,7 @@ pub fn routes(
                     )));
                 }
                 // As any webhook: at most 1 MiB, within 30 s.
-                if length.is_some_and(|length| length > MAX_WEBHOOK_BODY as u64) {
-                    return Err(warp::reject::custom(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        "request body exceeds 1 MiB",
-                    )));
-                }
+                refuse_announced_too_large(length)?;
                 let body = read_in_time(body, "the webhook body did not arrive in time").await?;
                 test_webhook(&app, demo.as_ref(), &body).await
             }

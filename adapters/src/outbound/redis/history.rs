@@ -113,7 +113,7 @@ fn unexpected(what: &str) -> BrokerError {
 
 impl Shared {
     fn scripts(&self) -> &'static PublishScripts {
-        if self.pool.publish_command() == "SPUBLISH" { &SHARDED } else { &PLAIN }
+        if self.pool.cluster().is_some() { &SHARDED } else { &PLAIN }
     }
 
     /// Appends `message` to `channel`'s history, publishes it and records `record`, in one

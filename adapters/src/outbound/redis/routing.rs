@@ -240,12 +240,12 @@ impl ClusterPools {
             last_error = error.to_string();
             match error.kind() {
                 ErrorKind::Server(ServerErrorKind::Moved) => {
-                    redirect = redirect_node(&error, &node);
+                    redirect = Some(redirect_node(&error, &node).ok_or_else(|| last_error.clone())?);
                     // The next commands go to the new owner without a redirection.
                     let _ = self.refresh().await;
                 }
                 ErrorKind::Server(ServerErrorKind::Ask) => {
-                    redirect = redirect_node(&error, &node);
+                    redirect = Some(redirect_node(&error, &node).ok_or_else(|| last_error.clone())?);
                     asking = true;
                 }
                 _ if error.is_io_error() || error.is_unrecoverable_error() => {
@@ -254,11 +254,6 @@ impl ClusterPools {
                     }
                 }
                 _ => return Err(last_error),
-            }
-            if redirect.is_none()
-                && matches!(error.kind(), ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask))
-            {
-                return Err(last_error);
             }
         }
         Err(last_error)
