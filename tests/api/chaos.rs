@@ -1,6 +1,7 @@
 //! Chaos: an instance is killed with SIGKILL while webhooks flow to 300 clients; its clients
 //! reconnect elsewhere with their last positions. Every client must end up with every message
-//! of its tenant exactly once and in order.
+//! of its tenant exactly once and in order, and every frame of its tenant channel (presence
+//! announcements included: presence is on, as by default) at the offset after the previous one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,20 @@ struct Received {
     sequence: Vec<u64>,
     reconnects: u32,
     not_recovered: u32,
+    /// Frames of the tenant channel (messages and presence announcements) whose offset did not
+    /// follow the previous one: a gap or a repeat.
+    offset_faults: u32,
+}
+
+/// Takes the position of a frame of the tenant channel: counts a fault unless its offset
+/// follows `last`, and moves `position` and `last` on.
+fn advance(frame: &Value, position: &mut Option<String>, last: &mut Option<u64>, received: &mut Received) {
+    let offset = frame["offset"].as_u64().expect("an offset");
+    if last.is_some_and(|last| offset != last + 1) {
+        received.offset_faults += 1;
+    }
+    *last = Some(offset);
+    *position = Some(format!("{}:{offset}", frame["epoch"].as_str().expect("epoch")));
 }
 
 /// A client of `tenant(i)` that starts on instance `i % INSTANCES`, and on any disconnection
@@ -50,6 +65,7 @@ async fn client(
     let (tenant, user) = (tenant(i), format!("user{i}"));
     let mut received = Received::default();
     let mut position: Option<String> = None;
+    let mut last: Option<u64> = None;
     let mut at = i % INSTANCES;
     while received.sequence.len() < MESSAGES_PER_TENANT as usize && !*stop.borrow() {
         let since = position.as_ref().map(|p| format!("&since={p}")).unwrap_or_default();
@@ -88,17 +104,22 @@ async fn client(
                     if position.is_none() || payload["recovered"] != true {
                         position =
                             Some(format!("{}:{}", now["epoch"].as_str().expect("epoch"), now["offset"]));
+                        last = now["offset"].as_u64();
                     }
                 }
                 Some("webhook") => {
                     received
                         .sequence
                         .push(frame["payload"]["data"]["seq"].as_u64().expect("a sequence number"));
-                    position =
-                        Some(format!("{}:{}", frame["epoch"].as_str().expect("epoch"), frame["offset"]));
+                    advance(&frame, &mut position, &mut last, &mut received);
                     if received.sequence.len() == MESSAGES_PER_TENANT as usize {
                         break;
                     }
+                }
+                // Presence is on, as by default: joins and leaves take offsets of the tenant
+                // channel too, and are recovered like messages.
+                Some("presence.join" | "presence.leave") => {
+                    advance(&frame, &mut position, &mut last, &mut received);
                 }
                 other => panic!("unexpected frame {other:?}: {frame}"),
             }
@@ -164,7 +185,7 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
         (0..TENANTS).map(|t| (tenant(t), Value::String(secret(&tenant(t))))).collect();
     let secrets = Value::Object(secrets).to_string();
     let url = redis.url();
-    let env = [("REDIS_URL", url.as_str()), ("WEBHOOK_SECRETS", secrets.as_str())];
+    let env = [("REDIS_URL", url.as_str()), ("WEBHOOK_SECRETS", secrets.as_str()), ("PRESENCE", "on")];
     let mut processes: Vec<Process> = Vec::new();
     for _ in 0..INSTANCES {
         processes.push(start(&env).await);
@@ -225,6 +246,7 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
     drain.abort();
 
     let (mut lost, mut duplicated, mut out_of_order, mut reconnects, mut not_recovered) = (0, 0, 0, 0, 0);
+    let offset_faults: u32 = reports.iter().map(|r| r.offset_faults).sum();
     for (n, report) in reports.iter().enumerate() {
         let (l, d, o) = count_faults(&report.sequence);
         if l + d + o > 0 {
@@ -245,10 +267,11 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
     let delivered: usize = reports.iter().map(|r| r.sequence.len()).sum();
     println!(
         "chaos: {CLIENTS} clients, {total} messages, {delivered} deliveries, {reconnects} reconnections \
-         ({not_recovered} not recovered): lost = {lost}, duplicated = {duplicated}, out of order = {out_of_order}"
+         ({not_recovered} not recovered): lost = {lost}, duplicated = {duplicated}, out of order = {out_of_order}, \
+         offsets not following = {offset_faults}"
     );
     assert!(reconnects as usize >= CLIENTS / INSTANCES, "the killed instance's clients reconnected");
     assert_eq!(not_recovered, 0, "every reconnection recovered");
-    assert_eq!((lost, duplicated, out_of_order), (0, 0, 0));
+    assert_eq!((lost, duplicated, out_of_order, offset_faults), (0, 0, 0, 0));
     assert_eq!(delivered, CLIENTS * MESSAGES_PER_TENANT as usize);
 }

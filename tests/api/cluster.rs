@@ -151,6 +151,13 @@ async fn a_client_recovers_what_it_missed_through_the_other_instance() {
     for n in 1..=3 {
         assert_eq!(client.next_json().await["payload"], n);
     }
+    // Then live messages, none of the replayed ones again.
+    assert_eq!(
+        publish(&a, &json!({"channel": "tenant:acme", "type": "note", "payload": 4})).await.status,
+        200
+    );
+    assert_eq!(client.next_json().await["payload"], 4);
+    client.expect_nothing_pending().await;
 }
 
 #[tokio::test]

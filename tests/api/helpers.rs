@@ -436,3 +436,28 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// `name{labels}` → value, for every sample line of a Prometheus text scrape.
+pub(crate) fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+pub(crate) async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+    let response = app.http.get(app.url("/metrics")).send().await.expect("scraped");
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.headers()["content-type"].to_str().is_ok_and(|t| t.starts_with("text/plain")));
+    samples(&response.text().await.expect("text"))
+}
+
+pub(crate) fn value(samples: &HashMap<String, f64>, name: &str) -> f64 {
+    samples
+        .get(name)
+        .copied()
+        .unwrap_or_else(|| panic!("{name} missing from {:#?}", samples.keys().collect::<Vec<_>>()))
+}

@@ -11,6 +11,7 @@ mod cluster;
 mod deployment;
 mod direct;
 mod framing;
+mod loadgen;
 mod observability;
 mod openapi;
 mod operations;

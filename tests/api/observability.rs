@@ -1,36 +1,10 @@
 //! Metrics and logs as an operator sees them: a scripted session, then a scrape of `/metrics`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::helpers::*;
-
-/// `name{labels}` → value, for every sample line of a Prometheus text scrape.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(app: &TestApp) -> HashMap<String, f64> {
-    let response = app.http.get(app.url("/metrics")).send().await.expect("scraped");
-    assert_eq!(response.status().as_u16(), 200);
-    assert!(response.headers()["content-type"].to_str().is_ok_and(|t| t.starts_with("text/plain")));
-    samples(&response.text().await.expect("text"))
-}
-
-fn value(samples: &HashMap<String, f64>, name: &str) -> f64 {
-    samples
-        .get(name)
-        .copied()
-        .unwrap_or_else(|| panic!("{name} missing from {:#?}", samples.keys().collect::<Vec<_>>()))
-}
 
 #[tokio::test]
 async fn every_counter_gauge_and_histogram_moves_by_exactly_what_happened() {

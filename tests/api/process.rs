@@ -78,6 +78,10 @@ pub(crate) async fn start(extra_env: &[(&str, &str)]) -> Process {
 }
 
 impl Process {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     pub(crate) fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status =

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::*;
 use crate::proxy::FreezableProxy;
-use crate::redis_support::{RedisServer, pubsub_channels};
+use crate::redis_support::{RedisServer, pubsub_channels, redis_cli};
 
 async fn instance(redis_url: &str) -> TestApp {
     spawn_on_redis(redis_url, &[]).await
@@ -281,6 +281,39 @@ async fn churn_of_the_last_and_first_client_of_a_tenant_never_leaves_it_unsubscr
         assert_eq!(arriving.next_json().await["payload"]["data"]["round"], round, "round {round}");
         arriving.close().await;
     }
+}
+
+#[tokio::test]
+async fn a_delivery_whose_publish_fails_is_released_and_its_retry_relayed_without_a_hole() {
+    let redis = RedisServer::start();
+    let app = instance(&redis.url()).await;
+    let mut client = app.connect("bob", "acme").await;
+    let first = post_delivery(&app, "gh-1", 1).await;
+    assert_eq!(first.status, 200);
+    let frame = client.next_json().await;
+    assert_eq!((frame["payload"]["data"]["n"].as_u64(), frame["offset"].as_u64()), (Some(1), Some(1)));
+
+    // Redis takes the delivery's claim, then refuses the publish: the channel's history key
+    // holds a value of another type, so the script fails at its append.
+    let history = "lq-realtime:{tenant:acme}:history";
+    redis_cli(redis.port, &["DEL", history]);
+    assert_eq!(redis_cli(redis.port, &["SET", history, "not a stream"]), "OK");
+    let failed = post_delivery(&app, "gh-2", 2).await;
+    assert_eq!((failed.status, failed.body["code"].as_str()), (503, Some("unavailable")), "{}", failed.body);
+    // The claim was released, so the sender's retry is relayed once Redis accepts it, with the
+    // next offset: the failed attempt used none.
+    redis_cli(redis.port, &["DEL", history]);
+    let retried = post_delivery(&app, "gh-2", 2).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    assert_eq!(retried.body.get("duplicate"), None);
+    let frame = client.next_json().await;
+    assert_eq!((frame["payload"]["data"]["n"].as_u64(), frame["offset"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(frame["message_id"], retried.body["message_id"]);
+    // A second retry is a duplicate of the relayed one.
+    let again = post_delivery(&app, "gh-2", 2).await;
+    assert_eq!((again.status, &again.body["message_id"]), (200, &retried.body["message_id"]));
+    assert_eq!(again.body["duplicate"], true);
+    client.expect_nothing_pending().await;
 }
 
 async fn post_delivery(app: &TestApp, id: &str, n: u64) -> Answer {

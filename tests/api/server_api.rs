@@ -29,19 +29,41 @@ async fn publish(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
 #[tokio::test]
 async fn without_a_valid_key_every_call_is_refused_with_401() {
     let body = json!({"channel": "tenant:acme", "type": "notice", "payload": 1});
+    let kick = json!({"tenant_id": "acme", "user_id": "bob"});
+    // Every call of the API, with `key` as its bearer when given.
+    async fn every_call(app: &TestApp, key: Option<&str>, body: &Value, kick: &Value) -> Vec<Answer> {
+        let mut presence = reqwest::Client::new().get(app.url("/api/tenants/acme/presence"));
+        if let Some(key) = key {
+            presence = presence.header("authorization", format!("Bearer {key}"));
+        }
+        vec![
+            publish(app, key, body).await,
+            disconnect(app, key, kick).await,
+            Answer::from_response(presence.send().await.expect("request")).await,
+        ]
+    }
+    // No keys configured: the API is off, whatever key is sent.
     let closed = spawn_app().await;
-    let answer = publish(&closed, Some(KEY), &body).await;
-    assert_eq!(
-        (answer.status, answer.body["code"].as_str()),
-        (401, Some("unauthorized")),
-        "no keys: API off"
-    );
+    let mut client = closed.connect("bob", "acme").await;
+    for key in [Some(KEY), None] {
+        for answer in every_call(&closed, key, &body, &kick).await {
+            assert_eq!(
+                (answer.status, answer.body["code"].as_str()),
+                (401, Some("unauthorized")),
+                "no keys: API off ({key:?}): {}",
+                answer.body
+            );
+        }
+    }
+    client.expect_nothing_pending().await;
     let app = app_with_key().await;
     let mut client = app.connect("bob", "acme").await;
-    for key in [None, Some("backend-api-key-012345678"), Some("wrong")] {
-        let answer = publish(&app, key, &body).await;
-        assert_eq!(answer.status, 401, "{key:?}");
+    for key in [None, Some("backend-api-key-012345678"), Some("wrong"), Some("")] {
+        for answer in every_call(&app, key, &body, &kick).await {
+            assert_eq!(answer.status, 401, "{key:?}: {}", answer.body);
+        }
     }
+    // Nothing was published and bob was not disconnected.
     client.expect_nothing_pending().await;
 }
 

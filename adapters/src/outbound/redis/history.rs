@@ -47,18 +47,22 @@ static SHARDED: LazyLock<PublishScripts> = LazyLock::new(|| PublishScripts::with
 /// envelope without its closing brace, history size, TTL in seconds, epoch to start when the
 /// channel has none, and with a delivery key its message id and seconds to keep it.
 /// Publishes the envelope with `"offset"` and `"epoch"` added, records the delivery; returns
-/// the offset.
+/// the offset. The offset is taken only once the message is in the stream: a script that fails
+/// on the way (Redis out of memory, a key of another type) leaves no hole in the offsets.
 const PUBLISH: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
+local position = redis.call('HMGET', KEYS[1], 'e', 's')
+local epoch = position[1]
+local offset = (tonumber(position[2]) or 0) + 1
 if not epoch then
   epoch = ARGV[5]
+  offset = 1
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
 end
-local offset = redis.call('HINCRBY', KEYS[1], 's', 1)
 local message = ARGV[2] .. string.format(',"offset":%d,"epoch":"', offset) .. epoch .. '"}'
 local now = redis.call('TIME')
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], string.format('%d-0', offset), 't', now[1], 'm', message)
+redis.call('HSET', KEYS[1], 's', offset)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH_COMMAND', ARGV[1], message)

@@ -1,0 +1,157 @@
+//! `lq-loadgen`, the load generator users size their deployments with, against the binary: its
+//! report accounts for every connection and every message.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::process;
+use crate::redis_support::RedisServer;
+
+const WEBHOOK_SECRET: &str = "loadgen-webhook-secret";
+
+/// Runs `lq-loadgen` with `args`; its exit code, its stdout parsed as JSON (null when it is not
+/// JSON) and its stderr.
+async fn loadgen(args: &[&str]) -> (Option<i32>, Value, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_lq-loadgen")).args(args).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("lq-loadgen ends within 60 s")
+    .expect("lq-loadgen runs");
+    let report = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output.status.code(), report, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn the_load_generator_reports_every_connection_delivery_and_the_servers_memory() {
+    let secrets = json!({"bench0": WEBHOOK_SECRET, "bench1": WEBHOOK_SECRET}).to_string();
+    let server = process::start(&[("WEBHOOK_SECRETS", &secrets)]).await;
+    let (ws, http) = (format!("ws://{}", server.addr), format!("http://{}", server.addr));
+    let (pid, metrics) = (server.pid().to_string(), format!("{http}/metrics"));
+    let (code, report, stderr) = loadgen(&[
+        "--ws",
+        &ws,
+        "--connections",
+        "20",
+        "--connect-rate",
+        "200",
+        "--tenants",
+        "2",
+        "--sources",
+        "2",
+        "--secret",
+        JWT_SECRET,
+        "--load",
+        "webhook",
+        "--webhook",
+        &http,
+        "--webhook-secret",
+        WEBHOOK_SECRET,
+        "--messages",
+        "40",
+        "--publish-rate",
+        "200",
+        "--server-pid",
+        &pid,
+        "--metrics",
+        &metrics,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("connected: 20"), "progress goes to stderr: {stderr}");
+    let connections = &report["connections"];
+    assert_eq!(
+        (connections["established"].as_u64(), connections["failed"].as_u64()),
+        (Some(20), Some(0)),
+        "{report}"
+    );
+    assert!(connections["per_sec"].as_f64().is_some_and(|rate| rate > 0.0), "{report}");
+    // 40 messages over 2 tenants of 10 connections: 400 deliveries, none lost or repeated.
+    let load = &report["load"];
+    assert_eq!((load["kind"].as_str(), load["published"].as_u64()), (Some("webhook"), Some(40)), "{report}");
+    assert_eq!(
+        (load["expected_deliveries"].as_u64(), load["deliveries"].as_u64()),
+        (Some(400), Some(400)),
+        "{report}"
+    );
+    assert_eq!((report["lost"].as_u64(), report["duplicated"].as_u64()), (Some(0), Some(0)), "{report}");
+    assert!(load["server_cpu_us_per_delivery"].as_f64().is_some(), "{report}");
+    let latency = &report["latency_ms"];
+    assert_eq!(latency["samples"].as_u64(), Some(400), "one latency per delivery: {report}");
+    for key in ["p50", "p99", "p99_9"] {
+        assert!(latency[key].as_f64().is_some_and(|ms| ms >= 0.0), "{key}: {report}");
+    }
+    assert!(latency["p50"].as_f64() <= latency["p99"].as_f64(), "{report}");
+    assert!(report["server"]["rss_kib_per_connection"].as_f64().is_some(), "{report}");
+    assert!(report["metrics"][0]["lq_websocket_connections"].as_f64().is_some(), "{report}");
+}
+
+#[tokio::test]
+async fn messages_that_never_arrive_are_reported_lost_and_refused_connections_with_their_reason() {
+    // The messages go to a Redis the instance does not listen to: all published, none delivered.
+    let redis = RedisServer::start();
+    let server = process::start(&[]).await;
+    let ws = format!("ws://{}", server.addr);
+    let (code, report, stderr) = loadgen(&[
+        "--ws",
+        &ws,
+        "--connections",
+        "4",
+        "--tenants",
+        "1",
+        "--secret",
+        JWT_SECRET,
+        "--load",
+        "redis",
+        "--redis",
+        &redis.url(),
+        "--messages",
+        "5",
+        "--drain",
+        "1",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        (report["load"]["published"].as_u64(), report["load"]["deliveries"].as_u64()),
+        (Some(5), Some(0)),
+        "{report}"
+    );
+    assert_eq!(
+        (report["lost"].as_u64(), report["duplicated"].as_u64()),
+        (Some(20), Some(0)),
+        "5 messages × 4 connections: {report}"
+    );
+    // Tokens signed with another secret: every connection is refused, with the server's status.
+    let (code, report, stderr) = loadgen(&[
+        "--ws",
+        &ws,
+        "--connections",
+        "3",
+        "--tenants",
+        "1",
+        "--secret",
+        "another-secret-0123456789",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let connections = &report["connections"];
+    assert_eq!(
+        (connections["established"].as_u64(), connections["failed"].as_u64()),
+        (Some(0), Some(3)),
+        "{report}"
+    );
+    assert!(connections["failures"].to_string().contains("HTTP 401"), "{report}");
+}
+
+#[tokio::test]
+async fn bad_options_are_named_with_the_usage_and_exit_2() {
+    let (code, report, stderr) = loadgen(&["--connections", "many", "--load", "carrier-pigeon"]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(report.is_null(), "no report on stdout: {report}");
+    assert!(stderr.contains("--connections: expected a number, got \"many\""), "{stderr}");
+    assert!(stderr.contains("lq-loadgen: load for lq-realtime"), "the usage follows: {stderr}");
+}
