@@ -180,6 +180,8 @@ impl Application {
             outbound_queue_bytes: config.outbound_queue_bytes,
             max_message_bytes: config.max_message_bytes,
             allowed_origins: config.allowed_origins.clone(),
+            concurrent_opens: config.max_opening_connections,
+            open_queue_timeout: config.opening_timeout,
             ..WsSettings::default()
         };
         let http = HttpSettings {

@@ -48,6 +48,12 @@ pub const ENV_WEBHOOK_CONFIG: &str = "WEBHOOK_CONFIG";
 /// WebSocket connections per instance.
 pub const ENV_MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// WebSocket upgrades opening at once (reading positions, subscribing, recording presence).
+pub const ENV_MAX_OPENING_CONNECTIONS: &str = "MAX_OPENING_CONNECTIONS";
+pub const DEFAULT_MAX_OPENING_CONNECTIONS: usize = 128;
+/// Milliseconds an upgrade waits for its turn to open before 503 `overloaded`.
+pub const ENV_OPENING_TIMEOUT_MS: &str = "OPENING_TIMEOUT_MS";
+pub const DEFAULT_OPENING_TIMEOUT_MS: u64 = 5000;
 /// Seconds between heartbeat pings.
 pub const ENV_PING_INTERVAL_SECS: &str = "PING_INTERVAL_SECS";
 pub const DEFAULT_PING_INTERVAL_SECS: u64 = 25;
@@ -179,6 +185,9 @@ pub struct Config {
     pub settings: Settings,
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
+    /// Upgrades opening at once, and how long one waits for its turn.
+    pub max_opening_connections: usize,
+    pub opening_timeout: Duration,
     pub header_read_timeout: Duration,
     /// `None`: `/metrics` is served on `bind_addr`.
     pub metrics_addr: Option<SocketAddr>,
@@ -507,6 +516,9 @@ impl Config {
         });
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, positive::<usize>);
         let per_user = r.parse(ENV_MAX_CONNECTIONS_PER_USER, 0, whole::<usize>);
+        let max_opening =
+            r.parse(ENV_MAX_OPENING_CONNECTIONS, DEFAULT_MAX_OPENING_CONNECTIONS, positive::<usize>);
+        let opening_ms = r.parse(ENV_OPENING_TIMEOUT_MS, DEFAULT_OPENING_TIMEOUT_MS, positive::<u64>);
         let ping_secs = r.parse(ENV_PING_INTERVAL_SECS, DEFAULT_PING_INTERVAL_SECS, positive::<u64>);
         let idle_secs = r.parse(ENV_IDLE_TIMEOUT_SECS, DEFAULT_IDLE_TIMEOUT_SECS, positive::<u64>);
         if idle_secs <= ping_secs {
@@ -603,6 +615,8 @@ impl Config {
             },
             max_message_bytes,
             outbound_queue_bytes,
+            max_opening_connections: max_opening,
+            opening_timeout: Duration::from_millis(opening_ms),
             header_read_timeout: Duration::from_secs(header_secs),
             metrics_addr,
             drain_grace: Duration::from_secs(drain_grace),
@@ -647,6 +661,7 @@ mod tests {
         assert_eq!(config.settings.max_replay_bytes, 524_288);
         assert_eq!(config.history, HistorySettings { size: 100, ttl: Duration::from_secs(3600) });
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!((config.max_opening_connections, config.opening_timeout), (128, Duration::from_secs(5)));
         assert!(config.allowed_origins.is_none());
         assert!(
             config.jwt_issuer.is_none()
@@ -668,6 +683,8 @@ mod tests {
             (ENV_IDLE_TIMEOUT_SECS, "90"),
             (ENV_ALLOWED_ORIGINS, "https://app.example.com, http://localhost:3000"),
             (ENV_MAX_CONNECTIONS_PER_USER, "3"),
+            (ENV_MAX_OPENING_CONNECTIONS, "16"),
+            (ENV_OPENING_TIMEOUT_MS, "250"),
             (ENV_RATE_LIMIT_PER_SEC, "0"),
             (ENV_RUST_LOG, "debug,hyper=info"),
             (ENV_LOG_FORMAT, "json"),
@@ -686,6 +703,10 @@ mod tests {
         assert_eq!(config.settings.max_connections, 5);
         assert_eq!(config.settings.idle_timeout_ms, 90_000);
         assert_eq!(config.settings.max_connections_per_user, 3);
+        assert_eq!(
+            (config.max_opening_connections, config.opening_timeout),
+            (16, Duration::from_millis(250))
+        );
         assert_eq!(config.settings.rate_per_sec, 0);
         assert_eq!(config.allowed_origins.map(|o| o.len()), Some(2));
         assert_eq!(config.log_format, LogFormat::Json);
@@ -795,6 +816,8 @@ mod tests {
             (&[(ENV_HISTORY_SIZE, "-1")][..], ENV_HISTORY_SIZE),
             (&[(ENV_API_KEYS, "short")][..], ENV_API_KEYS),
             (&[(ENV_PRESENCE, "yes")][..], ENV_PRESENCE),
+            (&[(ENV_MAX_OPENING_CONNECTIONS, "0")][..], ENV_MAX_OPENING_CONNECTIONS),
+            (&[(ENV_OPENING_TIMEOUT_MS, "soon")][..], ENV_OPENING_TIMEOUT_MS),
             (&[(ENV_PRESENCE_TTL_SECS, "2")][..], ENV_PRESENCE_TTL_SECS),
             (&[(ENV_API_KEYS, "0123456789abcdef,with space 0123456")][..], ENV_API_KEYS),
             (&[(ENV_HISTORY_SIZE, "10001")][..], ENV_HISTORY_SIZE),

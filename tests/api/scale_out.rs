@@ -268,6 +268,38 @@ async fn a_subscriber_connection_that_silently_stops_delivering_is_replaced() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_opening_limit_wait_their_turn_and_are_told_to_retry_after_the_timeout() {
+    let redis = RedisServer::start();
+    let proxy = FreezableProxy::start(redis.port).await;
+    let app = spawn_on_redis(
+        &format!("redis://127.0.0.1:{}", proxy.port),
+        &[("MAX_OPENING_CONNECTIONS", "1"), ("OPENING_TIMEOUT_MS", "300"), ("REDIS_POOL_SIZE", "1")],
+    )
+    .await;
+    let _bob = app.connect("bob", "acme").await;
+    // Redis stops answering: the next connection to open holds the only turn while it waits
+    // for its positions (until the command's timeout, or a fresh pooled connection)…
+    proxy.freeze_existing();
+    let first = {
+        let app_url = app.ws_url(&format!("?token={}", token("eve", "acme")));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = WsClient::connect(app_url.into_client_request().expect("request")).await;
+            (outcome.map(|_| ()), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // …so the one after it waits for its turn, and is refused once OPENING_TIMEOUT_MS passed.
+    let started = Instant::now();
+    let refused = app.try_connect(&token("carol", "acme")).await.err().expect("refused");
+    assert_eq!((refused.0, refused.1["code"].as_str()), (503, Some("overloaded")), "{}", refused.1);
+    assert!(started.elapsed() >= Duration::from_millis(300), "waited its turn: {:?}", started.elapsed());
+    let (first, took) = first.await.expect("first");
+    // The first one took its time, whatever it was told.
+    assert!(took >= Duration::from_millis(400), "{first:?} after {took:?}");
+}
+
+#[tokio::test]
 async fn churn_of_the_last_and_first_client_of_a_tenant_never_leaves_it_unsubscribed() {
     let redis = RedisServer::start();
     let (a, b) = (instance(&redis.url()).await, instance(&redis.url()).await);

@@ -33,6 +33,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
@@ -54,6 +55,11 @@ pub struct WsSettings {
     pub allowed_origins: Option<HashSet<String>>,
     /// How long the server waits for the client's half of a close handshake.
     pub close_timeout: Duration,
+    /// Upgrades that may be opening at once (reading their positions, subscribing, recording
+    /// their presence); the next ones wait for a turn.
+    pub concurrent_opens: usize,
+    /// How long an upgrade waits for its turn before it is refused with 503 `overloaded`.
+    pub open_queue_timeout: Duration,
 }
 
 impl Default for WsSettings {
@@ -63,6 +69,8 @@ impl Default for WsSettings {
             max_message_bytes: 64 * 1024,
             allowed_origins: None,
             close_timeout: Duration::from_secs(2),
+            concurrent_opens: 128,
+            open_queue_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -72,10 +80,11 @@ pub fn route(
     app: Arc<Realtime>,
     settings: WsSettings,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
+    let opens = Arc::new(Semaphore::new(settings.concurrent_opens.max(1)));
     let settings = Arc::new(settings);
     warp::path!("ws")
         .and(warp::get())
-        .and(warp::any().map(move || (app.clone(), settings.clone())))
+        .and(warp::any().map(move || (app.clone(), settings.clone(), opens.clone())))
         .and(warp::query::raw().map(Some).or(warp::any().map(|| None)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
@@ -178,7 +187,7 @@ fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
 }
 
 async fn upgrade(
-    (app, settings): (Arc<Realtime>, Arc<WsSettings>),
+    (app, settings, opens): (Arc<Realtime>, Arc<WsSettings>, Arc<Semaphore>),
     query: Option<String>,
     headers: HeaderMap,
     on_upgrade: Option<OnUpgrade>,
@@ -191,6 +200,23 @@ async fn upgrade(
     let accept = accept_key(&headers).map_err(warp::reject::custom)?;
     let on_upgrade = on_upgrade
         .ok_or_else(|| warp::reject::custom(ApiError::bad_request("this connection cannot be upgraded")))?;
+    // A burst of upgrades (a reconnection storm) opens a bounded number at a time, so that the
+    // broker's answers to those it serves, and to everything else, stay prompt; the rest wait
+    // their turn, or are told to retry.
+    let turn = tokio::time::timeout(settings.open_queue_timeout, opens.acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            warp::reject::custom(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many connections opening; retry",
+                )
+                .retry_after(1),
+            )
+        })?;
     let outbox = Arc::new(Outbox::new(settings.outbound_queue_bytes));
     let mut session =
         app.connect.connect(admission, outbox.clone()).await.map_err(|e| connect_rejection(&e))?;
@@ -221,6 +247,7 @@ async fn upgrade(
         if let Some((stream, leftover)) = socket {
             // Boxed: presence's state need not stay in the connection's task.
             Box::pin(app.presence.changed(&tenant, &user)).await;
+            drop(turn);
             let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
             connection.run(Arc::new(stream), leftover).await;
         }

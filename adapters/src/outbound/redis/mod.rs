@@ -39,10 +39,10 @@ mod target;
 pub use delivery_log::RedisDeliveryLog;
 pub use presence::RedisPresence;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use application::ports::{
     BrokerError, ControlCommand, DeliveryRecord, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
@@ -133,6 +133,8 @@ struct Shared {
     stop: Notify,
     probe_published: AtomicU64,
     probe_received: AtomicU64,
+    /// Probes Redis accepted and not yet seen back, with when each was accepted.
+    probes_pending: Mutex<VecDeque<(u64, Instant)>>,
     invalid_channels: AtomicU64,
     epochs: Epochs,
 }
@@ -221,6 +223,7 @@ impl RedisBroker {
             stop: Notify::new(),
             probe_published: AtomicU64::new(0),
             probe_received: AtomicU64::new(0),
+            probes_pending: Mutex::new(VecDeque::new()),
             invalid_channels: AtomicU64::new(0),
             epochs: Epochs::default(),
         });

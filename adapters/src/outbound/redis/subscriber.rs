@@ -19,8 +19,17 @@ use super::{CONTROL_CHANNEL, Shared};
 pub(super) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const BATCH: usize = 500;
-/// Probes published without coming back before the subscriber is presumed deaf.
-const MISSED_PROBES_LIMIT: u32 = 2;
+/// Probe intervals a probe Redis accepted may take to come back before the subscriber counts
+/// as missing messages (the instance is not ready meanwhile)…
+const PROBE_LATE_AFTER: u32 = 2;
+/// …and before it is presumed deaf and replaced. Judged by each probe's own age, so that a
+/// subscriber that keeps up with a delay (an instance busy with a burst) is not replaced: that
+/// would lose what is published while it reconnects.
+const PROBE_LOST_AFTER: u32 = 3;
+/// Messages dispatched after each reconciliation at most, before the next change is looked at.
+const READY_AFTER_RECONCILE: usize = 1024;
+/// Probes kept waiting at most; older ones are forgotten (the subscriber is replaced long before).
+const PROBES_PENDING_MAX: usize = 64;
 
 /// Why a subscriber session ended.
 pub(super) enum End {
@@ -115,9 +124,13 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
     tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
     // Probes published before this session do not count against it.
     shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
+    shared.probes_pending().clear();
     let mut probe = tokio::time::interval(shared.settings.probe_interval);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut missed = 0u32;
+    let (late, lost) = (
+        shared.settings.probe_interval * PROBE_LATE_AFTER,
+        shared.settings.probe_interval * PROBE_LOST_AFTER,
+    );
     loop {
         if shared.stopped.load(Ordering::Acquire) {
             return End::Stopped;
@@ -131,31 +144,23 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                 if let Err(reason) = reconcile(shared, &mut sink).await {
                     return End::Lost(reason);
                 }
+                // Then some of what arrived meanwhile: during a burst of connections the wishes
+                // change all the time, and deliveries must not wait for the burst to end.
+                if let Err(end) = dispatch_ready(shared, &mut stream, READY_AFTER_RECONCILE) {
+                    return end;
+                }
             }
             _ = probe.tick() => {
                 // A probe queued behind a backlog is not missing: deliver what already arrived
                 // before judging.
-                while let Some(next) = stream.next().now_or_never() {
-                    match next {
-                        Some(message) => {
-                            if !dispatch(shared, &message) {
-                                return End::Stopped;
-                            }
-                        }
-                        None => return End::Lost("connection closed".to_owned()),
-                    }
+                if let Err(end) = dispatch_ready(shared, &mut stream, usize::MAX) {
+                    return end;
                 }
-                let published = shared.probe_published.load(Ordering::Acquire);
-                if shared.probe_received.load(Ordering::Acquire) < published {
-                    missed += 1;
-                    shared.probe_missing.store(true, Ordering::Release);
-                    if missed >= MISSED_PROBES_LIMIT {
-                        return End::Lost("probe messages stopped arriving".to_owned());
-                    }
-                } else {
-                    missed = 0;
-                    shared.probe_missing.store(false, Ordering::Release);
+                let waiting = shared.oldest_pending_probe();
+                if waiting.is_some_and(|age| age >= lost) {
+                    return End::Lost("probe messages stopped arriving".to_owned());
                 }
+                shared.probe_missing.store(waiting.is_some_and(|age| age >= late), Ordering::Release);
                 tokio::spawn(send_probe(shared.clone()));
             }
             message = stream.next() => match message {
@@ -174,8 +179,51 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
 async fn send_probe(shared: Arc<Shared>) {
     let next = shared.probe_published.load(Ordering::Acquire) + 1;
     if shared.publish_bytes(&shared.probe_channel, next.to_string().as_bytes()).await.is_ok() {
+        let mut pending = shared.probes_pending();
+        if pending.len() == PROBES_PENDING_MAX {
+            pending.pop_front();
+        }
+        pending.push_back((next, std::time::Instant::now()));
         shared.probe_published.fetch_max(next, Ordering::AcqRel);
     }
+}
+
+impl Shared {
+    fn probes_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, std::time::Instant)>> {
+        self.probes_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long the oldest probe Redis accepted has been waiting to come back, if one is.
+    fn oldest_pending_probe(&self) -> Option<Duration> {
+        let received = self.probe_received.load(Ordering::Acquire);
+        let mut pending = self.probes_pending();
+        while pending.front().is_some_and(|(seq, _)| *seq <= received) {
+            pending.pop_front();
+        }
+        pending.front().map(|(_, accepted)| accepted.elapsed())
+    }
+}
+
+/// Dispatches up to `limit` messages that already arrived, without waiting for more.
+fn dispatch_ready(
+    shared: &Shared,
+    stream: &mut (impl futures_util::Stream<Item = Msg> + Unpin),
+    limit: usize,
+) -> Result<(), End> {
+    for _ in 0..limit {
+        match stream.next().now_or_never() {
+            Some(Some(message)) => {
+                if !dispatch(shared, &message) {
+                    return Err(End::Stopped);
+                }
+            }
+            Some(None) => return Err(End::Lost("connection closed".to_owned())),
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 /// Hands one message to the application. Returns `false` once the application is gone.
