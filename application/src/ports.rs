@@ -322,6 +322,8 @@ pub enum ConnectionOutcome {
     OverCapacity,
     RateLimited,
     Unavailable,
+    /// No turn to open within the opening timeout (a burst of connections).
+    Overloaded,
 }
 
 impl ConnectionOutcome {
@@ -333,6 +335,7 @@ impl ConnectionOutcome {
             Self::OverCapacity => "over_capacity",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::Overloaded => "overloaded",
         }
     }
 }

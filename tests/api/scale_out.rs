@@ -294,6 +294,7 @@ async fn connections_beyond_the_opening_limit_wait_their_turn_and_are_told_to_re
     let refused = app.try_connect(&token("carol", "acme")).await.err().expect("refused");
     assert_eq!((refused.0, refused.1["code"].as_str()), (503, Some("overloaded")), "{}", refused.1);
     assert!(started.elapsed() >= Duration::from_millis(300), "waited its turn: {:?}", started.elapsed());
+    assert_eq!(value(&scrape(&app).await, r#"lq_websocket_connections_total{result="overloaded"}"#), 1.0);
     let (first, took) = first.await.expect("first");
     // The first one took its time, whatever it was told.
     assert!(took >= Duration::from_millis(400), "{first:?} after {took:?}");

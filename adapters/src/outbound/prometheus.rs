@@ -18,13 +18,14 @@ const LATENCY_BUCKETS: &[f64] =
 /// Buckets of the connection duration histogram, in seconds.
 const DURATION_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
 
-const ATTEMPTS: [ConnectionOutcome; 6] = [
+const ATTEMPTS: [ConnectionOutcome; 7] = [
     ConnectionOutcome::Accepted,
     ConnectionOutcome::Unauthorized,
     ConnectionOutcome::Forbidden,
     ConnectionOutcome::OverCapacity,
     ConnectionOutcome::RateLimited,
     ConnectionOutcome::Unavailable,
+    ConnectionOutcome::Overloaded,
 ];
 const SOURCES: [MessageSource; 4] =
     [MessageSource::Client, MessageSource::Webhook, MessageSource::Broker, MessageSource::Api];

@@ -165,6 +165,12 @@ impl ConnectClient {
         self
     }
 
+    /// An upgrade got no turn to open in time (a burst of connections): counted, then refused
+    /// by the transport.
+    pub fn overloaded(&self) {
+        self.metrics.connection_attempt(ConnectionOutcome::Overloaded);
+    }
+
     fn refused(&self, error: ConnectError) -> ConnectError {
         let outcome = match &error {
             ConnectError::MissingToken => {

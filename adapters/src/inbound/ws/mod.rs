@@ -208,6 +208,7 @@ async fn upgrade(
         .ok()
         .and_then(Result::ok)
         .ok_or_else(|| {
+            app.connect.overloaded();
             warp::reject::custom(
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
