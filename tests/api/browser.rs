@@ -261,6 +261,8 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
 
     browser.click("#disconnect").await;
     browser.until_state("closed", PATIENCE_IN_PAGE).await;
+    let close = browser.eval("return document.getElementById('close-code').textContent;").await;
+    assert_eq!(close, "1000");
     // The server saw the page's close: no connection is left open on it.
     let deadline = Instant::now() + PATIENCE_IN_PAGE;
     while value(&scrape(&app).await, "lq_websocket_connections") != 0.0 {

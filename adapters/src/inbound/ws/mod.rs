@@ -245,10 +245,13 @@ async fn upgrade(
             }
         };
         let (tenant, user) = (session.info().tenant_id.clone(), session.info().user_id.clone());
-        if let Some((stream, leftover)) = socket {
+        if socket.is_some() {
             // Boxed: presence's state need not stay in the connection's task.
             Box::pin(app.presence.changed(&tenant, &user)).await;
-            drop(turn);
+        }
+        // The opening is over: the next upgrade may take its turn.
+        drop(turn);
+        if let Some((stream, leftover)) = socket {
             let connection = Connection { app: app.clone(), settings, session: &mut session, outbox };
             connection.run(Arc::new(stream), leftover).await;
         }

@@ -135,6 +135,8 @@ struct Shared {
     probe_received: AtomicU64,
     /// Probes Redis accepted and not yet seen back, with when each was accepted.
     probes_pending: Mutex<VecDeque<(u64, Instant)>>,
+    /// Bumped by every subscriber session: probes sent for an earlier one are not expected.
+    probe_session: AtomicU64,
     invalid_channels: AtomicU64,
     epochs: Epochs,
 }
@@ -224,6 +226,7 @@ impl RedisBroker {
             probe_published: AtomicU64::new(0),
             probe_received: AtomicU64::new(0),
             probes_pending: Mutex::new(VecDeque::new()),
+            probe_session: AtomicU64::new(0),
             invalid_channels: AtomicU64::new(0),
             epochs: Epochs::default(),
         });

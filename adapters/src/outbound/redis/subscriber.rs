@@ -28,6 +28,9 @@ const PROBE_LATE_AFTER: u32 = 2;
 const PROBE_LOST_AFTER: u32 = 3;
 /// Messages dispatched after each reconciliation at most, before the next change is looked at.
 const READY_AFTER_RECONCILE: usize = 1024;
+/// Messages dispatched before the probes are judged at most: what already arrived, unless the
+/// subscriber is that far behind.
+const READY_BEFORE_PROBE: usize = 16 * 1024;
 /// Probes kept waiting at most; older ones are forgotten (the subscriber is replaced long before).
 const PROBES_PENDING_MAX: usize = 64;
 
@@ -124,6 +127,8 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
     tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
     // Probes published before this session do not count against it.
     shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
+    // Probes of an earlier session still on their way are not expected by this one.
+    shared.probe_session.fetch_add(1, Ordering::AcqRel);
     shared.probes_pending().clear();
     let mut probe = tokio::time::interval(shared.settings.probe_interval);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,10 +158,13 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
             _ = probe.tick() => {
                 // A probe queued behind a backlog is not missing: deliver what already arrived
                 // before judging.
-                if let Err(end) = dispatch_ready(shared, &mut stream, usize::MAX) {
+                if let Err(end) = dispatch_ready(shared, &mut stream, READY_BEFORE_PROBE) {
                     return end;
                 }
-                let waiting = shared.oldest_pending_probe();
+                // Judged on the ticks, half a period early: a probe is sent right after a tick
+                // and accepted a round trip later, so its age at a tick is just under a multiple
+                // of the period.
+                let waiting = shared.oldest_pending_probe().map(|age| age + shared.settings.probe_interval / 2);
                 if waiting.is_some_and(|age| age >= lost) {
                     return End::Lost("probe messages stopped arriving".to_owned());
                 }
@@ -177,9 +185,14 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
 
 /// Publishes the next probe through the pool; only a probe Redis accepted is expected back.
 async fn send_probe(shared: Arc<Shared>) {
+    let session = shared.probe_session.load(Ordering::Acquire);
     let next = shared.probe_published.load(Ordering::Acquire) + 1;
     if shared.publish_bytes(&shared.probe_channel, next.to_string().as_bytes()).await.is_ok() {
         let mut pending = shared.probes_pending();
+        if shared.probe_session.load(Ordering::Acquire) != session {
+            // Sent for a subscriber session that has ended.
+            return;
+        }
         if pending.len() == PROBES_PENDING_MAX {
             pending.pop_front();
         }
@@ -213,7 +226,9 @@ fn dispatch_ready(
     limit: usize,
 ) -> Result<(), End> {
     for _ in 0..limit {
-        match stream.next().now_or_never() {
+        // Outside Tokio's per-task budget, which would otherwise end the drain after about 128
+        // messages as if nothing more had arrived.
+        match tokio::task::unconstrained(stream.next()).now_or_never() {
             Some(Some(message)) => {
                 if !dispatch(shared, &message) {
                     return Err(End::Stopped);
