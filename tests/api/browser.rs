@@ -264,11 +264,10 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
     let close = browser.eval("return document.getElementById('close-code').textContent;").await;
     assert_eq!(close, "1000");
     // The server saw the page's close: no connection is left open on it.
-    let deadline = Instant::now() + PATIENCE_IN_PAGE;
-    while value(&scrape(&app).await, "lq_websocket_connections") != 0.0 {
-        assert!(Instant::now() < deadline, "the server still counts the page's connection");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(PATIENCE_IN_PAGE, "the server no longer counting the page's connection", async || {
+        value(&scrape(&app).await, "lq_websocket_connections") == 0.0
+    })
+    .await;
 }
 
 #[tokio::test]

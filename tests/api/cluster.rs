@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use adapters::outbound::history::HistorySettings;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings, RedisTarget};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::broker_contract::{contract, five, history_contract};
 use crate::helpers::*;
@@ -142,11 +141,8 @@ async fn a_client_recovers_what_it_missed_through_the_other_instance() {
             200
         );
     }
-    let since = format!("{}:{}", position["epoch"].as_str().expect("epoch"), position["offset"]);
-    let request = b.ws_url(&format!("?token={}&since={since}", token("bob", "acme")));
-    let mut client =
-        WsClient::connect(request.into_client_request().expect("request")).await.expect("connected");
-    let welcome = client.next_json().await;
+    let (mut client, welcome) =
+        b.connect_with_query("bob", "acme", &format!("&since={}", since_of(&position))).await;
     assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
     for n in 1..=3 {
         assert_eq!(client.next_json().await["payload"], n);
@@ -216,13 +212,9 @@ async fn when_a_master_fails_over_its_channels_resume_within_5_s_and_the_others_
                 Ok(frame) => frame,
                 Err(close) => {
                     assert_eq!(close.map(|c| u16::from(c.code)), Some(4009));
-                    let since =
-                        format!("{}:{}", position["epoch"].as_str().expect("epoch"), position["offset"]);
-                    let request = app.ws_url(&format!("?token={}&since={since}", token("u1", &victim)));
-                    victim_client = WsClient::connect(request.into_client_request().expect("request"))
-                        .await
-                        .expect("reconnected");
-                    let welcome = victim_client.next_json().await;
+                    let since = format!("&since={}", since_of(&position));
+                    let welcome;
+                    (victim_client, welcome) = app.connect_with_query("u1", &victim, &since).await;
                     assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
                     victim_client.next_json().await
                 }
@@ -334,12 +326,9 @@ async fn when_a_slot_moves_to_another_master_its_channels_follow_and_the_others_
         Ok(frame) => frame,
         Err(close) => {
             assert_eq!(close.map(|c| u16::from(c.code)), Some(4009));
-            let since = format!("{}:{}", position["epoch"].as_str().expect("epoch"), 1);
-            let request = app.ws_url(&format!("?token={}&since={since}", token("u1", &moving)));
-            moving_client = WsClient::connect(request.into_client_request().expect("request"))
-                .await
-                .expect("reconnected");
-            let welcome = moving_client.next_json().await;
+            let since = format!("&since={}:1", position["epoch"].as_str().expect("epoch"));
+            let welcome;
+            (moving_client, welcome) = app.connect_with_query("u1", &moving, &since).await;
             assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
             moving_client.next_json().await
         }

@@ -3,7 +3,6 @@
 //! history like any other message.
 
 use serde_json::json;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::*;
 use crate::redis_support::RedisServer;
@@ -50,15 +49,14 @@ async fn a_direct_message_sent_while_the_user_was_away_is_recovered_with_user_si
     let app = spawn_app().await;
     let alice = app.connect_with_welcome("alice", "acme").await;
     let position = &alice.1["payload"]["positions"]["user:acme:alice"];
-    let since = format!("{}:{}", position["epoch"].as_str().expect("epoch"), position["offset"]);
+    let since = since_of(position);
     alice.0.close().await;
     let mut bob = app.connect("bob", "acme").await;
     bob.send_json(&json!({"type": "direct", "to_user": "alice", "payload": "while you were away"})).await;
     bob.expect_nothing_pending().await;
 
-    let url = app.ws_url(&format!("?token={}&user_since={since}", token("alice", "acme")));
-    let mut alice = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
-    assert_eq!(alice.next_json().await["payload"]["recovered"], true);
+    let (mut alice, welcome) = app.connect_with_query("alice", "acme", &format!("&user_since={since}")).await;
+    assert_eq!(welcome["payload"]["recovered"], true);
     let missed = alice.next_json().await;
     assert_eq!(
         (missed["type"].as_str(), missed["payload"].as_str()),

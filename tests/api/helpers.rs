@@ -266,7 +266,20 @@ impl TestApp {
 
     /// Connects `user` of `tenant` and returns the client with its welcome frame.
     pub(crate) async fn connect_with_welcome(&self, user: &str, tenant: &str) -> (WsClient, Value) {
-        let mut client = self.try_connect(&token(user, tenant)).await.expect("connected");
+        self.connect_with_query(user, tenant, "").await
+    }
+
+    /// Connects `user` of `tenant` with `query` after the token (e.g. `&since=E:3`) and returns
+    /// the client with its welcome frame.
+    pub(crate) async fn connect_with_query(
+        &self,
+        user: &str,
+        tenant: &str,
+        query: &str,
+    ) -> (WsClient, Value) {
+        let url = self.ws_url(&format!("?token={}{query}", token(user, tenant)));
+        let mut client =
+            WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
         let welcome = client.next_json().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         (client, welcome)
@@ -460,4 +473,22 @@ pub(crate) fn value(samples: &HashMap<String, f64>, name: &str) -> f64 {
         .get(name)
         .copied()
         .unwrap_or_else(|| panic!("{name} missing from {:#?}", samples.keys().collect::<Vec<_>>()))
+}
+
+/// `<epoch>:<offset>` of a frame, or of a position in a welcome: what `since=` takes.
+pub(crate) fn since_of(position: &Value) -> String {
+    format!(
+        "{}:{}",
+        position["epoch"].as_str().expect("an epoch"),
+        position["offset"].as_u64().expect("an offset")
+    )
+}
+
+/// Polls `check` every 25 ms until it holds or `within` has passed.
+pub(crate) async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::*;
@@ -12,21 +12,9 @@ use crate::redis_support::RedisServer;
 
 /// Connects `bob` of `acme` with `query` appended after the token; returns the client and its
 /// welcome.
-async fn connect_with(app: &TestApp, query: &str) -> (WsClient, Value) {
-    let url = app.ws_url(&format!("?token={}{query}", token("bob", "acme")));
-    let mut client = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
-    let welcome = client.next_json().await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    (client, welcome)
-}
-
 async fn post(app: &TestApp, n: u64) {
     let answer = app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": n})).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
-}
-
-fn position(frame: &Value) -> String {
-    format!("{}:{}", frame["epoch"].as_str().expect("an epoch"), frame["offset"].as_u64().expect("an offset"))
 }
 
 async fn next_n(client: &mut WsClient) -> u64 {
@@ -35,7 +23,7 @@ async fn next_n(client: &mut WsClient) -> u64 {
 }
 
 async fn recovery_round_trip(app: &TestApp) {
-    let (mut client, welcome) = connect_with(app, "").await;
+    let (mut client, welcome) = app.connect_with_query("bob", "acme", "").await;
     let positions = &welcome["payload"]["positions"];
     let start = &positions["tenant:acme"];
     assert!(start["offset"].is_u64() && start["epoch"].is_string(), "{welcome}");
@@ -46,7 +34,7 @@ async fn recovery_round_trip(app: &TestApp) {
     let first = client.next_json().await;
     assert_eq!(first["offset"], start["offset"].as_u64().expect("offset") + 1);
     assert_eq!(first["epoch"], start["epoch"]);
-    let last_seen = position(&first);
+    let last_seen = since_of(&first);
     client.close().await;
 
     // Missed while away: replayed after the welcome, in order, then live messages.
@@ -55,7 +43,7 @@ async fn recovery_round_trip(app: &TestApp) {
     }
     let user_since = format!("{}:0", positions["user:acme:bob"]["epoch"].as_str().expect("epoch"));
     let (mut client, welcome) =
-        connect_with(app, &format!("&since={last_seen}&user_since={user_since}")).await;
+        app.connect_with_query("bob", "acme", &format!("&since={last_seen}&user_since={user_since}")).await;
     assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
     assert_eq!(
         welcome["payload"]["positions"]["tenant:acme"]["offset"],
@@ -69,7 +57,7 @@ async fn recovery_round_trip(app: &TestApp) {
     client.expect_nothing_pending().await;
 
     // A position of another epoch cannot be recovered: nothing partial is replayed.
-    let (mut client, welcome) = connect_with(app, "&since=another-epoch:1").await;
+    let (mut client, welcome) = app.connect_with_query("bob", "acme", "&since=another-epoch:1").await;
     assert_eq!(welcome["payload"]["recovered"], false, "{welcome}");
     client.expect_nothing_pending().await;
 }
@@ -92,7 +80,7 @@ async fn a_position_older_than_the_history_is_not_recovered() {
         vars.insert("HISTORY_SIZE".into(), "2".into());
     }))
     .await;
-    let (client, welcome) = connect_with(&app, "").await;
+    let (client, welcome) = app.connect_with_query("bob", "acme", "").await;
     let start = welcome["payload"]["positions"]["tenant:acme"].clone();
     client.close().await;
     for n in 1..=3 {
@@ -100,10 +88,10 @@ async fn a_position_older_than_the_history_is_not_recovered() {
     }
     let epoch = start["epoch"].as_str().expect("epoch");
     // Offset 1 was trimmed: from 0 the gap cannot be covered; from 1 it can.
-    let (mut client, welcome) = connect_with(&app, &format!("&since={epoch}:0")).await;
+    let (mut client, welcome) = app.connect_with_query("bob", "acme", &format!("&since={epoch}:0")).await;
     assert_eq!(welcome["payload"]["recovered"], false);
     client.expect_nothing_pending().await;
-    let (mut client, welcome) = connect_with(&app, &format!("&since={epoch}:1")).await;
+    let (mut client, welcome) = app.connect_with_query("bob", "acme", &format!("&since={epoch}:1")).await;
     assert_eq!(welcome["payload"]["recovered"], true);
     assert_eq!((next_n(&mut client).await, next_n(&mut client).await), (2, 3));
     client.expect_nothing_pending().await;
@@ -115,7 +103,7 @@ async fn with_history_off_there_are_no_positions_and_nothing_is_recovered() {
         vars.insert("HISTORY_SIZE".into(), "0".into());
     }))
     .await;
-    let (mut client, welcome) = connect_with(&app, "&since=e:0").await;
+    let (mut client, welcome) = app.connect_with_query("bob", "acme", "&since=e:0").await;
     assert_eq!(welcome["payload"]["positions"], json!({}));
     assert_eq!(welcome["payload"]["recovered"], false);
     post(&app, 1).await;
@@ -139,7 +127,7 @@ async fn a_malformed_position_is_refused_with_400_before_the_upgrade() {
 async fn after_redis_loses_its_data_reconnecting_clients_are_told_and_a_new_epoch_begins() {
     let mut redis = RedisServer::start();
     let app = spawn_on_redis(&redis.url(), &[]).await;
-    let (mut client, _) = connect_with(&app, "").await;
+    let (mut client, _) = app.connect_with_query("bob", "acme", "").await;
     post(&app, 1).await;
     let before = client.next_json().await;
     client.close().await;
@@ -148,7 +136,8 @@ async fn after_redis_loses_its_data_reconnecting_clients_are_told_and_a_new_epoc
     redis.kill();
     redis.restart();
     app.wait_ready(Duration::from_secs(10)).await;
-    let (mut client, welcome) = connect_with(&app, &format!("&since={}", position(&before))).await;
+    let (mut client, welcome) =
+        app.connect_with_query("bob", "acme", &format!("&since={}", since_of(&before))).await;
     assert_eq!(welcome["payload"]["recovered"], false, "never a silent gap: {welcome}");
     let now = &welcome["payload"]["positions"]["tenant:acme"];
     assert_ne!(now["epoch"], before["epoch"]);
@@ -166,7 +155,7 @@ async fn clients_of_an_instance_that_missed_messages_are_closed_with_4009_and_re
     let through_proxy = format!("redis://127.0.0.1:{}", proxy.port);
     let deaf = spawn_on_redis(&through_proxy, &[]).await;
     let healthy = spawn_on_redis(&redis.url(), &[]).await;
-    let (mut client, _) = connect_with(&deaf, "").await;
+    let (mut client, _) = deaf.connect_with_query("bob", "acme", "").await;
     post(&healthy, 1).await;
     let first = client.next_json().await;
     assert_eq!(first["payload"]["data"]["n"], 1);
@@ -183,7 +172,8 @@ async fn clients_of_an_instance_that_missed_messages_are_closed_with_4009_and_re
     assert_eq!(u16::from(close.code), 4009, "{close:?}");
     println!("missed messages detected and the client closed {:?} after the publish", started.elapsed());
 
-    let (mut client, welcome) = connect_with(&healthy, &format!("&since={}", position(&first))).await;
+    let (mut client, welcome) =
+        healthy.connect_with_query("bob", "acme", &format!("&since={}", since_of(&first))).await;
     assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
     assert_eq!(next_n(&mut client).await, 2);
     client.expect_nothing_pending().await;

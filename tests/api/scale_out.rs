@@ -16,15 +16,6 @@ async fn instance(redis_url: &str) -> TestApp {
     spawn_on_redis(redis_url, &[]).await
 }
 
-/// Polls `check` every 25 ms until it holds or `within` has passed.
-async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 #[tokio::test]
 async fn messages_and_webhooks_reach_the_tenant_on_every_instance_and_no_one_else() {
     let redis = RedisServer::start();
@@ -309,11 +300,10 @@ async fn connections_beyond_the_opening_limit_wait_their_turn_and_are_told_to_re
     assert_eq!(value(&scrape(&app).await, r#"lq_websocket_connections_total{result="overloaded"}"#), 2.0);
     // The turn was given back: once the instance replaced its deaf Redis connections, a new
     // connection opens.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while app.try_connect(&token("frank", "acme")).await.is_err() {
-        assert!(Instant::now() < deadline, "no connection opened again");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(15), "a connection opening again", async || {
+        app.try_connect(&token("frank", "acme")).await.is_ok()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -401,14 +391,12 @@ async fn delivery_ids_are_shared_by_every_instance_and_a_failed_delivery_can_be_
     // it may have missed messages, and finds the retried delivery in the new history.
     let close = client.expect_close().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 4009);
-    let url = b.ws_url(&format!("?token={}", token("bob", "acme")));
-    let mut client = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
-    let epoch = client.next_json().await["payload"]["positions"]["tenant:acme"]["epoch"].clone();
+    let (client, welcome) = b.connect_with_welcome("bob", "acme").await;
+    let epoch = welcome["payload"]["positions"]["tenant:acme"]["epoch"].clone();
     client.close().await;
-    let url =
-        b.ws_url(&format!("?token={}&since={}:0", token("bob", "acme"), epoch.as_str().expect("epoch")));
-    let mut client = WsClient::connect(url.into_client_request().expect("request")).await.expect("connected");
-    assert_eq!(client.next_json().await["payload"]["recovered"], true);
+    let since = format!("&since={}:0", epoch.as_str().expect("epoch"));
+    let (mut client, welcome) = b.connect_with_query("bob", "acme", &since).await;
+    assert_eq!(welcome["payload"]["recovered"], true);
     assert_eq!(client.next_json().await["payload"]["data"]["n"], 2);
     client.expect_nothing_pending().await;
 }
