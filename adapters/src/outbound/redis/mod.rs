@@ -146,6 +146,10 @@ impl Shared {
         self.subscriptions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn probes_pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant)>> {
+        self.probes_pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn bump(&self) {
         self.progress.send_modify(|n| *n = n.wrapping_add(1));
     }

@@ -202,12 +202,6 @@ async fn send_probe(shared: Arc<Shared>) {
 }
 
 impl Shared {
-    fn probes_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, std::time::Instant)>> {
-        self.probes_pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// How long the oldest probe Redis accepted has been waiting to come back, if one is.
     fn oldest_pending_probe(&self) -> Option<Duration> {
         let received = self.probe_received.load(Ordering::Acquire);
