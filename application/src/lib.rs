@@ -2,35 +2,46 @@
 //! use-cases that drive the domain through them.
 //!
 //! It depends on `domain` and on no transport or broker technology: no warp, no redis, no
-//! tokio networking. Adapters implement the ports; inbound adapters call the use-cases.
+//! tokio networking (only tokio's synchronisation and timers). Adapters implement the ports;
+//! inbound adapters drive [`Realtime`].
 //!
 //! # Layout
 //! - [`ports`]: `MessageBroker`, `InboundHandler`, `TokenVerifier`, `WebhookVerifier`, `Clock`,
 //!   `IdGenerator`, `ClientSink` — each documents what it guarantees and how it fails.
+//! - [`session`]: the client session, the inbound port every transport drives.
 //! - [`hub`]: the instance's live connections, sharded by tenant, and the fan-out.
 //! - [`frames`]: the server→client frames the use-cases produce, serialized once.
 //! - [`use_cases`]: connect, disconnect, handle a client frame, ingest a webhook, deliver a
-//!   broker message, sweep inactive connections.
+//!   broker message, presence, the server API, sweep inactive connections.
 //! - [`Realtime`]: every use-case wired to one set of ports, for the inbound adapters.
 
 pub mod frames;
 pub mod hub;
 pub mod ports;
+pub mod session;
 pub mod use_cases;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use hub::{ConnectionHandle, FanOut, Hub, RegisterError};
-pub use use_cases::connect_client::{Admission, ConnectClient, ConnectError, Resume, Session};
-pub use use_cases::deliver_message::DeliverBrokerMessage;
-pub use use_cases::disconnect_client::DisconnectClient;
-pub use use_cases::handle_client_frame::{ClientFrame, FrameOutcome, HandleClientFrame};
+use domain::CloseReason;
+
+pub use session::{ClientSession, ClientSessions, OpeningLimits, SessionRequest};
+pub use use_cases::connect_client::{ConnectError, Resume};
+pub use use_cases::handle_client_frame::FrameOutcome;
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
-pub use use_cases::presence::TrackPresence;
 pub use use_cases::server_api::{ApiKeys, ServerApi, ServerApiError};
-pub use use_cases::sweep_inactive::{SweepInactiveConnections, SweepReport};
+pub use use_cases::sweep_inactive::SweepReport;
 
-use ports::{Clock, IdGenerator, MessageBroker, Metrics, TokenVerifier, WebhookVerifier};
+use hub::Hub;
+use ports::{Clock, DeliveryLog, IdGenerator, MessageBroker, Metrics, TokenVerifier, WebhookVerifier};
+use session::SessionParts;
+use use_cases::connect_client::ConnectClient;
+use use_cases::deliver_message::DeliverBrokerMessage;
+use use_cases::disconnect_client::DisconnectClient;
+use use_cases::handle_client_frame::HandleClientFrame;
+use use_cases::presence::TrackPresence;
+use use_cases::sweep_inactive::SweepInactiveConnections;
 
 /// The ports a [`Realtime`] is built from.
 #[derive(Clone)]
@@ -43,6 +54,8 @@ pub struct Ports {
     pub metrics: Arc<dyn Metrics>,
     /// Who is online; `None`: presence turned off.
     pub presence: Option<Arc<dyn ports::Presence>>,
+    /// Which webhook deliveries were already relayed; `None`: no deduplication.
+    pub deliveries: Option<Arc<dyn DeliveryLog>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -75,6 +88,10 @@ pub struct Settings {
     pub max_replay_bytes: usize,
     /// The keys of the server API; none: the API refuses every call.
     pub api_keys: ApiKeys,
+    /// How long a relayed webhook delivery id is remembered (with [`Ports::deliveries`]).
+    pub webhook_dedup_secs: u64,
+    /// The origin rule and the opening turns of client sessions.
+    pub opening: OpeningLimits,
 }
 
 impl Default for Settings {
@@ -90,26 +107,25 @@ impl Default for Settings {
             token_leeway_secs: 5,
             max_replay_bytes: 512 * 1024,
             api_keys: ApiKeys::default(),
+            webhook_dedup_secs: 86_400,
+            opening: OpeningLimits::default(),
         }
     }
 }
 
-/// Every use-case of one instance, sharing one hub.
+/// Every use-case of one instance, sharing one hub: what the inbound adapters and the
+/// instance's periodic upkeep drive.
 pub struct Realtime {
-    pub hub: Arc<Hub>,
-    pub broker: Arc<dyn MessageBroker>,
-    pub connect: ConnectClient,
-    pub disconnect: DisconnectClient,
-    pub frames: HandleClientFrame,
-    pub webhooks: IngestWebhook,
-    /// The server API for backends.
-    pub api: ServerApi,
-    /// Who is online in each tenant.
-    pub presence: Arc<TrackPresence>,
-    pub sweep: SweepInactiveConnections,
+    hub: Arc<Hub>,
+    broker: Arc<dyn MessageBroker>,
+    sessions: ClientSessions,
+    webhooks: IngestWebhook,
+    api: ServerApi,
+    presence: Arc<TrackPresence>,
+    sweep: SweepInactiveConnections,
     /// The broker's inbound handler; the broker only holds it weakly.
-    pub deliver: Arc<DeliverBrokerMessage>,
-    draining: std::sync::atomic::AtomicBool,
+    deliver: Arc<DeliverBrokerMessage>,
+    draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Realtime {
@@ -139,17 +155,31 @@ impl Realtime {
         ));
         let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
         ports.broker.start(Arc::downgrade(&handler));
-        Self {
-            draining: std::sync::atomic::AtomicBool::new(false),
-            deliver,
+        let parts = SessionParts {
             connect: ConnectClient::new(ports.tokens.clone(), hub.clone(), frames.clone(), settings)
                 .with_metrics(metrics.clone()),
+            frames: HandleClientFrame::new(
+                ports.broker.clone(),
+                ports.tokens.clone(),
+                frames.clone(),
+                settings,
+            )
+            .with_metrics(metrics.clone())
+            .with_presence(presence.clone()),
             disconnect: DisconnectClient::new().with_metrics(ports.clock.clone(), metrics.clone()),
-            frames: HandleClientFrame::new(ports.broker.clone(), ports.tokens, frames.clone(), settings)
-                .with_metrics(metrics.clone())
-                .with_presence(presence.clone()),
-            webhooks: IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
-                .with_metrics(metrics.clone()),
+            presence: presence.clone(),
+            tokens: ports.tokens,
+        };
+        let mut webhooks = IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
+            .with_metrics(metrics.clone());
+        if let Some(deliveries) = ports.deliveries {
+            webhooks = webhooks.with_delivery_log(deliveries, settings.webhook_dedup_secs);
+        }
+        Self {
+            draining: AtomicBool::new(false),
+            deliver,
+            sessions: ClientSessions::new(parts, settings.opening.clone()),
+            webhooks,
             api: ServerApi::new(settings.api_keys.clone(), ports.broker.clone(), frames.clone())
                 .with_metrics(metrics.clone())
                 .with_presence(presence.clone()),
@@ -158,6 +188,65 @@ impl Realtime {
             broker: ports.broker,
             hub,
         }
+    }
+
+    /// Where every transport opens its client sessions.
+    pub fn sessions(&self) -> &ClientSessions {
+        &self.sessions
+    }
+
+    /// Signed webhooks from external services.
+    pub fn webhooks(&self) -> &IngestWebhook {
+        &self.webhooks
+    }
+
+    /// The server API for backends.
+    pub fn api(&self) -> &ServerApi {
+        &self.api
+    }
+
+    /// One pass over every connection: time limits and heartbeats. Run it every fraction of a
+    /// second.
+    pub fn sweep(&self) -> SweepReport {
+        self.sweep.sweep()
+    }
+
+    /// Keeps this instance's presence entries alive and announces the users whose instance
+    /// stopped keeping theirs. Run it well within the presence TTL.
+    pub async fn refresh_presence(&self) {
+        self.presence.refresh().await;
+    }
+
+    /// Records the presence of sessions that ended without being closed. Run it every
+    /// fraction of a second.
+    pub async fn settle_presence(&self) {
+        self.presence.settle().await;
+    }
+
+    /// Finds the channels whose messages were lost while the broker link was down; run it
+    /// every second or so (see [`DeliverBrokerMessage::check_positions`]).
+    pub async fn check_positions(&self) {
+        self.deliver.check_positions().await;
+    }
+
+    /// Registered connections.
+    pub fn connections(&self) -> usize {
+        self.hub.len()
+    }
+
+    /// Connection slots in use, including connections still opening.
+    pub fn admitted(&self) -> usize {
+        self.hub.admitted()
+    }
+
+    /// Closes up to `n` connections not already closing with `reason`; returns how many.
+    pub fn close_batch(&self, n: usize, reason: CloseReason) -> usize {
+        self.hub.close_batch(n, reason)
+    }
+
+    /// Closes every connection with `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        self.hub.close_all(reason);
     }
 
     /// Whether the instance should receive new clients: the broker works and the instance is
@@ -169,10 +258,10 @@ impl Realtime {
     /// From now on the instance reports itself not ready, so load balancers send new clients
     /// elsewhere.
     pub fn start_draining(&self) {
-        self.draining.store(true, std::sync::atomic::Ordering::Release);
+        self.draining.store(true, Ordering::Release);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Acquire)
+        self.draining.load(Ordering::Acquire)
     }
 }

@@ -296,10 +296,12 @@ pub enum PushError {
     Closed,
 }
 
-/// The way out to one connected client: a bounded queue drained by the connection's writer.
+/// The way out to one connected client, whatever the transport: a bounded queue drained by
+/// the transport's writer. A transport implements it once and hands it to
+/// [`crate::session::Opening::connect`].
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 pub trait ClientSink: Send + Sync {
-    /// Queues one frame (a JSON text frame) without waiting.
+    /// Queues one frame (one JSON object) without waiting.
     ///
     /// # Errors
     /// [`PushError::Full`] when the queue is full, [`PushError::Closed`] when the connection
@@ -309,11 +311,11 @@ pub trait ClientSink: Send + Sync {
     /// Closes the connection with `reason`'s close code, ahead of anything still queued.
     fn close(&self, reason: CloseReason);
 
-    /// Sends a transport-level heartbeat (a WebSocket ping) ahead of anything still queued.
+    /// Sends the transport's heartbeat ahead of anything still queued.
     fn ping(&self);
 }
 
-/// How a WebSocket connection attempt ended, as counted by [`Metrics`].
+/// How a connection attempt ended, as counted by [`Metrics`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionOutcome {
     Accepted,
@@ -396,10 +398,11 @@ impl DropReason {
 /// they are called on every message.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 pub trait Metrics: Send + Sync {
-    /// A WebSocket connection attempt ended with `outcome`; `Accepted` opens a connection.
-    fn connection_attempt(&self, outcome: ConnectionOutcome);
-    /// An accepted connection closed after `seconds`.
-    fn connection_closed(&self, seconds: f64);
+    /// A connection attempt over `transport` (the name its adapter gives) ended with
+    /// `outcome`; `Accepted` opens a connection.
+    fn connection_attempt(&self, transport: &'static str, outcome: ConnectionOutcome);
+    /// An accepted connection over `transport` closed after `seconds`.
+    fn connection_closed(&self, transport: &'static str, seconds: f64);
     /// A token was refused; `reason` is a short stable label.
     fn auth_failure(&self, reason: &'static str);
     fn message_received(&self, source: MessageSource);
@@ -424,8 +427,8 @@ pub trait Metrics: Send + Sync {
 pub struct NoMetrics;
 
 impl Metrics for NoMetrics {
-    fn connection_attempt(&self, _: ConnectionOutcome) {}
-    fn connection_closed(&self, _: f64) {}
+    fn connection_attempt(&self, _: &'static str, _: ConnectionOutcome) {}
+    fn connection_closed(&self, _: &'static str, _: f64) {}
     fn auth_failure(&self, _: &'static str) {}
     fn message_received(&self, _: MessageSource) {}
     fn messages_sent(&self, _: u64) {}

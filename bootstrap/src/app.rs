@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use adapters::inbound::console::{CONSOLE_PROVIDER, ConsoleSettings, DEMO_TENANT, Demo};
 use adapters::inbound::http::{HttpSettings, serve, serve_metrics};
-use adapters::inbound::ws::WsSettings;
+use adapters::inbound::sse::{self, SseSettings};
+use adapters::inbound::ws::{self, WsSettings};
 use adapters::outbound::delivery_log::InMemoryDeliveryLog;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
@@ -108,7 +109,8 @@ impl Application {
             }
         };
         let ids = RandomIdGenerator::new().map_err(|e| StartError::Randomness(e.to_string()))?;
-        let metrics = Arc::new(PrometheusMetrics::new(env!("CARGO_PKG_VERSION")));
+        let metrics =
+            Arc::new(PrometheusMetrics::new(env!("CARGO_PKG_VERSION"), &[ws::TRANSPORT, sse::TRANSPORT]));
         // In demo mode the console relays test webhooks of the demo tenant, signed with a secret
         // of this process.
         let demo = match (&ephemeral_secret, config.console) {
@@ -138,10 +140,9 @@ impl Application {
             ids: Arc::new(ids),
             metrics: metrics.clone(),
             presence: config.presence.then_some(presence),
+            deliveries: Some(deliveries),
         };
-        let mut realtime = Realtime::new(ports, &config.settings);
-        realtime.webhooks = realtime.webhooks.with_delivery_log(deliveries, config.webhook_dedup_secs);
-        let realtime = Arc::new(realtime);
+        let realtime = Arc::new(Realtime::new(ports, &config.settings));
         let metrics_listener = match config.metrics_addr {
             Some(addr) => Some(
                 TcpListener::bind(addr).await.map_err(|source| StartError::MetricsBind { addr, source })?,
@@ -176,19 +177,23 @@ impl Application {
     /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
         let Self { listener, metrics_listener, addr, realtime, metrics, config, console, .. } = self;
-        let ws = WsSettings {
+        let websocket = WsSettings {
             outbound_queue_bytes: config.outbound_queue_bytes,
             max_message_bytes: config.max_message_bytes,
-            allowed_origins: config.allowed_origins.clone(),
-            concurrent_opens: config.max_opening_connections,
-            open_queue_timeout: config.opening_timeout,
             ..WsSettings::default()
+        };
+        let sse = SseSettings {
+            outbound_queue_bytes: config.outbound_queue_bytes,
+            max_message_bytes: config.max_message_bytes,
+            ..SseSettings::default()
         };
         let http = HttpSettings {
             header_read_timeout: config.header_read_timeout,
             metrics: Some(metrics.clone()),
             separate_metrics_listener: metrics_listener.is_some(),
             console,
+            websocket,
+            sse,
         };
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         if let Some(listener) = metrics_listener {
@@ -207,16 +212,18 @@ impl Application {
             }
         });
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, realtime.clone(), ws, http, async {
+        let server = tokio::spawn(serve(listener, realtime.clone(), http, async {
             let _ = accepting_stopped.await;
         }));
         let sweeper = every(SWEEP_PERIOD, &realtime, |realtime| async move { sweep(&realtime) });
         // Three refreshes per TTL: an entry survives one missed refresh.
         let presence_period = (config.presence_ttl / 3).max(Duration::from_millis(500));
         let presence_refresher =
-            every(presence_period, &realtime, |realtime| async move { realtime.presence.refresh().await });
+            every(presence_period, &realtime, |realtime| async move { realtime.refresh_presence().await });
+        let presence_settler =
+            every(SWEEP_PERIOD, &realtime, |realtime| async move { realtime.settle_presence().await });
         let position_checker = every(POSITION_CHECK_PERIOD, &realtime, |realtime| async move {
-            realtime.deliver.check_positions().await;
+            realtime.check_positions().await;
         });
         let broker = match &config.broker {
             BrokerConfig::InProcess => "in-process (single instance)",
@@ -231,7 +238,7 @@ impl Application {
         shutdown.await;
         realtime.start_draining();
         tracing::info!(
-            connections = realtime.hub.len(),
+            connections = realtime.connections(),
             grace_secs = config.drain_grace.as_secs(),
             drain_secs = config.drain.as_secs(),
             "draining: /ready now answers 503"
@@ -242,19 +249,20 @@ impl Application {
         sweeper.abort();
         position_checker.abort();
         presence_refresher.abort();
+        presence_settler.abort();
         upkeep.abort();
         let _ = stop_metrics.send(());
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
         // Repeated, so that a connection completing its handshake during shutdown is closed too.
-        while realtime.hub.admitted() > 0 && tokio::time::Instant::now() < deadline {
-            realtime.hub.close_all(CloseReason::GoingAway);
+        while realtime.admitted() > 0 && tokio::time::Instant::now() < deadline {
+            realtime.close_all(CloseReason::GoingAway);
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if tokio::time::timeout(remaining, server).await.is_err() {
             tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");
         }
-        tracing::info!(connections_left = realtime.hub.len(), "stopped");
+        tracing::info!(connections_left = realtime.connections(), "stopped");
     }
 }
 
@@ -307,9 +315,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn drain(realtime: &Realtime, over: Duration) {
     const STEP: Duration = Duration::from_millis(100);
     let steps = (over.as_millis() / STEP.as_millis()).max(1) as usize;
-    let batch = realtime.hub.len().div_ceil(steps).max(1);
+    let batch = realtime.connections().div_ceil(steps).max(1);
     let started = tokio::time::Instant::now();
-    while started.elapsed() < over && realtime.hub.close_batch(batch, CloseReason::GoingAway) > 0 {
+    while started.elapsed() < over && realtime.close_batch(batch, CloseReason::GoingAway) > 0 {
         tokio::time::sleep(STEP).await;
     }
 }
@@ -341,7 +349,7 @@ where
 
 /// Closes the connections whose token expired or that went idle or inactive.
 fn sweep(realtime: &Realtime) {
-    let report = realtime.sweep.sweep();
+    let report = realtime.sweep();
     if report.closed() > 0 {
         tracing::info!(
             token_expired = report.expired,

@@ -13,8 +13,8 @@ use std::time::Duration;
 use adapters::outbound::history::HistorySettings;
 use adapters::outbound::redis::RedisTarget;
 use adapters::outbound::signatures::Secret;
-use application::{ApiKeys, Settings};
-use domain::TenantId;
+use application::{ApiKeys, OpeningLimits, Settings};
+use domain::{OriginPolicy, TenantId};
 
 use crate::webhook_config::{self, WebhookEndpoint};
 
@@ -179,22 +179,15 @@ pub struct Config {
     pub webhook_secrets: HashMap<TenantId, Secret>,
     /// The providers of `WEBHOOK_CONFIG`.
     pub webhook_endpoints: Vec<WebhookEndpoint>,
-    /// `None`: every origin may connect.
-    pub allowed_origins: Option<HashSet<String>>,
-    /// Connection limits, timings and the token leeway.
+    /// Connection limits, timings, the token leeway, the origin rule and the opening turns.
     pub settings: Settings,
     pub max_message_bytes: usize,
     pub outbound_queue_bytes: usize,
-    /// Upgrades opening at once, and how long one waits for its turn.
-    pub max_opening_connections: usize,
-    pub opening_timeout: Duration,
     pub header_read_timeout: Duration,
     /// `None`: `/metrics` is served on `bind_addr`.
     pub metrics_addr: Option<SocketAddr>,
     pub drain_grace: Duration,
     pub drain: Duration,
-    /// Seconds a webhook delivery id is remembered; 0: no deduplication.
-    pub webhook_dedup_secs: u64,
     /// History kept per `tenant:` and `user:` channel.
     pub history: HistorySettings,
     /// Presence on (`PRESENCE`), and how long an instance's entries live without a refresh.
@@ -599,7 +592,6 @@ impl Config {
             broker,
             webhook_secrets,
             webhook_endpoints,
-            allowed_origins,
             settings: Settings {
                 max_connections,
                 max_connections_per_user: per_user,
@@ -612,16 +604,20 @@ impl Config {
                 // The replay is queued at once: it must leave room in the outbound queue.
                 max_replay_bytes: outbound_queue_bytes / 2,
                 api_keys,
+                // 0: no deduplication.
+                webhook_dedup_secs,
+                opening: OpeningLimits {
+                    origins: allowed_origins.map_or(OriginPolicy::Any, OriginPolicy::Only),
+                    concurrent: max_opening,
+                    timeout: Duration::from_millis(opening_ms),
+                },
             },
             max_message_bytes,
             outbound_queue_bytes,
-            max_opening_connections: max_opening,
-            opening_timeout: Duration::from_millis(opening_ms),
             header_read_timeout: Duration::from_secs(header_secs),
             metrics_addr,
             drain_grace: Duration::from_secs(drain_grace),
             drain: Duration::from_secs(drain),
-            webhook_dedup_secs,
             history: HistorySettings { size: history_size, ttl: Duration::from_secs(history_ttl) },
             presence,
             presence_ttl: Duration::from_secs(presence_ttl),
@@ -661,8 +657,9 @@ mod tests {
         assert_eq!(config.settings.max_replay_bytes, 524_288);
         assert_eq!(config.history, HistorySettings { size: 100, ttl: Duration::from_secs(3600) });
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
-        assert_eq!((config.max_opening_connections, config.opening_timeout), (128, Duration::from_secs(5)));
-        assert!(config.allowed_origins.is_none());
+        let opening = &config.settings.opening;
+        assert_eq!((opening.concurrent, opening.timeout), (128, Duration::from_secs(5)));
+        assert_eq!(opening.origins, OriginPolicy::Any);
         assert!(
             config.jwt_issuer.is_none()
                 && config.jwt_audience.is_none()
@@ -704,11 +701,11 @@ mod tests {
         assert_eq!(config.settings.idle_timeout_ms, 90_000);
         assert_eq!(config.settings.max_connections_per_user, 3);
         assert_eq!(
-            (config.max_opening_connections, config.opening_timeout),
+            (config.settings.opening.concurrent, config.settings.opening.timeout),
             (16, Duration::from_millis(250))
         );
         assert_eq!(config.settings.rate_per_sec, 0);
-        assert_eq!(config.allowed_origins.map(|o| o.len()), Some(2));
+        assert!(matches!(&config.settings.opening.origins, OriginPolicy::Only(o) if o.len() == 2));
         assert_eq!(config.log_format, LogFormat::Json);
     }
 

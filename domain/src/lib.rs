@@ -9,6 +9,7 @@
 //! - [`time`]: `Timestamp` and its RFC 3339 form.
 //! - [`envelope`]: the message format every server→client frame and every broker message uses.
 //! - [`identity`]: what a token must claim to become an `Identity`, and the scope check.
+//! - [`origin`]: which web pages may open a session.
 //! - [`protocol`]: client→server frames, error codes and close reasons.
 //! - [`rate_limit`]: the per-connection token bucket.
 //! - [`position`]: a message's offset and epoch in its channel's history.
@@ -18,6 +19,7 @@ pub mod channel;
 pub mod envelope;
 pub mod id;
 pub mod identity;
+pub mod origin;
 pub mod position;
 pub mod protocol;
 pub mod rate_limit;
@@ -31,6 +33,7 @@ pub use channel::{Channel, ChannelError};
 pub use envelope::{Envelope, InboundEnvelope};
 pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};
 pub use identity::{Claims, ClaimsError, Identity, SCOPE_WS_CONNECT};
+pub use origin::OriginPolicy;
 pub use position::{PositionError, StreamPosition};
 pub use protocol::{ClientCommand, CloseReason, ErrorCode, ProtocolError};
 pub use rate_limit::{RateDecision, TokenBucket};

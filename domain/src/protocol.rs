@@ -1,5 +1,5 @@
-//! The client side of the WebSocket protocol: what a client may send, the error codes it may
-//! receive, and why the server closes a connection.
+//! The client side of the protocol, whatever the transport: what a client may send, the error
+//! codes it may receive, and why the server closes a connection.
 
 use std::borrow::Cow;
 
@@ -45,8 +45,8 @@ pub enum ProtocolError {
     MissingRecipient,
     #[error("invalid \"to_user\": {0}")]
     InvalidRecipient(IdError),
-    #[error("binary frames are not supported; send JSON text frames")]
-    Binary,
+    #[error("frame is not UTF-8 text; send a JSON client frame")]
+    NotText,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +67,15 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&
 }
 
 impl<'a> ClientCommand<'a> {
+    /// Parses a client data frame, whatever the transport carried it in: it must be a UTF-8
+    /// JSON object.
+    ///
+    /// # Errors
+    /// [`ProtocolError::NotText`] when the bytes are not UTF-8, otherwise as [`Self::parse`].
+    pub fn parse_bytes(frame: &'a [u8]) -> Result<Self, ProtocolError> {
+        std::str::from_utf8(frame).map_err(|_| ProtocolError::NotText).and_then(Self::parse)
+    }
+
     /// Parses a client text frame.
     ///
     /// # Errors
@@ -123,10 +132,7 @@ impl<'a> ClientCommand<'a> {
 impl ProtocolError {
     /// The `code` of the `error` frame that answers this frame.
     pub fn code(&self) -> ErrorCode {
-        match self {
-            Self::Binary => ErrorCode::Unsupported,
-            _ => ErrorCode::BadRequest,
-        }
+        ErrorCode::BadRequest
     }
 }
 
@@ -135,7 +141,7 @@ impl ProtocolError {
 pub enum ErrorCode {
     /// The frame is malformed.
     BadRequest,
-    /// The frame is of a kind the service does not take (binary frames).
+    /// The deployment does not offer what the frame asks for (presence turned off).
     Unsupported,
     /// The broker is unreachable; retry later.
     Unavailable,
@@ -160,7 +166,8 @@ impl ErrorCode {
     }
 }
 
-/// Why the server closes a WebSocket connection, with its close code.
+/// Why the server closes a connection, with its close code (the code of the WebSocket close
+/// frame; transports without close frames carry the same code in their own close event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// 1001: the instance is shutting down; reconnect (to another instance).
@@ -295,9 +302,11 @@ mod tests {
     }
 
     #[test]
-    fn binary_frames_are_unsupported_and_the_rest_bad_requests() {
-        assert_eq!(ProtocolError::Binary.code(), ErrorCode::Unsupported);
-        assert_eq!(ProtocolError::MissingType.code(), ErrorCode::BadRequest);
+    fn frames_are_parsed_from_bytes_that_must_be_utf8() {
+        assert!(matches!(ClientCommand::parse_bytes(br#"{"type":"ping"}"#), Ok(ClientCommand::Ping)));
+        let err = ClientCommand::parse_bytes(&[0x7b, 0xff, 0x7d]).expect_err("not UTF-8");
+        assert_eq!(err, ProtocolError::NotText);
+        assert_eq!(err.code(), ErrorCode::BadRequest);
     }
 
     #[test]

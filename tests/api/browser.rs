@@ -265,7 +265,7 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
     assert_eq!(close, "1000");
     // The server saw the page's close: no connection is left open on it.
     eventually(PATIENCE_IN_PAGE, "the server no longer counting the page's connection", async || {
-        value(&scrape(&app).await, "lq_websocket_connections") == 0.0
+        value(&scrape(&app).await, r#"lq_connections{transport="websocket"}"#) == 0.0
     })
     .await;
 }
@@ -383,13 +383,10 @@ async fn with_allowed_origins_set_the_console_connects_and_a_page_from_another_o
     );
     // The foreign page never reached the token check: only the console's own attempt counts.
     let metrics = scrape(&app).await;
-    let attempts: f64 = metrics
-        .iter()
-        .filter(|(name, _)| name.starts_with("lq_websocket_connections_total{"))
-        .map(|(_, n)| n)
-        .sum();
+    let attempts: f64 =
+        metrics.iter().filter(|(name, _)| name.starts_with("lq_connections_total{")).map(|(_, n)| n).sum();
     assert_eq!(attempts, 1.0, "{metrics:?}");
-    assert_eq!(value(&metrics, r#"lq_websocket_connections_total{result="accepted"}"#), 1.0);
+    assert_eq!(value(&metrics, r#"lq_connections_total{transport="websocket",result="accepted"}"#), 1.0);
 }
 
 #[tokio::test]

@@ -86,7 +86,7 @@ async fn the_load_generator_reports_every_connection_delivery_and_the_servers_me
     }
     assert!(latency["p50"].as_f64() <= latency["p99"].as_f64(), "{report}");
     assert!(report["server"]["rss_kib_per_connection"].as_f64().is_some(), "{report}");
-    assert!(report["metrics"][0]["lq_websocket_connections"].as_f64().is_some(), "{report}");
+    assert!(report["metrics"][0]["lq_connections"].as_f64().is_some(), "{report}");
 }
 
 #[tokio::test]

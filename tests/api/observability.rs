@@ -10,7 +10,7 @@ use crate::helpers::*;
 async fn every_counter_gauge_and_histogram_moves_by_exactly_what_happened() {
     let app = spawn_app().await;
     let before = scrape(&app).await;
-    assert_eq!(value(&before, "lq_websocket_connections"), 0.0);
+    assert_eq!(value(&before, r#"lq_connections{transport="websocket"}"#), 0.0);
     assert_eq!(value(&before, r#"lq_build_info{version="0.1.0"}"#), 1.0);
 
     // Three clients connect; two bad tokens and one without the scope are refused.
@@ -55,10 +55,10 @@ async fn every_counter_gauge_and_histogram_moves_by_exactly_what_happened() {
         assert!(tokio::time::Instant::now() < deadline, "lq_subscribed_channels never reached 6");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(value(&during, "lq_websocket_connections"), 3.0);
-    assert_eq!(value(&during, r#"lq_websocket_connections_total{result="accepted"}"#), 3.0);
-    assert_eq!(value(&during, r#"lq_websocket_connections_total{result="unauthorized"}"#), 2.0);
-    assert_eq!(value(&during, r#"lq_websocket_connections_total{result="forbidden"}"#), 1.0);
+    assert_eq!(value(&during, r#"lq_connections{transport="websocket"}"#), 3.0);
+    assert_eq!(value(&during, r#"lq_connections_total{transport="websocket",result="accepted"}"#), 3.0);
+    assert_eq!(value(&during, r#"lq_connections_total{transport="websocket",result="unauthorized"}"#), 2.0);
+    assert_eq!(value(&during, r#"lq_connections_total{transport="websocket",result="forbidden"}"#), 1.0);
     assert_eq!(value(&during, r#"lq_auth_failures_total{reason="malformed"}"#), 2.0);
     assert_eq!(value(&during, r#"lq_auth_failures_total{reason="missing_scope"}"#), 1.0);
     assert_eq!(value(&during, r#"lq_messages_received_total{source="client"}"#), 4.0);
@@ -79,14 +79,15 @@ async fn every_counter_gauge_and_histogram_moves_by_exactly_what_happened() {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let after = loop {
         let after = scrape(&app).await;
-        if value(&after, "lq_websocket_connections") == 0.0 && value(&after, "lq_subscribed_channels") == 2.0
+        if value(&after, r#"lq_connections{transport="websocket"}"#) == 0.0
+            && value(&after, "lq_subscribed_channels") == 2.0
         {
             break after;
         }
         assert!(tokio::time::Instant::now() < deadline, "gauges did not return to idle: {after:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(value(&after, "lq_connection_duration_seconds_count"), 3.0);
+    assert_eq!(value(&after, r#"lq_connection_duration_seconds_count{transport="websocket"}"#), 3.0);
     assert_eq!(value(&after, "lq_broker_up"), 1.0);
 }
 
@@ -100,5 +101,5 @@ async fn metrics_can_be_served_on_their_own_address_instead() {
     let addr = app.metrics_addr.expect("a metrics listener");
     let text =
         reqwest::get(format!("http://{addr}/metrics")).await.expect("scraped").text().await.expect("text");
-    assert!(text.contains("lq_websocket_connections 0"), "{text}");
+    assert!(text.contains(r#"lq_connections{transport="websocket"} 0"#), "{text}");
 }

@@ -297,7 +297,10 @@ async fn connections_beyond_the_opening_limit_wait_their_turn_and_are_told_to_re
         }
     }
     assert_eq!(overloaded, 2, "all but the one with the turn");
-    assert_eq!(value(&scrape(&app).await, r#"lq_websocket_connections_total{result="overloaded"}"#), 2.0);
+    assert_eq!(
+        value(&scrape(&app).await, r#"lq_connections_total{transport="websocket",result="overloaded"}"#),
+        2.0
+    );
     // The turn was given back: once the instance replaced its deaf Redis connections, a new
     // connection opens.
     eventually(Duration::from_secs(15), "a connection opening again", async || {

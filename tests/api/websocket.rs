@@ -262,8 +262,8 @@ async fn malformed_frames_get_an_error_frame_and_the_connection_stays_open() {
     ];
     let frames = frames
         .into_iter()
-        .map(|f| (f, "bad_request"))
-        .chain([(Message::binary(vec![1u8, 2, 3]), "unsupported")]);
+        .chain([Message::binary(vec![1u8, 2, 3]), Message::binary(vec![b'{', 0xff, b'}'])])
+        .map(|f| (f, "bad_request"));
     for (frame, code) in frames {
         let description = format!("{frame:?}");
         client.send(frame).await;
@@ -273,6 +273,17 @@ async fn malformed_frames_get_an_error_frame_and_the_connection_stays_open() {
         assert!(error["payload"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     client.expect_nothing_pending().await;
+}
+
+#[tokio::test]
+async fn a_binary_frame_holding_a_client_frame_is_answered_like_a_text_frame() {
+    let app = spawn_app().await;
+    let mut client = app.connect("bob", "acme").await;
+    client.send(Message::binary(br#"{"type":"ping"}"#.to_vec())).await;
+    assert_eq!(client.next_json().await["type"], "pong");
+    client.send(Message::binary(br#"{"type":"message","payload":{"n":1}}"#.to_vec())).await;
+    let own = client.next_json().await;
+    assert_eq!((own["type"].as_str(), own["payload"]["n"].as_u64()), (Some("message"), Some(1)));
 }
 
 #[tokio::test]

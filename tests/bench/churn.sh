@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Churn: connections opened and closed at 2,000/s for 60 s against one instance; memory must
-# return to its baseline and lq_websocket_connections to 0.
+# return to its baseline and lq_connections to 0.
 #   tests/bench/churn.sh
 #   RATE=500 DURATION=10 tests/bench/churn.sh
 source "$(dirname "$0")/lib.sh"

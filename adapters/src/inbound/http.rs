@@ -1,4 +1,5 @@
-//! The HTTP surface: health, readiness and webhooks, with the WebSocket route mounted beside.
+//! The HTTP surface: health, readiness, webhooks and the server API, with the client transports
+//! (WebSocket, Server-Sent Events) and the console mounted beside.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,17 +8,22 @@ use application::ports::Headers;
 use application::use_cases::ingest_webhook::TENANT_HEADER;
 use application::{Realtime, ServerApiError, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use domain::{Channel, ChannelError, TenantId, UserId};
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use serde::Deserialize;
 use serde_json::json;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::console::{self, ConsoleSettings};
 use crate::inbound::error::{ApiError, recover};
+use crate::inbound::sse::{self, SseSettings};
 use crate::inbound::ws::{self, WsSettings};
 use crate::outbound::prometheus::PrometheusMetrics;
 
@@ -46,6 +52,10 @@ pub struct HttpSettings {
     pub separate_metrics_listener: bool,
     /// The browser console at `/`, when served.
     pub console: Option<ConsoleSettings>,
+    /// The WebSocket transport at `/ws`.
+    pub websocket: WsSettings,
+    /// The Server-Sent Events transport at `/sse`.
+    pub sse: SseSettings,
 }
 
 impl Default for HttpSettings {
@@ -55,6 +65,8 @@ impl Default for HttpSettings {
             metrics: None,
             separate_metrics_listener: false,
             console: None,
+            websocket: WsSettings::default(),
+            sse: SseSettings::default(),
         }
     }
 }
@@ -77,14 +89,13 @@ pub async fn serve_metrics(
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<Realtime>,
-    ws_settings: WsSettings,
     http: HttpSettings,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let metrics = if http.separate_metrics_listener { None } else { http.metrics.clone() };
-    let service = warp::service(routes(app, ws_settings, metrics, http.console.clone()));
+    let header_read_timeout = http.header_read_timeout;
+    let service = warp::service(routes(app, http));
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     // Every connection task holds a sender; the receiver sees the channel close once the last
     // one finished.
     let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
@@ -137,10 +148,9 @@ pub async fn serve(
 /// Every route of the service, errors answered as JSON.
 pub fn routes(
     app: Arc<Realtime>,
-    ws_settings: WsSettings,
-    metrics: Option<Arc<PrometheusMetrics>>,
-    console: Option<ConsoleSettings>,
+    http: HttpSettings,
 ) -> impl Filter<Extract = (impl Reply,), Error = std::convert::Infallible> + Clone + Send + Sync + 'static {
+    let metrics = if http.separate_metrics_listener { None } else { http.metrics };
     let health = warp::path!("health")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
@@ -182,7 +192,9 @@ pub fn routes(
         .unify()
         .or(metrics_route(metrics))
         .unify()
-        .or(ws::route(app.clone(), ws_settings))
+        .or(ws::route(app.clone(), http.websocket))
+        .unify()
+        .or(sse::routes(app.clone(), http.sse))
         .unify()
         .or(webhooks)
         .unify()
@@ -192,7 +204,7 @@ pub fn routes(
         .unify()
         .or(api_presence)
         .unify()
-        .or(console::routes(app, console))
+        .or(console::routes(app, http.console))
         .unify()
         .recover(recover)
         .unify()
@@ -217,7 +229,7 @@ pub fn metrics_route(
     })
 }
 
-fn with<T: Clone + Send + Sync + 'static>(
+pub(crate) fn with<T: Clone + Send + Sync + 'static>(
     value: T,
 ) -> impl Filter<Extract = (T,), Error = std::convert::Infallible> + Clone {
     warp::any().map(move || value.clone())
@@ -244,7 +256,7 @@ where
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|_| ApiError::bad_request("request body could not be read"))?;
         if collected.len() + chunk.remaining() > limit {
-            return Err(too_large());
+            return Err(too_large(limit));
         }
         collected.put(chunk);
     }
@@ -258,7 +270,21 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    match tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, MAX_WEBHOOK_BODY)).await {
+    read_limited_in_time(body, MAX_WEBHOOK_BODY, late).await
+}
+
+/// Reads a body of at most `limit` bytes (413 beyond) that must arrive within
+/// [`WEBHOOK_BODY_TIMEOUT`]; a late one is answered 408 with `late`.
+pub(crate) async fn read_limited_in_time<S, B>(
+    body: S,
+    limit: usize,
+    late: &'static str,
+) -> Result<Bytes, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    match tokio::time::timeout(WEBHOOK_BODY_TIMEOUT, read_limited(body, limit)).await {
         Ok(read) => read.map_err(warp::reject::custom),
         Err(_) => {
             Err(warp::reject::custom(ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", late)))
@@ -266,15 +292,16 @@ where
     }
 }
 
-fn too_large() -> ApiError {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds 1 MiB")
+fn too_large(limit: usize) -> ApiError {
+    let size = if limit == MAX_WEBHOOK_BODY { "1 MiB".to_owned() } else { format!("{limit} bytes") };
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body exceeds {size}"))
 }
 
 /// Refuses a request whose `Content-Length` announces more than [`MAX_WEBHOOK_BODY`], before
 /// any of its body is read.
 pub(crate) fn refuse_announced_too_large(content_length: Option<u64>) -> Result<(), Rejection> {
     if content_length.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
-        return Err(warp::reject::custom(too_large()));
+        return Err(warp::reject::custom(too_large(MAX_WEBHOOK_BODY)));
     }
     Ok(())
 }
@@ -299,8 +326,8 @@ async fn api_presence(
     app: Arc<Realtime>,
     authorization: Option<String>,
 ) -> Result<Response, Rejection> {
-    app.api.authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
-    match app.api.presence(&tenant).await.map_err(|e| api_rejection(&e))? {
+    app.api().authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
+    match app.api().presence(&tenant).await.map_err(|e| api_rejection(&e))? {
         Some(users) => Ok(warp::reply::json(&json!({"users": users})).into_response()),
         None => Err(warp::reject::custom(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -345,20 +372,55 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf + Send,
 {
-    app.api.authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
+    app.api().authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
     refuse_announced_too_large(content_length)?;
     let body = read_in_time(body, "the request body did not arrive in time").await?;
     let answer = match call {
         ApiCall::Publish => {
-            let message_id = app.api.publish(&body).await.map_err(|e| api_rejection(&e))?;
-            json!({"message_id": message_id.as_str()})
+            let body: PublishBody<'_> = parse_body(&body, "{\"channel\",\"type\",\"payload\"}")?;
+            let channel = Channel::parse(&body.channel).map_err(|e| match e {
+                ChannelError::Unknown(_) => bad_body(format!("invalid channel: {e}")),
+                ChannelError::InvalidId(_) => bad_body(e.to_string()),
+            })?;
+            let published = app.api().publish(channel, &body.kind, body.payload).await;
+            json!({"message_id": published.map_err(|e| api_rejection(&e))?.as_str()})
         }
         ApiCall::Disconnect => {
-            let instances = app.api.disconnect(&body).await.map_err(|e| api_rejection(&e))?;
-            json!({"instances": instances})
+            let body: DisconnectBody = parse_body(&body, "{\"tenant_id\",\"user_id\"}")?;
+            let instances = app.api().disconnect(body.tenant_id, body.user_id).await;
+            json!({"instances": instances.map_err(|e| api_rejection(&e))?})
         }
     };
     Ok(warp::reply::json(&answer).into_response())
+}
+
+/// `POST /api/publish`'s body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// `POST /api/disconnect`'s body; the ids are checked like token claims.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    tenant_id: TenantId,
+    user_id: UserId,
+}
+
+fn bad_body(message: String) -> Rejection {
+    api_rejection(&ServerApiError::BadRequest(message))
+}
+
+/// A server API body of the form `expected`, or 400 saying what is wrong with it.
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8], expected: &str) -> Result<T, Rejection> {
+    serde_json::from_slice(body).map_err(|e| bad_body(format!("expected {expected}: {e}")))
 }
 
 async fn webhook<S, B>(
@@ -395,7 +457,7 @@ where
         provider = domain::Provider::parse(&provider).ok().map(|p| p.to_string()),
         tenant = tenant.and_then(|t| domain::TenantId::parse(t).ok()).map(|t| t.to_string()),
     );
-    let outcome = tracing::Instrument::instrument(app.webhooks.ingest(request), span.clone()).await;
+    let outcome = tracing::Instrument::instrument(app.webhooks().ingest(request), span.clone()).await;
     let _entered = span.enter();
     match outcome {
         Ok(accepted) => {

@@ -1,6 +1,9 @@
-//! Inbound adapters: the HTTP and WebSocket surface that drives the use-cases.
+//! Inbound adapters: the HTTP surface and the client transports (WebSocket, Server-Sent Events)
+//! that drive the use-cases.
 
 pub mod console;
 pub mod error;
+pub(crate) mod handshake;
 pub mod http;
+pub mod sse;
 pub mod ws;

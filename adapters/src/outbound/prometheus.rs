@@ -37,13 +37,42 @@ const DROPS: [DropReason; 5] = [
     DropReason::Gap,
 ];
 
+/// The connection metrics of one transport.
+struct TransportSeries {
+    transport: &'static str,
+    connections: Gauge,
+    /// One per [`ATTEMPTS`], in its order.
+    attempts: Vec<Counter>,
+    duration: Histogram,
+}
+
+impl TransportSeries {
+    fn register(recorder: &PrometheusRecorder, transport: &'static str) -> Self {
+        let label = ("transport", transport);
+        Self {
+            transport,
+            connections: recorder.register_gauge(&key("lq_connections", &[label]), &METADATA),
+            attempts: ATTEMPTS
+                .iter()
+                .map(|o| {
+                    recorder.register_counter(
+                        &key("lq_connections_total", &[label, ("result", o.as_str())]),
+                        &METADATA,
+                    )
+                })
+                .collect(),
+            duration: recorder
+                .register_histogram(&key("lq_connection_duration_seconds", &[label]), &METADATA),
+        }
+    }
+}
+
 /// Metrics of one instance, rendered for Prometheus.
 pub struct PrometheusMetrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
-    connections: Gauge,
-    attempts: Vec<Counter>,
-    connection_duration: Histogram,
+    /// The transports named at start; any other is registered when it is first reported.
+    transports: Vec<TransportSeries>,
     received: Vec<Counter>,
     sent: Counter,
     dropped: Vec<Counter>,
@@ -68,7 +97,9 @@ fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
 }
 
 impl PrometheusMetrics {
-    pub fn new(version: &str) -> Self {
+    /// The metrics of an instance of `version` whose clients connect over `transports` (their
+    /// series are rendered from the start, at zero).
+    pub fn new(version: &str, transports: &[&'static str]) -> Self {
         let builder = PrometheusBuilder::new()
             .set_buckets(LATENCY_BUCKETS)
             .and_then(|b| {
@@ -84,7 +115,7 @@ impl PrometheusMetrics {
         let describe = |name: &'static str, unit: Option<Unit>, text: &'static str| {
             r.describe_counter(name.into(), unit, SharedString::const_str(text));
         };
-        describe("lq_websocket_connections_total", None, "WebSocket connection attempts by result.");
+        describe("lq_connections_total", None, "Client connection attempts by transport and result.");
         describe("lq_messages_received_total", None, "Messages that entered the service, by source.");
         describe("lq_messages_sent_total", None, "Frames queued for clients by channel fan-outs.");
         describe("lq_messages_dropped_total", None, "Messages or frames not delivered, by reason.");
@@ -95,7 +126,7 @@ impl PrometheusMetrics {
             None,
             "Reconnecting clients that asked for missed messages, by result (recovered or not).",
         );
-        r.describe_gauge("lq_websocket_connections".into(), None, "Open WebSocket connections.".into());
+        r.describe_gauge("lq_connections".into(), None, "Open client connections, by transport.".into());
         r.describe_gauge("lq_broker_up".into(), None, "1 when the broker can publish and receive.".into());
         r.describe_gauge(
             "lq_subscribed_channels".into(),
@@ -104,7 +135,7 @@ impl PrometheusMetrics {
         );
         r.describe_gauge("lq_build_info".into(), None, "Always 1; the version is a label.".into());
         for (name, text) in [
-            ("lq_connection_duration_seconds", "Lifetime of closed WebSocket connections."),
+            ("lq_connection_duration_seconds", "Lifetime of closed client connections, by transport."),
             ("lq_webhook_processing_seconds", "Time from webhook received to answer decided."),
             ("lq_broker_publish_seconds", "Time for the broker to accept one publish."),
             ("lq_pubsub_lag_seconds", "Envelope timestamp to delivery on this instance."),
@@ -113,17 +144,7 @@ impl PrometheusMetrics {
         }
         r.register_gauge(&key("lq_build_info", &[("version", version)]), &METADATA).set(1.0);
         Self {
-            connections: r.register_gauge(&key("lq_websocket_connections", &[]), &METADATA),
-            attempts: ATTEMPTS
-                .iter()
-                .map(|o| {
-                    r.register_counter(
-                        &key("lq_websocket_connections_total", &[("result", o.as_str())]),
-                        &METADATA,
-                    )
-                })
-                .collect(),
-            connection_duration: r.register_histogram(&key("lq_connection_duration_seconds", &[]), &METADATA),
+            transports: transports.iter().map(|t| TransportSeries::register(r, t)).collect(),
             received: SOURCES
                 .iter()
                 .map(|s| {
@@ -161,6 +182,14 @@ impl PrometheusMetrics {
         self.handle.render()
     }
 
+    /// Runs `f` on the series of `transport`.
+    fn with_transport(&self, transport: &'static str, f: impl FnOnce(&TransportSeries)) {
+        match self.transports.iter().find(|series| series.transport == transport) {
+            Some(series) => f(series),
+            None => f(&TransportSeries::register(&self.recorder, transport)),
+        }
+    }
+
     /// Drains histogram buffers; run it every few seconds.
     pub fn run_upkeep(&self) {
         self.handle.run_upkeep();
@@ -168,18 +197,22 @@ impl PrometheusMetrics {
 }
 
 impl Metrics for PrometheusMetrics {
-    fn connection_attempt(&self, outcome: ConnectionOutcome) {
-        if let Some(index) = ATTEMPTS.iter().position(|o| *o == outcome) {
-            self.attempts[index].increment(1);
-        }
-        if outcome == ConnectionOutcome::Accepted {
-            self.connections.increment(1.0);
-        }
+    fn connection_attempt(&self, transport: &'static str, outcome: ConnectionOutcome) {
+        self.with_transport(transport, |series| {
+            if let Some(index) = ATTEMPTS.iter().position(|o| *o == outcome) {
+                series.attempts[index].increment(1);
+            }
+            if outcome == ConnectionOutcome::Accepted {
+                series.connections.increment(1.0);
+            }
+        });
     }
 
-    fn connection_closed(&self, seconds: f64) {
-        self.connections.decrement(1.0);
-        self.connection_duration.record(seconds);
+    fn connection_closed(&self, transport: &'static str, seconds: f64) {
+        self.with_transport(transport, |series| {
+            series.connections.decrement(1.0);
+            series.duration.record(seconds);
+        });
     }
 
     fn auth_failure(&self, reason: &'static str) {
@@ -245,11 +278,12 @@ mod tests {
 
     #[test]
     fn what_is_reported_is_rendered_with_its_labels() {
-        let metrics = PrometheusMetrics::new("1.2.3");
-        metrics.connection_attempt(ConnectionOutcome::Accepted);
-        metrics.connection_attempt(ConnectionOutcome::Accepted);
-        metrics.connection_attempt(ConnectionOutcome::Unauthorized);
-        metrics.connection_closed(3.0);
+        let metrics = PrometheusMetrics::new("1.2.3", &["websocket", "sse"]);
+        metrics.connection_attempt("websocket", ConnectionOutcome::Accepted);
+        metrics.connection_attempt("websocket", ConnectionOutcome::Accepted);
+        metrics.connection_attempt("websocket", ConnectionOutcome::Unauthorized);
+        metrics.connection_closed("websocket", 3.0);
+        metrics.connection_attempt("other", ConnectionOutcome::Accepted);
         metrics.auth_failure("expired");
         metrics.message_received(MessageSource::Webhook);
         metrics.messages_sent(5);
@@ -258,15 +292,20 @@ mod tests {
         metrics.broker_up(true);
         metrics.subscribed_channels(7);
         let text = metrics.render();
-        assert_eq!(line(&text, "lq_websocket_connections "), Some("lq_websocket_connections 1"));
-        assert_eq!(
-            line(&text, "lq_websocket_connections_total{result=\"accepted\"}"),
-            Some("lq_websocket_connections_total{result=\"accepted\"} 2")
-        );
-        assert_eq!(
-            line(&text, "lq_websocket_connections_total{result=\"unauthorized\"}"),
-            Some("lq_websocket_connections_total{result=\"unauthorized\"} 1")
-        );
+        for (series, value) in [
+            (r#"lq_connections{transport="websocket"}"#, 1),
+            (r#"lq_connections{transport="sse"}"#, 0),
+            (r#"lq_connections{transport="other"}"#, 1),
+            (r#"lq_connections_total{transport="websocket",result="accepted"}"#, 2),
+            (r#"lq_connections_total{transport="websocket",result="unauthorized"}"#, 1),
+            (r#"lq_connections_total{transport="sse",result="accepted"}"#, 0),
+        ] {
+            assert_eq!(
+                line(&text, &format!("{series} ")),
+                Some(format!("{series} {value}").as_str()),
+                "{text}"
+            );
+        }
         assert_eq!(
             line(&text, "lq_auth_failures_total{reason=\"expired\"}"),
             Some("lq_auth_failures_total{reason=\"expired\"} 1")
@@ -287,15 +326,19 @@ mod tests {
             Some("lq_build_info{version=\"1.2.3\"} 1")
         );
         assert_eq!(
-            line(&text, "lq_connection_duration_seconds_count"),
-            Some("lq_connection_duration_seconds_count 1")
+            line(&text, r#"lq_connection_duration_seconds_count{transport="websocket"}"#),
+            Some(r#"lq_connection_duration_seconds_count{transport="websocket"} 1"#)
         );
-        assert!(line(&text, "lq_connection_duration_seconds_bucket{le=\"10\"} 1").is_some(), "{text}");
+        assert!(
+            line(&text, r#"lq_connection_duration_seconds_bucket{transport="websocket",le="10"} 1"#)
+                .is_some(),
+            "{text}"
+        );
     }
 
     #[test]
     fn two_instances_keep_separate_numbers() {
-        let (a, b) = (PrometheusMetrics::new("x"), PrometheusMetrics::new("x"));
+        let (a, b) = (PrometheusMetrics::new("x", &[]), PrometheusMetrics::new("x", &[]));
         a.messages_sent(3);
         assert_eq!(line(&b.render(), "lq_messages_sent_total "), Some("lq_messages_sent_total 0"));
     }

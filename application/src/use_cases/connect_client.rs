@@ -1,10 +1,11 @@
 //! Connect a client: authenticate its token, admit it, register it, greet it.
 //!
-//! Split in two steps so that every refusal (401, 403, 503) happens before the WebSocket
-//! upgrade: [`ConnectClient::authorize`] checks the token and reserves a slot,
+//! Split in two steps so that every refusal (401, 403, 503) happens before the transport
+//! answers its client: [`ConnectClient::authorize`] checks the token and reserves a slot,
 //! [`ConnectClient::connect`] registers the connection and queues its welcome frame.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use domain::{
@@ -34,12 +35,22 @@ pub enum ConnectError {
     /// The token lacks the `ws:connect` scope. HTTP 403.
     #[error("token lacks the ws:connect scope")]
     Forbidden,
+    /// A token that is valid but for another user or tenant than the session it is presented
+    /// to. HTTP 403.
+    #[error("the token is for another user or tenant than this connection")]
+    NotThisSession,
+    /// The request comes from a web page whose origin is not in `ALLOWED_ORIGINS`. HTTP 403.
+    #[error("this Origin may not connect")]
+    OriginNotAllowed,
     /// The instance holds `MAX_CONNECTIONS` connections. HTTP 503.
     #[error("instance is at its connection limit")]
     AtCapacity,
     /// The user holds `MAX_CONNECTIONS_PER_USER` connections on this instance. HTTP 429.
     #[error("too many connections for this user: at most {0} per instance")]
     TooManyConnections(usize),
+    /// No turn to open came within the opening timeout (a burst of connections). HTTP 503.
+    #[error("too many connections opening; retry")]
+    Overloaded,
     /// The broker could not subscribe the connection's channels. HTTP 503.
     #[error(transparent)]
     Broker(BrokerError),
@@ -54,6 +65,7 @@ pub struct Admission {
     identity: Identity,
     permit: Permit,
     resume: Resume,
+    transport: &'static str,
 }
 
 impl Admission {
@@ -61,6 +73,15 @@ impl Admission {
     pub fn resuming(mut self, resume: Resume) -> Self {
         self.resume = resume;
         self
+    }
+
+    /// The transport the client came over, as its adapter names it.
+    pub fn transport(&self) -> &'static str {
+        self.transport
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 }
 
@@ -81,39 +102,48 @@ struct CatchUp {
     positions: Vec<(Channel, StreamPosition)>,
 }
 
-/// A registered connection. Hand it back to [`crate::DisconnectClient`] when it ends.
+/// A registered connection. Hand it back to [`crate::use_cases::disconnect_client::DisconnectClient`]
+/// when it ends.
 #[derive(Debug)]
 pub struct Session {
     handle: Arc<ConnectionHandle>,
-    /// Only the connection's reader uses it, so it needs no lock.
-    pub(crate) rate: TokenBucket,
+    /// Locked by each client frame; frames of one connection seldom race.
+    pub(crate) rate: Mutex<TokenBucket>,
     /// Unregisters the connection when the session is dropped, however that happens (a
     /// cancelled handshake, a failed subscription, a task that ended early): no connection
     /// outlives its session in the hub.
     hub: Arc<Hub>,
     /// Already unregistered by [`Session::release`].
-    released: bool,
+    released: AtomicBool,
+    transport: &'static str,
     _permit: Permit,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if !self.released {
-            self.unregister();
-        }
+        self.release();
     }
 }
 
 impl Session {
-    /// Unregisters the connection and frees its slot; returns whether it was still registered.
-    pub(crate) fn release(mut self) -> bool {
-        self.released = true;
-        self.unregister()
-    }
-
-    fn unregister(&self) -> bool {
+    /// Unregisters the connection (its slot is freed when the session is dropped); returns
+    /// whether this call did it.
+    pub(crate) fn release(&self) -> bool {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         let info = self.handle.info();
         self.hub.unregister(&info.tenant_id, &info.id).is_some()
+    }
+
+    /// Takes one frame from the connection's rate budget at `now`.
+    pub(crate) fn rate_check(&self, now: Timestamp) -> domain::RateDecision {
+        self.rate.lock().unwrap_or_else(PoisonError::into_inner).check(now)
+    }
+
+    /// The transport the connection runs over, as its adapter names it.
+    pub fn transport(&self) -> &'static str {
+        self.transport
     }
 
     pub fn info(&self) -> &ConnectionInfo {
@@ -165,13 +195,8 @@ impl ConnectClient {
         self
     }
 
-    /// An upgrade got no turn to open in time (a burst of connections): counted, then refused
-    /// by the transport.
-    pub fn overloaded(&self) {
-        self.metrics.connection_attempt(ConnectionOutcome::Overloaded);
-    }
-
-    fn refused(&self, error: ConnectError) -> ConnectError {
+    /// Counts a refusal of a client of `transport` and returns it.
+    pub(crate) fn refused(&self, transport: &'static str, error: ConnectError) -> ConnectError {
         let outcome = match &error {
             ConnectError::MissingToken => {
                 self.metrics.auth_failure("missing_token");
@@ -189,11 +214,14 @@ impl ConnectClient {
                 self.metrics.auth_failure("missing_scope");
                 ConnectionOutcome::Forbidden
             }
+            // Refused before anything else was looked at, or not an attempt to connect.
+            ConnectError::OriginNotAllowed | ConnectError::NotThisSession => return error,
             ConnectError::AtCapacity => ConnectionOutcome::OverCapacity,
             ConnectError::TooManyConnections(_) => ConnectionOutcome::RateLimited,
+            ConnectError::Overloaded => ConnectionOutcome::Overloaded,
             ConnectError::Broker(_) | ConnectError::Gone => ConnectionOutcome::Unavailable,
         };
-        self.metrics.connection_attempt(outcome);
+        self.metrics.connection_attempt(transport, outcome);
         error
     }
 
@@ -203,11 +231,15 @@ impl ConnectClient {
     /// [`ConnectError::MissingToken`], [`ConnectError::InvalidToken`],
     /// [`ConnectError::InvalidClaims`], [`ConnectError::Forbidden`] or
     /// [`ConnectError::AtCapacity`], checked in that order.
-    pub async fn authorize(&self, token: Option<&str>) -> Result<Admission, ConnectError> {
-        self.check(token).await.map_err(|error| self.refused(error))
+    pub async fn authorize(
+        &self,
+        transport: &'static str,
+        token: Option<&str>,
+    ) -> Result<Admission, ConnectError> {
+        self.check(transport, token).await.map_err(|error| self.refused(transport, error))
     }
 
-    async fn check(&self, token: Option<&str>) -> Result<Admission, ConnectError> {
+    async fn check(&self, transport: &'static str, token: Option<&str>) -> Result<Admission, ConnectError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(ConnectError::MissingToken)?;
         let claims = self.tokens.verify(token).await.map_err(ConnectError::InvalidToken)?;
         let identity = Identity::from_claims(claims).map_err(ConnectError::InvalidClaims)?;
@@ -215,7 +247,7 @@ impl ConnectClient {
             return Err(ConnectError::Forbidden);
         }
         let permit = self.hub.try_admit().ok_or(ConnectError::AtCapacity)?;
-        Ok(Admission { identity, permit, resume: Resume::default() })
+        Ok(Admission { identity, permit, resume: Resume::default(), transport })
     }
 
     /// Registers the connection, waits until its channels are subscribed, reads their
@@ -234,8 +266,9 @@ impl ConnectClient {
         admission: Admission,
         sink: Arc<dyn ClientSink>,
     ) -> Result<Session, ConnectError> {
-        let session = self.register(admission, sink).await.map_err(|error| self.refused(error))?;
-        self.metrics.connection_attempt(ConnectionOutcome::Accepted);
+        let transport = admission.transport;
+        let session = self.register(admission, sink).await.map_err(|error| self.refused(transport, error))?;
+        self.metrics.connection_attempt(transport, ConnectionOutcome::Accepted);
         Ok(session)
     }
 
@@ -244,7 +277,7 @@ impl ConnectClient {
         admission: Admission,
         sink: Arc<dyn ClientSink>,
     ) -> Result<Session, ConnectError> {
-        let Admission { identity, permit, resume } = admission;
+        let Admission { identity, permit, resume, transport } = admission;
         let now = self.frames.now();
         let info = ConnectionInfo {
             id: self.frames.connection_id(),
@@ -259,9 +292,16 @@ impl ConnectClient {
             RegisterError::UserLimit(limit) => ConnectError::TooManyConnections(limit),
             RegisterError::Registry(_) => ConnectError::Gone,
         })?;
-        let rate = TokenBucket::new(self.settings.rate_per_sec, self.settings.rate_burst, now);
+        let rate = Mutex::new(TokenBucket::new(self.settings.rate_per_sec, self.settings.rate_burst, now));
         // Built before waiting, so that a failure or a cancelled wait unregisters it on drop.
-        let session = Session { handle, rate, hub: self.hub.clone(), released: false, _permit: permit };
+        let session = Session {
+            handle,
+            rate,
+            hub: self.hub.clone(),
+            released: AtomicBool::new(false),
+            transport,
+            _permit: permit,
+        };
         ack.await.map_err(ConnectError::Broker)?;
         // Read after the subscription is active: everything after these positions arrives live.
         let catch_up = self.catch_up(&info, resume).await.map_err(ConnectError::Broker)?;
@@ -358,15 +398,15 @@ mod tests {
         let mut tokens = MockTokenVerifier::new();
         tokens.expect_verify().never();
         let (connect, _) = use_case(Arc::new(tokens), MockMessageBroker::new(), 10);
-        assert_eq!(connect.authorize(None).await.err(), Some(ConnectError::MissingToken));
-        assert_eq!(connect.authorize(Some("")).await.err(), Some(ConnectError::MissingToken));
+        assert_eq!(connect.authorize("test", None).await.err(), Some(ConnectError::MissingToken));
+        assert_eq!(connect.authorize("test", Some("")).await.err(), Some(ConnectError::MissingToken));
     }
 
     #[tokio::test]
     async fn a_token_the_verifier_rejects_is_refused_with_its_reason() {
         let (connect, _) = use_case(verifier(Err(TokenError::Expired)), MockMessageBroker::new(), 10);
         assert_eq!(
-            connect.authorize(Some("t")).await.err(),
+            connect.authorize("test", Some("t")).await.err(),
             Some(ConnectError::InvalidToken(TokenError::Expired))
         );
     }
@@ -378,22 +418,22 @@ mod tests {
         metrics.expect_auth_failure().withf(|r| r == "expired").times(1).returning(|_| ());
         metrics
             .expect_connection_attempt()
-            .withf(|o| *o == ConnectionOutcome::Unauthorized)
+            .withf(|t, o| t == "test" && *o == ConnectionOutcome::Unauthorized)
             .times(1)
-            .returning(|_| ());
+            .returning(|_, _| ());
         let (connect, _) = use_case(verifier(Err(TokenError::Expired)), MockMessageBroker::new(), 10);
         let connect = connect.with_metrics(Arc::new(metrics));
-        assert!(connect.authorize(Some("t")).await.is_err());
+        assert!(connect.authorize("test", Some("t")).await.is_err());
 
         let mut metrics = MockMetrics::new();
         metrics.expect_auth_failure().withf(|r| r == "missing_scope").times(1).returning(|_| ());
         metrics
             .expect_connection_attempt()
-            .withf(|o| *o == ConnectionOutcome::Forbidden)
+            .withf(|t, o| t == "test" && *o == ConnectionOutcome::Forbidden)
             .times(1)
-            .returning(|_| ());
+            .returning(|_, _| ());
         let (connect, _) = use_case(verifier(Ok(claims("read"))), MockMessageBroker::new(), 10);
-        assert!(connect.with_metrics(Arc::new(metrics)).authorize(Some("t")).await.is_err());
+        assert!(connect.with_metrics(Arc::new(metrics)).authorize("test", Some("t")).await.is_err());
 
         let mut broker = MockMessageBroker::new();
         broker.expect_subscribe().returning(|_| ());
@@ -403,12 +443,12 @@ mod tests {
         let mut metrics = MockMetrics::new();
         metrics
             .expect_connection_attempt()
-            .withf(|o| *o == ConnectionOutcome::Accepted)
+            .withf(|t, o| t == "test" && *o == ConnectionOutcome::Accepted)
             .times(1)
-            .returning(|_| ());
+            .returning(|_, _| ());
         let (connect, _) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let connect = connect.with_metrics(Arc::new(metrics));
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         assert!(connect.connect(admission, RecordingSink::new()).await.is_ok());
     }
 
@@ -418,7 +458,7 @@ mod tests {
         no_tenant.tenant_id = None;
         let (connect, _) = use_case(verifier(Ok(no_tenant)), MockMessageBroker::new(), 10);
         assert_eq!(
-            connect.authorize(Some("t")).await.err(),
+            connect.authorize("test", Some("t")).await.err(),
             Some(ConnectError::InvalidClaims(ClaimsError::MissingTenant))
         );
     }
@@ -426,16 +466,16 @@ mod tests {
     #[tokio::test]
     async fn a_token_without_the_connect_scope_is_forbidden() {
         let (connect, _) = use_case(verifier(Ok(claims("read ws:connected"))), MockMessageBroker::new(), 10);
-        assert_eq!(connect.authorize(Some("t")).await.err(), Some(ConnectError::Forbidden));
+        assert_eq!(connect.authorize("test", Some("t")).await.err(), Some(ConnectError::Forbidden));
     }
 
     #[tokio::test]
     async fn admission_stops_at_the_connection_limit_and_resumes_when_a_slot_frees() {
         let (connect, _) = use_case(verifier(Ok(claims("ws:connect"))), MockMessageBroker::new(), 1);
-        let first = connect.authorize(Some("t")).await.expect("admitted");
-        assert_eq!(connect.authorize(Some("t")).await.err(), Some(ConnectError::AtCapacity));
+        let first = connect.authorize("test", Some("t")).await.expect("admitted");
+        assert_eq!(connect.authorize("test", Some("t")).await.err(), Some(ConnectError::AtCapacity));
         drop(first);
-        assert!(connect.authorize(Some("t")).await.is_ok());
+        assert!(connect.authorize("test", Some("t")).await.is_ok());
     }
 
     #[tokio::test]
@@ -459,7 +499,7 @@ mod tests {
         });
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let sink = RecordingSink::new();
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         let session = connect.connect(admission, sink.clone()).await.expect("connected");
         let frames = sink.frames();
         assert_eq!(frames.len(), 1);
@@ -521,7 +561,7 @@ mod tests {
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         slot.set(hub).expect("once");
         let sink = RecordingSink::new();
-        let admission = connect.authorize(Some("t")).await.expect("admitted").resuming(resume);
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted").resuming(resume);
         let _session = connect.connect(admission, sink.clone()).await.expect("connected");
         sink.frames()
     }
@@ -563,7 +603,7 @@ mod tests {
         slot.set(hub.clone()).expect("once");
         let sink = RecordingSink::new();
         let resume = Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None };
-        let admission = connect.authorize(Some("t")).await.expect("admitted").resuming(resume);
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted").resuming(resume);
         let _session = connect.connect(admission, sink.clone()).await.expect("connected");
         // The instance's subscriber ran behind: 3, published before the history was read,
         // reaches it only now; then 4, then a new epoch.
@@ -620,7 +660,7 @@ mod tests {
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         let mut sessions = Vec::new();
         for _ in 0..2 {
-            let admission = connect.authorize(Some("t")).await.expect("admitted");
+            let admission = connect.authorize("test", Some("t")).await.expect("admitted");
             sessions.push(connect.connect(admission, RecordingSink::new()).await.expect("connected"));
         }
         assert_eq!(hub.len(), 2);
@@ -643,15 +683,15 @@ mod tests {
         );
         let mut sessions = Vec::new();
         for _ in 0..2 {
-            let admission = connect.authorize(Some("t")).await.expect("admitted");
+            let admission = connect.authorize("test", Some("t")).await.expect("admitted");
             sessions.push(connect.connect(admission, RecordingSink::new()).await.expect("connected"));
         }
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         let refused = connect.connect(admission, RecordingSink::new()).await;
         assert_eq!(refused.err(), Some(ConnectError::TooManyConnections(2)));
         assert_eq!(hub.admitted(), 2, "the refused attempt released its slot");
-        crate::DisconnectClient::new().disconnect(sessions.remove(0));
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        drop(sessions.remove(0));
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         assert!(connect.connect(admission, RecordingSink::new()).await.is_ok());
     }
 
@@ -665,7 +705,7 @@ mod tests {
         broker.expect_until_active().returning(|_| ack_ok());
         broker.expect_history().returning(|_, _| Ok(crate::ports::HistoryRead::default()));
         let (connect, _) = use_case(verifier(Ok(with_exp)), broker, 10);
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         let session = connect.connect(admission, RecordingSink::new()).await.expect("connected");
         assert_eq!(session.handle().expires_at(), Some(Timestamp::from_unix_millis(2_000_000_005_000)));
     }
@@ -677,7 +717,7 @@ mod tests {
         broker.expect_unsubscribe().times(1).returning(|_| ());
         broker.expect_until_active().returning(|_| Box::pin(std::future::pending()));
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         let waiting = connect.connect(admission, RecordingSink::new());
         // The client goes away: the request future is dropped mid-wait.
         assert!(tokio::time::timeout(std::time::Duration::from_millis(20), waiting).await.is_err());
@@ -694,7 +734,7 @@ mod tests {
         broker.expect_subscribe().returning(|_| ());
         broker.expect_unsubscribe().times(1).returning(|_| ());
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
-        let admission = connect.authorize(Some("t")).await.expect("admitted");
+        let admission = connect.authorize("test", Some("t")).await.expect("admitted");
         let result = connect.connect(admission, RecordingSink::new()).await;
         assert_eq!(result.err(), Some(ConnectError::Broker(BrokerError::Unavailable("down".into()))));
         assert_eq!(hub.len(), 0);

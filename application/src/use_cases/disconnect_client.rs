@@ -35,13 +35,14 @@ impl DisconnectClient {
         self
     }
 
-    /// Unregisters the session's connection and frees its slot. Idempotent with respect to the
-    /// registry: a connection already gone is simply not found.
-    pub fn disconnect(&self, session: Session) {
+    /// Unregisters the session's connection (its slot is freed when the session is dropped).
+    /// Idempotent: only the first call unregisters and counts the connection as closed.
+    pub fn disconnect(&self, session: &Session) {
         let connected_at = session.info().connected_at;
         if session.release() {
             let now = self.clock.as_ref().map_or(connected_at, |clock| clock.now());
-            self.metrics.connection_closed(now.millis_since(connected_at) as f64 / 1000.0);
+            self.metrics
+                .connection_closed(session.transport(), now.millis_since(connected_at) as f64 / 1000.0);
         }
     }
 }
@@ -73,10 +74,12 @@ mod tests {
         let bob = session(&hub, "bob", "acme").await;
         let eve = session(&hub, "eve", "acme").await;
         let disconnect = DisconnectClient::new();
-        disconnect.disconnect(bob);
+        disconnect.disconnect(&bob);
+        disconnect.disconnect(&bob);
         assert_eq!(hub.len(), 1);
-        disconnect.disconnect(eve);
+        disconnect.disconnect(&eve);
         assert_eq!(hub.len(), 0);
+        drop((bob, eve));
         assert_eq!(hub.admitted(), 0);
     }
 }

@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use domain::envelope::{kind, raw_payload};
-use domain::{
-    Channel, ClientCommand, CloseReason, ErrorCode, Identity, ProtocolError, RateDecision, SCOPE_WS_CONNECT,
-};
+use domain::{Channel, ClientCommand, CloseReason, ErrorCode, Identity, RateDecision, SCOPE_WS_CONNECT};
 use serde::Serialize;
 
 use crate::Settings;
@@ -17,13 +15,6 @@ use crate::ports::{DropReason, MessageBroker, MessageSource, Metrics, NoMetrics,
 use crate::use_cases::connect_client::{Session, token_deadline};
 use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
-
-/// A frame as received from the client.
-#[derive(Debug, Clone, Copy)]
-pub enum ClientFrame<'a> {
-    Text(&'a str),
-    Binary,
-}
 
 /// What the connection does after a client frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,13 +82,14 @@ impl HandleClientFrame {
         self
     }
 
-    /// Records a control frame from the client (a WebSocket ping or pong): the connection is
-    /// alive, though not active.
+    /// Records a sign of life from the client that is not a data frame (a heartbeat answer):
+    /// the connection is alive, though not active.
     pub fn seen(&self, session: &Session) {
         session.handle().seen(self.frames.now());
     }
 
-    /// Handles one data frame.
+    /// Handles one data frame: the bytes of one client frame, which must be a UTF-8 JSON
+    /// object.
     ///
     /// - Over the rate limit: an `error` frame with code `rate_limited`, nothing published;
     ///   after 10 s of that without a break, close with 1008.
@@ -110,12 +102,12 @@ impl HandleClientFrame {
     /// - `refresh`: a `refreshed` frame with the new expiry, or an `error` frame (`unauthorized`
     ///   for a token that fails verification, `forbidden` for another user or tenant or a
     ///   token without `ws:connect`) that changes nothing.
-    /// - a binary frame: an `error` frame with code `unsupported`.
-    /// - anything else: an `error` frame with code `bad_request`.
-    pub async fn handle(&self, session: &mut Session, frame: ClientFrame<'_>) -> FrameOutcome {
+    /// - anything else (bytes that are not UTF-8 included): an `error` frame with code
+    ///   `bad_request`.
+    pub async fn handle(&self, session: &Session, frame: &[u8]) -> FrameOutcome {
         let now = self.frames.now();
         session.touch(now);
-        match session.rate.check(now) {
+        match session.rate_check(now) {
             RateDecision::Allowed => {}
             RateDecision::Limited => {
                 self.metrics.messages_dropped(DropReason::RateLimited, 1);
@@ -123,11 +115,7 @@ impl HandleClientFrame {
             }
             RateDecision::Flooding => return FrameOutcome::Close(CloseReason::PolicyViolation),
         }
-        let command = match frame {
-            ClientFrame::Text(text) => ClientCommand::parse(text),
-            ClientFrame::Binary => Err(ProtocolError::Binary),
-        };
-        match command {
+        match ClientCommand::parse_bytes(frame) {
             Ok(ClientCommand::Ping) => FrameOutcome::Reply(self.frames.pong()),
             Ok(ClientCommand::Presence) => self.presence(session).await,
             Ok(ClientCommand::Message { payload }) => {
@@ -241,9 +229,9 @@ mod tests {
         }
     }
 
-    async fn run(broker: MockMessageBroker, frame: ClientFrame<'_>) -> Option<Value> {
-        let mut session = session(&hub(), "bob", "acme").await;
-        json(use_case(broker, MockTokenVerifier::new()).handle(&mut session, frame).await)
+    async fn run(broker: MockMessageBroker, frame: &[u8]) -> Option<Value> {
+        let session = session(&hub(), "bob", "acme").await;
+        json(use_case(broker, MockTokenVerifier::new()).handle(&session, frame).await)
     }
 
     #[tokio::test]
@@ -263,8 +251,7 @@ mod tests {
             })
             .times(1)
             .returning(|_, _| Ok(()));
-        let reply =
-            run(broker, ClientFrame::Text(r#"{"type":"message","payload":{"text":"hi","n":[1,2]}}"#)).await;
+        let reply = run(broker, br#"{"type":"message","payload":{"text":"hi","n":[1,2]}}"#).await;
         assert_eq!(reply, None);
     }
 
@@ -284,12 +271,12 @@ mod tests {
             .times(1)
             .returning(|_, _| Ok(()));
         let frame = r#"{"type":"direct","to_user":"alice","payload":{"secret":1}}"#;
-        assert_eq!(run(broker, ClientFrame::Text(frame)).await, None);
+        assert_eq!(run(broker, frame.as_bytes()).await, None);
 
         let mut broker = MockMessageBroker::new();
         broker.expect_publish().never();
         let frame = r#"{"type":"direct","to_user":"globex:alice","payload":1}"#;
-        let reply = run(broker, ClientFrame::Text(frame)).await.expect("reply");
+        let reply = run(broker, frame.as_bytes()).await.expect("reply");
         assert_eq!(reply["payload"]["code"], "bad_request", "{reply}");
     }
 
@@ -297,7 +284,7 @@ mod tests {
     async fn a_message_the_broker_cannot_take_is_answered_with_an_unavailable_error() {
         let mut broker = MockMessageBroker::new();
         broker.expect_publish().returning(|_, _| Err(BrokerError::Unavailable("down".into())));
-        let reply = run(broker, ClientFrame::Text(r#"{"type":"message","payload":1}"#)).await.expect("reply");
+        let reply = run(broker, br#"{"type":"message","payload":1}"#).await.expect("reply");
         assert_eq!(reply["type"], "error");
         assert_eq!(reply["payload"]["code"], "unavailable");
     }
@@ -306,21 +293,23 @@ mod tests {
     async fn a_ping_is_answered_with_a_pong_and_publishes_nothing() {
         let mut broker = MockMessageBroker::new();
         broker.expect_publish().never();
-        let reply = run(broker, ClientFrame::Text(r#"{"type":"ping"}"#)).await.expect("reply");
+        let reply = run(broker, br#"{"type":"ping"}"#).await.expect("reply");
         assert_eq!(reply["type"], "pong");
         assert_eq!(reply["from_user"], Value::Null);
     }
 
     #[tokio::test]
-    async fn malformed_frames_are_answered_with_bad_request_errors_and_binary_with_unsupported() {
-        for (frame, code) in [
-            (ClientFrame::Text("not json"), "bad_request"),
-            (ClientFrame::Text("[1,2]"), "bad_request"),
-            (ClientFrame::Text(r#"{"type":"dance"}"#), "bad_request"),
-            (ClientFrame::Text(r#"{"type":"message"}"#), "bad_request"),
-            (ClientFrame::Text(r#"{"type":"refresh"}"#), "bad_request"),
-            (ClientFrame::Binary, "unsupported"),
-        ] {
+    async fn malformed_frames_are_answered_with_bad_request_errors() {
+        let frames: [&[u8]; 6] = [
+            b"not json",
+            b"[1,2]",
+            br#"{"type":"dance"}"#,
+            br#"{"type":"message"}"#,
+            br#"{"type":"refresh"}"#,
+            &[0x7b, 0xff, 0x7d],
+        ];
+        for frame in frames {
+            let code = "bad_request";
             let mut broker = MockMessageBroker::new();
             broker.expect_publish().never();
             let reply = run(broker, frame).await.expect("reply");
@@ -336,14 +325,12 @@ mod tests {
         // The default burst is 100 frames.
         broker.expect_publish().times(100).returning(|_, _| Ok(()));
         let handle = use_case(broker, MockTokenVerifier::new());
-        let mut session = session(&hub(), "bob", "acme").await;
+        let session = session(&hub(), "bob", "acme").await;
         for _ in 0..100 {
-            let outcome =
-                handle.handle(&mut session, ClientFrame::Text(r#"{"type":"message","payload":1}"#)).await;
+            let outcome = handle.handle(&session, br#"{"type":"message","payload":1}"#).await;
             assert_eq!(outcome, FrameOutcome::Nothing);
         }
-        let reply =
-            json(handle.handle(&mut session, ClientFrame::Text(r#"{"type":"message","payload":1}"#)).await);
+        let reply = json(handle.handle(&session, br#"{"type":"message","payload":1}"#).await);
         assert_eq!(reply.expect("reply")["payload"]["code"], "rate_limited");
     }
 
@@ -369,9 +356,8 @@ mod tests {
             MockMessageBroker::new(),
             refresh_verifier(Ok(claims("bob", "acme", "ws:connect", 2_000_000_000))),
         );
-        let mut session = session(&hub(), "bob", "acme").await;
-        let reply =
-            json(handle.handle(&mut session, ClientFrame::Text(r#"{"type":"refresh","token":"t"}"#)).await);
+        let session = session(&hub(), "bob", "acme").await;
+        let reply = json(handle.handle(&session, br#"{"type":"refresh","token":"t"}"#).await);
         let reply = reply.expect("reply");
         assert_eq!(reply["type"], "refreshed");
         assert_eq!(reply["payload"]["exp"], 2_000_000_000u64);
@@ -389,11 +375,9 @@ mod tests {
         ];
         for (result, code) in cases {
             let handle = use_case(MockMessageBroker::new(), refresh_verifier(result.clone()));
-            let mut session = session(&hub(), "bob", "acme").await;
+            let session = session(&hub(), "bob", "acme").await;
             let before = session.handle().expires_at();
-            let reply = json(
-                handle.handle(&mut session, ClientFrame::Text(r#"{"type":"refresh","token":"t"}"#)).await,
-            );
+            let reply = json(handle.handle(&session, br#"{"type":"refresh","token":"t"}"#).await);
             assert_eq!(reply.expect("reply")["payload"]["code"], code, "{result:?}");
             assert_eq!(session.handle().expires_at(), before, "{result:?}");
         }

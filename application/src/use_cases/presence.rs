@@ -2,7 +2,7 @@
 //! `presence.leave` announcements on the tenant channel.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use domain::envelope::{kind, raw_payload};
 use domain::{Channel, TenantId, UserId};
@@ -25,6 +25,10 @@ pub struct TrackPresence {
     hub: Arc<Hub>,
     broker: Arc<dyn MessageBroker>,
     frames: FrameFactory,
+    /// Users of sessions that ended without being closed (their task was dropped): their
+    /// presence is recorded by the next [`TrackPresence::settle`]. One entry per such session
+    /// at most, so it stays as small as the sessions that ended that way.
+    unsettled: Mutex<Vec<(TenantId, UserId)>>,
 }
 
 impl std::fmt::Debug for TrackPresence {
@@ -40,7 +44,7 @@ impl TrackPresence {
         broker: Arc<dyn MessageBroker>,
         frames: FrameFactory,
     ) -> Self {
-        Self { store, hub, broker, frames }
+        Self { store, hub, broker, frames, unsettled: Mutex::new(Vec::new()) }
     }
 
     pub fn is_on(&self) -> bool {
@@ -56,6 +60,29 @@ impl TrackPresence {
         match store.set(tenant, user, connections).await {
             Ok(change) => self.announce(tenant, user, change).await,
             Err(error) => tracing::warn!(%error, %tenant, "presence not updated"),
+        }
+    }
+
+    /// A session of `user` ended without its close, where nothing can be awaited: its change
+    /// is recorded by the next [`TrackPresence::settle`].
+    pub(crate) fn changed_later(&self, tenant: &TenantId, user: &UserId) {
+        if self.store.is_some() {
+            self.unsettled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((tenant.clone(), user.clone()));
+        }
+    }
+
+    /// Records the changes left by sessions that ended without their close. Call it often (a
+    /// fraction of a second): until then, such a user's leave is not announced.
+    pub async fn settle(&self) {
+        let unsettled: BTreeSet<_> =
+            std::mem::take(&mut *self.unsettled.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_iter()
+                .collect();
+        for (tenant, user) in unsettled {
+            self.changed(&tenant, &user).await;
         }
     }
 
@@ -163,8 +190,8 @@ mod tests {
         let second = session(&hub, "alice", "acme").await;
         presence.changed(&acme, &alice).await;
         presence.refresh().await;
-        crate::DisconnectClient::new().disconnect(first);
-        crate::DisconnectClient::new().disconnect(second);
+        drop(first);
+        drop(second);
         presence.changed(&acme, &alice).await;
         let got = announced.lock().expect("lock").clone();
         assert_eq!(

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use domain::envelope::{MAX_KIND_LEN, kind};
 use domain::{Channel, MessageId, TenantId, UserId};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
@@ -60,26 +59,6 @@ pub enum ServerApiError {
     /// The broker did not take the message. HTTP 503.
     #[error(transparent)]
     Broker(BrokerError),
-}
-
-/// `POST /api/publish`'s body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody<'a> {
-    #[serde(borrow)]
-    channel: Cow<'a, str>,
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-}
-
-/// `POST /api/disconnect`'s body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DisconnectBody {
-    tenant_id: TenantId,
-    user_id: UserId,
 }
 
 /// Frame types only the server produces: a backend may not forge them.
@@ -152,56 +131,45 @@ impl ServerApi {
         }
     }
 
-    /// Publishes `{"channel","type","payload"}` and returns its message id once the broker
-    /// accepted it. `channel` is `tenant:<t>`, `user:<t>:<u>`, `global:broadcast` or
-    /// `system:events`; `type` is 1 to 64 bytes and not one of the server's own frame types.
+    /// Publishes a message of type `kind` with `payload` on `channel` and returns its message
+    /// id once the broker accepted it. `kind` is 1 to 64 bytes and not one of the server's own
+    /// frame types.
     ///
     /// # Errors
-    /// [`ServerApiError::BadRequest`] for a body that is not that, [`ServerApiError::Broker`]
-    /// when the broker did not take the message.
-    pub async fn publish(&self, body: &[u8]) -> Result<MessageId, ServerApiError> {
-        let body: PublishBody<'_> = serde_json::from_slice(body).map_err(|e| {
-            ServerApiError::BadRequest(format!("expected {{\"channel\",\"type\",\"payload\"}}: {e}"))
-        })?;
-        let channel = Channel::parse(&body.channel).map_err(|e| match e {
-            domain::ChannelError::Unknown(_) => ServerApiError::BadRequest(format!("invalid channel: {e}")),
-            domain::ChannelError::InvalidId(_) => ServerApiError::BadRequest(e.to_string()),
-        })?;
-        if body.kind.is_empty() || body.kind.len() > MAX_KIND_LEN {
+    /// [`ServerApiError::BadRequest`] for a `kind` or `payload` that is not that,
+    /// [`ServerApiError::Broker`] when the broker did not take the message.
+    pub async fn publish(
+        &self,
+        channel: Channel,
+        kind: &str,
+        payload: &RawValue,
+    ) -> Result<MessageId, ServerApiError> {
+        if kind.is_empty() || kind.len() > MAX_KIND_LEN {
             return Err(ServerApiError::BadRequest(format!("\"type\" must be 1 to {MAX_KIND_LEN} bytes")));
         }
-        if RESERVED_KINDS.contains(&&*body.kind) {
-            return Err(ServerApiError::BadRequest(format!(
-                "\"type\" {:?} is reserved for the server",
-                body.kind
-            )));
+        if RESERVED_KINDS.contains(&kind) {
+            return Err(ServerApiError::BadRequest(format!("\"type\" {kind:?} is reserved for the server")));
         }
-        if domain::envelope::has_lone_surrogate(body.payload.get()) {
+        if domain::envelope::has_lone_surrogate(payload.get()) {
             return Err(ServerApiError::BadRequest("payload has a lone UTF-16 surrogate escape".to_owned()));
         }
         let mut envelope =
-            self.frames.envelope(kind::MESSAGE, body.payload.to_owned(), None, Some(channel.clone()));
-        envelope.kind = Cow::Owned(body.kind.into_owned());
+            self.frames.envelope(kind::MESSAGE, payload.to_owned(), None, Some(channel.clone()));
+        envelope.kind = Cow::Owned(kind.to_owned());
         self.metrics.message_received(MessageSource::Api);
         publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, None)
             .await
             .map_err(ServerApiError::Broker)?;
         Ok(envelope.message_id)
     }
-}
 
-impl ServerApi {
-    /// Closes every connection of `{"tenant_id","user_id"}` on every instance with 4003 (after
-    /// a ban or a password change, say); returns how many instances received the order.
+    /// Closes every connection of `user` of `tenant` on every instance with 4003 (after a ban
+    /// or a password change, say); returns how many instances received the order.
     ///
     /// # Errors
-    /// [`ServerApiError::BadRequest`] for a body that is not that (ids are checked like token
-    /// claims), [`ServerApiError::Broker`] when the broker did not take the order.
-    pub async fn disconnect(&self, body: &[u8]) -> Result<usize, ServerApiError> {
-        let body: DisconnectBody = serde_json::from_slice(body).map_err(|e| {
-            ServerApiError::BadRequest(format!("expected {{\"tenant_id\",\"user_id\"}}: {e}"))
-        })?;
-        let command = ControlCommand::Disconnect { tenant_id: body.tenant_id, user_id: body.user_id };
+    /// [`ServerApiError::Broker`] when the broker did not take the order.
+    pub async fn disconnect(&self, tenant: TenantId, user: UserId) -> Result<usize, ServerApiError> {
+        let command = ControlCommand::Disconnect { tenant_id: tenant, user_id: user };
         self.broker.publish_control(&command).await.map_err(ServerApiError::Broker)
     }
 }
@@ -234,6 +202,14 @@ mod tests {
         assert!(!format!("{:?}", api).contains("first-key"), "keys never show in debug output");
     }
 
+    fn channel(name: &str) -> Channel {
+        Channel::parse(name).expect("valid")
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).expect("JSON")
+    }
+
     #[tokio::test]
     async fn a_message_is_published_to_the_named_channel_with_its_type() {
         let mut broker = MockMessageBroker::new();
@@ -249,37 +225,32 @@ mod tests {
             })
             .times(1)
             .returning(|_, _| Ok(()));
-        let body = br#"{"channel":"user:acme:alice","type":"invoice.paid","payload":{"id":7}}"#;
-        let id = api(broker).publish(body).await.expect("published");
+        let id = api(broker)
+            .publish(channel("user:acme:alice"), "invoice.paid", &raw(r#"{"id":7}"#))
+            .await
+            .expect("published");
         assert!(!id.as_str().is_empty());
     }
 
     #[tokio::test]
-    async fn bad_bodies_are_refused_and_nothing_is_published() {
-        for body in [
-            &b"not json"[..],
-            br#"{"channel":"tenant:acme","type":"x"}"#,
-            br#"{"channel":"room:1","type":"x","payload":1}"#,
-            br#"{"channel":"tenant:ac me","type":"x","payload":1}"#,
-            br#"{"channel":"tenant:acme","type":"","payload":1}"#,
-            br#"{"channel":"tenant:acme","type":"welcome","payload":1}"#,
-            br#"{"channel":"tenant:acme","type":"presence.join","payload":{"user_id":"x"}}"#,
-            br#"{"channel":"tenant:acme","type":"x","payload":1,"extra":true}"#,
-            br#"{"channel":"tenant:acme","type":"x","payload":"\ud800"}"#,
+    async fn reserved_or_bad_types_and_bad_payloads_are_refused_and_nothing_is_published() {
+        let long = "x".repeat(MAX_KIND_LEN + 1);
+        for (kind, payload) in [
+            ("", "1"),
+            (long.as_str(), "1"),
+            ("welcome", "1"),
+            ("presence.join", r#"{"user_id":"x"}"#),
+            ("x", r#""\ud800""#),
         ] {
             let mut broker = MockMessageBroker::new();
             broker.expect_publish().never();
-            let refused = api(broker).publish(body).await;
-            assert!(
-                matches!(refused, Err(ServerApiError::BadRequest(_))),
-                "{}: {refused:?}",
-                String::from_utf8_lossy(body)
-            );
+            let refused = api(broker).publish(channel("tenant:acme"), kind, &raw(payload)).await;
+            assert!(matches!(refused, Err(ServerApiError::BadRequest(_))), "{kind} {payload}: {refused:?}");
         }
     }
 
     #[tokio::test]
-    async fn a_disconnect_is_sent_to_every_instance_and_bad_ids_are_refused() {
+    async fn a_disconnect_is_sent_to_every_instance() {
         let mut broker = MockMessageBroker::new();
         broker
             .expect_publish_control()
@@ -293,18 +264,16 @@ mod tests {
             .times(1)
             .returning(|_| Ok(3));
         let api = api(broker);
-        assert_eq!(api.disconnect(br#"{"tenant_id":"acme","user_id":"alice"}"#).await, Ok(3));
-        for body in [&br#"{"tenant_id":"acme"}"#[..], br#"{"tenant_id":"a:b","user_id":"alice"}"#, b"[]"] {
-            assert!(matches!(api.disconnect(body).await, Err(ServerApiError::BadRequest(_))));
-        }
+        let (tenant, user) =
+            (TenantId::parse("acme").expect("valid"), UserId::parse("alice").expect("valid"));
+        assert_eq!(api.disconnect(tenant, user).await, Ok(3));
     }
 
     #[tokio::test]
     async fn a_broker_failure_is_reported() {
         let mut broker = MockMessageBroker::new();
         broker.expect_publish().returning(|_, _| Err(BrokerError::Unavailable("down".into())));
-        let refused =
-            api(broker).publish(br#"{"channel":"global:broadcast","type":"notice","payload":null}"#).await;
+        let refused = api(broker).publish(channel("global:broadcast"), "notice", &raw("null")).await;
         assert_eq!(refused, Err(ServerApiError::Broker(BrokerError::Unavailable("down".into()))));
     }
 }

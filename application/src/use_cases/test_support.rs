@@ -121,7 +121,7 @@ pub(crate) async fn session_with_sink(
     let mut tokens = MockTokenVerifier::new();
     tokens.expect_verify().returning(move |_| Ok(claims.clone()));
     let connect = ConnectClient::new(Arc::new(tokens), hub.clone(), frames(), &crate::Settings::default());
-    let admission = connect.authorize(Some("token")).await.expect("admitted");
+    let admission = connect.authorize("test", Some("token")).await.expect("admitted");
     connect.connect(admission, sink).await.expect("connected")
 }
 

@@ -142,7 +142,7 @@ async fn test_webhook(app: &Realtime, demo: Option<&Demo>, body: &[u8]) -> Resul
         headers: Headers(&headers),
         body,
     };
-    match app.webhooks.ingest(request).await {
+    match app.webhooks().ingest(request).await {
         Ok(accepted) => {
             Ok(warp::reply::json(&json!({"status": "accepted", "message_id": accepted.message_id.as_str()}))
                 .into_response())

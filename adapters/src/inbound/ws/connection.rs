@@ -1,7 +1,9 @@
 //! The life of one upgraded connection: one task reads the client's frames when the socket is
-//! readable, writes what the outbox could not write at once when the socket is writable again,
-//! honours a close request ahead of anything still queued, and always ends with a bounded close
-//! handshake.
+//! readable, hands each complete message to its [`Peer`], writes what the outbox could not
+//! write at once when the socket is writable again, honours a close request ahead of anything
+//! still queued, and always ends with a close: a bounded handshake when the server closes on
+//! purpose, the echo of a valid client close, or — after a protocol violation, an invalid close
+//! frame included — the close frame and the TCP connection dropped at once (RFC 6455, 7.1.7).
 //!
 //! Nothing is buffered while the connection is idle: bytes are read into a buffer on the stack,
 //! and only an incomplete frame (or a fragmented message) is kept, until it is complete.
@@ -10,7 +12,6 @@ use std::io::{ErrorKind, IoSlice};
 use std::sync::Arc;
 use std::task::Poll;
 
-use application::{ClientFrame, FrameOutcome, Realtime, Session};
 use domain::CloseReason;
 use tokio::net::TcpStream;
 
@@ -23,10 +24,24 @@ const READ_CHUNK: usize = 4096;
 /// Reads per wake-up at most, so one busy client cannot starve the connection's writes.
 const READS_PER_WAKE: usize = 16;
 
-pub(super) struct Connection<'a> {
-    pub(super) app: Arc<Realtime>,
+/// What a connection's messages go to.
+pub(super) trait Peer: Sync {
+    /// A complete data message arrived (`text`: a text message, else binary; a text message is
+    /// valid UTF-8). Returns the reason to close the connection, if it must close.
+    fn message(
+        &self,
+        outbox: &Outbox,
+        text: bool,
+        payload: Vec<u8>,
+    ) -> impl std::future::Future<Output = Option<CloseReason>> + Send;
+
+    /// A ping or a pong arrived: the client is alive.
+    fn alive(&self);
+}
+
+pub(super) struct Connection<'a, P> {
+    pub(super) peer: &'a P,
     pub(super) settings: Arc<WsSettings>,
-    pub(super) session: &'a mut Session,
     pub(super) outbox: Arc<Outbox>,
 }
 
@@ -42,26 +57,37 @@ enum Ready {
 /// What the loop does next.
 enum Next {
     Continue,
-    /// Close with this code (none: an empty close frame) and reason; `echo` when answering the
-    /// client's own close.
+    /// Send a close frame with this code (none: an empty close frame) and reason, then end as
+    /// `then` says.
     Close {
         code: Option<u16>,
         reason: &'static str,
-        echo: bool,
+        then: AfterClose,
     },
     Stop,
 }
 
+/// What follows the server's close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterClose {
+    /// The server closes on purpose: wait (bounded) for the client's close frame.
+    AwaitClient,
+    /// It answered the client's close, or the client broke the protocol: drop the TCP
+    /// connection at once.
+    Drop,
+}
+
 fn close_with(reason: CloseReason) -> Next {
-    Next::Close { code: Some(reason.code()), reason: reason.reason(), echo: false }
+    Next::Close { code: Some(reason.code()), reason: reason.reason(), then: AfterClose::AwaitClient }
 }
 
 fn violation(violation: Violation) -> Next {
-    match violation {
-        Violation::Protocol => Next::Close { code: Some(1002), reason: "protocol error", echo: false },
-        Violation::InvalidUtf8 => Next::Close { code: Some(1007), reason: "invalid UTF-8", echo: false },
-        Violation::TooBig => close_with(CloseReason::MessageTooBig),
-    }
+    let (code, reason) = match violation {
+        Violation::Protocol => (1002, "protocol error"),
+        Violation::InvalidUtf8 => (1007, "invalid UTF-8"),
+        Violation::TooBig => (CloseReason::MessageTooBig.code(), CloseReason::MessageTooBig.reason()),
+    };
+    Next::Close { code: Some(code), reason, then: AfterClose::Drop }
 }
 
 /// The client's bytes on their way to becoming events.
@@ -144,7 +170,7 @@ async fn write_all(stream: &TcpStream, parts: &[&[u8]]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Connection<'_> {
+impl<P: Peer> Connection<'_, P> {
     /// Runs the connection over `stream`; `leftover` holds bytes the client sent right after
     /// its handshake.
     pub(super) async fn run(mut self, stream: Arc<TcpStream>, leftover: Vec<u8>) {
@@ -200,8 +226,8 @@ impl Connection<'_> {
                 }
             };
         }
-        if let Next::Close { code, reason, echo } = next {
-            Box::pin(self.close_handshake(&stream, &mut reader, code, reason, echo)).await;
+        if let Next::Close { code, reason, then } = next {
+            Box::pin(self.close_handshake(&stream, &mut reader, code, reason, then)).await;
         }
         self.outbox.finish();
         // The outbox's handle on the socket may outlive this task: end the TCP connection now.
@@ -225,42 +251,37 @@ impl Connection<'_> {
 
     async fn handle(&mut self, events: Vec<Event>) -> Next {
         for event in events {
-            let outcome = match event {
-                Event::Text(text) => self.app.frames.handle(self.session, ClientFrame::Text(&text)).await,
-                Event::Binary => self.app.frames.handle(self.session, ClientFrame::Binary).await,
+            let closing = match event {
+                Event::Text(text) => self.peer.message(&self.outbox, true, text.into_bytes()).await,
+                Event::Binary(payload) => self.peer.message(&self.outbox, false, payload).await,
                 Event::Ping(payload) => {
                     self.outbox.pong(payload);
-                    self.app.frames.seen(self.session);
-                    FrameOutcome::Nothing
+                    self.peer.alive();
+                    None
                 }
                 Event::Pong => {
-                    self.app.frames.seen(self.session);
-                    FrameOutcome::Nothing
+                    self.peer.alive();
+                    None
                 }
                 // The client started the close handshake: echo its code.
-                Event::Close(code) => return Next::Close { code, reason: "", echo: true },
+                Event::Close(code) => return Next::Close { code, reason: "", then: AfterClose::Drop },
             };
-            match outcome {
-                FrameOutcome::Nothing => {}
-                FrameOutcome::Reply(reply) => {
-                    // Through the outbox, so replies keep their place among deliveries.
-                    let _ = self.session.handle().send(reply);
-                }
-                FrameOutcome::Close(reason) => return close_with(reason),
+            if let Some(reason) = closing {
+                return close_with(reason);
             }
         }
         Next::Continue
     }
 
-    /// Finishes a frame already partly written, sends the close frame and, unless answering
-    /// the client's close, waits for the client's, all within the close timeout.
+    /// Finishes a frame already partly written, sends the close frame and, when the server
+    /// closes on purpose, waits for the client's, all within the close timeout.
     async fn close_handshake(
         &mut self,
         stream: &TcpStream,
         reader: &mut Reader,
         code: Option<u16>,
         reason: &'static str,
-        echo: bool,
+        then: AfterClose,
     ) {
         self.outbox.seal();
         let handshake = async {
@@ -274,7 +295,7 @@ impl Connection<'_> {
             let payload = code.map(|code| frame::close_payload(code, reason)).unwrap_or_default();
             let (header, len) = frame::header(opcode::CLOSE, payload.len());
             write_all(stream, &[&header[..len], &payload]).await?;
-            if !echo {
+            if then == AfterClose::AwaitClient {
                 let mut events = Vec::new();
                 loop {
                     stream.readable().await?;

@@ -50,7 +50,7 @@ pub(super) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Event {
     Text(String),
-    Binary,
+    Binary(Vec<u8>),
     Ping(Vec<u8>),
     Pong,
     /// The client closes, with its code if it gave one.
@@ -199,7 +199,7 @@ fn message_event(kind: u8, payload: Vec<u8>) -> Result<Event, Violation> {
     if kind == opcode::TEXT {
         String::from_utf8(payload).map(Event::Text).map_err(|_| Violation::InvalidUtf8)
     } else {
-        Ok(Event::Binary)
+        Ok(Event::Binary(payload))
     }
 }
 
@@ -282,7 +282,7 @@ mod tests {
                     Event::Text("hello".into()),
                     Event::Ping(b"p".to_vec()),
                     Event::Text("a".repeat(300)),
-                    Event::Binary,
+                    Event::Binary(vec![1, 2, 3]),
                     Event::Pong
                 ],
                 "split at {split}"
@@ -385,7 +385,7 @@ mod fuzz {
                     bytes.extend(client(true, opcode::PING, b"p", mask));
                 }
             }
-            let event = if text { Event::Text(body) } else { Event::Binary };
+            let event = if text { Event::Text(body) } else { Event::Binary(body.into_bytes()) };
             (bytes, event)
         })
     }

@@ -256,13 +256,21 @@ fn write_queue(stream: &TcpStream, state: &mut State) -> Flush {
     Flush::Done
 }
 
-impl ClientSink for Outbox {
-    fn push(&self, payload: Bytes) -> Result<(), PushError> {
+impl Outbox {
+    /// Queues a binary message (the echo of the conformance harness; clients get text).
+    ///
+    /// # Errors
+    /// As [`ClientSink::push`].
+    pub(super) fn push_binary(&self, payload: Bytes) -> Result<(), PushError> {
+        self.enqueue(opcode::BINARY, payload)
+    }
+
+    fn enqueue(&self, opcode: u8, payload: Bytes) -> Result<(), PushError> {
         let mut state = self.state();
         if state.finished || state.sealed || state.close.is_some() {
             return Err(PushError::Closed);
         }
-        let frame = Frame::new(opcode::TEXT, payload);
+        let frame = Frame::new(opcode, payload);
         if state.queued > 0 && state.queued + frame.payload.len() > self.limit {
             return Err(PushError::Full);
         }
@@ -271,6 +279,12 @@ impl ClientSink for Outbox {
         drop(state);
         self.wake();
         Ok(())
+    }
+}
+
+impl ClientSink for Outbox {
+    fn push(&self, payload: Bytes) -> Result<(), PushError> {
+        self.enqueue(opcode::TEXT, payload)
     }
 
     fn close(&self, reason: CloseReason) {

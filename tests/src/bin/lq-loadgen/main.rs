@@ -82,9 +82,7 @@ async fn metrics_gauges(urls: &[String]) -> Value {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        values.push(
-            json!({"url": url, "lq_websocket_connections": stats::gauge(&page, "lq_websocket_connections")}),
-        );
+        values.push(json!({"url": url, "lq_connections": stats::gauge(&page, "lq_connections")}));
     }
     Value::Array(values)
 }

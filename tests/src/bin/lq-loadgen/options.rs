@@ -26,7 +26,7 @@ lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
   --churn SECS          instead of holding connections: open and close connections at
                         --connect-rate for SECS
   --server-pid PID      an instance's pid: RSS and CPU are read from /proc (repeat)
-  --metrics URL         an instance's /metrics URL: lq_websocket_connections is read at the end
+  --metrics URL         an instance's /metrics URL: lq_connections is read at the end
                         (repeat)
 ";
 

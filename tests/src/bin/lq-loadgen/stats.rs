@@ -109,12 +109,20 @@ pub(crate) fn sample_all(pids: &[u32]) -> ProcSample {
     })
 }
 
-/// The value of the unlabelled gauge `name` in a Prometheus text page.
+/// The sum of gauge `name` over all its series (every label set) in a Prometheus text page;
+/// `None` when the page has no series of it.
 pub(crate) fn gauge(page: &str, name: &str) -> Option<f64> {
     page.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
 }
 
 #[cfg(test)]
@@ -146,8 +154,10 @@ mod tests {
 
     #[test]
     fn gauges_are_read_from_a_metrics_page() {
-        let page = "# TYPE lq_websocket_connections gauge\nlq_websocket_connections 0\nlq_websocket_connections_total{result=\"accepted\"} 5\n";
-        assert_eq!(gauge(page, "lq_websocket_connections"), Some(0.0));
+        let page = "# TYPE lq_connections gauge\nlq_connections{transport=\"websocket\"} 2\n\
+                    lq_connections{transport=\"sse\"} 1\nlq_connections_total{result=\"accepted\"} 5\n";
+        assert_eq!(gauge(page, "lq_connections"), Some(3.0));
+        assert_eq!(gauge(page, "lq_missing"), None);
     }
 
     #[test]
