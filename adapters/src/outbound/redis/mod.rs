@@ -14,16 +14,19 @@
 //! - With Sentinel, both the pool and the subscriber ask the sentinels for the current master.
 //! - On a Redis Cluster, channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): commands go through a
 //!   pool per master, routed by hash slot, and the subscriptions through one cluster connection
-//!   (one connection per node); see `cluster` and `routing`.
+//!   (one connection per node); see `cluster`.
 //! - Messages of `tenant:` and `user:` channels are published by a Lua script that also
 //!   appends them to the channel's history (see `history`).
 //!
 //! # Layout
 //! - [`mod@self`]: settings, the broker and its port implementation.
-//! - `subscriber`: the subscriber connection's life: connect, reconcile, dispatch, probe.
-//! - `cluster`: the same on a Redis Cluster: slot-grouped subscriptions, re-subscription
-//!   where slots moved, a probe per master.
-//! - `routing`: a Redis Cluster's topology, hash slots, and the per-master pools.
+//! - `subscriber`: what the subscribers of both topologies share: the reconnection loop with
+//!   backoff, handing a message to the application, the wish's changes.
+//! - `single`: the subscriber on one Redis or a Sentinel-managed master: connect, reconcile,
+//!   dispatch, probe.
+//! - `cluster`: the subscriber on a Redis Cluster: slot-grouped subscriptions, re-subscription
+//!   where slots moved, a probe per master; `cluster::routing`: the cluster's topology, hash
+//!   slots, and the per-master pools commands go through.
 //! - `target`: a plain Redis URL, a Sentinel-managed master, or a cluster.
 //! - `history`: the publish-and-append and read scripts.
 //! - `delivery_log`, `presence`: webhook delivery ids and presence, on the same pools.
@@ -32,7 +35,7 @@ mod cluster;
 mod delivery_log;
 mod history;
 mod presence;
-mod routing;
+mod single;
 mod subscriber;
 mod target;
 

@@ -8,7 +8,7 @@ use deadpool_redis::redis::{self, aio::PubSub};
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 
 use super::RedisBrokerSettings;
-use super::routing::{ClusterPools, Op};
+use super::cluster::routing::{ClusterPools, Op};
 
 /// How to reach Redis.
 #[derive(Clone)]

@@ -26,7 +26,7 @@ const REFRESH_COOLDOWN: Duration = Duration::from_millis(100);
 
 /// The hash slot of a key or sharded channel name (CRC16/XMODEM of its hash tag, or of the
 /// whole name when it has none, modulo 16384).
-pub(super) fn slot(name: &[u8]) -> u16 {
+pub(in crate::outbound::redis) fn slot(name: &[u8]) -> u16 {
     let tagged = name
         .iter()
         .position(|b| *b == b'{')
@@ -51,15 +51,15 @@ fn crc16(bytes: &[u8]) -> u16 {
 
 /// The masters of the cluster and the slot ranges each owns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Topology {
+pub(in crate::outbound::redis) struct Topology {
     /// `host:port` → inclusive slot ranges.
-    pub(super) masters: HashMap<String, Vec<(u16, u16)>>,
+    pub(in crate::outbound::redis) masters: HashMap<String, Vec<(u16, u16)>>,
 }
 
 impl Topology {
     /// From a `CLUSTER SLOTS` reply given by the node at `asked` (whose host stands in for
     /// an empty one).
-    pub(super) fn parse(reply: &Value, asked: &str) -> Option<Self> {
+    pub(in crate::outbound::redis) fn parse(reply: &Value, asked: &str) -> Option<Self> {
         let Value::Array(ranges) = reply else { return None };
         let asked_host = asked.rsplit_once(':').map_or(asked, |(host, _)| host);
         let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
@@ -84,7 +84,7 @@ impl Topology {
     }
 
     /// The master owning `slot`, if any.
-    pub(super) fn owner(&self, slot: u16) -> Option<&str> {
+    pub(in crate::outbound::redis) fn owner(&self, slot: u16) -> Option<&str> {
         self.masters
             .iter()
             .find(|(_, ranges)| ranges.iter().any(|(start, end)| (*start..=*end).contains(&slot)))
@@ -94,7 +94,7 @@ impl Topology {
 
 /// A command or a script.
 #[derive(Clone, Copy)]
-pub(super) enum Op<'a> {
+pub(in crate::outbound::redis) enum Op<'a> {
     Command(&'a redis::Cmd),
     Script(&'a ScriptInvocation<'a>),
 }
@@ -116,7 +116,7 @@ impl Op<'_> {
 }
 
 /// The pools of the masters, and the topology that routes to them.
-pub(super) struct ClusterPools {
+pub(in crate::outbound::redis) struct ClusterPools {
     seeds: Vec<String>,
     config: PoolConfig,
     timeout: Duration,
@@ -127,7 +127,7 @@ pub(super) struct ClusterPools {
 }
 
 impl ClusterPools {
-    pub(super) fn new(seeds: Vec<String>, config: PoolConfig, timeout: Duration) -> Self {
+    pub(in crate::outbound::redis) fn new(seeds: Vec<String>, config: PoolConfig, timeout: Duration) -> Self {
         Self {
             seeds,
             config,
@@ -138,7 +138,7 @@ impl ClusterPools {
         }
     }
 
-    pub(super) fn topology(&self) -> Arc<Topology> {
+    pub(in crate::outbound::redis) fn topology(&self) -> Arc<Topology> {
         self.topology.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -155,7 +155,7 @@ impl ClusterPools {
     }
 
     /// Asks the masters, then the seeds, for the topology; the first answer wins.
-    pub(super) async fn refresh(&self) -> Result<Arc<Topology>, String> {
+    pub(in crate::outbound::redis) async fn refresh(&self) -> Result<Arc<Topology>, String> {
         let mut refreshed = self.refreshed.lock().await;
         if refreshed.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN) {
             return Ok(self.topology());
@@ -203,7 +203,7 @@ impl ClusterPools {
     }
 
     /// Runs `op` on the master owning the slot of `route` (a key or a sharded channel).
-    pub(super) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, String> {
+    pub(in crate::outbound::redis) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, String> {
         let slot = slot(route.as_bytes());
         let mut redirect: Option<String> = None;
         let mut asking = false;

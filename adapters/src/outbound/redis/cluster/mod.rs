@@ -1,7 +1,7 @@
 //! The subscriber of a Redis Cluster: sharded Pub/Sub (`SSUBSCRIBE`) over one cluster
 //! connection of the `redis` crate, which holds one multiplexed connection per node. Commands
 //! (publishes, scripts, presence, delivery ids) do not use it: they go through the per-master
-//! pools of `routing`, so that a failing master never delays the others.
+//! pools of [`routing`], so that a failing master never delays the others.
 //!
 //! - A sharded channel lives on the master owning its hash slot, and one `SSUBSCRIBE` may only
 //!   name channels of one slot: subscriptions are sent grouped by slot, each group on its own
@@ -21,6 +21,8 @@
 //!   over. A master that cannot be reached (failing over) does not make the instance unready:
 //!   the other masters' channels work on, and its own resume once a replica took over.
 
+pub(super) mod routing;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,7 +34,8 @@ use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::routing::{Topology, slot};
+use routing::{Topology, slot};
+
 use super::subscriber::{End, deliver, take_changes, with_backoff};
 use super::target::cluster_client;
 use super::{CONTROL_CHANNEL, Shared};
