@@ -28,11 +28,13 @@
 //!   where slots moved, a probe per master; `cluster::routing`: the cluster's topology, hash
 //!   slots, and the per-master pools commands go through.
 //! - `target`: a plain Redis URL, a Sentinel-managed master, or a cluster.
+//! - `error`: [`RedisError`], what went wrong, translated into `BrokerError` at the ports.
 //! - `history`: the publish-and-append and read scripts.
 //! - `delivery_log`, `presence`: webhook delivery ids and presence, on the same pools.
 
 mod cluster;
 mod delivery_log;
+mod error;
 mod history;
 mod presence;
 mod single;
@@ -40,6 +42,7 @@ mod subscriber;
 mod target;
 
 pub use delivery_log::RedisDeliveryLog;
+pub use error::RedisError;
 pub use presence::RedisPresence;
 
 use std::collections::{HashSet, VecDeque};
@@ -55,7 +58,7 @@ use bytes::Bytes;
 use domain::{Channel, StreamPosition};
 use tokio::sync::{Notify, watch};
 
-pub use target::{RedisTarget, TargetError};
+pub use target::RedisTarget;
 
 use crate::outbound::history::{Epochs, HistorySettings};
 use crate::outbound::system::random_bytes;
@@ -164,24 +167,27 @@ impl Shared {
         }
     }
 
-    async fn publish_bytes(&self, channel: &str, message: &[u8]) -> Result<(), BrokerError> {
+    async fn publish_bytes(&self, channel: &str, message: &[u8]) -> Result<(), RedisError> {
         self.timed(self.pool.publish(channel, message)).await
+    }
+
+    /// Runs one Redis operation within `op_timeout`.
+    async fn within<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let after = self.settings.op_timeout;
+        tokio::time::timeout(after, operation)
+            .await
+            .unwrap_or(Err(RedisError::Timeout { what: "no answer from Redis", after }))
     }
 
     /// Runs one Redis operation within `op_timeout`, recording whether Redis answered.
     async fn timed<T>(
         &self,
-        operation: impl std::future::Future<Output = Result<T, String>>,
-    ) -> Result<T, BrokerError> {
-        let result = tokio::time::timeout(self.settings.op_timeout, operation).await;
-        let result = match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(BrokerError::Unavailable(error)),
-            Err(_) => Err(BrokerError::Unavailable(format!(
-                "no answer from Redis within {:?}",
-                self.settings.op_timeout
-            ))),
-        };
+        operation: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let result = self.within(operation).await;
         // On a cluster one failing master says nothing of the others: there, whether Redis
         // answers is judged by the topology refresh of every probe interval.
         if self.pool.cluster().is_none() {
@@ -209,14 +215,10 @@ impl RedisBroker {
     /// instance becomes ready once it is reachable.
     ///
     /// # Errors
-    /// [`TargetError`] when the URL or the Sentinel settings are invalid.
-    pub fn new(settings: RedisBrokerSettings) -> Result<Self, TargetError> {
+    /// [`RedisError`] when the URL, the Sentinel settings or the cluster's nodes are invalid.
+    pub fn new(settings: RedisBrokerSettings) -> Result<Self, RedisError> {
         let pool = PublishPool::new(&settings)?;
-        let nonce: String = random_bytes(8)
-            .map_err(|e| TargetError(e.to_string()))?
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let nonce: String = random_bytes(8)?.iter().map(|b| format!("{b:02x}")).collect();
         let shared = Arc::new(Shared {
             settings,
             pool,
@@ -265,9 +267,9 @@ impl Drop for RedisBroker {
 impl MessageBroker for RedisBroker {
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.publish_with_history(channel, &message, None).await
+            Ok(self.shared.publish_with_history(channel, &message, None).await?)
         } else {
-            self.shared.publish_bytes(&channel.name(), &message).await
+            Ok(self.shared.publish_bytes(&channel.name(), &message).await?)
         }
     }
 
@@ -278,9 +280,9 @@ impl MessageBroker for RedisBroker {
         record: &DeliveryRecord,
     ) -> Result<(), BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.publish_with_history(channel, &message, Some(record)).await
+            Ok(self.shared.publish_with_history(channel, &message, Some(record)).await?)
         } else {
-            self.shared.publish_recorded_plain(channel, &message, record).await
+            Ok(self.shared.publish_recorded_plain(channel, &message, record).await?)
         }
     }
 
@@ -290,7 +292,7 @@ impl MessageBroker for RedisBroker {
         publish.arg(CONTROL_CHANNEL).arg(message);
         match self.shared.timed(self.shared.pool.query(CONTROL_CHANNEL, publish)).await? {
             deadpool_redis::redis::Value::Int(receivers) => Ok(usize::try_from(receivers).unwrap_or(0)),
-            _ => Err(BrokerError::Unavailable("unexpected answer from Redis to PUBLISH".to_owned())),
+            _ => Err(RedisError::UnexpectedReply("PUBLISH").into()),
         }
     }
 
@@ -300,7 +302,7 @@ impl MessageBroker for RedisBroker {
         since: Option<StreamPosition>,
     ) -> Result<HistoryRead, BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.read_history(channel, since).await
+            Ok(self.shared.read_history(channel, since).await?)
         } else {
             // Nothing can be recovered without a history.
             Ok(HistoryRead { position: None, missed: None })
@@ -344,10 +346,10 @@ impl MessageBroker for RedisBroker {
                     changed = progress.changed() => if changed.is_err() {
                         return Err(BrokerError::Unavailable("broker stopped".to_owned()));
                     },
-                    () = &mut deadline => return Err(BrokerError::Unavailable(format!(
-                        "Redis did not confirm the subscription within {:?}",
-                        shared.settings.confirm_timeout
-                    ))),
+                    () = &mut deadline => return Err(RedisError::Timeout {
+                        what: "Redis did not confirm the subscription",
+                        after: shared.settings.confirm_timeout,
+                    }.into()),
                 }
             }
         })

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{Script, Value};
 use domain::{TenantId, UserId};
 
-use super::Shared;
+use super::{RedisError, Shared};
 
 /// Counts the live connections in a user's hash, deleting expired entries when asked.
 const LIVE: &str = r"
@@ -126,7 +126,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 fn unexpected() -> BrokerError {
-    BrokerError::Unavailable("unexpected answer from Redis to a presence script".to_owned())
+    RedisError::UnexpectedReply("a presence script").into()
 }
 
 #[async_trait]

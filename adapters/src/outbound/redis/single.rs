@@ -11,9 +11,9 @@ use deadpool_redis::redis::aio::PubSubSink;
 use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use futures_util::{FutureExt, StreamExt};
 
-use super::subscriber::{End, deliver, take_changes, with_backoff};
-use super::target::connect_pubsub;
-use super::{CONTROL_CHANNEL, Shared};
+use super::subscriber::{End, confirmed, deliver, take_changes, with_backoff};
+use super::target::{Master, connect_pubsub};
+use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const BATCH: usize = 500;
@@ -32,14 +32,12 @@ const READY_BEFORE_PROBE: usize = 16 * 1024;
 /// Probes kept waiting at most; older ones are forgotten (the subscriber is replaced long before).
 const PROBES_PENDING_MAX: usize = 64;
 
-pub(super) async fn run(shared: Arc<Shared>) {
+pub(super) async fn run(shared: &Arc<Shared>, master: &Master<'_>) {
     let messages =
         ("Redis subscriber connection lost; reconnecting", "Redis unreachable; retrying with backoff");
-    with_backoff(&shared, messages, || async {
-        match connect_pubsub(&shared.settings.target, shared.settings.op_timeout).await {
-            Ok(pubsub) => Ok(session(&shared, pubsub).await),
-            Err(reason) => Err(reason),
-        }
+    with_backoff(shared, messages, || async {
+        let pubsub = connect_pubsub(master, shared.settings.op_timeout).await?;
+        Ok(session(shared, pubsub).await)
     })
     .await;
 }
@@ -53,10 +51,8 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
         CONTROL_CHANNEL.to_owned(),
         shared.probe_channel.clone(),
     ];
-    match tokio::time::timeout(op_timeout, sink.subscribe(&base[..])).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return End::Lost(format!("SUBSCRIBE failed: {error}")),
-        Err(_) => return End::Lost("SUBSCRIBE not confirmed in time".to_owned()),
+    if let Err(error) = confirmed("SUBSCRIBE", op_timeout, sink.subscribe(&base[..])).await {
+        return End::Lost(error);
     }
     if let Err(reason) = reconcile(shared, &mut sink).await {
         return End::Lost(reason);
@@ -111,7 +107,7 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                 // of the period.
                 let waiting = shared.oldest_pending_probe().map(|age| age + shared.settings.probe_interval / 2);
                 if waiting.is_some_and(|age| age >= lost) {
-                    return End::Lost("probe messages stopped arriving".to_owned());
+                    return End::Lost(RedisError::ProbesLost);
                 }
                 shared.probe_missing.store(waiting.is_some_and(|age| age >= late), Ordering::Release);
                 tokio::spawn(send_probe(shared.clone()));
@@ -122,7 +118,7 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                         return End::Stopped;
                     }
                 }
-                None => return End::Lost("connection closed".to_owned()),
+                None => return End::Lost(RedisError::ConnectionClosed),
             },
         }
     }
@@ -173,7 +169,7 @@ fn dispatch_ready(
                     return Err(End::Stopped);
                 }
             }
-            Some(None) => return Err(End::Lost("connection closed".to_owned())),
+            Some(None) => return Err(End::Lost(RedisError::ConnectionClosed)),
             None => break,
         }
     }
@@ -197,19 +193,14 @@ fn dispatch(shared: &Shared, message: &Msg) -> bool {
 /// UNSUBSCRIBE for everything no longer wanted (in batches of [`BATCH`]). Only the channels
 /// whose wish changed are looked at; a failure ends the session, and the next one subscribes
 /// everything wanted again.
-async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String> {
+async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), RedisError> {
     let (add, remove) = take_changes(shared);
     let op_timeout = shared.settings.op_timeout;
     for chunk in add.chunks(BATCH) {
         let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
-        match tokio::time::timeout(op_timeout, sink.subscribe(&names)).await {
-            Ok(Ok(())) => {
-                shared.subscriptions().active.extend(chunk.iter().cloned());
-                shared.bump();
-            }
-            Ok(Err(error)) => return Err(format!("SUBSCRIBE failed: {error}")),
-            Err(_) => return Err("SUBSCRIBE not confirmed in time".to_owned()),
-        }
+        confirmed("SUBSCRIBE", op_timeout, sink.subscribe(&names)).await?;
+        shared.subscriptions().active.extend(chunk.iter().cloned());
+        shared.bump();
     }
     for chunk in remove.chunks(BATCH) {
         // No longer counted as active from the moment the UNSUBSCRIBE leaves: a connection that
@@ -221,11 +212,7 @@ async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String>
             }
         }
         let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
-        match tokio::time::timeout(op_timeout, sink.unsubscribe(&names)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(format!("UNSUBSCRIBE failed: {error}")),
-            Err(_) => return Err("UNSUBSCRIBE not confirmed in time".to_owned()),
-        }
+        confirmed("UNSUBSCRIBE", op_timeout, sink.unsubscribe(&names)).await?;
     }
     Ok(())
 }

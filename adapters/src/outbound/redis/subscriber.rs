@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use domain::Channel;
 
-use super::target::RedisTarget;
-use super::{CONTROL_CHANNEL, Shared};
+use super::target::{Master, RedisTarget};
+use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// First pause after a failed connection; doubled up to `max_backoff`.
 pub(super) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
@@ -18,16 +18,23 @@ pub(super) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// Why a subscriber session ended.
 pub(super) enum End {
     Stopped,
-    Lost(String),
+    Lost(RedisError),
 }
 
 /// The subscriber task of the broker's topology, until the broker stops.
 pub(super) async fn run(shared: Arc<Shared>) {
-    if let RedisTarget::Cluster { nodes } = &shared.settings.target {
-        let nodes = nodes.clone();
-        return super::cluster::run(shared, nodes).await;
+    match &shared.settings.target {
+        RedisTarget::Url(url) => super::single::run(&shared, &Master::Url(url)).await,
+        RedisTarget::Sentinel { sentinels, master } => {
+            super::single::run(&shared, &Master::Sentinel { sentinels, master }).await;
+        }
+        RedisTarget::Cluster { nodes } => {
+            // `PublishPool::new` gives a cluster, and only a cluster, its pools per master.
+            if let Some(pools) = shared.pool.cluster() {
+                super::cluster::run(&shared, pools, nodes).await;
+            }
+        }
     }
-    super::single::run(shared).await;
 }
 
 /// Runs `attempt` — connect, then a session until it ends — again and again until the broker
@@ -36,7 +43,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
 pub(super) async fn with_backoff<F, Fut>(shared: &Shared, messages: (&str, &str), mut attempt: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<End, String>>,
+    Fut: std::future::Future<Output = Result<End, RedisError>>,
 {
     let (lost, unreachable) = messages;
     let mut backoff = INITIAL_BACKOFF;
@@ -107,4 +114,16 @@ pub(super) fn take_changes(shared: &Shared) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
         .into_iter()
         .filter(|name| subscriptions.wanted.contains(name) != subscriptions.active.contains(name))
         .partition(|name| subscriptions.wanted.contains(name))
+}
+
+/// Waits for Redis to confirm a subscription `command`, at most `after`.
+pub(super) async fn confirmed(
+    command: &'static str,
+    after: Duration,
+    confirmation: impl std::future::Future<Output = deadpool_redis::redis::RedisResult<()>>,
+) -> Result<(), RedisError> {
+    match tokio::time::timeout(after, confirmation).await {
+        Ok(result) => result.map_err(|source| RedisError::Subscription { command, source }),
+        Err(_) => Err(RedisError::NotConfirmed { command, after }),
+    }
 }

@@ -34,11 +34,11 @@ use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use routing::{Topology, slot};
+use routing::{ClusterPools, Topology, slot};
 
-use super::subscriber::{End, deliver, take_changes, with_backoff};
+use super::subscriber::{End, confirmed, deliver, take_changes, with_backoff};
 use super::target::cluster_client;
-use super::{CONTROL_CHANNEL, Shared};
+use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// Slot groups subscribed or unsubscribed at once.
 const CONCURRENT_GROUPS: usize = 64;
@@ -65,11 +65,13 @@ struct Probe {
 struct Outcome {
     names: Vec<Arc<str>>,
     subscribe: bool,
-    result: Result<(), String>,
+    result: Result<(), RedisError>,
 }
 
 /// One connection to the cluster and what this instance asked of it.
-struct Session {
+struct Session<'a> {
+    /// The pools commands go through, where the topology is read.
+    pools: &'a ClusterPools,
     connection: ClusterConnection,
     topology: Topology,
     /// Probe channel per master.
@@ -90,15 +92,15 @@ struct Session {
     retry: bool,
 }
 
-pub(super) async fn run(shared: Arc<Shared>, nodes: Vec<String>) {
+pub(super) async fn run(shared: &Arc<Shared>, pools: &ClusterPools, nodes: &[String]) {
     let messages = (
         "Redis Cluster subscriber session lost; reconnecting",
         "Redis Cluster unreachable; retrying with backoff",
     );
-    with_backoff(&shared, messages, || async {
+    with_backoff(shared, messages, || async {
         let (pushes_tx, pushes) = mpsc::unbounded_channel();
-        let connection = connect(&shared, &nodes, pushes_tx).await?;
-        Ok(session(&shared, connection, pushes).await)
+        let connection = connect(shared, nodes, pushes_tx).await?;
+        Ok(session(shared, pools, connection, pushes).await)
     })
     .await;
 }
@@ -107,23 +109,24 @@ async fn connect(
     shared: &Shared,
     nodes: &[String],
     pushes: mpsc::UnboundedSender<PushInfo>,
-) -> Result<ClusterConnection, String> {
-    let timeout = shared.settings.op_timeout;
-    let client = cluster_client(nodes, timeout, Some(pushes)).map_err(|e| e.0)?;
-    match tokio::time::timeout(timeout * 3, client.get_async_connection()).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(format!("cannot connect to the Redis Cluster: {error}")),
-        Err(_) => Err(format!("no connection to the Redis Cluster within {:?}", timeout * 3)),
+) -> Result<ClusterConnection, RedisError> {
+    let after = shared.settings.op_timeout * 3;
+    let client = cluster_client(nodes, shared.settings.op_timeout, Some(pushes))?;
+    match tokio::time::timeout(after, client.get_async_connection()).await {
+        Ok(connection) => connection.map_err(RedisError::Connection),
+        Err(_) => Err(RedisError::Timeout { what: "no connection to the Redis Cluster", after }),
     }
 }
 
 async fn session(
     shared: &Arc<Shared>,
+    pools: &ClusterPools,
     connection: ClusterConnection,
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
 ) -> End {
     let (outcomes_tx, mut outcomes) = mpsc::unbounded_channel();
     let mut session = Session {
+        pools,
         connection,
         topology: Topology::default(),
         probes: HashMap::new(),
@@ -158,10 +161,13 @@ async fn session(
             },
             push = pushes.recv() => match push {
                 Some(push) => if !session.on_push(shared, push) { return End::Stopped },
-                None => return End::Lost("connection closed".to_owned()),
+                None => return End::Lost(RedisError::ConnectionClosed),
             },
             () = tokio::time::sleep_until(deadline) => {
-                return End::Lost("the cluster did not confirm the subscriptions in time".to_owned());
+                return End::Lost(RedisError::Timeout {
+                    what: "the cluster did not confirm the subscriptions",
+                    after: shared.settings.confirm_timeout,
+                });
             }
         }
     }
@@ -203,7 +209,7 @@ async fn session(
             }
             push = pushes.recv() => match push {
                 Some(push) => if !session.on_push(shared, push) { return End::Stopped },
-                None => return End::Lost("connection closed".to_owned()),
+                None => return End::Lost(RedisError::ConnectionClosed),
             },
         }
     }
@@ -224,15 +230,14 @@ fn text(value: &Value) -> Option<&[u8]> {
     }
 }
 
-impl Session {
+impl Session<'_> {
     /// Reads the topology through the publish pools. When slots changed owner, the channels
     /// of those slots are subscribed again (the cluster connection moves them too, but only once
     /// it notices), then checked.
-    async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), String> {
-        let Some(pools) = shared.pool.cluster() else { return Err("not a cluster".to_owned()) };
-        let refreshed = shared.timed(pools.refresh()).await;
+    async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), RedisError> {
+        let refreshed = shared.timed(self.pools.refresh()).await;
         shared.publisher_up.store(refreshed.is_ok(), Ordering::Release);
-        let topology = refreshed.map_err(|e| e.to_string())?;
+        let topology = refreshed?;
         if *topology == self.topology {
             return Ok(());
         }
@@ -336,11 +341,8 @@ impl Session {
                                 connection.sunsubscribe(&args).await
                             }
                         };
-                        let result = match tokio::time::timeout(timeout, command).await {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(error)) => Err(error.to_string()),
-                            Err(_) => Err(format!("not confirmed within {timeout:?}")),
-                        };
+                        let verb = if subscribe { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" };
+                        let result = confirmed(verb, timeout, command).await;
                         let _ = outcomes.send(Outcome { names, subscribe, result });
                     }
                 })
@@ -475,7 +477,7 @@ impl Session {
 
     /// Once per probe interval: refresh the topology, judge and publish the probes, retry what
     /// failed.
-    async fn tick(&mut self, shared: &Arc<Shared>) -> Result<(), String> {
+    async fn tick(&mut self, shared: &Arc<Shared>) -> Result<(), RedisError> {
         if let Err(reason) = self.refresh_topology(shared).await {
             tracing::debug!(%reason, "Redis Cluster topology not refreshed");
         }
@@ -488,7 +490,7 @@ impl Session {
                 probe.missed += 1;
                 missing = true;
                 if probe.missed >= RECONNECT_AFTER_MISSED {
-                    return Err(format!("probe messages of {node} stopped arriving"));
+                    return Err(RedisError::MasterProbesLost { node: node.clone() });
                 }
                 if probe.missed == RESUBSCRIBE_AFTER_MISSED {
                     deaf_nodes.push(node.clone());

@@ -13,9 +13,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, ErrorKind, RedisError, ScriptInvocation, ServerErrorKind, Value};
+use deadpool_redis::redis::{self, ErrorKind, ScriptInvocation, ServerErrorKind, Value};
 use deadpool_redis::{Pool, PoolConfig, Runtime};
 use tokio::time::Instant;
+
+use super::super::RedisError;
 
 /// Number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
@@ -113,6 +115,14 @@ impl Op<'_> {
             Self::Script(invocation) => invocation.invoke_async(connection).await,
         }
     }
+
+    /// The failure of this operation, as Redis answered it.
+    fn failure(self, error: redis::RedisError) -> RedisError {
+        match self {
+            Self::Command(_) => RedisError::command(error),
+            Self::Script(_) => RedisError::script(error),
+        }
+    }
 }
 
 /// The pools of the masters, and the topology that routes to them.
@@ -142,20 +152,22 @@ impl ClusterPools {
         self.topology.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    fn pool(&self, node: &str) -> Result<Pool, String> {
+    fn pool(&self, node: &str) -> Result<Pool, RedisError> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(pool) = pools.get(node) {
             return Ok(pool.clone());
         }
         let mut config = deadpool_redis::Config::from_url(format!("redis://{node}"));
         config.pool = Some(self.config);
-        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| e.to_string())?;
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|error| RedisError::PoolCreation(Box::new(error)).at(node))?;
         pools.insert(node.to_owned(), pool.clone());
         Ok(pool)
     }
 
     /// Asks the masters, then the seeds, for the topology; the first answer wins.
-    pub(in crate::outbound::redis) async fn refresh(&self) -> Result<Arc<Topology>, String> {
+    pub(in crate::outbound::redis) async fn refresh(&self) -> Result<Arc<Topology>, RedisError> {
         let mut refreshed = self.refreshed.lock().await;
         if refreshed.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN) {
             return Ok(self.topology());
@@ -166,7 +178,7 @@ impl ClusterPools {
                 candidates.push(seed.clone());
             }
         }
-        let mut last_error = "no Redis Cluster node to ask".to_owned();
+        let mut last_error = RedisError::NoClusterNode;
         for node in candidates {
             match self.ask_topology(&node).await {
                 Ok(topology) => {
@@ -185,29 +197,33 @@ impl ClusterPools {
         Err(last_error)
     }
 
-    async fn ask_topology(&self, node: &str) -> Result<Topology, String> {
+    async fn ask_topology(&self, node: &str) -> Result<Topology, RedisError> {
         let ask = async {
-            let mut connection = self.pool(node)?.get().await.map_err(|e| e.to_string())?;
+            let mut connection = self.pool(node)?.get().await?;
             let reply: Value = redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut connection)
                 .await
-                .map_err(|e| e.to_string())?;
-            let topology = Topology::parse(&reply, node).ok_or("unexpected answer to CLUSTER SLOTS")?;
+                .map_err(RedisError::command)?;
+            let topology =
+                Topology::parse(&reply, node).ok_or(RedisError::UnexpectedReply("CLUSTER SLOTS"))?;
             if topology.masters.is_empty() {
-                return Err("no master owns a slot".to_owned());
+                return Err(RedisError::NoSlotServed);
             }
             Ok(topology)
         };
-        tokio::time::timeout(self.timeout, ask).await.map_err(|_| format!("{node} did not answer in time"))?
+        let after = self.timeout;
+        tokio::time::timeout(after, ask)
+            .await
+            .unwrap_or(Err(RedisError::Timeout { what: "no answer", after }))
+            .map_err(|error| error.at(node))
     }
 
     /// Runs `op` on the master owning the slot of `route` (a key or a sharded channel).
-    pub(in crate::outbound::redis) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, String> {
+    pub(in crate::outbound::redis) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, RedisError> {
         let slot = slot(route.as_bytes());
         let mut redirect: Option<String> = None;
         let mut asking = false;
-        let mut last_error = String::new();
         for _ in 0..ATTEMPTS {
             let node = match redirect.take() {
                 Some(node) => node,
@@ -215,48 +231,45 @@ impl ClusterPools {
                     Some(node) => node.to_owned(),
                     None => match self.refresh().await?.owner(slot) {
                         Some(node) => node.to_owned(),
-                        None => return Err(format!("no Redis Cluster master owns slot {slot}")),
+                        None => return Err(RedisError::SlotUnowned(slot)),
                     },
                 },
             };
-            let connection = match self.pool(&node)?.get().await {
-                Ok(connection) => Ok(connection),
-                Err(error) => Err(format!("no connection to {node}: {error}")),
-            };
-            let result = match connection {
-                Ok(mut connection) => op.send(&mut connection, std::mem::take(&mut asking)).await,
+            let mut connection = match self.pool(&node)?.get().await {
+                Ok(connection) => connection,
                 Err(error) => {
-                    last_error = error;
                     if self.moved_away(slot, &node).await {
                         continue;
                     }
-                    return Err(last_error);
+                    return Err(RedisError::from(error).at(&node));
                 }
             };
-            let error = match result {
+            let error = match op.send(&mut connection, std::mem::take(&mut asking)).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };
-            last_error = error.to_string();
             match error.kind() {
-                ErrorKind::Server(ServerErrorKind::Moved) => {
-                    redirect = Some(redirect_node(&error, &node).ok_or_else(|| last_error.clone())?);
-                    // The next commands go to the new owner without a redirection.
-                    let _ = self.refresh().await;
-                }
-                ErrorKind::Server(ServerErrorKind::Ask) => {
-                    redirect = Some(redirect_node(&error, &node).ok_or_else(|| last_error.clone())?);
-                    asking = true;
+                ErrorKind::Server(kind @ (ServerErrorKind::Moved | ServerErrorKind::Ask)) => {
+                    let Some(to) = redirect_node(&error, &node) else {
+                        return Err(RedisError::RedirectionWithoutNode(error).at(&node));
+                    };
+                    redirect = Some(to);
+                    if kind == ServerErrorKind::Ask {
+                        asking = true;
+                    } else {
+                        // The next commands go to the new owner without a redirection.
+                        let _ = self.refresh().await;
+                    }
                 }
                 _ if error.is_io_error() || error.is_unrecoverable_error() => {
                     if !self.moved_away(slot, &node).await {
-                        return Err(last_error);
+                        return Err(op.failure(error).at(&node));
                     }
                 }
-                _ => return Err(last_error),
+                _ => return Err(op.failure(error).at(&node)),
             }
         }
-        Err(last_error)
+        Err(RedisError::TooManyRedirections { slot, attempts: ATTEMPTS })
     }
 
     /// Whether `slot` has another owner than `node` once the topology is refreshed.
@@ -270,7 +283,7 @@ impl ClusterPools {
 
 /// The node a `MOVED` or `ASK` answer of `asked` names, as `host:port` (an unknown host, sent as
 /// `:port`, is `asked`'s).
-fn redirect_node(error: &RedisError, asked: &str) -> Option<String> {
+fn redirect_node(error: &redis::RedisError, asked: &str) -> Option<String> {
     let (address, _slot) = error.redirect_node()?;
     Some(match address.strip_prefix(':') {
         Some(port) => format!("{}:{port}", asked.rsplit_once(':').map_or(asked, |(host, _)| host)),
