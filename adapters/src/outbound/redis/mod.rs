@@ -123,6 +123,9 @@ impl Subscriptions {
 struct Shared {
     settings: RedisBrokerSettings,
     pool: PublishPool,
+    /// This instance's id, random per process: its presence entries are kept under it, and its
+    /// probe channels are named after it.
+    instance: Arc<str>,
     /// Per-instance channel of the probe; never a valid application channel name.
     probe_channel: String,
     handler: OnceLock<Weak<dyn InboundHandler>>,
@@ -204,9 +207,7 @@ pub struct RedisBroker {
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBroker")
-            .field("probe_channel", &self.shared.probe_channel)
-            .finish_non_exhaustive()
+        f.debug_struct("RedisBroker").field("instance", &self.shared.instance).finish_non_exhaustive()
     }
 }
 
@@ -218,11 +219,12 @@ impl RedisBroker {
     /// [`RedisError`] when the URL, the Sentinel settings or the cluster's nodes are invalid.
     pub fn new(settings: RedisBrokerSettings) -> Result<Self, RedisError> {
         let pool = PublishPool::new(&settings)?;
-        let nonce: String = random_bytes(8)?.iter().map(|b| format!("{b:02x}")).collect();
+        let instance: String = random_bytes(8)?.iter().map(|b| format!("{b:02x}")).collect();
         let shared = Arc::new(Shared {
             settings,
             pool,
-            probe_channel: format!("lq-realtime:probe:{nonce}"),
+            probe_channel: format!("lq-realtime:probe:{instance}"),
+            instance: instance.into(),
             handler: OnceLock::new(),
             subscriptions: Mutex::new(Subscriptions::default()),
             wish_changed: Notify::new(),
@@ -245,8 +247,7 @@ impl RedisBroker {
     /// The presence store on this broker's Redis; this instance's entries expire `ttl` after
     /// they were last set.
     pub fn presence(&self, ttl: Duration) -> RedisPresence {
-        let instance = self.shared.probe_channel.rsplit(':').next().unwrap_or_default().to_owned();
-        RedisPresence { shared: self.shared.clone(), instance, ttl }
+        RedisPresence { shared: self.shared.clone(), instance: self.shared.instance.clone(), ttl }
     }
 
     /// The webhook delivery log on this broker's Redis.
