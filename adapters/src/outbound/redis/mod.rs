@@ -27,6 +27,7 @@
 //! - `cluster`: the subscriber on a Redis Cluster: slot-grouped subscriptions, re-subscription
 //!   where slots moved, a probe per master; `cluster::routing`: the cluster's topology, hash
 //!   slots, and the per-master pools commands go through.
+//! - `probe`: the probe tracker both subscribers judge their subscriptions by.
 //! - `target`: a plain Redis URL, a Sentinel-managed master, or a cluster.
 //! - `error`: [`RedisError`], what went wrong, translated into `BrokerError` at the ports.
 //! - `history`: the publish-and-append and read scripts.
@@ -37,6 +38,7 @@ mod delivery_log;
 mod error;
 mod history;
 mod presence;
+mod probe;
 mod single;
 mod subscriber;
 mod target;
@@ -45,10 +47,10 @@ pub use delivery_log::RedisDeliveryLog;
 pub use error::RedisError;
 pub use presence::RedisPresence;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use application::ports::{
     BrokerError, ControlCommand, DeliveryRecord, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
@@ -127,7 +129,7 @@ struct Shared {
     /// probe channels are named after it.
     instance: Arc<str>,
     /// Per-instance channel of the probe; never a valid application channel name.
-    probe_channel: String,
+    probe_channel: Arc<str>,
     handler: OnceLock<Weak<dyn InboundHandler>>,
     subscriptions: Mutex<Subscriptions>,
     /// Wakes the subscriber when the wish changed.
@@ -140,12 +142,8 @@ struct Shared {
     probe_missing: AtomicBool,
     stopped: AtomicBool,
     stop: Notify,
-    probe_published: AtomicU64,
-    probe_received: AtomicU64,
-    /// Probes Redis accepted and not yet seen back, with when each was accepted.
-    probes_pending: Mutex<VecDeque<(u64, Instant)>>,
-    /// Bumped by every subscriber session: probes sent for an earlier one are not expected.
-    probe_session: AtomicU64,
+    /// The last probe's sequence number, over every probe channel of the process.
+    probe_sequence: AtomicU64,
     invalid_channels: AtomicU64,
     epochs: Epochs,
 }
@@ -153,10 +151,6 @@ struct Shared {
 impl Shared {
     fn subscriptions(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
         self.subscriptions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn probes_pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant)>> {
-        self.probes_pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn bump(&self) {
@@ -223,7 +217,7 @@ impl RedisBroker {
         let shared = Arc::new(Shared {
             settings,
             pool,
-            probe_channel: format!("lq-realtime:probe:{instance}"),
+            probe_channel: format!("lq-realtime:probe:{instance}").into(),
             instance: instance.into(),
             handler: OnceLock::new(),
             subscriptions: Mutex::new(Subscriptions::default()),
@@ -234,10 +228,7 @@ impl RedisBroker {
             probe_missing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
-            probe_published: AtomicU64::new(0),
-            probe_received: AtomicU64::new(0),
-            probes_pending: Mutex::new(VecDeque::new()),
-            probe_session: AtomicU64::new(0),
+            probe_sequence: AtomicU64::new(0),
             invalid_channels: AtomicU64::new(0),
             epochs: Epochs::default(),
         });

@@ -2,35 +2,27 @@
 //! connection; connect, subscribe everything wanted, dispatch messages, reconcile wishes, and
 //! probe that deliveries still arrive.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use deadpool_redis::redis::Msg;
 use deadpool_redis::redis::aio::PubSubSink;
 use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use futures_util::{FutureExt, StreamExt};
 
+use super::probe::{self, ProbeTracker, Verdict};
 use super::subscriber::{End, confirmed, deliver, take_changes, with_backoff};
 use super::target::{Master, connect_pubsub};
 use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const BATCH: usize = 500;
-/// Probe intervals a probe Redis accepted may take to come back before the subscriber counts
-/// as missing messages (the instance is not ready meanwhile)…
-const PROBE_LATE_AFTER: u32 = 2;
-/// …and before it is presumed deaf and replaced. Judged by each probe's own age, so that a
-/// subscriber that keeps up with a delay (an instance busy with a burst) is not replaced: that
-/// would lose what is published while it reconnects.
-const PROBE_LOST_AFTER: u32 = 3;
 /// Messages dispatched after each reconciliation at most, before the next change is looked at.
 const READY_AFTER_RECONCILE: usize = 1024;
 /// Messages dispatched before the probes are judged at most: what already arrived, unless the
 /// subscriber is that far behind.
 const READY_BEFORE_PROBE: usize = 16 * 1024;
-/// Probes kept waiting at most; older ones are forgotten (the subscriber is replaced long before).
-const PROBES_PENDING_MAX: usize = 64;
 
 pub(super) async fn run(shared: &Arc<Shared>, master: &Master<'_>) {
     let messages =
@@ -49,7 +41,7 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
         GLOBAL_CHANNEL.to_owned(),
         SYSTEM_CHANNEL.to_owned(),
         CONTROL_CHANNEL.to_owned(),
-        shared.probe_channel.clone(),
+        shared.probe_channel.to_string(),
     ];
     if let Err(error) = confirmed("SUBSCRIBE", op_timeout, sink.subscribe(&base[..])).await {
         return End::Lost(error);
@@ -66,17 +58,10 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
         handler.on_resubscribed();
     }
     tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
-    // Probes published before this session do not count against it.
-    shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
-    // Probes of an earlier session still on their way are not expected by this one.
-    shared.probe_session.fetch_add(1, Ordering::AcqRel);
-    shared.probes_pending().clear();
+    // A tracker of its own: probes of an earlier session still on their way are not expected.
+    let probes = ProbeTracker::shared(shared.settings.probe_interval);
     let mut probe = tokio::time::interval(shared.settings.probe_interval);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (late, lost) = (
-        shared.settings.probe_interval * PROBE_LATE_AFTER,
-        shared.settings.probe_interval * PROBE_LOST_AFTER,
-    );
     loop {
         if shared.stopped.load(Ordering::Acquire) {
             return End::Stopped;
@@ -92,29 +77,26 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
                 }
                 // Then some of what arrived meanwhile: during a burst of connections the wishes
                 // change all the time, and deliveries must not wait for the burst to end.
-                if let Err(end) = dispatch_ready(shared, &mut stream, READY_AFTER_RECONCILE) {
+                if let Err(end) = dispatch_ready(shared, &probes, &mut stream, READY_AFTER_RECONCILE) {
                     return end;
                 }
             }
             _ = probe.tick() => {
                 // A probe queued behind a backlog is not missing: deliver what already arrived
                 // before judging.
-                if let Err(end) = dispatch_ready(shared, &mut stream, READY_BEFORE_PROBE) {
+                if let Err(end) = dispatch_ready(shared, &probes, &mut stream, READY_BEFORE_PROBE) {
                     return end;
                 }
-                // Judged on the ticks, half a period early: a probe is sent right after a tick
-                // and accepted a round trip later, so its age at a tick is just under a multiple
-                // of the period.
-                let waiting = shared.oldest_pending_probe().map(|age| age + shared.settings.probe_interval / 2);
-                if waiting.is_some_and(|age| age >= lost) {
+                let verdict = probe::lock(&probes).judge(Instant::now());
+                if let Verdict::Lost { .. } = verdict {
                     return End::Lost(RedisError::ProbesLost);
                 }
-                shared.probe_missing.store(waiting.is_some_and(|age| age >= late), Ordering::Release);
-                tokio::spawn(send_probe(shared.clone()));
+                shared.probe_missing.store(verdict == Verdict::Late, Ordering::Release);
+                tokio::spawn(probe::send(shared.clone(), shared.probe_channel.clone(), probes.clone()));
             }
             message = stream.next() => match message {
                 Some(message) => {
-                    if !dispatch(shared, &message) {
+                    if !dispatch(shared, &probes, &message) {
                         return End::Stopped;
                     }
                 }
@@ -124,39 +106,10 @@ async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSu
     }
 }
 
-/// Publishes the next probe through the pool; only a probe Redis accepted is expected back.
-async fn send_probe(shared: Arc<Shared>) {
-    let session = shared.probe_session.load(Ordering::Acquire);
-    let next = shared.probe_published.load(Ordering::Acquire) + 1;
-    if shared.publish_bytes(&shared.probe_channel, next.to_string().as_bytes()).await.is_ok() {
-        let mut pending = shared.probes_pending();
-        if shared.probe_session.load(Ordering::Acquire) != session {
-            // Sent for a subscriber session that has ended.
-            return;
-        }
-        if pending.len() == PROBES_PENDING_MAX {
-            pending.pop_front();
-        }
-        pending.push_back((next, std::time::Instant::now()));
-        shared.probe_published.fetch_max(next, Ordering::AcqRel);
-    }
-}
-
-impl Shared {
-    /// How long the oldest probe Redis accepted has been waiting to come back, if one is.
-    fn oldest_pending_probe(&self) -> Option<Duration> {
-        let received = self.probe_received.load(Ordering::Acquire);
-        let mut pending = self.probes_pending();
-        while pending.front().is_some_and(|(seq, _)| *seq <= received) {
-            pending.pop_front();
-        }
-        pending.front().map(|(_, accepted)| accepted.elapsed())
-    }
-}
-
 /// Dispatches up to `limit` messages that already arrived, without waiting for more.
 fn dispatch_ready(
     shared: &Shared,
+    probes: &Mutex<ProbeTracker>,
     stream: &mut (impl futures_util::Stream<Item = Msg> + Unpin),
     limit: usize,
 ) -> Result<(), End> {
@@ -165,7 +118,7 @@ fn dispatch_ready(
         // messages as if nothing more had arrived.
         match tokio::task::unconstrained(stream.next()).now_or_never() {
             Some(Some(message)) => {
-                if !dispatch(shared, &message) {
+                if !dispatch(shared, probes, &message) {
                     return Err(End::Stopped);
                 }
             }
@@ -177,13 +130,10 @@ fn dispatch_ready(
 }
 
 /// Hands one message to the application. Returns `false` once the application is gone.
-fn dispatch(shared: &Shared, message: &Msg) -> bool {
+fn dispatch(shared: &Shared, probes: &Mutex<ProbeTracker>, message: &Msg) -> bool {
     let name = message.get_channel_name();
-    if name == shared.probe_channel {
-        if let Some(seq) = std::str::from_utf8(message.get_payload_bytes()).ok().and_then(|s| s.parse().ok())
-        {
-            shared.probe_received.fetch_max(seq, Ordering::AcqRel);
-        }
+    if name == &*shared.probe_channel {
+        probe::lock(probes).received(message.get_payload_bytes());
         return true;
     }
     deliver(shared, name, message.get_payload_bytes())
