@@ -1,7 +1,8 @@
 //! The probe: a subscriber connection can stay open and deliver nothing (the state a connection
 //! can be left in after a failover), so every period a sequence number is published through the
 //! pools on a channel of this instance, and expected back through the subscriber. One
-//! [`ProbeTracker`] per probe channel judges what came back.
+//! [`ProbeTracker`] per probe channel judges what came back: one for the subscriber on one
+//! Redis, one per master on a Redis Cluster.
 //!
 //! A probe is judged by its own age, not by a count of periods in a row with a probe missing, so
 //! that a subscriber that keeps up with a delay (an instance busy with a burst, whose every probe
@@ -47,12 +48,14 @@ pub(super) struct ProbeTracker {
     pending: VecDeque<(u64, Instant)>,
     /// Highest probe seen back.
     received: u64,
+    /// The last probe's publish failed: Redis (on a cluster, this master) cannot be reached.
+    refused: bool,
 }
 
 impl ProbeTracker {
     /// A tracker for probes sent every `period`.
     pub(super) fn new(period: Duration) -> Self {
-        Self { period, pending: VecDeque::new(), received: 0 }
+        Self { period, pending: VecDeque::new(), received: 0, refused: false }
     }
 
     /// A tracker shared by the subscriber and the tasks that send its probes.
@@ -62,6 +65,7 @@ impl ProbeTracker {
 
     /// Records the publish of probe `seq` at `now`: only a probe Redis accepted is expected back.
     pub(super) fn sent(&mut self, seq: u64, accepted: bool, now: Instant) {
+        self.refused = !accepted;
         if !accepted {
             return;
         }
@@ -77,6 +81,11 @@ impl ProbeTracker {
         if let Some(seq) = std::str::from_utf8(payload).ok().and_then(|s| s.parse().ok()) {
             self.received = self.received.max(seq);
         }
+    }
+
+    /// Whether the last probe's publish failed.
+    pub(super) fn refused(&self) -> bool {
+        self.refused
     }
 
     /// Judges the oldest probe Redis accepted and that has not come back, by its age at `now`.
@@ -184,11 +193,14 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_redis_did_not_accept_is_not_expected_back() {
+    fn a_probe_redis_did_not_accept_is_not_expected_back_and_tells_redis_is_unreachable() {
         let start = Instant::now();
         let mut tracker = ProbeTracker::new(PERIOD);
         tracker.sent(1, false, start);
+        assert!(tracker.refused());
         assert_eq!(tracker.judge(start + periods(10.0)), Verdict::OnTime);
+        tracker.sent(2, true, start + periods(10.0));
+        assert!(!tracker.refused());
     }
 
     #[test]

@@ -16,16 +16,17 @@
 //! - Every probe interval the topology is read through the pools; channels whose slot changed
 //!   owner are subscribed again, on the new owner, then checked.
 //! - Each master has a probe channel (a name hashing to one of its slots); a probe is published
-//!   to each every second through the pools. A master whose probes are accepted but do not come
-//!   back has its channels subscribed again; when that does not help, the whole session starts
-//!   over. A master that cannot be reached (failing over) does not make the instance unready:
-//!   the other masters' channels work on, and its own resume once a replica took over.
+//!   to each every second through the pools, and judged by its own age as on one Redis (see
+//!   `probe`): late, the instance is not ready; lost, the master's channels are subscribed
+//!   again; when that does not help, the whole session starts over. A master that cannot be
+//!   reached (failing over) does not make the instance unready: the other masters' channels
+//!   work on, and its own resume once a replica took over.
 
 pub(super) mod routing;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_redis::redis::cluster_async::ClusterConnection;
@@ -36,16 +37,16 @@ use tokio::time::Instant;
 
 use routing::{ClusterPools, Topology, slot};
 
+use super::probe::{self, ProbeTracker, Verdict};
 use super::subscriber::{End, confirmed, deliver, take_changes, with_backoff};
 use super::target::cluster_client;
 use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// Slot groups subscribed or unsubscribed at once.
 const CONCURRENT_GROUPS: usize = 64;
-/// Probes of one master accepted without coming back before its channels are subscribed again.
-const RESUBSCRIBE_AFTER_MISSED: u32 = 3;
-/// … and before the whole session starts over.
-const RECONNECT_AFTER_MISSED: u32 = 6;
+/// Periods the oldest probe of a master may wait to come back before the whole session starts
+/// over: its channels were subscribed again once it counted as lost, and that did not help.
+const RECONNECT_AFTER: u32 = 6;
 /// Delay before the positions are checked after a re-subscription, so that one topology change
 /// (many confirmations) makes one check.
 const CHECK_DELAY: Duration = Duration::from_millis(100);
@@ -53,12 +54,10 @@ const CHECK_DELAY: Duration = Duration::from_millis(100);
 /// The probe of one master.
 struct Probe {
     channel: Arc<str>,
-    /// Highest probe the master accepted, and highest that came back.
-    published: Arc<AtomicU64>,
-    received: u64,
-    /// The last publish failed: the master is unreachable (or failing over).
-    unreachable: Arc<AtomicBool>,
-    missed: u32,
+    tracker: Arc<Mutex<ProbeTracker>>,
+    /// The master's channels were subscribed again since its probes count as lost: next, the
+    /// session starts over.
+    resubscribed: bool,
 }
 
 /// What a subscription task reports back.
@@ -296,13 +295,8 @@ impl Session<'_> {
                 let channel: Arc<str> = name.into();
                 self.internal.insert(channel.clone());
                 subscribe.push(channel.clone());
-                let probe = Probe {
-                    channel,
-                    published: Arc::new(AtomicU64::new(0)),
-                    received: 0,
-                    unreachable: Arc::new(AtomicBool::new(false)),
-                    missed: 0,
-                };
+                let tracker = ProbeTracker::shared(shared.settings.probe_interval);
+                let probe = Probe { channel, tracker, resubscribed: false };
                 self.probes.insert(node, probe);
             }
         }
@@ -424,10 +418,8 @@ impl Session<'_> {
         match (push.kind, name) {
             (PushKind::SMessage | PushKind::Message, Some(name)) => {
                 let payload = push.data.get(1).and_then(text).unwrap_or_default();
-                if let Some(probe) = self.probes.values_mut().find(|probe| &*probe.channel == name) {
-                    if let Some(seq) = std::str::from_utf8(payload).ok().and_then(|s| s.parse().ok()) {
-                        probe.received = probe.received.max(seq);
-                    }
+                if let Some(probe) = self.probes.values().find(|probe| &*probe.channel == name) {
+                    probe::lock(&probe.tracker).received(payload);
                     return true;
                 }
                 deliver(shared, name, payload)
@@ -484,20 +476,24 @@ impl Session<'_> {
         self.update_probes(shared);
         let mut missing = false;
         let mut deaf_nodes = Vec::new();
+        let now = std::time::Instant::now();
         for (node, probe) in &mut self.probes {
-            let unreachable = probe.unreachable.load(Ordering::Acquire);
-            if probe.received < probe.published.load(Ordering::Acquire) {
-                probe.missed += 1;
-                missing = true;
-                if probe.missed >= RECONNECT_AFTER_MISSED {
+            let (verdict, unreachable) = {
+                let mut tracker = probe::lock(&probe.tracker);
+                (tracker.judge(now), tracker.refused())
+            };
+            match verdict {
+                Verdict::Lost { periods } if periods >= RECONNECT_AFTER => {
                     return Err(RedisError::MasterProbesLost { node: node.clone() });
                 }
-                if probe.missed == RESUBSCRIBE_AFTER_MISSED {
-                    deaf_nodes.push(node.clone());
+                Verdict::Lost { .. } => {
+                    if !std::mem::replace(&mut probe.resubscribed, true) {
+                        deaf_nodes.push(node.clone());
+                    }
                 }
-            } else {
-                probe.missed = 0;
+                Verdict::OnTime | Verdict::Late => probe.resubscribed = false,
             }
+            missing |= verdict != Verdict::OnTime;
             // A master that cannot be reached is failing over: its channels are unavailable
             // until a replica took over, the others work on.
             missing |= !unreachable && !self.internal_active.contains(&probe.channel);
@@ -508,12 +504,7 @@ impl Session<'_> {
             self.resubscribe_node(shared, &node);
         }
         for probe in self.probes.values() {
-            tokio::spawn(send_probe(
-                shared.clone(),
-                probe.channel.clone(),
-                probe.published.clone(),
-                probe.unreachable.clone(),
-            ));
+            tokio::spawn(probe::send(shared.clone(), probe.channel.clone(), probe.tracker.clone()));
         }
         // A lost channel no longer wanted will not be confirmed: nothing to check for it.
         if !self.lost.is_empty() {
@@ -571,20 +562,5 @@ fn forget(expected: &mut HashMap<Arc<str>, u32>, name: &str) -> bool {
             true
         }
         None => false,
-    }
-}
-
-/// Publishes the next probe of one master; only a probe the master accepted is expected back.
-async fn send_probe(
-    shared: Arc<Shared>,
-    channel: Arc<str>,
-    published: Arc<AtomicU64>,
-    unreachable: Arc<AtomicBool>,
-) {
-    let next = published.load(Ordering::Acquire) + 1;
-    let accepted = shared.publish_bytes(&channel, next.to_string().as_bytes()).await.is_ok();
-    unreachable.store(!accepted, Ordering::Release);
-    if accepted {
-        published.fetch_max(next, Ordering::AcqRel);
     }
 }
