@@ -12,17 +12,14 @@ use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use futures_util::{FutureExt, StreamExt};
 
 use super::probe::{self, ProbeTracker, Verdict};
-use super::subscriber::{End, confirmed, deliver, take_changes, with_backoff};
+use super::subscriber::{
+    End, READY_AFTER_RECONCILE, READY_BEFORE_PROBE, confirmed, deliver, take_changes, with_backoff,
+};
 use super::target::{Master, connect_pubsub};
 use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const BATCH: usize = 500;
-/// Messages dispatched after each reconciliation at most, before the next change is looked at.
-const READY_AFTER_RECONCILE: usize = 1024;
-/// Messages dispatched before the probes are judged at most: what already arrived, unless the
-/// subscriber is that far behind.
-const READY_BEFORE_PROBE: usize = 16 * 1024;
 
 pub(super) async fn run(shared: &Arc<Shared>, master: &Master<'_>) {
     let messages =

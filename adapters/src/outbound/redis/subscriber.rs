@@ -14,6 +14,13 @@ use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// First pause after a failed connection; doubled up to `max_backoff`.
 pub(super) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// Messages dispatched after each subscription change at most, before the next change is looked
+/// at: during a burst of connections the wish changes all the time, and deliveries must not wait
+/// for the burst to end.
+pub(super) const READY_AFTER_RECONCILE: usize = 1024;
+/// Messages dispatched before the probes are judged at most: what already arrived (a probe
+/// queued behind a backlog is not missing), unless the subscriber is that far behind.
+pub(super) const READY_BEFORE_PROBE: usize = 16 * 1024;
 
 /// Why a subscriber session ended.
 pub(super) enum End {

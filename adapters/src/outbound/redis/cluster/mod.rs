@@ -38,7 +38,9 @@ use tokio::time::Instant;
 use routing::{ClusterPools, Topology, slot};
 
 use super::probe::{self, ProbeTracker, Verdict};
-use super::subscriber::{End, confirmed, deliver, take_changes, with_backoff};
+use super::subscriber::{
+    End, READY_AFTER_RECONCILE, READY_BEFORE_PROBE, confirmed, deliver, take_changes, with_backoff,
+};
 use super::target::cluster_client;
 use super::{CONTROL_CHANNEL, RedisError, Shared};
 
@@ -187,14 +189,25 @@ async fn session(
         tokio::select! {
             biased;
             () = shared.stop.notified() => return End::Stopped,
-            () = shared.wish_changed.notified() => session.reconcile(shared),
-            Some(outcome) = outcomes.recv() => session.apply(shared, outcome),
+            // Subscription changes, their outcomes and probes come before messages, so a busy
+            // channel never delays a new connection's subscription or the health check; some of
+            // what arrived meanwhile follows each change, so that during a burst of connections
+            // deliveries do not wait for the burst to end.
+            () = shared.wish_changed.notified() => {
+                session.reconcile(shared);
+                if !session.drain(shared, &mut pushes, READY_AFTER_RECONCILE) {
+                    return End::Stopped;
+                }
+            }
+            Some(outcome) = outcomes.recv() => {
+                session.apply(shared, outcome);
+                if !session.drain(shared, &mut pushes, READY_AFTER_RECONCILE) {
+                    return End::Stopped;
+                }
+            }
             _ = probe.tick() => {
-                // Deliver what already arrived before judging the probes.
-                while let Ok(push) = pushes.try_recv() {
-                    if !session.on_push(shared, push) {
-                        return End::Stopped;
-                    }
+                if !session.drain(shared, &mut pushes, READY_BEFORE_PROBE) {
+                    return End::Stopped;
                 }
                 if let Err(reason) = session.tick(shared).await {
                     return End::Lost(reason);
@@ -410,6 +423,25 @@ impl Session<'_> {
         remove.extend(self.unsubscribe_again.drain());
         self.send(shared, add, true);
         self.send(shared, remove, false);
+    }
+
+    /// Handles up to `limit` pushes that already arrived, without waiting for more. Returns
+    /// `false` once the application is gone.
+    fn drain(
+        &mut self,
+        shared: &Shared,
+        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        limit: usize,
+    ) -> bool {
+        for _ in 0..limit {
+            // `try_recv` is outside Tokio's task budget: the drain ends only when nothing more
+            // arrived. A closed queue is left to the session's loop.
+            let Ok(push) = pushes.try_recv() else { break };
+            if !self.on_push(shared, push) {
+                return false;
+            }
+        }
+        true
     }
 
     /// Handles one push of the connection. Returns `false` once the application is gone.
