@@ -9,8 +9,11 @@
 //! - The subscriber socket is drained by redis-rs's own task into memory and each message is
 //!   handed to the application without waiting on any client.
 //! - A probe message published every second through the pool must come back through the
-//!   subscriber; when it stops coming back the subscriber is presumed deaf (the state a
-//!   connection can be left in after a failover) and is reconnected.
+//!   subscriber; when one has waited too long the subscriber is presumed deaf (the state a
+//!   connection can be left in after a failover) and is reconnected. Each probe is judged by
+//!   its own age, on a cluster per master (see `probe`).
+//! - The broker draws a random instance id once; presence entries are kept under it, and the
+//!   probe channels are named after it.
 //! - With Sentinel, both the pool and the subscriber ask the sentinels for the current master.
 //! - On a Redis Cluster, channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): commands go through a
 //!   pool per master, routed by hash slot, and the subscriptions through one cluster connection
