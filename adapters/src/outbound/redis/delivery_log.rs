@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, Script, Value};
 use domain::{MessageId, TenantId};
 
-use super::Shared;
+use super::{RedisError, Shared};
 
 /// Deletes a claim only while it is pending: a delivery the publish script already recorded
 /// (its answer lost on the way back) stays recorded, so the sender's retry is a duplicate.
@@ -41,12 +41,8 @@ pub(super) fn key(tenant: &TenantId, delivery_id: &str) -> String {
 }
 
 impl RedisDeliveryLog {
-    async fn run(&self, key: &str, command: redis::Cmd) -> Result<Value, BrokerError> {
-        let timeout = self.shared.settings.op_timeout;
-        match tokio::time::timeout(timeout, self.shared.pool.query(key, command)).await {
-            Ok(result) => result.map_err(BrokerError::Unavailable),
-            Err(_) => Err(BrokerError::Unavailable(format!("no answer from Redis within {timeout:?}"))),
-        }
+    async fn run(&self, key: &str, command: redis::Cmd) -> Result<Value, RedisError> {
+        self.shared.within(self.shared.pool.query(key, command)).await
     }
 }
 
@@ -83,19 +79,15 @@ impl DeliveryLog for RedisDeliveryLog {
         let key = key(&record.tenant, &record.delivery_id);
         let mut set = redis::cmd("SET");
         set.arg(&key).arg(record.message_id.as_str()).arg("EX").arg(record.keep_secs.max(1));
-        self.run(&key, set).await.map(|_| ())
+        self.run(&key, set).await?;
+        Ok(())
     }
 
     async fn release(&self, tenant: &TenantId, delivery_id: &str) {
         let key = key(tenant, delivery_id);
         let mut invocation = RELEASE.prepare_invoke();
         invocation.key(&key);
-        let timeout = self.shared.settings.op_timeout;
-        let result = match tokio::time::timeout(timeout, self.shared.pool.invoke(&key, &invocation)).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
-        };
-        if let Err(error) = result {
+        if let Err(error) = self.shared.within(self.shared.pool.invoke(&key, &invocation)).await {
             tracing::warn!(%error, "webhook delivery claim not released; it lapses by itself");
         }
     }

@@ -15,13 +15,13 @@
 
 use std::sync::LazyLock;
 
-use application::ports::{BrokerError, DeliveryRecord, HistoryRead};
+use application::ports::{DeliveryRecord, HistoryRead};
 use bytes::Bytes;
 use deadpool_redis::redis::{Script, Value};
 use domain::{Channel, StreamPosition};
 
-use super::Shared;
 use super::delivery_log::key as delivery_key;
+use super::{RedisError, Shared};
 use crate::outbound::history::open_envelope;
 
 /// The scripts that publish, with `PUBLISH` on one Redis or `SPUBLISH` on a cluster, where
@@ -111,10 +111,6 @@ fn keys(channel: &str) -> (String, String) {
     (format!("lq-realtime:{{{channel}}}:position"), format!("lq-realtime:{{{channel}}}:history"))
 }
 
-fn unexpected(what: &str) -> BrokerError {
-    BrokerError::Unavailable(format!("unexpected answer from Redis to the history {what}"))
-}
-
 impl Shared {
     fn scripts(&self) -> &'static PublishScripts {
         if self.pool.cluster().is_some() { &SHARDED } else { &PLAIN }
@@ -127,10 +123,8 @@ impl Shared {
         channel: &Channel,
         message: &[u8],
         record: Option<&DeliveryRecord>,
-    ) -> Result<(), BrokerError> {
-        let open = open_envelope(message).ok_or_else(|| {
-            BrokerError::Unavailable("a message with a history must be a JSON object".to_owned())
-        })?;
+    ) -> Result<(), RedisError> {
+        let open = open_envelope(message).ok_or(RedisError::NotAnObject)?;
         let name = channel.name();
         let (position, history) = keys(&name);
         let history_settings = self.settings.history;
@@ -158,7 +152,7 @@ impl Shared {
         channel: &Channel,
         message: &[u8],
         record: &DeliveryRecord,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), RedisError> {
         let delivery = delivery_key(&record.tenant, &record.delivery_id);
         let mut invocation = self.scripts().publish_recorded.prepare_invoke();
         invocation
@@ -175,7 +169,7 @@ impl Shared {
         &self,
         channel: &Channel,
         since: Option<StreamPosition>,
-    ) -> Result<HistoryRead, BrokerError> {
+    ) -> Result<HistoryRead, RedisError> {
         let (position, history) = keys(&channel.name());
         let (since_epoch, since_offset) = since.map_or((String::new(), 0), |s| (s.epoch, s.offset));
         let mut invocation = READ.prepare_invoke();
@@ -187,7 +181,7 @@ impl Shared {
             .arg(since_epoch)
             .arg(since_offset);
         let reply = self.timed(self.pool.invoke(&position, &invocation)).await?;
-        parse_read(reply).ok_or_else(|| unexpected("read"))
+        parse_read(reply).ok_or(RedisError::UnexpectedReply("the history read"))
     }
 }
 

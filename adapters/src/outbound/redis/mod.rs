@@ -9,40 +9,51 @@
 //! - The subscriber socket is drained by redis-rs's own task into memory and each message is
 //!   handed to the application without waiting on any client.
 //! - A probe message published every second through the pool must come back through the
-//!   subscriber; when it stops coming back the subscriber is presumed deaf (the state a
-//!   connection can be left in after a failover) and is reconnected.
+//!   subscriber; when one has waited too long the subscriber is presumed deaf (the state a
+//!   connection can be left in after a failover) and is reconnected. Each probe is judged by
+//!   its own age, on a cluster per master (see `probe`).
+//! - The broker draws a random instance id once; presence entries are kept under it, and the
+//!   probe channels are named after it.
 //! - With Sentinel, both the pool and the subscriber ask the sentinels for the current master.
 //! - On a Redis Cluster, channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): commands go through a
 //!   pool per master, routed by hash slot, and the subscriptions through one cluster connection
-//!   (one connection per node); see `cluster` and `routing`.
+//!   (one connection per node); see `cluster`.
 //! - Messages of `tenant:` and `user:` channels are published by a Lua script that also
 //!   appends them to the channel's history (see `history`).
 //!
 //! # Layout
 //! - [`mod@self`]: settings, the broker and its port implementation.
-//! - `subscriber`: the subscriber connection's life: connect, reconcile, dispatch, probe.
-//! - `cluster`: the same on a Redis Cluster: slot-grouped subscriptions, re-subscription
-//!   where slots moved, a probe per master.
-//! - `routing`: a Redis Cluster's topology, hash slots, and the per-master pools.
+//! - `subscriber`: what the subscribers of both topologies share: the reconnection loop with
+//!   backoff, handing a message to the application, the wish's changes.
+//! - `single`: the subscriber on one Redis or a Sentinel-managed master: connect, reconcile,
+//!   dispatch, probe.
+//! - `cluster`: the subscriber on a Redis Cluster: slot-grouped subscriptions, re-subscription
+//!   where slots moved, a probe per master; `cluster::routing`: the cluster's topology, hash
+//!   slots, and the per-master pools commands go through.
+//! - `probe`: the probe tracker both subscribers judge their subscriptions by.
 //! - `target`: a plain Redis URL, a Sentinel-managed master, or a cluster.
+//! - `error`: [`RedisError`], what went wrong, translated into `BrokerError` at the ports.
 //! - `history`: the publish-and-append and read scripts.
 //! - `delivery_log`, `presence`: webhook delivery ids and presence, on the same pools.
 
 mod cluster;
 mod delivery_log;
+mod error;
 mod history;
 mod presence;
-mod routing;
+mod probe;
+mod single;
 mod subscriber;
 mod target;
 
 pub use delivery_log::RedisDeliveryLog;
+pub use error::RedisError;
 pub use presence::RedisPresence;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use application::ports::{
     BrokerError, ControlCommand, DeliveryRecord, HistoryRead, InboundHandler, MessageBroker, SubscribeAck,
@@ -52,7 +63,7 @@ use bytes::Bytes;
 use domain::{Channel, StreamPosition};
 use tokio::sync::{Notify, watch};
 
-pub use target::{RedisTarget, TargetError};
+pub use target::RedisTarget;
 
 use crate::outbound::history::{Epochs, HistorySettings};
 use crate::outbound::system::random_bytes;
@@ -117,8 +128,11 @@ impl Subscriptions {
 struct Shared {
     settings: RedisBrokerSettings,
     pool: PublishPool,
+    /// This instance's id, random per process: its presence entries are kept under it, and its
+    /// probe channels are named after it.
+    instance: Arc<str>,
     /// Per-instance channel of the probe; never a valid application channel name.
-    probe_channel: String,
+    probe_channel: Arc<str>,
     handler: OnceLock<Weak<dyn InboundHandler>>,
     subscriptions: Mutex<Subscriptions>,
     /// Wakes the subscriber when the wish changed.
@@ -131,12 +145,8 @@ struct Shared {
     probe_missing: AtomicBool,
     stopped: AtomicBool,
     stop: Notify,
-    probe_published: AtomicU64,
-    probe_received: AtomicU64,
-    /// Probes Redis accepted and not yet seen back, with when each was accepted.
-    probes_pending: Mutex<VecDeque<(u64, Instant)>>,
-    /// Bumped by every subscriber session: probes sent for an earlier one are not expected.
-    probe_session: AtomicU64,
+    /// The last probe's sequence number, over every probe channel of the process.
+    probe_sequence: AtomicU64,
     invalid_channels: AtomicU64,
     epochs: Epochs,
 }
@@ -144,10 +154,6 @@ struct Shared {
 impl Shared {
     fn subscriptions(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
         self.subscriptions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn probes_pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant)>> {
-        self.probes_pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn bump(&self) {
@@ -161,24 +167,27 @@ impl Shared {
         }
     }
 
-    async fn publish_bytes(&self, channel: &str, message: &[u8]) -> Result<(), BrokerError> {
+    async fn publish_bytes(&self, channel: &str, message: &[u8]) -> Result<(), RedisError> {
         self.timed(self.pool.publish(channel, message)).await
+    }
+
+    /// Runs one Redis operation within `op_timeout`.
+    async fn within<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let after = self.settings.op_timeout;
+        tokio::time::timeout(after, operation)
+            .await
+            .unwrap_or(Err(RedisError::Timeout { what: "no answer from Redis", after }))
     }
 
     /// Runs one Redis operation within `op_timeout`, recording whether Redis answered.
     async fn timed<T>(
         &self,
-        operation: impl std::future::Future<Output = Result<T, String>>,
-    ) -> Result<T, BrokerError> {
-        let result = tokio::time::timeout(self.settings.op_timeout, operation).await;
-        let result = match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(BrokerError::Unavailable(error)),
-            Err(_) => Err(BrokerError::Unavailable(format!(
-                "no answer from Redis within {:?}",
-                self.settings.op_timeout
-            ))),
-        };
+        operation: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let result = self.within(operation).await;
         // On a cluster one failing master says nothing of the others: there, whether Redis
         // answers is judged by the topology refresh of every probe interval.
         if self.pool.cluster().is_none() {
@@ -195,9 +204,7 @@ pub struct RedisBroker {
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBroker")
-            .field("probe_channel", &self.shared.probe_channel)
-            .finish_non_exhaustive()
+        f.debug_struct("RedisBroker").field("instance", &self.shared.instance).finish_non_exhaustive()
     }
 }
 
@@ -206,18 +213,15 @@ impl RedisBroker {
     /// instance becomes ready once it is reachable.
     ///
     /// # Errors
-    /// [`TargetError`] when the URL or the Sentinel settings are invalid.
-    pub fn new(settings: RedisBrokerSettings) -> Result<Self, TargetError> {
+    /// [`RedisError`] when the URL, the Sentinel settings or the cluster's nodes are invalid.
+    pub fn new(settings: RedisBrokerSettings) -> Result<Self, RedisError> {
         let pool = PublishPool::new(&settings)?;
-        let nonce: String = random_bytes(8)
-            .map_err(|e| TargetError(e.to_string()))?
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let instance: String = random_bytes(8)?.iter().map(|b| format!("{b:02x}")).collect();
         let shared = Arc::new(Shared {
             settings,
             pool,
-            probe_channel: format!("lq-realtime:probe:{nonce}"),
+            probe_channel: format!("lq-realtime:probe:{instance}").into(),
+            instance: instance.into(),
             handler: OnceLock::new(),
             subscriptions: Mutex::new(Subscriptions::default()),
             wish_changed: Notify::new(),
@@ -227,10 +231,7 @@ impl RedisBroker {
             probe_missing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
-            probe_published: AtomicU64::new(0),
-            probe_received: AtomicU64::new(0),
-            probes_pending: Mutex::new(VecDeque::new()),
-            probe_session: AtomicU64::new(0),
+            probe_sequence: AtomicU64::new(0),
             invalid_channels: AtomicU64::new(0),
             epochs: Epochs::default(),
         });
@@ -240,8 +241,7 @@ impl RedisBroker {
     /// The presence store on this broker's Redis; this instance's entries expire `ttl` after
     /// they were last set.
     pub fn presence(&self, ttl: Duration) -> RedisPresence {
-        let instance = self.shared.probe_channel.rsplit(':').next().unwrap_or_default().to_owned();
-        RedisPresence { shared: self.shared.clone(), instance, ttl }
+        RedisPresence { shared: self.shared.clone(), instance: self.shared.instance.clone(), ttl }
     }
 
     /// The webhook delivery log on this broker's Redis.
@@ -262,9 +262,9 @@ impl Drop for RedisBroker {
 impl MessageBroker for RedisBroker {
     async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.publish_with_history(channel, &message, None).await
+            Ok(self.shared.publish_with_history(channel, &message, None).await?)
         } else {
-            self.shared.publish_bytes(&channel.name(), &message).await
+            Ok(self.shared.publish_bytes(&channel.name(), &message).await?)
         }
     }
 
@@ -275,9 +275,9 @@ impl MessageBroker for RedisBroker {
         record: &DeliveryRecord,
     ) -> Result<(), BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.publish_with_history(channel, &message, Some(record)).await
+            Ok(self.shared.publish_with_history(channel, &message, Some(record)).await?)
         } else {
-            self.shared.publish_recorded_plain(channel, &message, record).await
+            Ok(self.shared.publish_recorded_plain(channel, &message, record).await?)
         }
     }
 
@@ -287,7 +287,7 @@ impl MessageBroker for RedisBroker {
         publish.arg(CONTROL_CHANNEL).arg(message);
         match self.shared.timed(self.shared.pool.query(CONTROL_CHANNEL, publish)).await? {
             deadpool_redis::redis::Value::Int(receivers) => Ok(usize::try_from(receivers).unwrap_or(0)),
-            _ => Err(BrokerError::Unavailable("unexpected answer from Redis to PUBLISH".to_owned())),
+            _ => Err(RedisError::UnexpectedReply("PUBLISH").into()),
         }
     }
 
@@ -297,7 +297,7 @@ impl MessageBroker for RedisBroker {
         since: Option<StreamPosition>,
     ) -> Result<HistoryRead, BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            self.shared.read_history(channel, since).await
+            Ok(self.shared.read_history(channel, since).await?)
         } else {
             // Nothing can be recovered without a history.
             Ok(HistoryRead { position: None, missed: None })
@@ -341,10 +341,10 @@ impl MessageBroker for RedisBroker {
                     changed = progress.changed() => if changed.is_err() {
                         return Err(BrokerError::Unavailable("broker stopped".to_owned()));
                     },
-                    () = &mut deadline => return Err(BrokerError::Unavailable(format!(
-                        "Redis did not confirm the subscription within {:?}",
-                        shared.settings.confirm_timeout
-                    ))),
+                    () = &mut deadline => return Err(RedisError::Timeout {
+                        what: "Redis did not confirm the subscription",
+                        after: shared.settings.confirm_timeout,
+                    }.into()),
                 }
             }
         })

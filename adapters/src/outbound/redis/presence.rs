@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{Script, Value};
 use domain::{TenantId, UserId};
 
-use super::Shared;
+use super::{RedisError, Shared};
 
 /// Counts the live connections in a user's hash, deleting expired entries when asked.
 const LIVE: &str = r"
@@ -107,7 +107,8 @@ fn prefix(tenant: &TenantId) -> String {
 /// The presence store of a [`super::RedisBroker`], on its publish pool.
 pub struct RedisPresence {
     pub(super) shared: Arc<Shared>,
-    pub(super) instance: String,
+    /// Whose entries this store sets: the broker's instance id.
+    pub(super) instance: Arc<str>,
     pub(super) ttl: Duration,
 }
 
@@ -126,7 +127,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 fn unexpected() -> BrokerError {
-    BrokerError::Unavailable("unexpected answer from Redis to a presence script".to_owned())
+    RedisError::UnexpectedReply("a presence script").into()
 }
 
 #[async_trait]
@@ -143,7 +144,7 @@ impl Presence for RedisPresence {
         invocation
             .key(&users)
             .key(format!("{prefix}{user}"))
-            .arg(&self.instance)
+            .arg(&*self.instance)
             .arg(connections)
             .arg(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(user.as_str());

@@ -1,59 +1,47 @@
-//! The subscriber connection: connect (with capped exponential backoff), subscribe everything
-//! wanted, dispatch messages, reconcile wishes, and probe that deliveries still arrive.
+//! What the subscribers of both topologies share: the reconnection loop with backoff, handing a
+//! message to the application, and reading what changed in the wish. `single` holds the
+//! subscriber on one Redis (or the master Sentinel names), `cluster` the one on a Redis Cluster.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_redis::redis::Msg;
-use deadpool_redis::redis::aio::PubSubSink;
 use domain::Channel;
-use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
-use futures_util::{FutureExt, StreamExt};
 
-use super::target::{RedisTarget, connect_pubsub};
-use super::{CONTROL_CHANNEL, Shared};
+use super::target::{Master, RedisTarget};
+use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// First pause after a failed connection; doubled up to `max_backoff`.
 pub(super) const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
-/// Channels per SUBSCRIBE or UNSUBSCRIBE command.
-const BATCH: usize = 500;
-/// Probe intervals a probe Redis accepted may take to come back before the subscriber counts
-/// as missing messages (the instance is not ready meanwhile)…
-const PROBE_LATE_AFTER: u32 = 2;
-/// …and before it is presumed deaf and replaced. Judged by each probe's own age, so that a
-/// subscriber that keeps up with a delay (an instance busy with a burst) is not replaced: that
-/// would lose what is published while it reconnects.
-const PROBE_LOST_AFTER: u32 = 3;
-/// Messages dispatched after each reconciliation at most, before the next change is looked at.
-const READY_AFTER_RECONCILE: usize = 1024;
-/// Messages dispatched before the probes are judged at most: what already arrived, unless the
-/// subscriber is that far behind.
-const READY_BEFORE_PROBE: usize = 16 * 1024;
-/// Probes kept waiting at most; older ones are forgotten (the subscriber is replaced long before).
-const PROBES_PENDING_MAX: usize = 64;
+/// Messages dispatched after each subscription change at most, before the next change is looked
+/// at: during a burst of connections the wish changes all the time, and deliveries must not wait
+/// for the burst to end.
+pub(super) const READY_AFTER_RECONCILE: usize = 1024;
+/// Messages dispatched before the probes are judged at most: what already arrived (a probe
+/// queued behind a backlog is not missing), unless the subscriber is that far behind.
+pub(super) const READY_BEFORE_PROBE: usize = 16 * 1024;
 
 /// Why a subscriber session ended.
 pub(super) enum End {
     Stopped,
-    Lost(String),
+    Lost(RedisError),
 }
 
+/// The subscriber task of the broker's topology, until the broker stops.
 pub(super) async fn run(shared: Arc<Shared>) {
-    if let RedisTarget::Cluster { nodes } = &shared.settings.target {
-        let nodes = nodes.clone();
-        return super::cluster::run(shared, nodes).await;
-    }
-    let messages =
-        ("Redis subscriber connection lost; reconnecting", "Redis unreachable; retrying with backoff");
-    with_backoff(&shared, messages, || async {
-        match connect_pubsub(&shared.settings.target, shared.settings.op_timeout).await {
-            Ok(pubsub) => Ok(session(&shared, pubsub).await),
-            Err(reason) => Err(reason),
+    match &shared.settings.target {
+        RedisTarget::Url(url) => super::single::run(&shared, &Master::Url(url)).await,
+        RedisTarget::Sentinel { sentinels, master } => {
+            super::single::run(&shared, &Master::Sentinel { sentinels, master }).await;
         }
-    })
-    .await;
+        RedisTarget::Cluster { nodes } => {
+            // `PublishPool::new` gives a cluster, and only a cluster, its pools per master.
+            if let Some(pools) = shared.pool.cluster() {
+                super::cluster::run(&shared, pools, nodes).await;
+            }
+        }
+    }
 }
 
 /// Runs `attempt` — connect, then a session until it ends — again and again until the broker
@@ -62,7 +50,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
 pub(super) async fn with_backoff<F, Fut>(shared: &Shared, messages: (&str, &str), mut attempt: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<End, String>>,
+    Fut: std::future::Future<Output = Result<End, RedisError>>,
 {
     let (lost, unreachable) = messages;
     let mut backoff = INITIAL_BACKOFF;
@@ -97,155 +85,6 @@ where
         }
         backoff = (backoff * 2).min(shared.settings.max_backoff);
     }
-}
-
-async fn session(shared: &Arc<Shared>, pubsub: deadpool_redis::redis::aio::PubSub) -> End {
-    let (mut sink, mut stream) = pubsub.split();
-    let op_timeout = shared.settings.op_timeout;
-    let base = [
-        GLOBAL_CHANNEL.to_owned(),
-        SYSTEM_CHANNEL.to_owned(),
-        CONTROL_CHANNEL.to_owned(),
-        shared.probe_channel.clone(),
-    ];
-    match tokio::time::timeout(op_timeout, sink.subscribe(&base[..])).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return End::Lost(format!("SUBSCRIBE failed: {error}")),
-        Err(_) => return End::Lost("SUBSCRIBE not confirmed in time".to_owned()),
-    }
-    if let Err(reason) = reconcile(shared, &mut sink).await {
-        return End::Lost(reason);
-    }
-    shared.probe_missing.store(false, Ordering::Release);
-    shared.subscriber_up.store(true, Ordering::Release);
-    shared.bump();
-    // Whatever was published while no subscriber listened never arrives: the application
-    // checks its channels' positions.
-    if let Some(handler) = shared.handler.get().and_then(std::sync::Weak::upgrade) {
-        handler.on_resubscribed();
-    }
-    tracing::info!(channels = shared.subscriptions().active.len(), "Redis subscriber connected");
-    // Probes published before this session do not count against it.
-    shared.probe_received.fetch_max(shared.probe_published.load(Ordering::Acquire), Ordering::AcqRel);
-    // Probes of an earlier session still on their way are not expected by this one.
-    shared.probe_session.fetch_add(1, Ordering::AcqRel);
-    shared.probes_pending().clear();
-    let mut probe = tokio::time::interval(shared.settings.probe_interval);
-    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (late, lost) = (
-        shared.settings.probe_interval * PROBE_LATE_AFTER,
-        shared.settings.probe_interval * PROBE_LOST_AFTER,
-    );
-    loop {
-        if shared.stopped.load(Ordering::Acquire) {
-            return End::Stopped;
-        }
-        tokio::select! {
-            biased;
-            () = shared.stop.notified() => return End::Stopped,
-            // Subscription changes and probes come before messages, so a busy channel never
-            // delays a new connection's subscription or the health check.
-            () = shared.wish_changed.notified() => {
-                if let Err(reason) = reconcile(shared, &mut sink).await {
-                    return End::Lost(reason);
-                }
-                // Then some of what arrived meanwhile: during a burst of connections the wishes
-                // change all the time, and deliveries must not wait for the burst to end.
-                if let Err(end) = dispatch_ready(shared, &mut stream, READY_AFTER_RECONCILE) {
-                    return end;
-                }
-            }
-            _ = probe.tick() => {
-                // A probe queued behind a backlog is not missing: deliver what already arrived
-                // before judging.
-                if let Err(end) = dispatch_ready(shared, &mut stream, READY_BEFORE_PROBE) {
-                    return end;
-                }
-                // Judged on the ticks, half a period early: a probe is sent right after a tick
-                // and accepted a round trip later, so its age at a tick is just under a multiple
-                // of the period.
-                let waiting = shared.oldest_pending_probe().map(|age| age + shared.settings.probe_interval / 2);
-                if waiting.is_some_and(|age| age >= lost) {
-                    return End::Lost("probe messages stopped arriving".to_owned());
-                }
-                shared.probe_missing.store(waiting.is_some_and(|age| age >= late), Ordering::Release);
-                tokio::spawn(send_probe(shared.clone()));
-            }
-            message = stream.next() => match message {
-                Some(message) => {
-                    if !dispatch(shared, &message) {
-                        return End::Stopped;
-                    }
-                }
-                None => return End::Lost("connection closed".to_owned()),
-            },
-        }
-    }
-}
-
-/// Publishes the next probe through the pool; only a probe Redis accepted is expected back.
-async fn send_probe(shared: Arc<Shared>) {
-    let session = shared.probe_session.load(Ordering::Acquire);
-    let next = shared.probe_published.load(Ordering::Acquire) + 1;
-    if shared.publish_bytes(&shared.probe_channel, next.to_string().as_bytes()).await.is_ok() {
-        let mut pending = shared.probes_pending();
-        if shared.probe_session.load(Ordering::Acquire) != session {
-            // Sent for a subscriber session that has ended.
-            return;
-        }
-        if pending.len() == PROBES_PENDING_MAX {
-            pending.pop_front();
-        }
-        pending.push_back((next, std::time::Instant::now()));
-        shared.probe_published.fetch_max(next, Ordering::AcqRel);
-    }
-}
-
-impl Shared {
-    /// How long the oldest probe Redis accepted has been waiting to come back, if one is.
-    fn oldest_pending_probe(&self) -> Option<Duration> {
-        let received = self.probe_received.load(Ordering::Acquire);
-        let mut pending = self.probes_pending();
-        while pending.front().is_some_and(|(seq, _)| *seq <= received) {
-            pending.pop_front();
-        }
-        pending.front().map(|(_, accepted)| accepted.elapsed())
-    }
-}
-
-/// Dispatches up to `limit` messages that already arrived, without waiting for more.
-fn dispatch_ready(
-    shared: &Shared,
-    stream: &mut (impl futures_util::Stream<Item = Msg> + Unpin),
-    limit: usize,
-) -> Result<(), End> {
-    for _ in 0..limit {
-        // Outside Tokio's per-task budget, which would otherwise end the drain after about 128
-        // messages as if nothing more had arrived.
-        match tokio::task::unconstrained(stream.next()).now_or_never() {
-            Some(Some(message)) => {
-                if !dispatch(shared, &message) {
-                    return Err(End::Stopped);
-                }
-            }
-            Some(None) => return Err(End::Lost("connection closed".to_owned())),
-            None => break,
-        }
-    }
-    Ok(())
-}
-
-/// Hands one message to the application. Returns `false` once the application is gone.
-fn dispatch(shared: &Shared, message: &Msg) -> bool {
-    let name = message.get_channel_name();
-    if name == shared.probe_channel {
-        if let Some(seq) = std::str::from_utf8(message.get_payload_bytes()).ok().and_then(|s| s.parse().ok())
-        {
-            shared.probe_received.fetch_max(seq, Ordering::AcqRel);
-        }
-        return true;
-    }
-    deliver(shared, name, message.get_payload_bytes())
 }
 
 /// Hands the message `payload` of channel `name` to the application: a control command, or a
@@ -284,39 +123,14 @@ pub(super) fn take_changes(shared: &Shared) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
         .partition(|name| subscriptions.wanted.contains(name))
 }
 
-/// Brings Redis in line with what is wanted: one SUBSCRIBE for everything missing, one
-/// UNSUBSCRIBE for everything no longer wanted (in batches of [`BATCH`]). Only the channels
-/// whose wish changed are looked at; a failure ends the session, and the next one subscribes
-/// everything wanted again.
-async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> Result<(), String> {
-    let (add, remove) = take_changes(shared);
-    let op_timeout = shared.settings.op_timeout;
-    for chunk in add.chunks(BATCH) {
-        let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
-        match tokio::time::timeout(op_timeout, sink.subscribe(&names)).await {
-            Ok(Ok(())) => {
-                shared.subscriptions().active.extend(chunk.iter().cloned());
-                shared.bump();
-            }
-            Ok(Err(error)) => return Err(format!("SUBSCRIBE failed: {error}")),
-            Err(_) => return Err("SUBSCRIBE not confirmed in time".to_owned()),
-        }
+/// Waits for Redis to confirm a subscription `command`, at most `after`.
+pub(super) async fn confirmed(
+    command: &'static str,
+    after: Duration,
+    confirmation: impl std::future::Future<Output = deadpool_redis::redis::RedisResult<()>>,
+) -> Result<(), RedisError> {
+    match tokio::time::timeout(after, confirmation).await {
+        Ok(result) => result.map_err(|source| RedisError::Subscription { command, source }),
+        Err(_) => Err(RedisError::NotConfirmed { command, after }),
     }
-    for chunk in remove.chunks(BATCH) {
-        // No longer counted as active from the moment the UNSUBSCRIBE leaves: a connection that
-        // wants the channel again meanwhile waits for the next SUBSCRIBE, not for this one.
-        {
-            let mut subscriptions = shared.subscriptions();
-            for name in chunk {
-                subscriptions.active.remove(name);
-            }
-        }
-        let names: Vec<&str> = chunk.iter().map(|name| &**name).collect();
-        match tokio::time::timeout(op_timeout, sink.unsubscribe(&names)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(format!("UNSUBSCRIBE failed: {error}")),
-            Err(_) => return Err("UNSUBSCRIBE not confirmed in time".to_owned()),
-        }
-    }
-    Ok(())
 }

@@ -7,8 +7,8 @@ use deadpool_redis::redis::sentinel::{SentinelClient, SentinelServerType};
 use deadpool_redis::redis::{self, aio::PubSub};
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 
-use super::RedisBrokerSettings;
-use super::routing::{ClusterPools, Op};
+use super::cluster::routing::{ClusterPools, Op};
+use super::{RedisBrokerSettings, RedisError};
 
 /// How to reach Redis.
 #[derive(Clone)]
@@ -37,11 +37,6 @@ impl std::fmt::Debug for RedisTarget {
     }
 }
 
-/// Why the Redis settings are unusable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct TargetError(pub String);
-
 fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
     sentinels.iter().map(|s| format!("redis://{s}")).collect()
 }
@@ -62,15 +57,15 @@ fn pool_config(settings: &RedisBrokerSettings) -> PoolConfig {
 }
 
 impl PublishPool {
-    pub(super) fn new(settings: &RedisBrokerSettings) -> Result<Self, TargetError> {
+    pub(super) fn new(settings: &RedisBrokerSettings) -> Result<Self, RedisError> {
         let runtime = Some(Runtime::Tokio1);
+        let creation = |error| RedisError::PoolCreation(Box::new(error));
         match &settings.target {
             RedisTarget::Url(url) => {
-                redis::Client::open(url.as_str())
-                    .map_err(|e| TargetError(format!("invalid Redis URL: {e}")))?;
+                redis::Client::open(url.as_str()).map_err(RedisError::InvalidUrl)?;
                 let mut config = deadpool_redis::Config::from_url(url.clone());
                 config.pool = Some(pool_config(settings));
-                config.create_pool(runtime).map(Self::Direct).map_err(|e| TargetError(e.to_string()))
+                config.create_pool(runtime).map(Self::Direct).map_err(creation)
             }
             RedisTarget::Sentinel { sentinels, master } => {
                 let mut config = deadpool_redis::sentinel::Config::from_urls(
@@ -79,7 +74,10 @@ impl PublishPool {
                     deadpool_redis::sentinel::SentinelServerType::Master,
                 );
                 config.pool = Some(pool_config(settings));
-                config.create_pool(runtime).map(Self::Sentinel).map_err(|e| TargetError(e.to_string()))
+                config
+                    .create_pool(runtime)
+                    .map(Self::Sentinel)
+                    .map_err(|error| RedisError::PoolCreation(Box::new(error)))
             }
             RedisTarget::Cluster { nodes } => {
                 cluster_client(nodes, settings.op_timeout, None)?;
@@ -106,8 +104,8 @@ impl PublishPool {
         }
     }
 
-    /// PUBLISH on a pooled connection; errors are described, never carrying the URL.
-    pub(super) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), String> {
+    /// PUBLISH on a pooled connection; errors never carry the URL.
+    pub(super) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), RedisError> {
         let mut command = redis::cmd(self.publish_command());
         command.arg(channel).arg(message);
         self.query(channel, command).await.map(|_| ())
@@ -119,46 +117,24 @@ impl PublishPool {
         &self,
         route: &str,
         invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<redis::Value, String> {
+    ) -> Result<redis::Value, RedisError> {
         let result = match self {
-            Self::Direct(pool) => match pool.get().await {
-                Ok(mut connection) => invocation.invoke_async(&mut connection).await,
-                Err(error) => return Err(format!("no Redis connection: {error}")),
-            },
-            Self::Sentinel(pool) => match pool.get().await {
-                Ok(mut connection) => invocation.invoke_async(&mut connection).await,
-                Err(error) => return Err(format!("no Redis connection: {error}")),
-            },
-            Self::Cluster(pools) => {
-                return pools
-                    .run(route, Op::Script(invocation))
-                    .await
-                    .map_err(|e| format!("Redis script failed: {e}"));
-            }
+            Self::Direct(pool) => invocation.invoke_async(&mut pool.get().await?).await,
+            Self::Sentinel(pool) => invocation.invoke_async(&mut pool.get().await?).await,
+            Self::Cluster(pools) => return pools.run(route, Op::Script(invocation)).await,
         };
-        result.map_err(|e| format!("Redis script failed: {e}"))
+        result.map_err(RedisError::script)
     }
 
     /// Runs one command on a pooled connection; on a cluster, on the master owning the slot of
     /// `route` (its key or sharded channel).
-    pub(super) async fn query(&self, route: &str, command: redis::Cmd) -> Result<redis::Value, String> {
+    pub(super) async fn query(&self, route: &str, command: redis::Cmd) -> Result<redis::Value, RedisError> {
         let result = match self {
-            Self::Direct(pool) => match pool.get().await {
-                Ok(mut connection) => command.query_async(&mut connection).await,
-                Err(error) => return Err(format!("no Redis connection: {error}")),
-            },
-            Self::Sentinel(pool) => match pool.get().await {
-                Ok(mut connection) => command.query_async(&mut connection).await,
-                Err(error) => return Err(format!("no Redis connection: {error}")),
-            },
-            Self::Cluster(pools) => {
-                return pools
-                    .run(route, Op::Command(&command))
-                    .await
-                    .map_err(|e| format!("Redis command failed: {e}"));
-            }
+            Self::Direct(pool) => command.query_async(&mut pool.get().await?).await,
+            Self::Sentinel(pool) => command.query_async(&mut pool.get().await?).await,
+            Self::Cluster(pools) => return pools.run(route, Op::Command(&command)).await,
         };
-        result.map_err(|e| format!("Redis command failed: {e}"))
+        result.map_err(RedisError::command)
     }
 
     /// Drops every idle pooled connection, so the next publish connects afresh (after a
@@ -183,7 +159,7 @@ pub(super) fn cluster_client(
     nodes: &[String],
     timeout: Duration,
     pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
-) -> Result<ClusterClient, TargetError> {
+) -> Result<ClusterClient, RedisError> {
     let urls: Vec<String> = nodes.iter().map(|node| format!("redis://{node}")).collect();
     let mut builder = ClusterClientBuilder::new(urls)
         .connection_timeout(timeout)
@@ -192,29 +168,34 @@ pub(super) fn cluster_client(
     if let Some(pushes) = pushes {
         builder = builder.push_sender(pushes);
     }
-    builder.build().map_err(|e| TargetError(format!("invalid Redis Cluster nodes: {e}")))
+    builder.build().map_err(RedisError::InvalidClusterNodes)
 }
 
 /// Opens a dedicated Pub/Sub connection to the current master.
-pub(super) async fn connect_pubsub(target: &RedisTarget, timeout: Duration) -> Result<PubSub, String> {
+pub(super) async fn connect_pubsub(master: &Master<'_>, timeout: Duration) -> Result<PubSub, RedisError> {
     let connect = async {
-        let client = match target {
-            RedisTarget::Url(url) => redis::Client::open(url.as_str()).map_err(|e| e.to_string())?,
-            RedisTarget::Cluster { .. } => {
-                return Err("a cluster has no single Pub/Sub connection".to_owned());
-            }
-            RedisTarget::Sentinel { sentinels, master } => {
+        let client = match master {
+            Master::Url(url) => redis::Client::open(*url).map_err(RedisError::InvalidUrl)?,
+            Master::Sentinel { sentinels, master } => {
                 let mut sentinel = SentinelClient::build(
                     sentinel_urls(sentinels),
-                    master.clone(),
+                    (*master).to_owned(),
                     None,
                     SentinelServerType::Master,
                 )
-                .map_err(|e| e.to_string())?;
-                sentinel.async_get_client().await.map_err(|e| format!("no master from Sentinel: {e}"))?
+                .map_err(RedisError::InvalidUrl)?;
+                sentinel.async_get_client().await.map_err(RedisError::NoMasterFromSentinel)?
             }
         };
-        client.get_async_pubsub().await.map_err(|e| e.to_string())
+        client.get_async_pubsub().await.map_err(RedisError::Connection)
     };
-    tokio::time::timeout(timeout, connect).await.map_err(|_| format!("no connection within {timeout:?}"))?
+    tokio::time::timeout(timeout, connect)
+        .await
+        .unwrap_or(Err(RedisError::Timeout { what: "no connection", after: timeout }))
+}
+
+/// The master a subscriber on one Redis connects to: at a URL, or the one Sentinel names.
+pub(super) enum Master<'a> {
+    Url(&'a str),
+    Sentinel { sentinels: &'a [String], master: &'a str },
 }

@@ -13,9 +13,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, ErrorKind, RedisError, ScriptInvocation, ServerErrorKind, Value};
+use deadpool_redis::redis::{self, ErrorKind, ScriptInvocation, ServerErrorKind, Value};
 use deadpool_redis::{Pool, PoolConfig, Runtime};
 use tokio::time::Instant;
+
+use super::super::RedisError;
 
 /// Number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
@@ -26,7 +28,7 @@ const REFRESH_COOLDOWN: Duration = Duration::from_millis(100);
 
 /// The hash slot of a key or sharded channel name (CRC16/XMODEM of its hash tag, or of the
 /// whole name when it has none, modulo 16384).
-pub(super) fn slot(name: &[u8]) -> u16 {
+pub(in crate::outbound::redis) fn slot(name: &[u8]) -> u16 {
     let tagged = name
         .iter()
         .position(|b| *b == b'{')
@@ -51,15 +53,15 @@ fn crc16(bytes: &[u8]) -> u16 {
 
 /// The masters of the cluster and the slot ranges each owns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Topology {
+pub(in crate::outbound::redis) struct Topology {
     /// `host:port` → inclusive slot ranges.
-    pub(super) masters: HashMap<String, Vec<(u16, u16)>>,
+    pub(in crate::outbound::redis) masters: HashMap<String, Vec<(u16, u16)>>,
 }
 
 impl Topology {
     /// From a `CLUSTER SLOTS` reply given by the node at `asked` (whose host stands in for
     /// an empty one).
-    pub(super) fn parse(reply: &Value, asked: &str) -> Option<Self> {
+    pub(in crate::outbound::redis) fn parse(reply: &Value, asked: &str) -> Option<Self> {
         let Value::Array(ranges) = reply else { return None };
         let asked_host = asked.rsplit_once(':').map_or(asked, |(host, _)| host);
         let mut masters: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
@@ -84,7 +86,7 @@ impl Topology {
     }
 
     /// The master owning `slot`, if any.
-    pub(super) fn owner(&self, slot: u16) -> Option<&str> {
+    pub(in crate::outbound::redis) fn owner(&self, slot: u16) -> Option<&str> {
         self.masters
             .iter()
             .find(|(_, ranges)| ranges.iter().any(|(start, end)| (*start..=*end).contains(&slot)))
@@ -94,7 +96,7 @@ impl Topology {
 
 /// A command or a script.
 #[derive(Clone, Copy)]
-pub(super) enum Op<'a> {
+pub(in crate::outbound::redis) enum Op<'a> {
     Command(&'a redis::Cmd),
     Script(&'a ScriptInvocation<'a>),
 }
@@ -113,10 +115,18 @@ impl Op<'_> {
             Self::Script(invocation) => invocation.invoke_async(connection).await,
         }
     }
+
+    /// The failure of this operation, as Redis answered it.
+    fn failure(self, error: redis::RedisError) -> RedisError {
+        match self {
+            Self::Command(_) => RedisError::command(error),
+            Self::Script(_) => RedisError::script(error),
+        }
+    }
 }
 
 /// The pools of the masters, and the topology that routes to them.
-pub(super) struct ClusterPools {
+pub(in crate::outbound::redis) struct ClusterPools {
     seeds: Vec<String>,
     config: PoolConfig,
     timeout: Duration,
@@ -127,7 +137,7 @@ pub(super) struct ClusterPools {
 }
 
 impl ClusterPools {
-    pub(super) fn new(seeds: Vec<String>, config: PoolConfig, timeout: Duration) -> Self {
+    pub(in crate::outbound::redis) fn new(seeds: Vec<String>, config: PoolConfig, timeout: Duration) -> Self {
         Self {
             seeds,
             config,
@@ -138,24 +148,26 @@ impl ClusterPools {
         }
     }
 
-    pub(super) fn topology(&self) -> Arc<Topology> {
+    pub(in crate::outbound::redis) fn topology(&self) -> Arc<Topology> {
         self.topology.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    fn pool(&self, node: &str) -> Result<Pool, String> {
+    fn pool(&self, node: &str) -> Result<Pool, RedisError> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(pool) = pools.get(node) {
             return Ok(pool.clone());
         }
         let mut config = deadpool_redis::Config::from_url(format!("redis://{node}"));
         config.pool = Some(self.config);
-        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| e.to_string())?;
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|error| RedisError::PoolCreation(Box::new(error)).at(node))?;
         pools.insert(node.to_owned(), pool.clone());
         Ok(pool)
     }
 
     /// Asks the masters, then the seeds, for the topology; the first answer wins.
-    pub(super) async fn refresh(&self) -> Result<Arc<Topology>, String> {
+    pub(in crate::outbound::redis) async fn refresh(&self) -> Result<Arc<Topology>, RedisError> {
         let mut refreshed = self.refreshed.lock().await;
         if refreshed.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN) {
             return Ok(self.topology());
@@ -166,7 +178,7 @@ impl ClusterPools {
                 candidates.push(seed.clone());
             }
         }
-        let mut last_error = "no Redis Cluster node to ask".to_owned();
+        let mut last_error = RedisError::NoClusterNode;
         for node in candidates {
             match self.ask_topology(&node).await {
                 Ok(topology) => {
@@ -185,29 +197,33 @@ impl ClusterPools {
         Err(last_error)
     }
 
-    async fn ask_topology(&self, node: &str) -> Result<Topology, String> {
+    async fn ask_topology(&self, node: &str) -> Result<Topology, RedisError> {
         let ask = async {
-            let mut connection = self.pool(node)?.get().await.map_err(|e| e.to_string())?;
+            let mut connection = self.pool(node)?.get().await?;
             let reply: Value = redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut connection)
                 .await
-                .map_err(|e| e.to_string())?;
-            let topology = Topology::parse(&reply, node).ok_or("unexpected answer to CLUSTER SLOTS")?;
+                .map_err(RedisError::command)?;
+            let topology =
+                Topology::parse(&reply, node).ok_or(RedisError::UnexpectedReply("CLUSTER SLOTS"))?;
             if topology.masters.is_empty() {
-                return Err("no master owns a slot".to_owned());
+                return Err(RedisError::NoSlotServed);
             }
             Ok(topology)
         };
-        tokio::time::timeout(self.timeout, ask).await.map_err(|_| format!("{node} did not answer in time"))?
+        let after = self.timeout;
+        tokio::time::timeout(after, ask)
+            .await
+            .unwrap_or(Err(RedisError::Timeout { what: "no answer", after }))
+            .map_err(|error| error.at(node))
     }
 
     /// Runs `op` on the master owning the slot of `route` (a key or a sharded channel).
-    pub(super) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, String> {
+    pub(in crate::outbound::redis) async fn run(&self, route: &str, op: Op<'_>) -> Result<Value, RedisError> {
         let slot = slot(route.as_bytes());
         let mut redirect: Option<String> = None;
         let mut asking = false;
-        let mut last_error = String::new();
         for _ in 0..ATTEMPTS {
             let node = match redirect.take() {
                 Some(node) => node,
@@ -215,48 +231,45 @@ impl ClusterPools {
                     Some(node) => node.to_owned(),
                     None => match self.refresh().await?.owner(slot) {
                         Some(node) => node.to_owned(),
-                        None => return Err(format!("no Redis Cluster master owns slot {slot}")),
+                        None => return Err(RedisError::SlotUnowned(slot)),
                     },
                 },
             };
-            let connection = match self.pool(&node)?.get().await {
-                Ok(connection) => Ok(connection),
-                Err(error) => Err(format!("no connection to {node}: {error}")),
-            };
-            let result = match connection {
-                Ok(mut connection) => op.send(&mut connection, std::mem::take(&mut asking)).await,
+            let mut connection = match self.pool(&node)?.get().await {
+                Ok(connection) => connection,
                 Err(error) => {
-                    last_error = error;
                     if self.moved_away(slot, &node).await {
                         continue;
                     }
-                    return Err(last_error);
+                    return Err(RedisError::from(error).at(&node));
                 }
             };
-            let error = match result {
+            let error = match op.send(&mut connection, std::mem::take(&mut asking)).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };
-            last_error = error.to_string();
             match error.kind() {
-                ErrorKind::Server(ServerErrorKind::Moved) => {
-                    redirect = Some(redirect_node(&error, &node).ok_or_else(|| last_error.clone())?);
-                    // The next commands go to the new owner without a redirection.
-                    let _ = self.refresh().await;
-                }
-                ErrorKind::Server(ServerErrorKind::Ask) => {
-                    redirect = Some(redirect_node(&error, &node).ok_or_else(|| last_error.clone())?);
-                    asking = true;
+                ErrorKind::Server(kind @ (ServerErrorKind::Moved | ServerErrorKind::Ask)) => {
+                    let Some(to) = redirect_node(&error, &node) else {
+                        return Err(RedisError::RedirectionWithoutNode(error).at(&node));
+                    };
+                    redirect = Some(to);
+                    if kind == ServerErrorKind::Ask {
+                        asking = true;
+                    } else {
+                        // The next commands go to the new owner without a redirection.
+                        let _ = self.refresh().await;
+                    }
                 }
                 _ if error.is_io_error() || error.is_unrecoverable_error() => {
                     if !self.moved_away(slot, &node).await {
-                        return Err(last_error);
+                        return Err(op.failure(error).at(&node));
                     }
                 }
-                _ => return Err(last_error),
+                _ => return Err(op.failure(error).at(&node)),
             }
         }
-        Err(last_error)
+        Err(RedisError::TooManyRedirections { slot, attempts: ATTEMPTS })
     }
 
     /// Whether `slot` has another owner than `node` once the topology is refreshed.
@@ -270,7 +283,7 @@ impl ClusterPools {
 
 /// The node a `MOVED` or `ASK` answer of `asked` names, as `host:port` (an unknown host, sent as
 /// `:port`, is `asked`'s).
-fn redirect_node(error: &RedisError, asked: &str) -> Option<String> {
+fn redirect_node(error: &redis::RedisError, asked: &str) -> Option<String> {
     let (address, _slot) = error.redirect_node()?;
     Some(match address.strip_prefix(':') {
         Some(port) => format!("{}:{port}", asked.rsplit_once(':').map_or(asked, |(host, _)| host)),

@@ -1,7 +1,7 @@
 //! The subscriber of a Redis Cluster: sharded Pub/Sub (`SSUBSCRIBE`) over one cluster
 //! connection of the `redis` crate, which holds one multiplexed connection per node. Commands
 //! (publishes, scripts, presence, delivery ids) do not use it: they go through the per-master
-//! pools of `routing`, so that a failing master never delays the others.
+//! pools of [`routing`], so that a failing master never delays the others.
 //!
 //! - A sharded channel lives on the master owning its hash slot, and one `SSUBSCRIBE` may only
 //!   name channels of one slot: subscriptions are sent grouped by slot, each group on its own
@@ -16,14 +16,17 @@
 //! - Every probe interval the topology is read through the pools; channels whose slot changed
 //!   owner are subscribed again, on the new owner, then checked.
 //! - Each master has a probe channel (a name hashing to one of its slots); a probe is published
-//!   to each every second through the pools. A master whose probes are accepted but do not come
-//!   back has its channels subscribed again; when that does not help, the whole session starts
-//!   over. A master that cannot be reached (failing over) does not make the instance unready:
-//!   the other masters' channels work on, and its own resume once a replica took over.
+//!   to each every second through the pools, and judged by its own age as on one Redis (see
+//!   `probe`): late, the instance is not ready; lost, the master's channels are subscribed
+//!   again; when that does not help, the whole session starts over. A master that cannot be
+//!   reached (failing over) does not make the instance unready: the other masters' channels
+//!   work on, and its own resume once a replica took over.
+
+pub(super) mod routing;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_redis::redis::cluster_async::ClusterConnection;
@@ -32,17 +35,20 @@ use domain::channel::{GLOBAL_CHANNEL, SYSTEM_CHANNEL};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::routing::{Topology, slot};
-use super::subscriber::{End, deliver, take_changes, with_backoff};
+use routing::{ClusterPools, Topology, slot};
+
+use super::probe::{self, ProbeTracker, Verdict};
+use super::subscriber::{
+    End, READY_AFTER_RECONCILE, READY_BEFORE_PROBE, confirmed, deliver, take_changes, with_backoff,
+};
 use super::target::cluster_client;
-use super::{CONTROL_CHANNEL, Shared};
+use super::{CONTROL_CHANNEL, RedisError, Shared};
 
 /// Slot groups subscribed or unsubscribed at once.
 const CONCURRENT_GROUPS: usize = 64;
-/// Probes of one master accepted without coming back before its channels are subscribed again.
-const RESUBSCRIBE_AFTER_MISSED: u32 = 3;
-/// … and before the whole session starts over.
-const RECONNECT_AFTER_MISSED: u32 = 6;
+/// Periods the oldest probe of a master may wait to come back before the whole session starts
+/// over: its channels were subscribed again once it counted as lost, and that did not help.
+const RECONNECT_AFTER: u32 = 6;
 /// Delay before the positions are checked after a re-subscription, so that one topology change
 /// (many confirmations) makes one check.
 const CHECK_DELAY: Duration = Duration::from_millis(100);
@@ -50,23 +56,23 @@ const CHECK_DELAY: Duration = Duration::from_millis(100);
 /// The probe of one master.
 struct Probe {
     channel: Arc<str>,
-    /// Highest probe the master accepted, and highest that came back.
-    published: Arc<AtomicU64>,
-    received: u64,
-    /// The last publish failed: the master is unreachable (or failing over).
-    unreachable: Arc<AtomicBool>,
-    missed: u32,
+    tracker: Arc<Mutex<ProbeTracker>>,
+    /// The master's channels were subscribed again since its probes count as lost: next, the
+    /// session starts over.
+    resubscribed: bool,
 }
 
 /// What a subscription task reports back.
 struct Outcome {
     names: Vec<Arc<str>>,
     subscribe: bool,
-    result: Result<(), String>,
+    result: Result<(), RedisError>,
 }
 
 /// One connection to the cluster and what this instance asked of it.
-struct Session {
+struct Session<'a> {
+    /// The pools commands go through, where the topology is read.
+    pools: &'a ClusterPools,
     connection: ClusterConnection,
     topology: Topology,
     /// Probe channel per master.
@@ -87,15 +93,15 @@ struct Session {
     retry: bool,
 }
 
-pub(super) async fn run(shared: Arc<Shared>, nodes: Vec<String>) {
+pub(super) async fn run(shared: &Arc<Shared>, pools: &ClusterPools, nodes: &[String]) {
     let messages = (
         "Redis Cluster subscriber session lost; reconnecting",
         "Redis Cluster unreachable; retrying with backoff",
     );
-    with_backoff(&shared, messages, || async {
+    with_backoff(shared, messages, || async {
         let (pushes_tx, pushes) = mpsc::unbounded_channel();
-        let connection = connect(&shared, &nodes, pushes_tx).await?;
-        Ok(session(&shared, connection, pushes).await)
+        let connection = connect(shared, nodes, pushes_tx).await?;
+        Ok(session(shared, pools, connection, pushes).await)
     })
     .await;
 }
@@ -104,23 +110,24 @@ async fn connect(
     shared: &Shared,
     nodes: &[String],
     pushes: mpsc::UnboundedSender<PushInfo>,
-) -> Result<ClusterConnection, String> {
-    let timeout = shared.settings.op_timeout;
-    let client = cluster_client(nodes, timeout, Some(pushes)).map_err(|e| e.0)?;
-    match tokio::time::timeout(timeout * 3, client.get_async_connection()).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(format!("cannot connect to the Redis Cluster: {error}")),
-        Err(_) => Err(format!("no connection to the Redis Cluster within {:?}", timeout * 3)),
+) -> Result<ClusterConnection, RedisError> {
+    let after = shared.settings.op_timeout * 3;
+    let client = cluster_client(nodes, shared.settings.op_timeout, Some(pushes))?;
+    match tokio::time::timeout(after, client.get_async_connection()).await {
+        Ok(connection) => connection.map_err(RedisError::Connection),
+        Err(_) => Err(RedisError::Timeout { what: "no connection to the Redis Cluster", after }),
     }
 }
 
 async fn session(
     shared: &Arc<Shared>,
+    pools: &ClusterPools,
     connection: ClusterConnection,
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
 ) -> End {
     let (outcomes_tx, mut outcomes) = mpsc::unbounded_channel();
     let mut session = Session {
+        pools,
         connection,
         topology: Topology::default(),
         probes: HashMap::new(),
@@ -155,10 +162,13 @@ async fn session(
             },
             push = pushes.recv() => match push {
                 Some(push) => if !session.on_push(shared, push) { return End::Stopped },
-                None => return End::Lost("connection closed".to_owned()),
+                None => return End::Lost(RedisError::ConnectionClosed),
             },
             () = tokio::time::sleep_until(deadline) => {
-                return End::Lost("the cluster did not confirm the subscriptions in time".to_owned());
+                return End::Lost(RedisError::Timeout {
+                    what: "the cluster did not confirm the subscriptions",
+                    after: shared.settings.confirm_timeout,
+                });
             }
         }
     }
@@ -179,14 +189,25 @@ async fn session(
         tokio::select! {
             biased;
             () = shared.stop.notified() => return End::Stopped,
-            () = shared.wish_changed.notified() => session.reconcile(shared),
-            Some(outcome) = outcomes.recv() => session.apply(shared, outcome),
+            // Subscription changes, their outcomes and probes come before messages, so a busy
+            // channel never delays a new connection's subscription or the health check; some of
+            // what arrived meanwhile follows each change, so that during a burst of connections
+            // deliveries do not wait for the burst to end.
+            () = shared.wish_changed.notified() => {
+                session.reconcile(shared);
+                if !session.drain(shared, &mut pushes, READY_AFTER_RECONCILE) {
+                    return End::Stopped;
+                }
+            }
+            Some(outcome) = outcomes.recv() => {
+                session.apply(shared, outcome);
+                if !session.drain(shared, &mut pushes, READY_AFTER_RECONCILE) {
+                    return End::Stopped;
+                }
+            }
             _ = probe.tick() => {
-                // Deliver what already arrived before judging the probes.
-                while let Ok(push) = pushes.try_recv() {
-                    if !session.on_push(shared, push) {
-                        return End::Stopped;
-                    }
+                if !session.drain(shared, &mut pushes, READY_BEFORE_PROBE) {
+                    return End::Stopped;
                 }
                 if let Err(reason) = session.tick(shared).await {
                     return End::Lost(reason);
@@ -200,7 +221,7 @@ async fn session(
             }
             push = pushes.recv() => match push {
                 Some(push) => if !session.on_push(shared, push) { return End::Stopped },
-                None => return End::Lost("connection closed".to_owned()),
+                None => return End::Lost(RedisError::ConnectionClosed),
             },
         }
     }
@@ -221,15 +242,14 @@ fn text(value: &Value) -> Option<&[u8]> {
     }
 }
 
-impl Session {
+impl Session<'_> {
     /// Reads the topology through the publish pools. When slots changed owner, the channels
     /// of those slots are subscribed again (the cluster connection moves them too, but only once
     /// it notices), then checked.
-    async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), String> {
-        let Some(pools) = shared.pool.cluster() else { return Err("not a cluster".to_owned()) };
-        let refreshed = shared.timed(pools.refresh()).await;
+    async fn refresh_topology(&mut self, shared: &Shared) -> Result<(), RedisError> {
+        let refreshed = shared.timed(self.pools.refresh()).await;
         shared.publisher_up.store(refreshed.is_ok(), Ordering::Release);
-        let topology = refreshed.map_err(|e| e.to_string())?;
+        let topology = refreshed?;
         if *topology == self.topology {
             return Ok(());
         }
@@ -288,13 +308,8 @@ impl Session {
                 let channel: Arc<str> = name.into();
                 self.internal.insert(channel.clone());
                 subscribe.push(channel.clone());
-                let probe = Probe {
-                    channel,
-                    published: Arc::new(AtomicU64::new(0)),
-                    received: 0,
-                    unreachable: Arc::new(AtomicBool::new(false)),
-                    missed: 0,
-                };
+                let tracker = ProbeTracker::shared(shared.settings.probe_interval);
+                let probe = Probe { channel, tracker, resubscribed: false };
                 self.probes.insert(node, probe);
             }
         }
@@ -333,11 +348,8 @@ impl Session {
                                 connection.sunsubscribe(&args).await
                             }
                         };
-                        let result = match tokio::time::timeout(timeout, command).await {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(error)) => Err(error.to_string()),
-                            Err(_) => Err(format!("not confirmed within {timeout:?}")),
-                        };
+                        let verb = if subscribe { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" };
+                        let result = confirmed(verb, timeout, command).await;
                         let _ = outcomes.send(Outcome { names, subscribe, result });
                     }
                 })
@@ -413,16 +425,33 @@ impl Session {
         self.send(shared, remove, false);
     }
 
+    /// Handles up to `limit` pushes that already arrived, without waiting for more. Returns
+    /// `false` once the application is gone.
+    fn drain(
+        &mut self,
+        shared: &Shared,
+        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        limit: usize,
+    ) -> bool {
+        for _ in 0..limit {
+            // `try_recv` is outside Tokio's task budget: the drain ends only when nothing more
+            // arrived. A closed queue is left to the session's loop.
+            let Ok(push) = pushes.try_recv() else { break };
+            if !self.on_push(shared, push) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Handles one push of the connection. Returns `false` once the application is gone.
     fn on_push(&mut self, shared: &Shared, push: PushInfo) -> bool {
         let name = push.data.first().and_then(text).and_then(|n| std::str::from_utf8(n).ok());
         match (push.kind, name) {
             (PushKind::SMessage | PushKind::Message, Some(name)) => {
                 let payload = push.data.get(1).and_then(text).unwrap_or_default();
-                if let Some(probe) = self.probes.values_mut().find(|probe| &*probe.channel == name) {
-                    if let Some(seq) = std::str::from_utf8(payload).ok().and_then(|s| s.parse().ok()) {
-                        probe.received = probe.received.max(seq);
-                    }
+                if let Some(probe) = self.probes.values().find(|probe| &*probe.channel == name) {
+                    probe::lock(&probe.tracker).received(payload);
                     return true;
                 }
                 deliver(shared, name, payload)
@@ -472,27 +501,31 @@ impl Session {
 
     /// Once per probe interval: refresh the topology, judge and publish the probes, retry what
     /// failed.
-    async fn tick(&mut self, shared: &Arc<Shared>) -> Result<(), String> {
+    async fn tick(&mut self, shared: &Arc<Shared>) -> Result<(), RedisError> {
         if let Err(reason) = self.refresh_topology(shared).await {
             tracing::debug!(%reason, "Redis Cluster topology not refreshed");
         }
         self.update_probes(shared);
         let mut missing = false;
         let mut deaf_nodes = Vec::new();
+        let now = std::time::Instant::now();
         for (node, probe) in &mut self.probes {
-            let unreachable = probe.unreachable.load(Ordering::Acquire);
-            if probe.received < probe.published.load(Ordering::Acquire) {
-                probe.missed += 1;
-                missing = true;
-                if probe.missed >= RECONNECT_AFTER_MISSED {
-                    return Err(format!("probe messages of {node} stopped arriving"));
+            let (verdict, unreachable) = {
+                let mut tracker = probe::lock(&probe.tracker);
+                (tracker.judge(now), tracker.refused())
+            };
+            match verdict {
+                Verdict::Lost { periods } if periods >= RECONNECT_AFTER => {
+                    return Err(RedisError::MasterProbesLost { node: node.clone() });
                 }
-                if probe.missed == RESUBSCRIBE_AFTER_MISSED {
-                    deaf_nodes.push(node.clone());
+                Verdict::Lost { .. } => {
+                    if !std::mem::replace(&mut probe.resubscribed, true) {
+                        deaf_nodes.push(node.clone());
+                    }
                 }
-            } else {
-                probe.missed = 0;
+                Verdict::OnTime | Verdict::Late => probe.resubscribed = false,
             }
+            missing |= verdict != Verdict::OnTime;
             // A master that cannot be reached is failing over: its channels are unavailable
             // until a replica took over, the others work on.
             missing |= !unreachable && !self.internal_active.contains(&probe.channel);
@@ -503,12 +536,7 @@ impl Session {
             self.resubscribe_node(shared, &node);
         }
         for probe in self.probes.values() {
-            tokio::spawn(send_probe(
-                shared.clone(),
-                probe.channel.clone(),
-                probe.published.clone(),
-                probe.unreachable.clone(),
-            ));
+            tokio::spawn(probe::send(shared.clone(), probe.channel.clone(), probe.tracker.clone()));
         }
         // A lost channel no longer wanted will not be confirmed: nothing to check for it.
         if !self.lost.is_empty() {
@@ -566,20 +594,5 @@ fn forget(expected: &mut HashMap<Arc<str>, u32>, name: &str) -> bool {
             true
         }
         None => false,
-    }
-}
-
-/// Publishes the next probe of one master; only a probe the master accepted is expected back.
-async fn send_probe(
-    shared: Arc<Shared>,
-    channel: Arc<str>,
-    published: Arc<AtomicU64>,
-    unreachable: Arc<AtomicBool>,
-) {
-    let next = published.load(Ordering::Acquire) + 1;
-    let accepted = shared.publish_bytes(&channel, next.to_string().as_bytes()).await.is_ok();
-    unreachable.store(!accepted, Ordering::Release);
-    if accepted {
-        published.fetch_max(next, Ordering::AcqRel);
     }
 }
