@@ -297,6 +297,8 @@ impl TestApp {
 /// A real WebSocket client.
 pub(crate) struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// How long it waits for each frame: [`PATIENCE`] unless a test says otherwise.
+    pub(crate) patience: Duration,
 }
 
 impl WsClient {
@@ -304,7 +306,7 @@ impl WsClient {
         request: tungstenite::handshake::client::Request,
     ) -> Result<Self, (u16, Value)> {
         match tokio_tungstenite::connect_async(request).await {
-            Ok((socket, _)) => Ok(Self { socket }),
+            Ok((socket, _)) => Ok(Self { socket, patience: PATIENCE }),
             Err(tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
                 let body = response
@@ -328,16 +330,16 @@ impl WsClient {
         let stream = socket.connect(host.parse().expect("addr")).await.expect("tcp connect");
         let (socket, _) =
             tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await.expect("handshake");
-        Self { socket }
+        Self { socket, patience: PATIENCE }
     }
 
-    /// The next frame, which must arrive within [`PATIENCE`].
+    /// The next frame, which must arrive within the client's patience.
     pub(crate) async fn next_message(&mut self) -> Message {
-        match tokio::time::timeout(PATIENCE, self.socket.next()).await {
+        match tokio::time::timeout(self.patience, self.socket.next()).await {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(error))) => panic!("socket error: {error}"),
             Ok(None) => panic!("socket closed"),
-            Err(_) => panic!("no frame within {PATIENCE:?}"),
+            Err(_) => panic!("no frame within {:?}", self.patience),
         }
     }
 

@@ -3,11 +3,14 @@
 
 mod helpers;
 mod redis_support;
+mod sse_client;
+mod transport;
 
 mod broker_contract;
 mod browser;
 mod chaos;
 mod cluster;
+mod contract;
 mod deployment;
 mod direct;
 mod framing;

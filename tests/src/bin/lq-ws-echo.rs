@@ -17,7 +17,9 @@ const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 async fn main() -> std::process::ExitCode {
     let arg = std::env::args().nth(1);
     if matches!(arg.as_deref(), Some("-h" | "--help")) {
-        println!("usage: lq-ws-echo [ADDR]   (default 127.0.0.1:9001): the WebSocket transport echoing every message");
+        println!(
+            "usage: lq-ws-echo [ADDR]   (default 127.0.0.1:9001): the WebSocket transport echoing every message"
+        );
         return std::process::ExitCode::SUCCESS;
     }
     let addr = arg.unwrap_or_else(|| "127.0.0.1:9001".to_owned());
@@ -30,8 +32,11 @@ async fn main() -> std::process::ExitCode {
     };
     let local = listener.local_addr().map_or(addr, |a| a.to_string());
     println!("lq-ws-echo listening on ws://{local}");
-    let settings =
-        WsSettings { max_message_bytes: MAX_MESSAGE_BYTES, outbound_queue_bytes: QUEUE_BYTES, ..WsSettings::default() };
+    let settings = WsSettings {
+        max_message_bytes: MAX_MESSAGE_BYTES,
+        outbound_queue_bytes: QUEUE_BYTES,
+        ..WsSettings::default()
+    };
     echo::serve(listener, settings).await;
     std::process::ExitCode::SUCCESS
 }
