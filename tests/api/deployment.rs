@@ -117,7 +117,19 @@ fn docker_compose_runs_redis_three_instances_and_nginx_as_the_only_entry_point()
     }
     let directives: String =
         config.lines().map(|line| line.split('#').next().unwrap_or_default()).collect::<Vec<_>>().join("\n");
-    assert!(!directives.contains("ip_hash") && !directives.contains("sticky"), "no sticky sessions");
+    // Any instance serves any WebSocket client: no affinity there. An SSE stream's POSTs must
+    // reach the instance holding it: /sse goes by client address.
+    let upstream = |name: &str| {
+        let start =
+            directives.find(&format!("upstream {name} {{")).unwrap_or_else(|| panic!("upstream {name}"));
+        directives[start..].split('}').next().unwrap_or_default().to_owned()
+    };
+    let main = upstream("lq_realtime");
+    assert!(!main.contains("ip_hash") && !main.contains("sticky"), "no sticky sessions: {main}");
+    assert!(upstream("lq_realtime_sse").contains("ip_hash;"), "SSE by client address");
+    assert!(
+        directives.contains("location /sse {") && directives.contains("proxy_pass http://lq_realtime_sse;")
+    );
     for directive in ["proxy_http_version 1.1", "Upgrade $http_upgrade", "$connection_upgrade"] {
         assert!(config.contains(directive), "{directive} missing");
     }
