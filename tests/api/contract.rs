@@ -223,23 +223,14 @@ async fn a_client_that_stops_reading_is_closed_with_4008(t: Transport) {
         Transport::WebSocket => {
             let url = app.ws_url(&format!("?token={}", token("slow", "acme")));
             let socket = WsClient::connect_with_small_buffer(&url, 4096).await;
-            Client::Ws { socket, since: None, user_since: None }
+            let mut slow = Client::Ws { socket, since: None, user_since: None };
+            assert_eq!(slow.next_json().await["type"], "welcome");
+            slow
         }
         Transport::Sse => {
-            let path = format!("/sse?token={}", token("slow", "acme"));
-            let stream =
-                crate::sse_client::SseClient::open(app.addr, &path, &[], Some(4096)).await.expect("open");
-            Client::Sse {
-                stream,
-                addr: app.addr,
-                token: token("slow", "acme"),
-                connection_id: String::new(),
-                http: app.http.clone(),
-                replies: Default::default(),
-            }
+            Client::open_sse(app.addr, &app.http, "slow", "acme", "", &[], Some(4096)).await.expect("open").0
         }
     };
-    assert_eq!(slow.next_json().await["type"], "welcome");
     let filler = "x".repeat(8 * 1024);
     // Well past what the client's buffers, the server's socket buffer and the 64 KiB queue hold.
     for n in 0..200 {

@@ -241,6 +241,13 @@ async fn websockets_and_webhooks_work_through_the_compose_load_balancer_configur
         clients.push(client);
     }
     assert!(instance_prefixes.len() >= 2, "clients spread over instances: {instance_prefixes:?}");
+    // An SSE stream through nginx, and its POSTs reach the instance that holds it.
+    let http = reqwest::Client::new();
+    let front_addr = front.parse().expect("address");
+    let (mut stream, _) = crate::transport::Client::open_sse(front_addr, &http, "s1", "acme", "", &[], None)
+        .await
+        .expect("stream");
+    stream.expect_nothing_pending().await;
 
     let body = serde_json::to_vec(&json!({"via": "nginx"})).expect("json");
     let response = reqwest::Client::new()
@@ -255,6 +262,7 @@ async fn websockets_and_webhooks_work_through_the_compose_load_balancer_configur
     for client in &mut clients {
         assert_eq!(client.next_json().await["payload"]["data"]["via"], "nginx");
     }
+    assert_eq!(stream.next_json().await["payload"]["data"]["via"], "nginx");
 }
 
 /// An inline config of the compose file, as its container receives it.

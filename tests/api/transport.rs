@@ -68,21 +68,7 @@ impl TestApp {
                 Ok((client, welcome))
             }
             Transport::Sse => {
-                let stream =
-                    SseClient::open(self.addr, &format!("/sse?token={token}{query}"), headers, None).await?;
-                let mut client = Client::Sse {
-                    stream,
-                    addr: self.addr,
-                    token,
-                    connection_id: String::new(),
-                    http: self.http.clone(),
-                    replies: Default::default(),
-                };
-                let welcome = client.next_json().await;
-                if let Client::Sse { connection_id, .. } = &mut client {
-                    *connection_id = welcome["payload"]["connection_id"].as_str().expect("an id").to_owned();
-                }
-                Ok((client, welcome))
+                Client::open_sse(self.addr, &self.http, user, tenant, query, headers, None).await
             }
         }
     }
@@ -119,6 +105,36 @@ impl TestApp {
 }
 
 impl Client {
+    /// Opens an SSE stream of `user` of `tenant` on `addr` (a receive buffer of `recv_buffer`
+    /// bytes when given) with `query` after the token and `headers`; returns the client and its
+    /// welcome.
+    pub(crate) async fn open_sse(
+        addr: std::net::SocketAddr,
+        http: &reqwest::Client,
+        user: &str,
+        tenant: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+        recv_buffer: Option<u32>,
+    ) -> Result<(Client, Value), (u16, Value)> {
+        let token = token(user, tenant);
+        let path = format!("/sse?token={token}{query}");
+        let stream = SseClient::open(addr, &path, headers, recv_buffer).await?;
+        let mut client = Client::Sse {
+            stream,
+            addr,
+            token,
+            connection_id: String::new(),
+            http: http.clone(),
+            replies: Default::default(),
+        };
+        let welcome = client.next_json().await;
+        if let Client::Sse { connection_id, .. } = &mut client {
+            *connection_id = welcome["payload"]["connection_id"].as_str().expect("an id").to_owned();
+        }
+        Ok((client, welcome))
+    }
+
     /// The next frame, or the close code if the connection closes first.
     pub(crate) async fn next_data_or_close(&mut self) -> Result<Value, u16> {
         match self {
