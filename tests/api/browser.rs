@@ -162,6 +162,12 @@ impl Browser {
     /// waits until the connection is open.
     async fn connect_console(&self, url: &str, token: Option<&str>) {
         self.goto(url).await;
+        self.connect_loaded_console(token, "auto").await;
+    }
+
+    /// [`Browser::connect_console`] on the page already loaded, with `transport` chosen in the
+    /// page's switch (`auto`, `websocket` or `sse`).
+    async fn connect_loaded_console(&self, token: Option<&str>, transport: &str) {
         match token {
             Some(token) => self.fill("#token", token).await,
             None => {
@@ -173,8 +179,14 @@ impl Browser {
                 .await;
             }
         }
+        self.click(&format!("#transport-choice option[value=\"{transport}\"]")).await;
         self.click("#connect").await;
         self.until_state("open", PATIENCE_IN_PAGE).await;
+    }
+
+    /// The transport the console's state line names.
+    async fn transport(&self) -> Value {
+        self.eval("return document.getElementById('transport').textContent;").await
     }
 
     async fn screenshot(&self, name: &str) -> PathBuf {
@@ -310,8 +322,14 @@ async fn after_the_server_is_killed_and_restarted_the_console_reconnects_and_rep
         .await;
     let close = browser.eval("return document.getElementById('close-code').textContent;").await;
     assert_eq!(close, "1006", "the connection was lost without a close frame");
+    // Two refused reconnections: what would make a client that never got through try SSE.
+    browser
+        .until("two refused reconnections", "return window.lqConsole.client.attempts >= 3;", PATIENCE_IN_PAGE)
+        .await;
     let restarted = process::start(&env).await;
     browser.until_state("open", Duration::from_secs(30)).await;
+    // Refused reconnections after a working WebSocket are an outage, not a blocked WebSocket.
+    assert_eq!(browser.transport().await, "over WebSocket");
     let recovered = browser.eval("return document.getElementById('recovered').textContent;").await;
     assert_eq!(recovered, "true", "{}", browser.state().await);
     assert_eq!(publish(2).await, 200);
@@ -480,4 +498,148 @@ async fn the_client_refreshes_its_token_before_it_expires_and_does_not_reconnect
     assert_eq!(browser.eval("return document.getElementById('close-code').textContent;").await, "4003");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(browser.eval("return document.getElementById('state').textContent;").await, "closed");
+}
+
+#[tokio::test]
+async fn forced_to_sse_the_console_connects_sends_a_message_sees_it_arrive_and_shows_the_transport() {
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+        vars.insert("PRESENCE".to_owned(), "on".to_owned());
+    }))
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.connect_loaded_console(Some(&token("ann", "acme")), "sse").await;
+    assert_eq!(browser.transport().await, "over SSE");
+    let welcome = browser.until("welcome logged", &newest("welcome"), PATIENCE_IN_PAGE).await;
+    assert!(welcome.as_str().expect("text").contains("\"user_id\":\"ann\""), "{welcome}");
+    let metrics = scrape(&app).await;
+    assert_eq!(value(&metrics, r#"lq_connections{transport="sse"}"#), 1.0, "{metrics:?}");
+    assert_eq!(value(&metrics, r#"lq_connections{transport="websocket"}"#), 0.0, "{metrics:?}");
+
+    // Posted to /sse/{connection_id}, broadcast back through the stream.
+    browser.fill("#message", r#"{"text":"hello over SSE"}"#).await;
+    browser.click("#send-message").await;
+    let message = browser.until("own message received", &newest("message"), PATIENCE_IN_PAGE).await;
+    let message = message.as_str().expect("text");
+    assert!(message.contains("channel=tenant:acme") && message.contains("from_user=ann"), "{message}");
+    assert!(message.contains(r#"payload={"text":"hello over SSE"}"#), "{message}");
+    // The answer to a POST reaches the page like a WebSocket reply.
+    browser.click("#send-presence").await;
+    let presence = browser.until("presence answered", &newest("presence"), PATIENCE_IN_PAGE).await;
+    assert!(presence.as_str().expect("text").contains(r#"{"user_id":"ann","connections":1}"#), "{presence}");
+
+    browser.click("#disconnect").await;
+    browser.until_state("closed", PATIENCE_IN_PAGE).await;
+    eventually(PATIENCE_IN_PAGE, "the server no longer counting the page's stream", async || {
+        value(&scrape(&app).await, r#"lq_connections{transport="sse"}"#) == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn after_the_server_is_killed_and_restarted_an_sse_client_reconnects_and_reports_recovered() {
+    let redis = RedisServer::start();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("BIND_ADDR", addr.as_str()),
+        ("REDIS_URL", &redis.url()),
+        ("CONSOLE", "on"),
+        ("API_KEYS", "backend-api-key-0123456789"),
+    ];
+    let server = process::start(&env).await;
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{addr}/")).await;
+    browser.connect_loaded_console(Some(&token("ann", "acme")), "sse").await;
+    let publish = |n: u32| {
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/api/publish");
+        async move {
+            http.post(url)
+                .bearer_auth("backend-api-key-0123456789")
+                .json(&json!({"channel": "tenant:acme", "type": "note", "payload": n}))
+                .send()
+                .await
+                .expect("published")
+                .status()
+        }
+    };
+    assert_eq!(publish(1).await, 200);
+    browser.until("first note", &newest("note"), PATIENCE_IN_PAGE).await;
+
+    server.signal("KILL");
+    browser
+        .until(
+            "reconnecting",
+            "return document.getElementById('state').textContent.startsWith('reconnecting');",
+            PATIENCE_IN_PAGE,
+        )
+        .await;
+    let close = browser.eval("return document.getElementById('close-code').textContent;").await;
+    assert_eq!(close, "1006", "a lost stream counts as a connection lost without a close frame");
+    let restarted = process::start(&env).await;
+    browser.until_state("open", Duration::from_secs(30)).await;
+    assert_eq!(browser.transport().await, "over SSE");
+    let recovered = browser.eval("return document.getElementById('recovered').textContent;").await;
+    assert_eq!(recovered, "true", "{}", browser.state().await);
+    assert_eq!(publish(2).await, 200);
+    let note = browser.until("second note", "const li = document.querySelector('#log li[data-type=\"note\"]'); return li && li.textContent.includes('payload=2') && li.textContent;", PATIENCE_IN_PAGE).await;
+    assert!(note.as_str().expect("text").contains("offset=2"), "{note}");
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn in_auto_mode_a_browser_whose_websockets_fail_falls_back_to_sse_after_two_attempts() {
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+    }))
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    // What a proxy that blocks WebSockets looks like to a page: every socket ends with 1006.
+    browser
+        .eval(
+            "window.webSocketsTried = 0; \
+             window.WebSocket = class { \
+               static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3; \
+               constructor() { window.webSocketsTried += 1; this.readyState = 0; \
+                 setTimeout(() => { this.readyState = 3; this.onclose({ code: 1006, reason: '' }); }, 10); } \
+               send() {} close() {} \
+             }; return true;",
+        )
+        .await;
+    browser.connect_loaded_console(Some(&token("ann", "acme")), "auto").await;
+    assert_eq!(browser.transport().await, "over SSE");
+    assert_eq!(browser.eval("return window.webSocketsTried;").await, 2);
+    browser.fill("#message", r#"{"text":"through the fallback"}"#).await;
+    browser.click("#send-message").await;
+    let message = browser.until("own message received", &newest("message"), PATIENCE_IN_PAGE).await;
+    assert!(message.as_str().expect("text").contains("through the fallback"), "{message}");
+    assert_eq!(value(&scrape(&app).await, r#"lq_connections{transport="sse"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn over_sse_the_client_refreshes_its_token_by_post_and_stays_connected_past_the_first_deadline() {
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("CONSOLE".to_owned(), "on".to_owned());
+    }))
+    .await;
+    let minted = Instant::now();
+    let short = sign_claims(
+        &json!({"user_id": "ann", "tenant_id": "acme", "scope": "ws:connect", "exp": now_secs() + 10}),
+        jsonwebtoken::Algorithm::HS256,
+        JWT_SECRET,
+    );
+    let browser = Browser::start().await;
+    browser.goto(&app.url("/")).await;
+    browser.connect_loaded_console(Some(&short), "sse").await;
+    browser.fill("#token", &token("ann", "acme")).await;
+    // The `refreshed` frame is the POST's answer.
+    let refreshed = browser.until("token refreshed", &newest("refreshed"), PATIENCE_IN_PAGE).await;
+    assert!(refreshed.as_str().expect("text").contains("exp"), "{refreshed}");
+    tokio::time::sleep_until((minted + Duration::from_secs(17)).into()).await;
+    let state = browser.state().await;
+    assert_eq!(state["state"], "open", "still connected after the first token's deadline: {state}");
+    assert_eq!(state["close"], "— ", "never closed: {state}");
+    assert_eq!(browser.transport().await, "over SSE");
 }

@@ -3,6 +3,7 @@ import { LqClient, describeClose } from "/console/lq-client.js";
 
 const $ = (id) => document.getElementById(id);
 const LOG_LIMIT = 200;
+const TRANSPORT_NAMES = { websocket: "WebSocket", sse: "SSE" };
 let client = null;
 let config = { demo: false, token: null, webhook: false };
 
@@ -17,6 +18,7 @@ function notice(text) {
 function show(state, detail) {
   $("state").textContent = state + (detail && detail.delayMs !== undefined ? ` (in ${detail.delayMs} ms)` : "");
   $("state").dataset.state = state;
+  $("transport").textContent = detail && detail.transport ? `over ${TRANSPORT_NAMES[detail.transport]}` : "";
   if (detail && detail.code !== undefined) {
     $("close-code").textContent = String(detail.code);
     $("close-meaning").textContent = `${detail.meaning}${detail.reason ? ` — "${detail.reason}"` : ""}`;
@@ -69,6 +71,7 @@ $("connect").addEventListener("click", () => {
   }
   client = new LqClient({
     url: wsUrl(),
+    transport: $("transport-choice").value,
     getToken: async () => {
       // In demo mode a fresh demo token is minted for every connection and refresh.
       if (config.demo && $("token").dataset.demo === $("token").value) {

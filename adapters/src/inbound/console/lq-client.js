@@ -1,6 +1,8 @@
 // lq-client.js — a small browser client for lq-realtime (no dependencies, an ES module).
 //
-// It keeps one WebSocket open to /ws:
+// It keeps one connection open: a WebSocket to /ws or, where WebSockets do not get through, a
+// Server-Sent Events stream from /sse, whose client frames are POSTed to /sse/{connection_id}.
+// Over either transport it
 // - reconnects after any close it may reconnect after, with exponential backoff and jitter;
 // - resumes where it stopped: every envelope of a tenant or user channel carries its `offset`
 //   and `epoch`, the client remembers the latest of each channel and reconnects with
@@ -55,29 +57,137 @@ export function tokenExpiry(token) {
 /** Browsers' timers take at most 2^31 - 1 ms. */
 const LONGEST_TIMER_MS = 2147483647;
 
+/** WebSocket attempts in a row that end with 1006 before a welcome until "auto" uses SSE. */
+const WEBSOCKET_FAILURES_BEFORE_FALLBACK = 2;
+
+/** The /sse URL beside a /ws URL: ws: becomes http:, wss: https:, and /ws /sse. */
+export function sseUrlFor(url) {
+  return url.replace(/^ws(s?):/, "http$1:").replace(/\/ws$/, "/sse");
+}
+
+/**
+ * The transports. Each opens one connection with `query` (token and resume positions) and
+ * returns its link: `send(frame)` says whether the frame was taken, `close()` whether the
+ * connection was still open. `on.frame(text)` gets every frame the client receives, and
+ * `on.closed(code, reason)` the end, with a WebSocket close code, once.
+ */
+const TRANSPORTS = {
+  websocket(client, query, on) {
+    const socket = new WebSocket(`${client.options.url}${query}`);
+    socket.onmessage = (event) => on.frame(event.data);
+    socket.onclose = (event) => on.closed(event.code, event.reason);
+    return {
+      send(frame) {
+        if (socket.readyState !== WebSocket.OPEN) return false;
+        socket.send(JSON.stringify(frame));
+        return true;
+      },
+      close() {
+        if (socket.readyState > WebSocket.OPEN) return false;
+        socket.close(1000, "bye");
+        return true;
+      },
+    };
+  },
+
+  sse(client, query, on) {
+    const url = client.options.sseUrl || sseUrlFor(client.options.url);
+    const source = new EventSource(`${url}${query}`);
+    let ended = false;
+    const end = (code, reason) => {
+      if (ended) return;
+      ended = true;
+      source.close();
+      on.closed(code, reason);
+    };
+    source.onmessage = (event) => on.frame(event.data);
+    source.addEventListener("close", (event) => {
+      let close = {};
+      try {
+        close = JSON.parse(event.data);
+      } catch {
+        // A close event without its code: the connection is lost all the same.
+      }
+      end(typeof close.code === "number" ? close.code : 1006, close.reason || "");
+    });
+    // A lost or refused stream. The EventSource's own reconnection is not used: the client's
+    // asks getToken for a token first, and sends its latest positions.
+    source.onerror = () => end(1006, "");
+    // One POST at a time, so that frames reach the server in the order they were sent, as over
+    // a WebSocket.
+    let posting = Promise.resolve();
+    const post = async (body, token, connectionId) => {
+      const response = await fetch(`${url}/${encodeURIComponent(connectionId)}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+        body,
+      });
+      if (ended) return;
+      if (response.status === 404) {
+        end(1006, "the stream is gone");
+      } else if (response.status === 200) {
+        on.frame(await response.text());
+      } else if (!response.ok) {
+        // A refused POST ({code, message}) reaches onEnvelope as the error frame it stands for.
+        const payload = await response.json().catch(() => ({ code: "http_" + response.status, message: "" }));
+        on.frame(JSON.stringify({ type: "error", payload }));
+      }
+    };
+    return {
+      send(frame) {
+        const connectionId = client.connectionId;
+        if (ended || !connectionId) return false;
+        const body = JSON.stringify(frame);
+        const token = client.token;
+        // A POST that fails on the network changes nothing: the stream's own error reconnects.
+        posting = posting.then(() => post(body, token, connectionId)).catch(() => {});
+        return true;
+      },
+      close() {
+        const open = !ended;
+        ended = true;
+        source.close();
+        return open;
+      },
+    };
+  },
+};
+
 export class LqClient {
   /**
    * @param {object} options
    * @param {string} options.url             the /ws URL (ws:// or wss://)
+   * @param {"auto"|"websocket"|"sse"} [options.transport] "auto" (default): WebSocket, and
+   *        SSE once WebSocket has failed to connect (see chooseTransport)
+   * @param {string} [options.sseUrl]         the /sse URL (default: sseUrlFor(url))
    * @param {() => Promise<string>|string} options.getToken   a current token, asked before
    *        every connection and before the token in use expires
    * @param {(envelope: object) => void} [options.onEnvelope] every frame but welcome
    * @param {(welcome: object) => void} [options.onWelcome]
    * @param {(state: string, detail?: object) => void} [options.onState] "connecting",
    *        "open" (detail: {recovered: true | false | null when not resuming}), "reconnecting"
-   *        (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code, reason, meaning})
+   *        (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code, reason, meaning});
+   *        every detail also has `transport`, "websocket" or "sse"
    * @param {number} [options.minDelayMs]  first reconnection delay (default 500)
    * @param {number} [options.maxDelayMs]  longest reconnection delay (default 15000)
    */
   constructor(options) {
-    this.options = { minDelayMs: 500, maxDelayMs: 15000, ...options };
+    this.options = { minDelayMs: 500, maxDelayMs: 15000, transport: "auto", ...options };
+    if (!["auto", "websocket", "sse"].includes(this.options.transport)) {
+      throw new Error(`transport must be "auto", "websocket" or "sse", not ${this.options.transport}`);
+    }
     this.positions = {}; // channel -> {offset, epoch}
     this.state = "idle";
-    this.socket = null;
+    this.transport = null; // of the current or last attempt: "websocket" or "sse"
+    this.link = null; // the open connection, see TRANSPORTS
     this.token = null;
+    this.connectionId = null; // from the welcome; SSE posts frames to it
+    this.welcomed = false; // the current connection got its welcome
+    this.websocketFailures = 0; // see chooseTransport
+    this.websocketWorked = false;
     this.attempts = 0;
     this.stopped = true;
-    // Bumped by every connect() and disconnect(): events of an older socket are ignored.
+    // Bumped by every connect() and disconnect(): events of an older connection are ignored.
     this.generation = 0;
     this.timers = { reconnect: null, refresh: null };
   }
@@ -87,6 +197,8 @@ export class LqClient {
     this.retire();
     this.stopped = false;
     this.attempts = 0;
+    this.websocketFailures = 0;
+    this.websocketWorked = false;
     this.open(this.generation);
   }
 
@@ -97,24 +209,21 @@ export class LqClient {
     this.setState("closed", { code: 1000, reason: wasOpen ? "closed by the client" : "", meaning: describeClose(1000) });
   }
 
-  /** Ends the current socket and timers; their later events are ignored. */
+  /** Ends the current connection and timers; their later events are ignored. */
   retire() {
     this.generation += 1;
     this.clearTimers();
-    const socket = this.socket;
-    this.socket = null;
-    if (socket && socket.readyState <= WebSocket.OPEN) {
-      socket.close(1000, "bye");
-      return true;
-    }
-    return false;
+    const link = this.link;
+    this.link = null;
+    return link ? link.close() : false;
   }
 
-  /** Sends a frame; returns false when the connection is not open. */
+  /**
+   * Sends a frame; returns false when the connection is not open. Over SSE the answer to the
+   * POST (a pong, an error, refreshed…) reaches onEnvelope like a WebSocket reply.
+   */
   send(frame) {
-    if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return false;
-    this.socket.send(JSON.stringify(frame));
-    return true;
+    return this.link ? this.link.send(frame) : false;
   }
 
   message(payload) { return this.send({ type: "message", payload }); }
@@ -123,7 +232,7 @@ export class LqClient {
 
   setState(state, detail) {
     this.state = state;
-    if (this.options.onState) this.options.onState(state, detail);
+    if (this.options.onState) this.options.onState(state, { transport: this.transport, ...detail });
   }
 
   clearTimers() {
@@ -142,7 +251,22 @@ export class LqClient {
     return query;
   }
 
+  /**
+   * The transport of the next attempt. "auto" takes SSE when there is no WebSocket, or when
+   * WebSocket attempts end with 1006 before a welcome WEBSOCKET_FAILURES_BEFORE_FALLBACK times
+   * in a row, until connect(); not once a WebSocket got a welcome, since then a 1006 means the
+   * server or the network went away, not that WebSockets are blocked.
+   */
+  chooseTransport() {
+    const { transport } = this.options;
+    if (transport !== "auto") return transport;
+    if (typeof WebSocket === "undefined") return "sse";
+    const blocked = !this.websocketWorked && this.websocketFailures >= WEBSOCKET_FAILURES_BEFORE_FALLBACK;
+    return blocked ? "sse" : "websocket";
+  }
+
   async open(generation) {
+    this.transport = this.chooseTransport();
     this.setState(this.attempts === 0 ? "connecting" : "reconnecting");
     let token;
     try {
@@ -162,24 +286,32 @@ export class LqClient {
       return;
     }
     this.token = token;
-    const socket = new WebSocket(`${this.options.url}?token=${encodeURIComponent(token)}${this.resumeQuery()}`);
-    this.socket = socket;
-    socket.onmessage = (event) => {
-      if (generation === this.generation) this.receive(event.data);
-    };
-    socket.onclose = (event) => {
-      if (generation !== this.generation) return;
-      this.socket = null;
-      clearTimeout(this.timers.refresh);
-      const info = { code: event.code, reason: event.reason, meaning: describeClose(event.code) };
-      const rule = CLOSE_CODES[event.code] || { reconnect: true };
-      if (this.stopped || !rule.reconnect) {
-        this.stopped = true;
-        this.setState("closed", info);
-      } else {
-        this.scheduleReconnect(generation, info, rule.delayMs);
-      }
-    };
+    this.connectionId = null;
+    this.welcomed = false;
+    const query = `?token=${encodeURIComponent(token)}${this.resumeQuery()}`;
+    this.link = TRANSPORTS[this.transport](this, query, {
+      frame: (data) => {
+        if (generation === this.generation) this.receive(data);
+      },
+      closed: (code, reason) => {
+        if (generation === this.generation) this.closed(generation, code, reason);
+      },
+    });
+  }
+
+  /** The connection ended with `code`: reconnect or stop, as CLOSE_CODES says. */
+  closed(generation, code, reason) {
+    this.link = null;
+    clearTimeout(this.timers.refresh);
+    if (this.transport === "websocket" && code === 1006 && !this.welcomed) this.websocketFailures += 1;
+    const info = { code, reason, meaning: describeClose(code) };
+    const rule = CLOSE_CODES[code] || { reconnect: true };
+    if (this.stopped || !rule.reconnect) {
+      this.stopped = true;
+      this.setState("closed", info);
+    } else {
+      this.scheduleReconnect(generation, info, rule.delayMs);
+    }
   }
 
   receive(data) {
@@ -194,6 +326,12 @@ export class LqClient {
     }
     if (frame.type === "welcome") {
       this.attempts = 0;
+      this.welcomed = true;
+      this.connectionId = frame.payload.connection_id || null;
+      if (this.transport === "websocket") {
+        this.websocketWorked = true;
+        this.websocketFailures = 0;
+      }
       // When recovered, the replayed envelopes that follow move the positions on; otherwise
       // the client starts from where the server stands.
       for (const [channel, position] of Object.entries(frame.payload.positions || {})) {
