@@ -1,5 +1,6 @@
-//! Chaos: an instance is killed with SIGKILL while webhooks flow to 300 clients; its clients
-//! reconnect elsewhere with their last positions. Every client must end up with every message
+//! Chaos: an instance is killed with SIGKILL while webhooks flow to 300 clients, a third of
+//! them over Server-Sent Events; its clients reconnect elsewhere with their last positions
+//! (`since=`, or the stream's `Last-Event-ID`). Every client must end up with every message
 //! of its tenant exactly once and in order, and every frame of its tenant channel (presence
 //! announcements included: presence is on, as by default) at the offset after the previous one.
 
@@ -37,6 +38,8 @@ fn secret(tenant: &str) -> String {
 struct Received {
     sequence: Vec<u64>,
     reconnects: u32,
+    /// Reconnections over SSE, with `Last-Event-ID`.
+    sse_reconnects: u32,
     not_recovered: u32,
     /// Frames of the tenant channel (messages and presence announcements) whose offset did not
     /// follow the previous one: a gap or a repeat.
@@ -54,8 +57,58 @@ fn advance(frame: &Value, position: &mut Option<String>, last: &mut Option<u64>,
     *position = Some(format!("{}:{offset}", frame["epoch"].as_str().expect("epoch")));
 }
 
+/// What a client keeps between connections.
+#[derive(Debug, Default)]
+struct Follow {
+    received: Received,
+    /// `<epoch>:<offset>` of the last frame of the tenant channel: a WebSocket client's `since`.
+    position: Option<String>,
+    last: Option<u64>,
+    /// The last event id of an SSE client's stream: its `Last-Event-ID`.
+    event_id: Option<String>,
+}
+
+impl Follow {
+    /// Takes one frame; returns whether every message has arrived.
+    fn frame(&mut self, frame: &Value, tenant: &str, connected: &AtomicUsize) -> bool {
+        let Self { received, position, last, event_id } = self;
+        match frame["type"].as_str() {
+            Some("welcome") => {
+                let payload = &frame["payload"];
+                if position.is_some() {
+                    received.reconnects += 1;
+                    received.sse_reconnects += u32::from(event_id.is_some());
+                    if payload["recovered"] != true {
+                        received.not_recovered += 1;
+                    }
+                } else {
+                    connected.fetch_add(1, Ordering::Relaxed);
+                }
+                let now = &payload["positions"][format!("tenant:{tenant}")];
+                // Recovered: the replay follows and moves the position on. Not recovered
+                // (counted above): the client would resync; it carries on from here.
+                if position.is_none() || payload["recovered"] != true {
+                    *position = Some(format!("{}:{}", now["epoch"].as_str().expect("epoch"), now["offset"]));
+                    *last = now["offset"].as_u64();
+                }
+            }
+            Some("webhook") => {
+                received.sequence.push(frame["payload"]["data"]["seq"].as_u64().expect("a sequence number"));
+                advance(frame, position, last, received);
+                return received.sequence.len() == MESSAGES_PER_TENANT as usize;
+            }
+            // Presence is on, as by default: joins and leaves take offsets of the tenant
+            // channel too, and are recovered like messages.
+            Some("presence.join" | "presence.leave") => advance(frame, position, last, received),
+            other => panic!("unexpected frame {other:?}: {frame}"),
+        }
+        false
+    }
+}
+
 /// A client of `tenant(i)` that starts on instance `i % INSTANCES`, and on any disconnection
-/// reconnects to the next instance that answers, with `since=` its last position.
+/// reconnects to the next instance that answers from where it was: a third of the clients over
+/// Server-Sent Events with `Last-Event-ID`, the others over WebSocket with `since=`.
 async fn client(
     i: usize,
     addrs: Arc<Vec<String>>,
@@ -63,70 +116,66 @@ async fn client(
     mut stop: watch::Receiver<bool>,
 ) -> Received {
     let (tenant, user) = (tenant(i), format!("user{i}"));
-    let mut received = Received::default();
-    let mut position: Option<String> = None;
-    let mut last: Option<u64> = None;
+    // Spread over the instances: each holds SSE and WebSocket clients.
+    let over_sse = (i / INSTANCES) % 3 == 0;
+    let mut follow = Follow::default();
     let mut at = i % INSTANCES;
-    while received.sequence.len() < MESSAGES_PER_TENANT as usize && !*stop.borrow() {
-        let since = position.as_ref().map(|p| format!("&since={p}")).unwrap_or_default();
-        let url = format!("ws://{}/ws?token={}{since}", addrs[at], token(&user, &tenant));
-        let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url).await else {
-            at = (at + 1) % INSTANCES;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        loop {
-            let frame = tokio::select! {
-                frame = socket.next() => frame,
-                _ = stop.changed() => break,
-            };
-            let Some(Ok(Message::Text(text))) = frame else {
-                if matches!(frame, Some(Ok(Message::Ping(_) | Message::Pong(_)))) {
-                    continue;
-                }
-                break;
-            };
-            let frame: Value = serde_json::from_str(&text).expect("frames are JSON");
-            match frame["type"].as_str() {
-                Some("welcome") => {
-                    let payload = &frame["payload"];
-                    if position.is_some() {
-                        received.reconnects += 1;
-                        if payload["recovered"] != true {
-                            received.not_recovered += 1;
+    while follow.received.sequence.len() < MESSAGES_PER_TENANT as usize && !*stop.borrow() {
+        if over_sse {
+            let headers: Vec<(&str, &str)> =
+                follow.event_id.iter().map(|id| ("Last-Event-ID", id.as_str())).collect();
+            let addr = addrs[at].parse().expect("address");
+            let path = format!("/sse?token={}", token(&user, &tenant));
+            if let Ok(Ok(mut stream)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                crate::sse_client::SseClient::open(addr, &path, &headers, None),
+            )
+            .await
+            {
+                loop {
+                    let event = tokio::select! {
+                        event = stream.next_event_or_end() => event,
+                        _ = stop.changed() => break,
+                    };
+                    follow.event_id.clone_from(&stream.last_id);
+                    match event {
+                        Some(crate::sse_client::SseEvent::Frame(frame)) => {
+                            if follow.frame(&frame, &tenant, &connected) {
+                                break;
+                            }
                         }
-                    } else {
-                        connected.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let now = &payload["positions"][format!("tenant:{tenant}")];
-                    // Recovered: the replay follows and moves the position on. Not recovered
-                    // (counted above): the client would resync; it carries on from here.
-                    if position.is_none() || payload["recovered"] != true {
-                        position =
-                            Some(format!("{}:{}", now["epoch"].as_str().expect("epoch"), now["offset"]));
-                        last = now["offset"].as_u64();
+                        _ => break,
                     }
                 }
-                Some("webhook") => {
-                    received
-                        .sequence
-                        .push(frame["payload"]["data"]["seq"].as_u64().expect("a sequence number"));
-                    advance(&frame, &mut position, &mut last, &mut received);
-                    if received.sequence.len() == MESSAGES_PER_TENANT as usize {
+            }
+        } else {
+            let since = follow.position.as_ref().map(|p| format!("&since={p}")).unwrap_or_default();
+            let url = format!("ws://{}/ws?token={}{since}", addrs[at], token(&user, &tenant));
+            if let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url).await {
+                loop {
+                    let frame = tokio::select! {
+                        frame = socket.next() => frame,
+                        _ = stop.changed() => break,
+                    };
+                    let Some(Ok(Message::Text(text))) = frame else {
+                        if matches!(frame, Some(Ok(Message::Ping(_) | Message::Pong(_)))) {
+                            continue;
+                        }
+                        break;
+                    };
+                    let frame: Value = serde_json::from_str(&text).expect("frames are JSON");
+                    if follow.frame(&frame, &tenant, &connected) {
                         break;
                     }
                 }
-                // Presence is on, as by default: joins and leaves take offsets of the tenant
-                // channel too, and are recovered like messages.
-                Some("presence.join" | "presence.leave") => {
-                    advance(&frame, &mut position, &mut last, &mut received);
-                }
-                other => panic!("unexpected frame {other:?}: {frame}"),
             }
         }
         at = (at + 1) % INSTANCES;
+        if follow.received.sequence.len() < MESSAGES_PER_TENANT as usize {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
-    received
+    follow.received
 }
 
 /// Sends one numbered webhook, retrying on the next instance (same delivery id) until one
@@ -265,12 +314,14 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
         not_recovered += report.not_recovered;
     }
     let delivered: usize = reports.iter().map(|r| r.sequence.len()).sum();
+    let sse_reconnects: u32 = reports.iter().map(|r| r.sse_reconnects).sum();
     println!(
         "chaos: {CLIENTS} clients, {total} messages, {delivered} deliveries, {reconnects} reconnections \
-         ({not_recovered} not recovered): lost = {lost}, duplicated = {duplicated}, out of order = {out_of_order}, \
+         ({sse_reconnects} over SSE with Last-Event-ID, {not_recovered} not recovered): lost = {lost}, duplicated = {duplicated}, out of order = {out_of_order}, \
          offsets not following = {offset_faults}"
     );
     assert!(reconnects as usize >= CLIENTS / INSTANCES, "the killed instance's clients reconnected");
+    assert!(sse_reconnects > 0 && sse_reconnects < reconnects, "both transports reconnected");
     assert_eq!(not_recovered, 0, "every reconnection recovered");
     assert_eq!((lost, duplicated, out_of_order, offset_faults), (0, 0, 0, 0));
     assert_eq!(delivered, CLIENTS * MESSAGES_PER_TENANT as usize);

@@ -37,7 +37,8 @@ pub(crate) struct SseClient {
 }
 
 impl SseClient {
-    /// Opens `GET {path}` on `addr` with `headers`; on refusal returns the status and JSON body.
+    /// Opens `GET {path}` on `addr` with `headers`; on refusal returns the status and JSON body
+    /// (status 0 when no answer came: nothing listens, or the connection broke).
     pub(crate) async fn open(
         addr: std::net::SocketAddr,
         path: &str,
@@ -48,13 +49,15 @@ impl SseClient {
         if let Some(size) = recv_buffer {
             socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
         }
-        let mut stream = socket.connect(addr).await.expect("tcp connect");
+        let Ok(mut stream) = socket.connect(addr).await else { return Err((0, Value::Null)) };
         let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
         request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await.expect("request sent");
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return Err((0, Value::Null));
+        }
         let mut client = Self {
             stream,
             raw: Vec::new(),
@@ -65,7 +68,7 @@ impl SseClient {
             heartbeats: 0,
             patience: PATIENCE,
         };
-        let head = client.read_head().await;
+        let Some(head) = client.read_head().await else { return Err((0, Value::Null)) };
         let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
         let lower = head.to_ascii_lowercase();
         if status != 200 {
@@ -97,14 +100,17 @@ impl SseClient {
         }
     }
 
-    async fn read_head(&mut self) -> String {
+    /// The answer's head; `None` when the connection ended before it.
+    async fn read_head(&mut self) -> Option<String> {
         loop {
             if let Some(end) = find(&self.raw, b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.raw[..end]).into_owned();
                 self.raw.drain(..end + 4);
-                return head;
+                return Some(head);
             }
-            assert!(self.read_more().await, "the connection ended before the answer");
+            if !self.read_more().await {
+                return None;
+            }
         }
     }
 
@@ -175,6 +181,32 @@ impl SseClient {
             assert!(!self.ended, "the stream ended without a close event");
             if !self.read_more().await {
                 panic!("the connection ended without a close event");
+            }
+        }
+    }
+
+    /// The next event, or `None` when the connection ends first (a killed server) or nothing
+    /// comes within the client's patience.
+    pub(crate) async fn next_event_or_end(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some((id, event)) = self.events.pop_front() {
+                if id.is_some() {
+                    self.last_id = id;
+                }
+                return Some(event);
+            }
+            self.dechunk();
+            self.split_events();
+            if !self.events.is_empty() {
+                continue;
+            }
+            if self.ended {
+                return None;
+            }
+            let mut buf = [0u8; 16 * 1024];
+            match tokio::time::timeout(self.patience, self.stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => self.raw.extend_from_slice(&buf[..n]),
+                _ => return None,
             }
         }
     }
