@@ -117,7 +117,7 @@ async fn client(
 ) -> Received {
     let (tenant, user) = (tenant(i), format!("user{i}"));
     // Spread over the instances: each holds SSE and WebSocket clients.
-    let over_sse = (i / INSTANCES) % 3 == 0;
+    let over_sse = (i / INSTANCES).is_multiple_of(3);
     let mut follow = Follow::default();
     let mut at = i % INSTANCES;
     while follow.received.sequence.len() < MESSAGES_PER_TENANT as usize && !*stop.borrow() {
