@@ -67,7 +67,7 @@ impl std::fmt::Debug for Ports {
 /// The limits and timings of one instance.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// WebSocket connections on this instance.
+    /// Client connections on this instance, whatever their transport.
     pub max_connections: usize,
     /// Connections of one user on this instance; 0 for no limit.
     pub max_connections_per_user: usize,

@@ -113,7 +113,7 @@ identifier!(
     "user id"
 );
 identifier!(
-    /// One WebSocket connection, unique within the cluster.
+    /// One client connection, unique within the cluster.
     ConnectionId,
     "connection id"
 );

@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use crate::id::{IdError, TenantId, UserId};
 
-/// The scope a token needs to open a WebSocket connection.
+/// The scope a token needs to open a client connection (the name predates other transports).
 pub const SCOPE_WS_CONNECT: &str = "ws:connect";
 
 /// The claims of a verified token that matter to the service. Signature, `exp` and `nbf` are

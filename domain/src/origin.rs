@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 
 /// The origins whose pages may connect. A request without an `Origin` (not a browser page) is
-/// never refused by it; browsers always send one on WebSocket handshakes and cross-origin
-/// requests.
+/// never refused by it; browsers send one on every request a page opens to another origin and
+/// on every request that upgrades to another protocol.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum OriginPolicy {
     /// Every origin (no `ALLOWED_ORIGINS`).
