@@ -296,19 +296,7 @@ async fn after_the_server_is_killed_and_restarted_the_console_reconnects_and_rep
     let browser = Browser::start().await;
     browser.connect_console(&format!("http://{addr}/"), Some(&token("ann", "acme"))).await;
     // A message gives the page a position to resume from.
-    let publish = |n: u32| {
-        let http = reqwest::Client::new();
-        let url = format!("http://{addr}/api/publish");
-        async move {
-            http.post(url)
-                .bearer_auth("backend-api-key-0123456789")
-                .json(&json!({"channel": "tenant:acme", "type": "note", "payload": n}))
-                .send()
-                .await
-                .expect("published")
-                .status()
-        }
-    };
+    let publish = |n: u32| publish_note(&addr, n);
     assert_eq!(publish(1).await, 200);
     browser.until("first note", &newest("note"), PATIENCE_IN_PAGE).await;
 
@@ -551,19 +539,7 @@ async fn after_the_server_is_killed_and_restarted_an_sse_client_reconnects_and_r
     let browser = Browser::start().await;
     browser.goto(&format!("http://{addr}/")).await;
     browser.connect_loaded_console(Some(&token("ann", "acme")), "sse").await;
-    let publish = |n: u32| {
-        let http = reqwest::Client::new();
-        let url = format!("http://{addr}/api/publish");
-        async move {
-            http.post(url)
-                .bearer_auth("backend-api-key-0123456789")
-                .json(&json!({"channel": "tenant:acme", "type": "note", "payload": n}))
-                .send()
-                .await
-                .expect("published")
-                .status()
-        }
-    };
+    let publish = |n: u32| publish_note(&addr, n);
     assert_eq!(publish(1).await, 200);
     browser.until("first note", &newest("note"), PATIENCE_IN_PAGE).await;
 
@@ -642,4 +618,18 @@ async fn over_sse_the_client_refreshes_its_token_by_post_and_stays_connected_pas
     assert_eq!(state["state"], "open", "still connected after the first token's deadline: {state}");
     assert_eq!(state["close"], "— ", "never closed: {state}");
     assert_eq!(browser.transport().await, "over SSE");
+}
+
+/// Publishes note `n` to tenant `acme` through the server API of the instance at `addr`;
+/// returns the answer's status.
+async fn publish_note(addr: &str, n: u32) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/api/publish"))
+        .bearer_auth("backend-api-key-0123456789")
+        .json(&json!({"channel": "tenant:acme", "type": "note", "payload": n}))
+        .send()
+        .await
+        .expect("published")
+        .status()
+        .as_u16()
 }

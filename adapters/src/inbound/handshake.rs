@@ -1,7 +1,8 @@
 //! What every client transport reads from the HTTP request that opens a session — the token,
 //! the positions to resume from, the origin — and how it answers a refused session.
 
-use application::{ConnectError, Resume};
+use application::session::Opening;
+use application::{ConnectError, Realtime, Resume, SessionRequest};
 use domain::StreamPosition;
 use http::{HeaderMap, StatusCode, header};
 
@@ -52,6 +53,20 @@ pub(crate) fn add_resume(resume: &mut Resume, query: &str) -> Result<(), ApiErro
 /// The `Origin` header, when it is text.
 pub(crate) fn origin(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::ORIGIN).map(|origin| origin.to_str().unwrap_or("\u{fffd}"))
+}
+
+/// Opens the session of a client of `transport` whose request had `query` and `headers`,
+/// resuming from `resume`; a refusal is the HTTP answer of [`refusal`].
+pub(crate) async fn open(
+    app: &Realtime,
+    transport: &'static str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    resume: Resume,
+) -> Result<Opening, warp::Rejection> {
+    let token = token(query, headers);
+    let request = SessionRequest { transport, token: token.as_deref(), resume, origin: origin(headers) };
+    app.sessions().open(request).await.map_err(|e| rejection(&e))
 }
 
 /// The HTTP answer to a session that may not open (or a request its session refuses).

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use application::{ClientSession, FrameOutcome, Realtime, SessionRequest};
+use application::{ClientSession, FrameOutcome, Realtime};
 use bytes::Bytes;
 use domain::ConnectionId;
 use futures_util::Stream;
@@ -118,14 +118,7 @@ fn resume(query: Option<&str>, headers: &HeaderMap) -> Result<application::Resum
 
 async fn open(shared: Shared, query: Option<String>, headers: HeaderMap) -> Result<Response, Rejection> {
     let resume = resume(query.as_deref(), &headers).map_err(warp::reject::custom)?;
-    let token = handshake::token(query.as_deref(), &headers);
-    let request = SessionRequest {
-        transport: TRANSPORT,
-        token: token.as_deref(),
-        resume,
-        origin: handshake::origin(&headers),
-    };
-    let opening = shared.app.sessions().open(request).await.map_err(|e| handshake::rejection(&e))?;
+    let opening = handshake::open(&shared.app, TRANSPORT, query.as_deref(), &headers, resume).await?;
     let sink = SseSink::new(shared.settings.outbound_queue_bytes);
     let session = opening.connect(sink.clone()).await.map_err(|e| handshake::rejection(&e))?;
     let session = Arc::new(session);

@@ -29,7 +29,7 @@ mod outbox;
 use std::sync::Arc;
 use std::time::Duration;
 
-use application::{ClientSession, FrameOutcome, Realtime, SessionRequest};
+use application::{ClientSession, FrameOutcome, Realtime};
 use domain::CloseReason;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
@@ -153,14 +153,7 @@ async fn upgrade(
     on_upgrade: Option<OnUpgrade>,
 ) -> Result<Response, Rejection> {
     let resume = handshake::resume(query.as_deref()).map_err(warp::reject::custom)?;
-    let token = handshake::token(query.as_deref(), &headers);
-    let request = SessionRequest {
-        transport: TRANSPORT,
-        token: token.as_deref(),
-        resume,
-        origin: handshake::origin(&headers),
-    };
-    let opening = app.sessions().open(request).await.map_err(|e| handshake::rejection(&e))?;
+    let opening = handshake::open(&app, TRANSPORT, query.as_deref(), &headers, resume).await?;
     let accept = accept_key(&headers).map_err(warp::reject::custom)?;
     let on_upgrade = on_upgrade
         .ok_or_else(|| warp::reject::custom(ApiError::bad_request("this connection cannot be upgraded")))?;
