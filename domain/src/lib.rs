@@ -13,9 +13,11 @@
 //! - [`protocol`]: client→server frames, error codes and close reasons.
 //! - [`rate_limit`]: the per-connection token bucket.
 //! - [`position`]: a message's offset and epoch in its channel's history.
+//! - [`continuity`]: whether a received message follows the one before it on its channel.
 //! - [`registry`]: the connection registry and its first/last-connection events.
 
 pub mod channel;
+pub mod continuity;
 pub mod envelope;
 pub mod id;
 pub mod identity;
@@ -30,6 +32,7 @@ pub mod time;
 mod fuzz;
 
 pub use channel::{Channel, ChannelError};
+pub use continuity::{ChannelContinuity, Continuity};
 pub use envelope::{Envelope, InboundEnvelope};
 pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};
 pub use identity::{Claims, ClaimsError, Identity, SCOPE_WS_CONNECT};

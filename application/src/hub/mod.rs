@@ -10,7 +10,7 @@
 //! # Layout
 //! - this module: the [`Hub`] — registration, broker subscribe/unsubscribe, fan-out, closing.
 //! - [`handle`]: [`ConnectionHandle`], one connection's times, sink and delivery gate.
-//! - `continuity`: where each history channel stands per shard, and [`Continuity`].
+//! - `continuity`: where each history channel stands per shard (a [`domain::ChannelContinuity`] each).
 
 mod continuity;
 pub mod handle;
@@ -23,8 +23,6 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use bytes::Bytes;
 use domain::{Channel, CloseReason, ConnectionId, ConnectionRegistry, RegistryError, TenantId, UserId};
 
-pub use continuity::Continuity;
-use continuity::Known;
 pub use handle::{ConnectionHandle, MAX_HELD_FRAMES};
 
 use crate::ports::{MessageBroker, PushError, SubscribeAck};
@@ -44,7 +42,7 @@ pub struct Hub {
     /// Per shard: the position of the last message received on each history channel that
     /// has local connections, or the position a connection was admitted at. Reset when the
     /// channel is subscribed anew.
-    positions: Box<[Mutex<HashMap<Channel, Known>>]>,
+    positions: Box<[Mutex<HashMap<Channel, domain::ChannelContinuity>>]>,
     broker: Arc<dyn MessageBroker>,
     registered: AtomicUsize,
     admitted: Arc<AtomicUsize>,

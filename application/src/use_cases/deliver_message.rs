@@ -4,10 +4,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use domain::{Channel, CloseReason, InboundEnvelope, StreamPosition};
+use domain::{Channel, CloseReason, Continuity, InboundEnvelope, StreamPosition};
 
 use crate::frames::FrameFactory;
-use crate::hub::{Continuity, Hub};
+use crate::hub::Hub;
 use crate::ports::{
     ControlCommand, DropReason, HistoryRead, InboundHandler, MessageSource, Metrics, NoMetrics,
 };
@@ -170,7 +170,7 @@ impl InboundHandler for DeliverBrokerMessage {
         if let Some((offset, epoch)) = position
             && channel.has_history()
         {
-            match self.hub.advance(&channel, offset, epoch) {
+            match self.hub.advance(&channel, &StreamPosition::new(epoch, offset)) {
                 Continuity::Next => {}
                 Continuity::Gap => return self.missed(&channel),
             }
