@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use domain::envelope::{Envelope, kind, null_payload, raw_payload};
-use domain::{Channel, ConnectionInfo, ErrorCode, MessageId, StreamPosition, UserId};
+use domain::{Channel, ConnectionInfo, ErrorCode, MessageId, StreamPosition, UnsubscribeReason, UserId};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -40,6 +40,26 @@ struct Welcome<'a> {
 struct ErrorPayload<'a> {
     code: &'a str,
     message: &'a str,
+    /// The topic a refused `subscribe`, `unsubscribe`, `message` or `presence` frame named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a Channel>,
+}
+
+#[derive(Serialize)]
+struct Subscribed<'a> {
+    /// Where the topic stands: live messages follow this position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<&'a StreamPosition>,
+    /// Only for a `since` subscription: whether what was missed follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct Unsubscribed {
+    reason: &'static str,
+    /// Subscribe again with `since` to recover what was missed.
+    resubscribe: bool,
 }
 
 impl FrameFactory {
@@ -90,8 +110,32 @@ impl FrameFactory {
 
     /// An `error` frame with a stable code and a human-readable message.
     pub fn error(&self, code: ErrorCode, message: &str) -> Bytes {
-        let payload = raw_payload(&ErrorPayload { code: code.as_str(), message });
+        self.error_on(code, message, None)
+    }
+
+    /// An `error` frame about what a client asked of `channel`.
+    pub fn error_on(&self, code: ErrorCode, message: &str, channel: Option<&Channel>) -> Bytes {
+        let payload = raw_payload(&ErrorPayload { code: code.as_str(), message, channel });
         encode(&self.envelope(kind::ERROR, payload, None, None))
+    }
+
+    /// The answer to a `subscribe`: where `channel` stands and, for a `since` subscription,
+    /// whether what was missed follows.
+    pub fn subscribed(
+        &self,
+        channel: &Channel,
+        position: Option<&StreamPosition>,
+        recovered: Option<bool>,
+    ) -> Bytes {
+        let payload = raw_payload(&Subscribed { position, recovered });
+        encode(&self.envelope(kind::SUBSCRIBED, payload, None, Some(channel.clone())))
+    }
+
+    /// The end of a subscription to `channel`, and why.
+    pub fn unsubscribed(&self, channel: &Channel, reason: UnsubscribeReason) -> Bytes {
+        let payload =
+            raw_payload(&Unsubscribed { reason: reason.as_str(), resubscribe: reason.resubscribe() });
+        encode(&self.envelope(kind::UNSUBSCRIBED, payload, None, Some(channel.clone())))
     }
 
     /// A fresh message id.

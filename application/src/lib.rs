@@ -41,6 +41,7 @@ use use_cases::deliver_message::DeliverBrokerMessage;
 use use_cases::disconnect_client::DisconnectClient;
 use use_cases::handle_client_frame::HandleClientFrame;
 use use_cases::presence::TrackPresence;
+use use_cases::subscribe_topic::SubscribeTopic;
 use use_cases::sweep_inactive::SweepInactiveConnections;
 
 /// The ports a [`Realtime`] is built from.
@@ -92,6 +93,8 @@ pub struct Settings {
     pub webhook_dedup_secs: u64,
     /// The origin rule and the opening turns of client sessions.
     pub opening: OpeningLimits,
+    /// Topic subscriptions one connection may hold; 0 for no limit.
+    pub max_subscriptions_per_connection: usize,
 }
 
 impl Default for Settings {
@@ -109,6 +112,7 @@ impl Default for Settings {
             api_keys: ApiKeys::default(),
             webhook_dedup_secs: 86_400,
             opening: OpeningLimits::default(),
+            max_subscriptions_per_connection: 128,
         }
     }
 }
@@ -139,20 +143,36 @@ impl Realtime {
     /// connections.
     pub fn new(ports: Ports, settings: &Settings) -> Self {
         let frames = frames::FrameFactory::new(ports.clock.clone(), ports.ids.clone());
-        let hub = Arc::new(Hub::with_user_limit(
-            ports.broker.clone(),
-            settings.max_connections,
-            settings.max_connections_per_user,
-        ));
+        let hub = Arc::new(
+            Hub::with_user_limit(
+                ports.broker.clone(),
+                settings.max_connections,
+                settings.max_connections_per_user,
+            )
+            .with_topic_limit(settings.max_subscriptions_per_connection),
+        );
         let metrics = ports.metrics.clone();
-        let deliver =
-            Arc::new(DeliverBrokerMessage::new(hub.clone(), frames.clone()).with_metrics(metrics.clone()));
         let presence = Arc::new(TrackPresence::new(
             ports.presence.clone(),
             hub.clone(),
             ports.broker.clone(),
             frames.clone(),
         ));
+        let topics = Arc::new(
+            SubscribeTopic::new(
+                hub.clone(),
+                ports.tokens.clone(),
+                frames.clone(),
+                presence.clone(),
+                settings,
+            )
+            .with_metrics(metrics.clone()),
+        );
+        let deliver = Arc::new(
+            DeliverBrokerMessage::new(hub.clone(), frames.clone())
+                .with_metrics(metrics.clone())
+                .with_topics(topics.clone()),
+        );
         let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
         ports.broker.start(Arc::downgrade(&handler));
         let parts = SessionParts {
@@ -165,7 +185,8 @@ impl Realtime {
                 settings,
             )
             .with_metrics(metrics.clone())
-            .with_presence(presence.clone()),
+            .with_presence(presence.clone())
+            .with_topics(topics),
             disconnect: DisconnectClient::new().with_metrics(ports.clock.clone(), metrics.clone()),
             presence: presence.clone(),
             tokens: ports.tokens,

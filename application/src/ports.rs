@@ -10,8 +10,8 @@ use std::sync::Weak;
 use async_trait::async_trait;
 use bytes::Bytes;
 use domain::{
-    Channel, Claims, CloseReason, ConnectionId, MessageId, Provider, StreamPosition, TenantId, Timestamp,
-    UserId,
+    Channel, Claims, CloseReason, ConnectionId, MessageId, PresenceScope, Provider, StreamPosition, TenantId,
+    Timestamp, TopicName, UserId,
 };
 
 /// Resolves once the broker confirmed that channels are subscribed.
@@ -32,6 +32,8 @@ pub enum BrokerError {
 pub enum ControlCommand {
     /// Close every connection of this user, wherever it is, with 4003.
     Disconnect { tenant_id: TenantId, user_id: UserId },
+    /// End every subscription of this user to this topic, wherever it is.
+    Unsubscribe { tenant_id: TenantId, user_id: UserId, channel: TopicName },
 }
 
 /// What a broker's history holds for one channel, as read by [`MessageBroker::history`].
@@ -452,7 +454,7 @@ pub struct DeliveryRecord {
     pub keep_secs: u64,
 }
 
-/// How a user's presence in a tenant changed, across every instance.
+/// How a user's presence in a tenant or topic changed, across every instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PresenceChange {
     /// The user had no connection anywhere and now has one.
@@ -462,7 +464,7 @@ pub enum PresenceChange {
     Unchanged,
 }
 
-/// A user online in a tenant.
+/// A user online in a tenant, or a present member of a topic.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PresentUser {
     pub user_id: UserId,
@@ -470,36 +472,37 @@ pub struct PresentUser {
     pub connections: usize,
 }
 
-/// Who is online in each tenant, over every instance. Each instance keeps its own entries
-/// alive by setting them again within the presence TTL; the entries of an instance that
-/// stopped doing so (it crashed) expire.
+/// Who is present in each scope (a tenant: its users online; a topic: its members that
+/// subscribed with presence), over every instance. Each instance keeps its own entries alive by
+/// setting them again within the presence TTL; the entries of an instance that stopped doing so
+/// (it crashed) expire.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait Presence: Send + Sync {
-    /// This instance now has `connections` connections of `user` (0: none), valid for the
-    /// presence TTL; returns how the user's presence in the tenant changed.
+    /// This instance now has `connections` present connections of `user` in `scope` (0: none),
+    /// valid for the presence TTL; returns how the user's presence in the scope changed.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the store cannot be reached.
     async fn set(
         &self,
-        tenant: &TenantId,
+        scope: &PresenceScope,
         user: &UserId,
         connections: usize,
     ) -> Result<PresenceChange, BrokerError>;
 
-    /// The tenant's users online, with their connections summed over instances.
+    /// The scope's present users, with their connections summed over instances.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the store cannot be reached.
-    async fn list(&self, tenant: &TenantId) -> Result<Vec<PresentUser>, BrokerError>;
+    async fn list(&self, scope: &PresenceScope) -> Result<Vec<PresentUser>, BrokerError>;
 
-    /// Forgets the users of `tenant` whose every entry expired, and returns them: each is
+    /// Forgets the users of `scope` whose every entry expired, and returns them: each is
     /// returned to exactly one caller, over every instance.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the store cannot be reached.
-    async fn sweep(&self, tenant: &TenantId) -> Result<Vec<UserId>, BrokerError>;
+    async fn sweep(&self, scope: &PresenceScope) -> Result<Vec<UserId>, BrokerError>;
 }
 
 /// What a [`DeliveryLog`] knows about a webhook delivery id.

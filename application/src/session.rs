@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use domain::{ConnectionId, ConnectionInfo, Identity, OriginPolicy, SCOPE_WS_CONNECT};
+use domain::{ConnectionId, ConnectionInfo, Identity, OriginPolicy, PresenceScope, SCOPE_WS_CONNECT};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ports::{ClientSink, PushError, TokenVerifier};
@@ -208,7 +208,8 @@ impl ClientSession {
         if !self.joined.swap(true, Ordering::AcqRel) {
             let info = self.info();
             // Boxed: presence's state need not stay in the transport's task.
-            Box::pin(self.shared.presence.changed(&info.tenant_id, &info.user_id)).await;
+            let scope = PresenceScope::tenant(info.tenant_id.clone());
+            Box::pin(self.shared.presence.changed(&scope, &info.user_id)).await;
         }
         self.turn.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
@@ -261,11 +262,14 @@ impl ClientSession {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        let scopes = self.session.presence_scopes();
         self.shared.disconnect.disconnect(&self.session);
         self.turn.lock().unwrap_or_else(PoisonError::into_inner).take();
         if self.joined.load(Ordering::Acquire) {
-            let info = self.info();
-            Box::pin(self.shared.presence.changed(&info.tenant_id, &info.user_id)).await;
+            let user = &self.info().user_id;
+            for scope in scopes {
+                Box::pin(self.shared.presence.changed(&scope, user)).await;
+            }
         }
     }
 }
@@ -275,10 +279,12 @@ impl Drop for ClientSession {
     /// the same: unregistered now, its presence recorded by the next settling.
     fn drop(&mut self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
+            let scopes = self.session.presence_scopes();
             self.shared.disconnect.disconnect(&self.session);
             if self.joined.load(Ordering::Acquire) {
-                let info = self.session.info();
-                self.shared.presence.changed_later(&info.tenant_id, &info.user_id);
+                for scope in scopes {
+                    self.shared.presence.changed_later(&scope, &self.session.info().user_id);
+                }
             }
         }
     }

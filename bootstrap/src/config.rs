@@ -65,6 +65,9 @@ pub const ENV_INACTIVITY_TIMEOUT_SECS: &str = "INACTIVITY_TIMEOUT_SECS";
 pub const DEFAULT_INACTIVITY_TIMEOUT_SECS: u64 = 3600;
 /// Connections of one user on one instance; 0 for no limit.
 pub const ENV_MAX_CONNECTIONS_PER_USER: &str = "MAX_CONNECTIONS_PER_USER";
+/// Topic subscriptions one connection may hold; 0 for no limit.
+pub const ENV_MAX_SUBSCRIPTIONS_PER_CONNECTION: &str = "MAX_SUBSCRIPTIONS_PER_CONNECTION";
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 128;
 /// Client frames per second per connection (token bucket rate); 0 for no limit.
 pub const ENV_RATE_LIMIT_PER_SEC: &str = "RATE_LIMIT_PER_SEC";
 pub const DEFAULT_RATE_LIMIT_PER_SEC: u32 = 50;
@@ -509,6 +512,11 @@ impl Config {
         });
         let max_connections = r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, positive::<usize>);
         let per_user = r.parse(ENV_MAX_CONNECTIONS_PER_USER, 0, whole::<usize>);
+        let max_subscriptions = r.parse(
+            ENV_MAX_SUBSCRIPTIONS_PER_CONNECTION,
+            DEFAULT_MAX_SUBSCRIPTIONS_PER_CONNECTION,
+            whole::<usize>,
+        );
         let max_opening =
             r.parse(ENV_MAX_OPENING_CONNECTIONS, DEFAULT_MAX_OPENING_CONNECTIONS, positive::<usize>);
         let opening_ms = r.parse(ENV_OPENING_TIMEOUT_MS, DEFAULT_OPENING_TIMEOUT_MS, positive::<u64>);
@@ -595,6 +603,7 @@ impl Config {
             settings: Settings {
                 max_connections,
                 max_connections_per_user: per_user,
+                max_subscriptions_per_connection: max_subscriptions,
                 ping_interval_ms: ping_secs.saturating_mul(1000),
                 idle_timeout_ms: idle_secs.saturating_mul(1000),
                 inactivity_timeout_ms: inactivity_secs.saturating_mul(1000),
@@ -647,6 +656,7 @@ mod tests {
         assert!(config.webhook_secrets.is_empty());
         assert_eq!(config.settings.max_connections, 10_000);
         assert_eq!(config.settings.max_connections_per_user, 0);
+        assert_eq!(config.settings.max_subscriptions_per_connection, 128);
         assert_eq!(config.settings.ping_interval_ms, 25_000);
         assert_eq!(config.settings.idle_timeout_ms, 60_000);
         assert_eq!(config.settings.inactivity_timeout_ms, 3_600_000);
@@ -680,6 +690,7 @@ mod tests {
             (ENV_IDLE_TIMEOUT_SECS, "90"),
             (ENV_ALLOWED_ORIGINS, "https://app.example.com, http://localhost:3000"),
             (ENV_MAX_CONNECTIONS_PER_USER, "3"),
+            (ENV_MAX_SUBSCRIPTIONS_PER_CONNECTION, "5"),
             (ENV_MAX_OPENING_CONNECTIONS, "16"),
             (ENV_OPENING_TIMEOUT_MS, "250"),
             (ENV_RATE_LIMIT_PER_SEC, "0"),
@@ -700,6 +711,7 @@ mod tests {
         assert_eq!(config.settings.max_connections, 5);
         assert_eq!(config.settings.idle_timeout_ms, 90_000);
         assert_eq!(config.settings.max_connections_per_user, 3);
+        assert_eq!(config.settings.max_subscriptions_per_connection, 5);
         assert_eq!(
             (config.settings.opening.concurrent, config.settings.opening.timeout),
             (16, Duration::from_millis(250))

@@ -23,11 +23,13 @@ pub mod kind {
     pub const WEBHOOK: &str = "webhook";
     /// A client's message to one user of its tenant, on that user's channel.
     pub const DIRECT: &str = "direct";
-    /// The answer to a `presence` frame: who is online in the tenant.
+    /// The answer to a `presence` frame: who is online in the tenant, or in a topic.
     pub const PRESENCE: &str = "presence";
-    /// A user's first connection in the tenant opened, on any instance.
+    /// A user's first connection in the tenant (or subscription with presence to the topic)
+    /// opened, on any instance.
     pub const PRESENCE_JOIN: &str = "presence.join";
-    /// A user's last connection in the tenant closed, on every instance.
+    /// A user's last connection in the tenant (or subscription with presence to the topic)
+    /// ended, on every instance.
     pub const PRESENCE_LEAVE: &str = "presence.leave";
     /// The first frame of every connection.
     pub const WELCOME: &str = "welcome";
@@ -37,6 +39,10 @@ pub mod kind {
     pub const REFRESHED: &str = "refreshed";
     /// A problem with what the client sent; the connection stays open.
     pub const ERROR: &str = "error";
+    /// The answer to a `subscribe`: the topic's messages follow.
+    pub const SUBSCRIBED: &str = "subscribed";
+    /// A subscription ended (asked for, or ended by the server, with a reason).
+    pub const UNSUBSCRIBED: &str = "unsubscribed";
 }
 
 /// A message as clients receive it and as it travels through the broker.

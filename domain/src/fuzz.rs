@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::channel::Channel;
 use crate::envelope::InboundEnvelope;
-use crate::id::{MessageId, TenantId, UserId};
+use crate::id::{MessageId, TenantId, TopicName, UserId};
 use crate::identity::{Claims, Identity};
 use crate::protocol::ClientCommand;
 use crate::time::Timestamp;
@@ -108,15 +108,21 @@ fn inputs(seeds: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
 fn check_frame(bytes: &[u8]) {
     let Ok(text) = std::str::from_utf8(bytes) else { return };
     match ClientCommand::parse(text) {
-        Ok(ClientCommand::Message { payload }) => {
+        Ok(ClientCommand::Message { channel, payload }) => {
             assert!(serde_json::from_str::<Value>(payload.get()).is_ok(), "payload is JSON");
+            assert!(channel.is_none_or(|c| TopicName::parse(c.as_str()).is_ok()), "a valid topic");
         }
+        Ok(ClientCommand::Subscribe { channel, token, .. }) => {
+            assert!(TopicName::parse(channel.as_str()).is_ok(), "a valid topic");
+            assert!(token.is_none_or(|t| !t.is_empty()));
+        }
+        Ok(ClientCommand::Unsubscribe { channel }) => assert!(TopicName::parse(channel.as_str()).is_ok()),
         Ok(ClientCommand::Direct { to_user, payload }) => {
             assert!(serde_json::from_str::<Value>(payload.get()).is_ok(), "payload is JSON");
             assert!(UserId::parse(to_user.as_str()).is_ok(), "the recipient is a valid id");
         }
         Ok(ClientCommand::Refresh { token }) => assert!(!token.is_empty()),
-        Ok(ClientCommand::Ping | ClientCommand::Presence) => {}
+        Ok(ClientCommand::Ping | ClientCommand::Presence { .. }) => {}
         Err(error) => assert!(!error.to_string().is_empty()),
     }
 }

@@ -113,6 +113,12 @@ identifier!(
     "user id"
 );
 identifier!(
+    /// A topic of a tenant, named by its clients: `orders`, `chat.room-1`. The same name in two
+    /// tenants names two different topics.
+    TopicName,
+    "topic name"
+);
+identifier!(
     /// One client connection, unique within the cluster.
     ConnectionId,
     "connection id"

@@ -1,8 +1,11 @@
 //! Who a token says the client is, and what it may do.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 
 use crate::id::{IdError, TenantId, UserId};
+use crate::permissions::{Caps, PermissionError};
 
 /// The scope a token needs to open a client connection (the name predates other transports).
 pub const SCOPE_WS_CONNECT: &str = "ws:connect";
@@ -27,6 +30,15 @@ pub struct Claims {
     /// connection when it passes).
     #[serde(default)]
     pub exp: Option<u64>,
+    /// A connection token's permissions on topics (see [`crate::permissions`]).
+    #[serde(default)]
+    pub caps: Option<serde_json::Value>,
+    /// A subscription token's topic name.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// What a subscription token grants on its topic.
+    #[serde(default)]
+    pub allow: Option<serde_json::Value>,
 }
 
 /// Why claims do not make an identity.
@@ -40,22 +52,27 @@ pub enum ClaimsError {
     InvalidUser(IdError),
     #[error("token tenant: {0}")]
     InvalidTenant(IdError),
+    #[error("token caps: {0}")]
+    InvalidCaps(PermissionError),
 }
 
-/// An authenticated client: a user of a tenant with a set of scopes.
+/// An authenticated client: a user of a tenant with a set of scopes and its caps on topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     user_id: UserId,
     tenant_id: TenantId,
     scopes: Vec<String>,
     expires_at: Option<u64>,
+    /// `None`: no caps, nothing allowed on topics (kept out of line: most tokens have none).
+    caps: Option<Arc<Caps>>,
 }
 
 impl Identity {
     /// Builds an identity from verified claims. `user_id` wins over `sub` when both are present.
     ///
     /// # Errors
-    /// [`ClaimsError`] when the user or tenant is missing or not a valid id.
+    /// [`ClaimsError`] when the user or tenant is missing or not a valid id, or the caps are
+    /// malformed.
     pub fn from_claims(claims: Claims) -> Result<Self, ClaimsError> {
         let user = claims.user_id.or(claims.sub).ok_or(ClaimsError::MissingUser)?;
         let user_id = UserId::parse(&user).map_err(ClaimsError::InvalidUser)?;
@@ -65,12 +82,19 @@ impl Identity {
             claims.scope.as_deref().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
         // An empty entry is no scope at all.
         scopes.extend(claims.scopes.unwrap_or_default().into_iter().filter(|s| !s.is_empty()));
-        Ok(Self { user_id, tenant_id, scopes, expires_at: claims.exp })
+        let caps = Caps::from_claim(claims.caps.as_ref()).map_err(ClaimsError::InvalidCaps)?;
+        let caps = (!caps.is_empty()).then(|| Arc::new(caps));
+        Ok(Self { user_id, tenant_id, scopes, expires_at: claims.exp, caps })
     }
 
-    /// An identity with the given scopes and no expiry.
+    /// An identity with the given scopes, no caps and no expiry.
     pub fn new(user_id: UserId, tenant_id: TenantId, scopes: Vec<String>) -> Self {
-        Self { user_id, tenant_id, scopes, expires_at: None }
+        Self { user_id, tenant_id, scopes, expires_at: None, caps: None }
+    }
+
+    /// The token's caps on topics; `None` when it has none (nothing is allowed).
+    pub fn caps(&self) -> Option<&Arc<Caps>> {
+        self.caps.as_ref()
     }
 
     /// When the token that proved this identity expires, in seconds since the Unix epoch.
@@ -152,6 +176,20 @@ mod tests {
         let id = Identity::from_claims(c).expect("valid");
         assert!(!id.has_scope(""));
         assert!(id.has_scope("ws:connect"));
+    }
+
+    #[test]
+    fn caps_come_with_the_identity_and_malformed_ones_refuse_it() {
+        let mut c = claims(Some("u"), None, Some("t"));
+        c.caps = Some(serde_json::json!([{"channels": ["orders"], "allow": ["sub"]}]));
+        let id = Identity::from_claims(c.clone()).expect("valid");
+        let orders = crate::TopicName::parse("orders").expect("valid");
+        assert!(
+            id.caps().is_some_and(|caps| caps.allows(&orders, crate::permissions::Capability::Subscribe))
+        );
+        c.caps = Some(serde_json::json!([{"channels": ["a:b"], "allow": ["sub"]}]));
+        assert!(matches!(Identity::from_claims(c), Err(ClaimsError::InvalidCaps(_))));
+        assert!(Identity::from_claims(claims(Some("u"), None, Some("t"))).expect("valid").caps().is_none());
     }
 
     #[test]

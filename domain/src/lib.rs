@@ -10,6 +10,7 @@
 //! - [`envelope`]: the message format every server→client frame and every broker message uses.
 //! - [`identity`]: what a token must claim to become an `Identity`, and the scope check.
 //! - [`origin`]: which web pages may open a session.
+//! - [`permissions`]: what a token allows on topics (`caps`, subscription tokens).
 //! - [`protocol`]: client→server frames, error codes and close reasons.
 //! - [`rate_limit`]: the per-connection token bucket.
 //! - [`position`]: a message's offset and epoch in its channel's history.
@@ -22,6 +23,7 @@ pub mod envelope;
 pub mod id;
 pub mod identity;
 pub mod origin;
+pub mod permissions;
 pub mod position;
 pub mod protocol;
 pub mod rate_limit;
@@ -31,14 +33,15 @@ pub mod time;
 #[cfg(test)]
 mod fuzz;
 
-pub use channel::{Channel, ChannelError};
+pub use channel::{Channel, ChannelError, PresenceScope};
 pub use continuity::{ChannelContinuity, Continuity};
 pub use envelope::{Envelope, InboundEnvelope};
-pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, UserId};
+pub use id::{ConnectionId, IdError, MessageId, Provider, TenantId, TopicName, UserId};
 pub use identity::{Claims, ClaimsError, Identity, SCOPE_WS_CONNECT};
 pub use origin::OriginPolicy;
+pub use permissions::{Allowed, Capability, Caps, PermissionError};
 pub use position::{PositionError, StreamPosition};
-pub use protocol::{ClientCommand, CloseReason, ErrorCode, ProtocolError};
+pub use protocol::{ClientCommand, CloseReason, ErrorCode, ProtocolError, UnsubscribeReason};
 pub use rate_limit::{RateDecision, TokenBucket};
-pub use registry::{ConnectionInfo, ConnectionRegistry, RegistryError};
+pub use registry::{ConnectionInfo, ConnectionRegistry, RegistryError, SubscribeError};
 pub use time::Timestamp;

@@ -6,13 +6,15 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::id::{IdError, UserId};
+use crate::id::{IdError, TopicName, UserId};
+use crate::position::{PositionError, StreamPosition};
 
 /// A valid client→server frame.
 #[derive(Debug, Clone)]
 pub enum ClientCommand<'a> {
-    /// `{"type":"message","payload":…}`: publish to the sender's tenant.
-    Message { payload: &'a RawValue },
+    /// `{"type":"message","payload":…}`: publish to the sender's tenant; with
+    /// `"channel":"<topic>"`, to that topic of the sender's tenant.
+    Message { channel: Option<TopicName>, payload: &'a RawValue },
     /// `{"type":"ping"}`: answered with a `pong` frame.
     Ping,
     /// `{"type":"refresh","token":"<JWT>"}`: extend the connection's lifetime.
@@ -20,8 +22,20 @@ pub enum ClientCommand<'a> {
     /// `{"type":"direct","to_user":"<user id>","payload":…}`: deliver to every connection of
     /// that user in the sender's tenant.
     Direct { to_user: UserId, payload: &'a RawValue },
-    /// `{"type":"presence"}`: answered with the tenant's users online.
-    Presence,
+    /// `{"type":"presence"}`: answered with the tenant's users online; with
+    /// `"channel":"<topic>"`, with the topic's members.
+    Presence { channel: Option<TopicName> },
+    /// `{"type":"subscribe","channel":"<topic>","since":"<epoch>:<offset>"?,"token":"<JWT>"?,
+    /// "presence":true?}`: receive the topic's messages from now on (and what was missed since
+    /// `since`); with `presence`, be one of its members and receive its joins and leaves.
+    Subscribe {
+        channel: TopicName,
+        since: Option<StreamPosition>,
+        token: Option<Cow<'a, str>>,
+        presence: bool,
+    },
+    /// `{"type":"unsubscribe","channel":"<topic>"}`: nothing more from the topic.
+    Unsubscribe { channel: TopicName },
 }
 
 /// Why a client frame was refused. Answered with an `error` frame; the connection stays open.
@@ -34,9 +48,17 @@ pub enum ProtocolError {
     #[error("frame has no string \"type\" field")]
     MissingType,
     #[error(
-        "unknown frame type {0:?}; expected \"message\", \"direct\", \"presence\", \"ping\" or \"refresh\""
+        "unknown frame type {0:?}; expected \"message\", \"direct\", \"subscribe\", \"unsubscribe\", \"presence\", \"ping\" or \"refresh\""
     )]
     UnknownType(String),
+    #[error("a \"subscribe\" or \"unsubscribe\" frame needs a string \"channel\": the topic's name")]
+    MissingChannel,
+    #[error("invalid \"channel\": name a topic by its name alone ({0})")]
+    InvalidChannel(IdError),
+    #[error("invalid \"since\": {0}")]
+    InvalidSince(PositionError),
+    #[error("\"presence\" is true or false")]
+    InvalidPresenceFlag,
     #[error("a \"refresh\" frame needs a non-empty string \"token\"")]
     MissingToken,
     #[error("a \"message\" or \"direct\" frame needs a \"payload\"")]
@@ -60,6 +82,40 @@ struct RawFrame<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     to_user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<Cow<'a, str>>,
+    #[serde(default)]
+    presence: Option<bool>,
+}
+
+/// The error for a JSON object whose known fields do not all have their type: the first field
+/// found of the wrong type decides.
+fn mistyped_field(text: &str) -> ProtocolError {
+    let Ok(fields) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) else {
+        return ProtocolError::MissingType;
+    };
+    let wrong = |name: &str, ok: fn(&serde_json::Value) -> bool| fields.get(name).is_some_and(|v| !ok(v));
+    if wrong("type", serde_json::Value::is_string) {
+        ProtocolError::MissingType
+    } else if wrong("token", serde_json::Value::is_string) {
+        ProtocolError::MissingToken
+    } else if wrong("to_user", serde_json::Value::is_string) {
+        ProtocolError::MissingRecipient
+    } else if wrong("channel", serde_json::Value::is_string) {
+        ProtocolError::MissingChannel
+    } else if wrong("since", serde_json::Value::is_string) {
+        ProtocolError::InvalidSince(PositionError::Malformed)
+    } else if wrong("presence", serde_json::Value::is_boolean) {
+        ProtocolError::InvalidPresenceFlag
+    } else {
+        ProtocolError::MissingType
+    }
+}
+
+fn topic(name: Option<Cow<'_, str>>) -> Result<Option<TopicName>, ProtocolError> {
+    name.map(|name| TopicName::parse(&name).map_err(ProtocolError::InvalidChannel)).transpose()
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -88,24 +144,28 @@ impl<'a> ClientCommand<'a> {
             });
         }
         let frame: RawFrame<'a> = serde_json::from_str(text).map_err(|e| {
-            if !e.is_data() {
-                ProtocolError::NotJson(e.to_string())
-            } else if text.contains("\"token\"") {
-                ProtocolError::MissingToken
-            } else if text.contains("\"to_user\"") {
-                ProtocolError::MissingRecipient
-            } else {
-                ProtocolError::MissingType
-            }
+            if e.is_data() { mistyped_field(text) } else { ProtocolError::NotJson(e.to_string()) }
         })?;
         match frame.kind.as_deref() {
             Some("message") => match frame.payload {
                 Some(payload) if crate::envelope::has_lone_surrogate(payload.get()) => {
                     Err(ProtocolError::NotJson("lone UTF-16 surrogate escape in payload".to_owned()))
                 }
-                Some(payload) => Ok(Self::Message { payload }),
+                Some(payload) => Ok(Self::Message { channel: topic(frame.channel)?, payload }),
                 None => Err(ProtocolError::MissingPayload),
             },
+            Some("subscribe") => {
+                let channel = topic(frame.channel)?.ok_or(ProtocolError::MissingChannel)?;
+                let since = frame
+                    .since
+                    .map(|since| StreamPosition::parse(&since).map_err(ProtocolError::InvalidSince))
+                    .transpose()?;
+                let token = frame.token.filter(|token| !token.is_empty());
+                Ok(Self::Subscribe { channel, since, token, presence: frame.presence.unwrap_or(false) })
+            }
+            Some("unsubscribe") => {
+                Ok(Self::Unsubscribe { channel: topic(frame.channel)?.ok_or(ProtocolError::MissingChannel)? })
+            }
             Some("direct") => {
                 let to_user = frame.to_user.ok_or(ProtocolError::MissingRecipient)?;
                 let to_user = UserId::parse(&to_user).map_err(ProtocolError::InvalidRecipient)?;
@@ -118,7 +178,7 @@ impl<'a> ClientCommand<'a> {
                 }
             }
             Some("ping") => Ok(Self::Ping),
-            Some("presence") => Ok(Self::Presence),
+            Some("presence") => Ok(Self::Presence { channel: topic(frame.channel)? }),
             Some("refresh") => match frame.token {
                 Some(token) if !token.is_empty() => Ok(Self::Refresh { token }),
                 _ => Err(ProtocolError::MissingToken),
@@ -132,7 +192,10 @@ impl<'a> ClientCommand<'a> {
 impl ProtocolError {
     /// The `code` of the `error` frame that answers this frame.
     pub fn code(&self) -> ErrorCode {
-        ErrorCode::BadRequest
+        match self {
+            Self::MissingChannel | Self::InvalidChannel(_) => ErrorCode::InvalidChannel,
+            _ => ErrorCode::BadRequest,
+        }
     }
 }
 
@@ -149,8 +212,15 @@ pub enum ErrorCode {
     RateLimited,
     /// A `refresh` token failed verification.
     Unauthorized,
-    /// A `refresh` token names another user or tenant, or lacks the `ws:connect` scope.
+    /// A `refresh` token names another user or tenant, or lacks the `ws:connect` scope; or
+    /// the connection may not do that on that topic.
     Forbidden,
+    /// A `channel` that is not a topic name.
+    InvalidChannel,
+    /// Over a limit of the connection (`MAX_SUBSCRIPTIONS_PER_CONNECTION`).
+    Limit,
+    /// A `subscribe` to a topic the connection already is subscribed to.
+    AlreadySubscribed,
 }
 
 impl ErrorCode {
@@ -162,6 +232,9 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::InvalidChannel => "invalid_channel",
+            Self::Limit => "limit",
+            Self::AlreadySubscribed => "already_subscribed",
         }
     }
 }
@@ -222,14 +295,126 @@ impl CloseReason {
     }
 }
 
+/// Why a subscription ended, as its `unsubscribed` frame says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsubscribeReason {
+    /// The client asked for it.
+    Requested,
+    /// A backend ended it through the server API.
+    Server,
+    /// The connection's refreshed token no longer allows it.
+    Revoked,
+    /// The instance missed messages of the topic: subscribe again with `since` to recover them.
+    MissedMessages,
+}
+
+impl UnsubscribeReason {
+    /// The `reason` of the `unsubscribed` frame.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Server => "server",
+            Self::Revoked => "revoked",
+            Self::MissedMessages => "missed_messages",
+        }
+    }
+
+    /// Whether the client should subscribe again (with `since`, to recover what it missed).
+    pub fn resubscribe(self) -> bool {
+        matches!(self, Self::MissedMessages)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn subscribe_and_unsubscribe_frames_name_a_topic() {
+        let frame =
+            r#"{"type":"subscribe","channel":"chat.room-1","since":"e1:4","token":"a.b.c","presence":true}"#;
+        match ClientCommand::parse(frame) {
+            Ok(ClientCommand::Subscribe { channel, since, token, presence }) => {
+                assert_eq!(channel.as_str(), "chat.room-1");
+                assert_eq!(since, Some(StreamPosition::new("e1", 4)));
+                assert_eq!(token.as_deref(), Some("a.b.c"));
+                assert!(presence);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match ClientCommand::parse(r#"{"type":"subscribe","channel":"orders"}"#) {
+            Ok(ClientCommand::Subscribe { since: None, token: None, presence: false, .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            ClientCommand::parse(r#"{"type":"unsubscribe","channel":"orders"}"#),
+            Ok(ClientCommand::Unsubscribe { channel }) if channel.as_str() == "orders"
+        ));
+        match ClientCommand::parse(r#"{"type":"message","channel":"orders","payload":1}"#) {
+            Ok(ClientCommand::Message { channel: Some(channel), .. }) => {
+                assert_eq!(channel.as_str(), "orders")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            ClientCommand::parse(r#"{"type":"presence","channel":"orders"}"#),
+            Ok(ClientCommand::Presence { channel: Some(_) })
+        ));
+    }
+
+    #[test]
+    fn a_bad_topic_is_an_invalid_channel_and_a_bad_since_a_bad_request() {
+        type Check = fn(&ProtocolError) -> bool;
+        let cases: [(&str, Check, ErrorCode); 7] = [
+            (
+                r#"{"type":"subscribe"}"#,
+                |e| matches!(e, ProtocolError::MissingChannel),
+                ErrorCode::InvalidChannel,
+            ),
+            (
+                r#"{"type":"subscribe","channel":7}"#,
+                |e| matches!(e, ProtocolError::MissingChannel),
+                ErrorCode::InvalidChannel,
+            ),
+            (
+                r#"{"type":"subscribe","channel":"topic:acme:orders"}"#,
+                |e| matches!(e, ProtocolError::InvalidChannel(_)),
+                ErrorCode::InvalidChannel,
+            ),
+            (
+                r#"{"type":"message","channel":"a b","payload":1}"#,
+                |e| matches!(e, ProtocolError::InvalidChannel(_)),
+                ErrorCode::InvalidChannel,
+            ),
+            (
+                r#"{"type":"subscribe","channel":"a","since":"nope"}"#,
+                |e| matches!(e, ProtocolError::InvalidSince(_)),
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"type":"subscribe","channel":"a","presence":"yes"}"#,
+                |e| matches!(e, ProtocolError::InvalidPresenceFlag),
+                ErrorCode::BadRequest,
+            ),
+            (
+                r#"{"type":"unsubscribe","channel":""}"#,
+                |e| matches!(e, ProtocolError::InvalidChannel(_)),
+                ErrorCode::InvalidChannel,
+            ),
+        ];
+        for (text, expected, code) in cases {
+            let err = ClientCommand::parse(text).expect_err(text);
+            assert!(expected(&err), "{text}: {err:?}");
+            assert_eq!(err.code(), code, "{text}");
+        }
+    }
+
+    #[test]
     fn message_and_ping_frames_are_understood() {
         match ClientCommand::parse(r#"{"type":"message","payload":{"text":"hi"}}"#) {
-            Ok(ClientCommand::Message { payload }) => assert_eq!(payload.get(), r#"{"text":"hi"}"#),
+            Ok(ClientCommand::Message { channel: None, payload }) => {
+                assert_eq!(payload.get(), r#"{"text":"hi"}"#)
+            }
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(ClientCommand::parse(r#" {"type":"ping"}"#), Ok(ClientCommand::Ping)));
@@ -257,7 +442,7 @@ mod tests {
         }
         assert!(matches!(ClientCommand::parse("{\"type\":\"message\""), Err(ProtocolError::NotJson(_))));
         match ClientCommand::parse(r#"{"type":"message","payload":null}"#) {
-            Ok(ClientCommand::Message { payload }) => assert_eq!(payload.get(), "null"),
+            Ok(ClientCommand::Message { payload, .. }) => assert_eq!(payload.get(), "null"),
             other => panic!("a null payload is a payload: {other:?}"),
         }
     }

@@ -249,7 +249,7 @@ async fn presence_is_shared_by_the_instances_of_a_cluster() {
         on_cluster_with(&cluster, &[("PRESENCE", "on")]).await,
         on_cluster_with(&cluster, &[("PRESENCE", "on")]).await,
     );
-    let mut watcher = a.connect("ann", "acme").await;
+    let (mut watcher, _) = a.connect_with_query("ann", "acme", "&presence=1").await;
     let _bob = b.connect("bob", "acme").await;
     // Ann saw her own join first, then Bob's, announced by the other instance.
     let mut joined = Vec::new();

@@ -84,10 +84,16 @@ async fn a_direct_message_reaches_only_the_named_user_of_the_senders_tenant(t: T
     }
 }
 
-async fn presence_announces_joins_and_leaves_and_lists_who_is_online(t: Transport) {
+async fn presence_announces_joins_and_leaves_to_those_who_asked_and_lists_who_is_online(t: Transport) {
     let app = spawn_ready(&[("PRESENCE", "on")]).await;
-    let (mut bob, _) = app.open(t, "bob", "acme").await;
+    let (mut bob, _) = app.open_with(t, "bob", "acme", "&presence=1", &[]).await.expect("connected");
+    let (mut eve, _) = app.open(t, "eve", "acme").await;
     let (alice, _) = app.open(t, "alice", "acme").await;
+    let joined = bob.next_of("presence.join").await;
+    assert_eq!(
+        (joined["channel"].as_str(), joined["payload"]["user_id"].as_str()),
+        (Some("presence:acme"), Some("bob"))
+    );
     announced(&mut bob, "presence.join", "alice").await;
     bob.send_json(&json!({"type": "presence"})).await;
     let listed = bob.next_of("presence").await;
@@ -97,9 +103,10 @@ async fn presence_announces_joins_and_leaves_and_lists_who_is_online(t: Transpor
         .iter()
         .filter_map(|u| u["user_id"].as_str())
         .collect();
-    assert_eq!(users, ["alice", "bob"], "{listed}");
+    assert_eq!(users, ["alice", "bob", "eve"], "{listed}");
     alice.close().await;
     announced(&mut bob, "presence.leave", "alice").await;
+    eve.expect_nothing_pending().await;
 }
 
 /// Waits for the announcement `kind` of `user` (others, such as the client's own join, are
@@ -297,26 +304,12 @@ async fn refusals_are_answered_before_anything_is_streamed(t: Transport) {
     let _: Value = body;
 }
 
-/// Runs each contract test over both transports.
-macro_rules! over_every_transport {
-    ($($test:ident),* $(,)?) => {
-        mod websocket {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() { super::$test(super::Transport::WebSocket).await })*
-        }
-        mod sse {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() { super::$test(super::Transport::Sse).await })*
-        }
-    };
-}
-
 over_every_transport!(
     the_welcome_names_the_connection_and_where_its_channels_stand,
     a_webhook_reaches_every_connection_of_its_tenant_and_no_other,
     a_client_message_reaches_its_whole_tenant_sender_included,
     a_direct_message_reaches_only_the_named_user_of_the_senders_tenant,
-    presence_announces_joins_and_leaves_and_lists_who_is_online,
+    presence_announces_joins_and_leaves_to_those_who_asked_and_lists_who_is_online,
     a_reconnecting_client_gets_what_it_missed_then_live_messages,
     a_reconnecting_client_gets_what_it_missed_then_live_messages_through_redis,
     a_client_of_an_instance_that_stops_recovers_on_another_without_gap_or_repeat,

@@ -42,11 +42,18 @@ pub(crate) fn sign_claims(claims: &Value, alg: jsonwebtoken::Algorithm, secret: 
 
 /// A valid token for `user` of `tenant` with the `ws:connect` scope.
 pub(crate) fn token(user: &str, tenant: &str) -> String {
-    sign_claims(
-        &json!({"user_id": user, "tenant_id": tenant, "scope": "ws:connect", "exp": now_secs() + 600}),
-        jsonwebtoken::Algorithm::HS256,
-        JWT_SECRET,
-    )
+    token_with(user, tenant, &json!({}))
+}
+
+/// A valid token for `user` of `tenant` with the `ws:connect` scope and the claims of `extra`
+/// (`caps`, or `channel` and `allow` for a subscription token).
+pub(crate) fn token_with(user: &str, tenant: &str, extra: &Value) -> String {
+    let mut claims =
+        json!({"user_id": user, "tenant_id": tenant, "scope": "ws:connect", "exp": now_secs() + 600});
+    if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+        claims.extend(extra.clone());
+    }
+    sign_claims(&claims, jsonwebtoken::Algorithm::HS256, JWT_SECRET)
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -107,9 +114,6 @@ pub(crate) fn test_config(adjust: impl FnOnce(&mut HashMap<String, String>)) -> 
         ("BIND_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("JWT_SECRET_KEY".to_owned(), JWT_SECRET.to_owned()),
         ("WEBHOOK_SECRETS".to_owned(), json!({"acme": ACME_SECRET, "globex": GLOBEX_SECRET}).to_string()),
-        // Presence announcements would interleave with what most tests look for; the presence
-        // tests turn it on.
-        ("PRESENCE".to_owned(), "off".to_owned()),
         // Shut down at once unless a test is about draining.
         ("DRAIN_GRACE_SECS".to_owned(), "0".to_owned()),
         ("DRAIN_SECS".to_owned(), "0".to_owned()),

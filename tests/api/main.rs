@@ -4,6 +4,7 @@
 mod helpers;
 mod redis_support;
 mod sse_client;
+#[macro_use]
 mod transport;
 
 mod broker_contract;
@@ -25,6 +26,7 @@ mod recovery;
 mod scale_out;
 mod security;
 mod server_api;
+mod topics;
 mod webhook_providers;
 mod webhooks;
 mod websocket;

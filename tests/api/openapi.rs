@@ -103,7 +103,10 @@ async fn every_operation_of_the_spec_answers_something_other_than_no_such_route(
     .await;
     let http = reqwest::Client::new();
     for (method, path) in spec_operations() {
-        let path = path.replace("{provider}", "github").replace("{tenant}", "acme");
+        let path = path
+            .replace("{provider}", "github")
+            .replace("{tenant}", "acme")
+            .replace("{channel}", "tenant:acme");
         let request = match method.as_str() {
             "GET" => http.get(app.url(&path)),
             "POST" => http.post(app.url(&path)).body("{}"),

@@ -1,6 +1,7 @@
 //! Presence across instances: who is online, `presence.join` when a user's first connection
-//! opens anywhere, `presence.leave` when the last one closes everywhere, and the users of a
-//! crashed instance leaving once their entries expire.
+//! opens anywhere, `presence.leave` when the last one closes everywhere (to the connections that
+//! asked with `presence=1`), and the users of a crashed instance leaving once their entries
+//! expire.
 
 use std::time::Duration;
 
@@ -35,6 +36,11 @@ async fn announced(client: &mut WsClient, kind: &str, user: &str) -> Value {
     }
 }
 
+/// Connects `user` of `tenant` to `app`, asking for the tenant's presence announcements.
+async fn watching(app: &TestApp, user: &str, tenant: &str) -> WsClient {
+    app.connect_with_query(user, tenant, "&presence=1").await.0
+}
+
 async fn who(client: &mut WsClient) -> Value {
     client.send_json(&json!({"type": "presence"})).await;
     next_of(client, "presence").await["payload"]["users"].clone()
@@ -44,19 +50,24 @@ async fn who(client: &mut WsClient) -> Value {
 async fn users_join_once_and_leave_only_when_their_last_connection_anywhere_closes() {
     let redis = RedisServer::start();
     let (a, b) = (instance(&redis.url()).await, instance(&redis.url()).await);
-    let mut watcher = a.connect("watcher", "acme").await;
-    let mut other_tenant = b.connect("watcher", "globex").await;
+    let mut watcher = watching(&a, "watcher", "acme").await;
+    let mut other_tenant = watching(&b, "watcher", "globex").await;
+    let mut not_watching = a.connect("bystander", "acme").await;
 
     let alice_a = b.connect("alice", "acme").await;
     let joined = announced(&mut watcher, "presence.join", "alice").await;
     assert_eq!(
         (joined["payload"]["user_id"].as_str(), joined["channel"].as_str()),
-        (Some("alice"), Some("tenant:acme"))
+        (Some("alice"), Some("presence:acme"))
     );
     let alice_b = a.connect("alice", "acme").await;
     assert_eq!(
         who(&mut watcher).await,
-        json!([{"user_id": "alice", "connections": 2}, {"user_id": "watcher", "connections": 1}]),
+        json!([
+            {"user_id": "alice", "connections": 2},
+            {"user_id": "bystander", "connections": 1},
+            {"user_id": "watcher", "connections": 1}
+        ]),
         "a second connection, on another instance, is no second join"
     );
     let listed = reqwest::Client::new()
@@ -81,10 +92,14 @@ async fn users_join_once_and_leave_only_when_their_last_connection_anywhere_clos
     }
     alice_b.close().await;
     announced(&mut watcher, "presence.leave", "alice").await;
-    assert_eq!(who(&mut watcher).await, json!([{"user_id": "watcher", "connections": 1}]));
-    // Announcements stay within the tenant.
+    assert_eq!(
+        who(&mut watcher).await,
+        json!([{"user_id": "bystander", "connections": 1}, {"user_id": "watcher", "connections": 1}])
+    );
+    // Announcements stay within the tenant, and reach only those who asked.
     assert_eq!(who(&mut other_tenant).await, json!([{"user_id": "watcher", "connections": 1}]));
     other_tenant.expect_nothing_pending().await;
+    not_watching.expect_nothing_pending().await;
 }
 
 #[tokio::test]
@@ -124,7 +139,7 @@ async fn the_users_of_a_crashed_instance_leave_once_their_entries_expire() {
         ("PRESENCE", "on"),
     ])
     .await;
-    let mut watcher = surviving.connect("watcher", "acme").await;
+    let mut watcher = watching(&surviving, "watcher", "acme").await;
     let request = format!("ws://{}/ws?token={}", crashing.addr, token("alice", "acme"));
     let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(request)
         .expect("request");

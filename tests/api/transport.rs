@@ -11,6 +11,21 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::helpers::*;
 use crate::sse_client::{SseClient, SseEvent};
 
+/// Runs each test function (`async fn name(t: Transport)` in the calling module) over both
+/// transports, as `websocket::name` and `sse::name`.
+macro_rules! over_every_transport {
+    ($($test:ident),* $(,)?) => {
+        mod websocket {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test(crate::transport::Transport::WebSocket).await })*
+        }
+        mod sse {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test(crate::transport::Transport::Sse).await })*
+        }
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Transport {
     WebSocket,
@@ -50,7 +65,18 @@ impl TestApp {
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<(Client, Value), (u16, Value)> {
-        let token = token(user, tenant);
+        self.open_with_token(transport, &token(user, tenant), query, headers).await
+    }
+
+    /// Connects the holder of `token` over `transport` with `query` after the token and
+    /// `headers`; returns the client and its welcome.
+    pub(crate) async fn open_with_token(
+        &self,
+        transport: Transport,
+        token: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(Client, Value), (u16, Value)> {
         match transport {
             Transport::WebSocket => {
                 let mut request =
@@ -67,9 +93,7 @@ impl TestApp {
                 let welcome = client.next_json().await;
                 Ok((client, welcome))
             }
-            Transport::Sse => {
-                Client::open_sse(self.addr, &self.http, user, tenant, query, headers, None).await
-            }
+            Transport::Sse => Client::open_sse_with(self.addr, &self.http, token, query, headers, None).await,
         }
     }
 
@@ -117,7 +141,19 @@ impl Client {
         headers: &[(&str, &str)],
         recv_buffer: Option<u32>,
     ) -> Result<(Client, Value), (u16, Value)> {
-        let token = token(user, tenant);
+        Self::open_sse_with(addr, http, &token(user, tenant), query, headers, recv_buffer).await
+    }
+
+    /// Opens an SSE stream with `token` on `addr`; see [`Client::open_sse`].
+    pub(crate) async fn open_sse_with(
+        addr: std::net::SocketAddr,
+        http: &reqwest::Client,
+        token: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+        recv_buffer: Option<u32>,
+    ) -> Result<(Client, Value), (u16, Value)> {
+        let token = token.to_owned();
         let path = format!("/sse?token={token}{query}");
         let stream = SseClient::open(addr, &path, headers, recv_buffer).await?;
         let mut client = Client::Sse {

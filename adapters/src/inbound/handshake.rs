@@ -1,5 +1,6 @@
 //! What every client transport reads from the HTTP request that opens a session — the token,
-//! the positions to resume from, the origin — and how it answers a refused session.
+//! the positions to resume from, whether it wants the tenant's presence announcements, the
+//! origin — and how it answers a refused session.
 
 use application::session::Opening;
 use application::{ConnectError, Realtime, Resume, SessionRequest};
@@ -34,12 +35,27 @@ pub(crate) fn resume(query: Option<&str>) -> Result<Resume, ApiError> {
     Ok(resume)
 }
 
-/// Adds the positions of `query` that `resume` does not have yet.
+/// Adds the positions of `query` that `resume` does not have yet, and `presence=1` (the
+/// tenant's presence announcements).
+///
+/// # Errors
+/// 400 `invalid_position` naming the parameter, or `invalid_presence`.
 pub(crate) fn add_resume(resume: &mut Resume, query: &str) -> Result<(), ApiError> {
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let slot = match &*key {
             "since" => &mut resume.since,
             "user_since" => &mut resume.user_since,
+            "presence" => {
+                resume.presence = match &*value {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => {
+                        let message = "presence is 1 (send the tenant's joins and leaves) or 0";
+                        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_presence", message));
+                    }
+                };
+                continue;
+            }
             _ => continue,
         };
         let position = StreamPosition::parse(&value).map_err(|error| {

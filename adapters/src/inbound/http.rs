@@ -8,7 +8,7 @@ use application::ports::Headers;
 use application::use_cases::ingest_webhook::TENANT_HEADER;
 use application::{Realtime, ServerApiError, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use domain::{Channel, ChannelError, TenantId, UserId};
+use domain::{Channel, ChannelError, TenantId, TopicName, UserId};
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::server::conn::http1;
@@ -182,8 +182,15 @@ pub fn routes(
         warp::path!("api" / "publish").and(warp::post()).and(api_call(app.clone(), ApiCall::Publish));
     let api_disconnect =
         warp::path!("api" / "disconnect").and(warp::post()).and(api_call(app.clone(), ApiCall::Disconnect));
-    let api_presence = warp::path!("api" / "tenants" / String / "presence")
+    let api_unsubscribe =
+        warp::path!("api" / "unsubscribe").and(warp::post()).and(api_call(app.clone(), ApiCall::Unsubscribe));
+    let presence_of_channel = warp::path!("api" / "channels" / String / "presence").and(warp::get());
+    let presence_of_tenant = warp::path!("api" / "tenants" / String / "presence")
         .and(warp::get())
+        .map(|tenant: String| format!("tenant:{tenant}"));
+    let api_presence = presence_of_channel
+        .or(presence_of_tenant)
+        .unify()
         .and(with(app.clone()))
         .and(warp::header::optional::<String>("authorization"))
         .and_then(api_presence);
@@ -201,6 +208,8 @@ pub fn routes(
         .or(api_publish)
         .unify()
         .or(api_disconnect)
+        .unify()
+        .or(api_unsubscribe)
         .unify()
         .or(api_presence)
         .unify()
@@ -320,14 +329,16 @@ fn api_rejection(error: &ServerApiError) -> Rejection {
     })
 }
 
-/// `GET /api/tenants/{tenant}/presence`: the tenant's users online.
+/// `GET /api/channels/{channel}/presence` (`tenant:…` or `topic:…`) and
+/// `GET /api/tenants/{tenant}/presence`: the users present.
 async fn api_presence(
-    tenant: String,
+    channel: String,
     app: Arc<Realtime>,
     authorization: Option<String>,
 ) -> Result<Response, Rejection> {
     app.api().authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
-    match app.api().presence(&tenant).await.map_err(|e| api_rejection(&e))? {
+    let channel = parse_channel(&percent_decoded(&channel))?;
+    match app.api().presence(&channel).await.map_err(|e| api_rejection(&e))? {
         Some(users) => Ok(warp::reply::json(&json!({"users": users})).into_response()),
         None => Err(warp::reject::custom(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -344,6 +355,8 @@ enum ApiCall {
     Publish,
     /// `POST /api/disconnect`.
     Disconnect,
+    /// `POST /api/unsubscribe`.
+    Unsubscribe,
 }
 
 /// The rest of a server API `POST` route, after its path and method.
@@ -378,16 +391,18 @@ where
     let answer = match call {
         ApiCall::Publish => {
             let body: PublishBody<'_> = parse_body(&body, "{\"channel\",\"type\",\"payload\"}")?;
-            let channel = Channel::parse(&body.channel).map_err(|e| match e {
-                ChannelError::Unknown(_) => bad_body(format!("invalid channel: {e}")),
-                ChannelError::InvalidId(_) => bad_body(e.to_string()),
-            })?;
+            let channel = parse_channel(&body.channel)?;
             let published = app.api().publish(channel, &body.kind, body.payload).await;
             json!({"message_id": published.map_err(|e| api_rejection(&e))?.as_str()})
         }
         ApiCall::Disconnect => {
             let body: DisconnectBody = parse_body(&body, "{\"tenant_id\",\"user_id\"}")?;
             let instances = app.api().disconnect(body.tenant_id, body.user_id).await;
+            json!({"instances": instances.map_err(|e| api_rejection(&e))?})
+        }
+        ApiCall::Unsubscribe => {
+            let body: UnsubscribeBody = parse_body(&body, "{\"tenant_id\",\"user_id\",\"channel\"}")?;
+            let instances = app.api().unsubscribe(body.tenant_id, body.user_id, body.channel).await;
             json!({"instances": instances.map_err(|e| api_rejection(&e))?})
         }
     };
@@ -412,6 +427,28 @@ struct PublishBody<'a> {
 struct DisconnectBody {
     tenant_id: TenantId,
     user_id: UserId,
+}
+
+/// `POST /api/unsubscribe`'s body: the topic is named by its name alone, as clients name it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeBody {
+    tenant_id: TenantId,
+    user_id: UserId,
+    channel: TopicName,
+}
+
+/// A channel's wire name, or 400 saying what is wrong with it.
+fn parse_channel(name: &str) -> Result<Channel, Rejection> {
+    Channel::parse(name).map_err(|e| match e {
+        ChannelError::Unknown(_) => bad_body(format!("invalid channel: {e}")),
+        ChannelError::InvalidId(_) => bad_body(e.to_string()),
+    })
+}
+
+/// A path segment with its `%XX` escapes decoded (a channel name's `:` may come as `%3A`).
+fn percent_decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
 
 fn bad_body(message: String) -> Rejection {

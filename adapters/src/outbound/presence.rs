@@ -5,12 +5,12 @@ use std::sync::{Mutex, PoisonError};
 
 use application::ports::{BrokerError, Presence, PresenceChange, PresentUser};
 use async_trait::async_trait;
-use domain::{TenantId, UserId};
+use domain::{PresenceScope, UserId};
 
 /// Connections per user, in this process. Nothing expires: this instance is the only one.
 #[derive(Debug, Default)]
 pub struct InMemoryPresence {
-    users: Mutex<HashMap<TenantId, HashMap<UserId, usize>>>,
+    users: Mutex<HashMap<PresenceScope, HashMap<UserId, usize>>>,
 }
 
 impl InMemoryPresence {
@@ -23,17 +23,17 @@ impl InMemoryPresence {
 impl Presence for InMemoryPresence {
     async fn set(
         &self,
-        tenant: &TenantId,
+        scope: &PresenceScope,
         user: &UserId,
         connections: usize,
     ) -> Result<PresenceChange, BrokerError> {
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
-        let of_tenant = users.entry(tenant.clone()).or_default();
+        let of_tenant = users.entry(scope.clone()).or_default();
         let before = of_tenant.get(user).copied().unwrap_or(0);
         if connections == 0 {
             of_tenant.remove(user);
             if of_tenant.is_empty() {
-                users.remove(tenant);
+                users.remove(scope);
             }
         } else {
             of_tenant.insert(user.clone(), connections);
@@ -45,14 +45,14 @@ impl Presence for InMemoryPresence {
         })
     }
 
-    async fn list(&self, tenant: &TenantId) -> Result<Vec<PresentUser>, BrokerError> {
+    async fn list(&self, scope: &PresenceScope) -> Result<Vec<PresentUser>, BrokerError> {
         let users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(users.get(tenant).map_or_else(Vec::new, |of_tenant| {
+        Ok(users.get(scope).map_or_else(Vec::new, |of_tenant| {
             of_tenant.iter().map(|(user, n)| PresentUser { user_id: user.clone(), connections: *n }).collect()
         }))
     }
 
-    async fn sweep(&self, _tenant: &TenantId) -> Result<Vec<UserId>, BrokerError> {
+    async fn sweep(&self, _scope: &PresenceScope) -> Result<Vec<UserId>, BrokerError> {
         Ok(Vec::new())
     }
 }
@@ -64,7 +64,8 @@ mod tests {
     #[tokio::test]
     async fn the_first_connection_joins_the_last_leaves_and_the_list_counts_them() {
         let presence = InMemoryPresence::new();
-        let (acme, alice) = (TenantId::parse("acme").expect("valid"), UserId::parse("alice").expect("valid"));
+        let acme = PresenceScope::tenant(domain::TenantId::parse("acme").expect("valid"));
+        let alice = UserId::parse("alice").expect("valid");
         assert_eq!(presence.set(&acme, &alice, 1).await, Ok(PresenceChange::Joined));
         assert_eq!(presence.set(&acme, &alice, 2).await, Ok(PresenceChange::Unchanged));
         assert_eq!(
@@ -74,5 +75,9 @@ mod tests {
         assert_eq!(presence.set(&acme, &alice, 0).await, Ok(PresenceChange::Left));
         assert_eq!(presence.list(&acme).await, Ok(vec![]));
         assert_eq!(presence.set(&acme, &alice, 0).await, Ok(PresenceChange::Unchanged));
+        let orders =
+            PresenceScope::topic(acme.tenant.clone(), domain::TopicName::parse("orders").expect("valid"));
+        assert_eq!(presence.set(&orders, &alice, 1).await, Ok(PresenceChange::Joined));
+        assert_eq!(presence.list(&acme).await, Ok(vec![]), "a topic's members are not the tenant's");
     }
 }

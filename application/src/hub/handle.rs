@@ -1,60 +1,23 @@
 //! One connection as the hub sees it: its times, its sink, and the gate that holds live
 //! deliveries while it is being opened and drops, once open, a message already covered then.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use domain::{Channel, CloseReason, ConnectionInfo, StreamPosition, Timestamp};
 
 use super::Position;
+use super::gate::{Gate, Passage};
 use crate::ports::{ClientSink, PushError};
 
-/// Live deliveries held for one connection while it is being opened; beyond this it is closed
-/// as a slow consumer (it reconnects and recovers from its last position).
-pub const MAX_HELD_FRAMES: usize = 4096;
-
-/// A live delivery that arrived while its connection was still being opened.
-struct Held {
-    channel: Channel,
-    position: Option<(u64, String)>,
-    frame: Bytes,
-}
-
-/// Where a connection stood in its tenant or user channel when it was opened: the welcome's
-/// position, up to which the client has everything (replayed, or before where it starts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Floor {
-    offset: u64,
-    /// A hash of the epoch, enough to tell two epochs apart.
-    epoch: u64,
-}
-
-fn epoch_hash(epoch: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    epoch.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// The index of a connection's tenant (0) or user (1) channel among its floors.
+/// The index of a connection's tenant (0) or user (1) channel among its gate's slots.
 fn floor_slot(channel: &Channel) -> Option<usize> {
     match channel {
         Channel::Tenant(_) => Some(0),
         Channel::User(..) => Some(1),
         _ => None,
     }
-}
-
-/// How a connection takes live deliveries.
-enum Gate {
-    /// Being opened: they wait here, to follow the welcome and the replay.
-    Holding(Vec<Held>),
-    /// Open. A live message at or below the floor of its channel was already covered when the
-    /// connection was opened: one published before the position was read may still reach this
-    /// instance afterwards (its subscriber running behind), and is dropped. The first message
-    /// beyond a floor lifts it.
-    Open([Option<Floor>; 2]),
 }
 
 /// One live connection as the hub sees it. The timestamps are atomics, in Unix milliseconds,
@@ -72,11 +35,9 @@ pub struct ConnectionHandle {
     expires_at: AtomicU64,
     /// The server asked the connection to close; a drain skips it.
     closing: AtomicBool,
-    /// Set while live deliveries go through `gate`: until [`ConnectionHandle::open`] (they
-    /// wait there, so the welcome and any replayed history go first), then while a floor is
-    /// set.
-    gated: AtomicBool,
-    gate: Mutex<Gate>,
+    /// Holds live deliveries until [`ConnectionHandle::open`], so the welcome and any replayed
+    /// history go first; then drops those the replay covered, on the tenant and user channels.
+    gate: Gate<2>,
 }
 
 impl std::fmt::Debug for ConnectionHandle {
@@ -97,17 +58,13 @@ impl ConnectionHandle {
             last_ping: AtomicU64::new(now),
             expires_at: AtomicU64::new(expires_at.map_or(0, Timestamp::unix_millis)),
             closing: AtomicBool::new(false),
-            gated: AtomicBool::new(false),
-            gate: Mutex::new(Gate::Open([None; 2])),
+            gate: Gate::open_now(),
         }
     }
 
     /// A handle whose live deliveries are held back until [`ConnectionHandle::open`].
     pub fn held(info: ConnectionInfo, sink: Arc<dyn ClientSink>, expires_at: Option<Timestamp>) -> Self {
-        let handle = Self::new(info, sink, expires_at);
-        *handle.gate.lock().unwrap_or_else(PoisonError::into_inner) = Gate::Holding(Vec::new());
-        handle.gated.store(true, Ordering::Release);
-        handle
+        Self { gate: Gate::closed(), ..Self::new(info, sink, expires_at) }
     }
 
     /// Queues `first` (the welcome, then any replayed history), then the live deliveries held
@@ -123,36 +80,13 @@ impl ConnectionHandle {
         first: impl IntoIterator<Item = Bytes>,
         covered: &[(Channel, StreamPosition)],
     ) -> Result<(), PushError> {
-        // Deliveries racing with this wait on the lock and, finding nothing held any more,
-        // queue behind everything queued here.
-        let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
         let mut floors = [None; 2];
         for (channel, position) in covered {
             if let Some(slot) = floor_slot(channel) {
-                floors[slot] = Some(Floor { offset: position.offset, epoch: epoch_hash(&position.epoch) });
+                floors[slot] = Some(position);
             }
         }
-        let waiting = match std::mem::replace(&mut *gate, Gate::Open(floors)) {
-            Gate::Holding(waiting) => waiting,
-            Gate::Open(_) => Vec::new(),
-        };
-        let result = (|| {
-            for frame in first {
-                self.send(frame)?;
-            }
-            for Held { channel, position, frame } in waiting {
-                let already = position.as_ref().is_some_and(|(offset, epoch)| {
-                    covered.iter().any(|(c, p)| *c == channel && p.epoch == *epoch && *offset <= p.offset)
-                });
-                if !already {
-                    self.send(frame)?;
-                }
-            }
-            Ok(())
-        })();
-        self.gated.store(floors.iter().any(Option::is_some), Ordering::Release);
-        drop(gate);
-        result
+        self.gate.open(first, floors, |frame| self.send(frame))
     }
 
     /// Delivers a fan-out frame of `channel` at `position`: held while the connection is being
@@ -163,38 +97,14 @@ impl ConnectionHandle {
         position: Position<'_>,
         frame: &Bytes,
     ) -> Result<(), PushError> {
-        if self.gated.load(Ordering::Acquire) {
-            let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
-            match &mut *gate {
-                Gate::Holding(waiting) => {
-                    if waiting.len() >= MAX_HELD_FRAMES {
-                        drop(gate);
-                        self.close(CloseReason::SlowConsumer);
-                        return Err(PushError::Full);
-                    }
-                    waiting.push(Held {
-                        channel: channel.clone(),
-                        position: position.map(|(offset, epoch)| (offset, epoch.to_owned())),
-                        frame: frame.clone(),
-                    });
-                    return Ok(());
-                }
-                Gate::Open(floors) => {
-                    if let (Some(slot), Some((offset, epoch))) = (floor_slot(channel), position)
-                        && let Some(floor) = floors[slot]
-                    {
-                        if floor.epoch == epoch_hash(epoch) && offset <= floor.offset {
-                            return Ok(());
-                        }
-                        floors[slot] = None;
-                        if floors.iter().all(Option::is_none) {
-                            self.gated.store(false, Ordering::Release);
-                        }
-                    }
-                }
+        match self.gate.pass(floor_slot(channel), position, frame) {
+            Passage::Through => self.send(frame.clone()),
+            Passage::Kept => Ok(()),
+            Passage::Overflow => {
+                self.close(CloseReason::SlowConsumer);
+                Err(PushError::Full)
             }
         }
-        self.send(frame.clone())
     }
 
     pub fn info(&self) -> &ConnectionInfo {

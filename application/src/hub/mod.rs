@@ -10,10 +10,15 @@
 //! # Layout
 //! - this module: the [`Hub`] — registration, broker subscribe/unsubscribe, fan-out, closing.
 //! - [`handle`]: [`ConnectionHandle`], one connection's times, sink and delivery gate.
+//! - [`subscription`]: [`Subscription`], one connection's subscription to a topic or to
+//!   presence announcements, with its own gate.
+//! - `gate`: the gate both use to hold deliveries while a welcome or a replay is prepared.
 //! - `continuity`: where each history channel stands per shard (a [`domain::ChannelContinuity`] each).
 
 mod continuity;
+mod gate;
 pub mod handle;
+pub mod subscription;
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -21,9 +26,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
-use domain::{Channel, CloseReason, ConnectionId, ConnectionRegistry, RegistryError, TenantId, UserId};
+use domain::{
+    Channel, CloseReason, ConnectionId, ConnectionRegistry, PresenceScope, RegistryError, SubscribeError,
+    TenantId, UserId,
+};
 
-pub use handle::{ConnectionHandle, MAX_HELD_FRAMES};
+pub use gate::MAX_HELD_FRAMES;
+pub use handle::ConnectionHandle;
+pub use subscription::Subscription;
 
 use crate::ports::{MessageBroker, PushError, SubscribeAck};
 
@@ -34,7 +44,8 @@ const SHARDS: usize = 64;
 /// A message's place in its channel, as a fan-out hands it along: offset and epoch.
 pub type Position<'a> = Option<(u64, &'a str)>;
 
-type Shard = RwLock<ConnectionRegistry<Arc<ConnectionHandle>>>;
+type Registry = ConnectionRegistry<Arc<ConnectionHandle>, Arc<Subscription>>;
+type Shard = RwLock<Registry>;
 
 /// This instance's connections.
 pub struct Hub {
@@ -48,6 +59,7 @@ pub struct Hub {
     admitted: Arc<AtomicUsize>,
     max_connections: usize,
     max_per_user: usize,
+    max_topics: usize,
 }
 
 /// What one fan-out did.
@@ -110,7 +122,15 @@ impl Hub {
             admitted: Arc::new(AtomicUsize::new(0)),
             max_connections,
             max_per_user,
+            max_topics: 0,
         }
+    }
+
+    /// Refuses a connection's topic subscription beyond `max` (0: no limit).
+    #[must_use]
+    pub fn with_topic_limit(mut self, max: usize) -> Self {
+        self.max_topics = max;
+        self
     }
 
     fn shard_index(tenant: &TenantId) -> usize {
@@ -136,11 +156,11 @@ impl Hub {
         closed
     }
 
-    fn read(shard: &Shard) -> RwLockReadGuard<'_, ConnectionRegistry<Arc<ConnectionHandle>>> {
+    fn read(shard: &Shard) -> RwLockReadGuard<'_, Registry> {
         shard.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(shard: &Shard) -> RwLockWriteGuard<'_, ConnectionRegistry<Arc<ConnectionHandle>>> {
+    fn write(shard: &Shard) -> RwLockWriteGuard<'_, Registry> {
         shard.write().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -194,22 +214,148 @@ impl Hub {
         Some(handle)
     }
 
+    /// Subscribes connection `id` of `tenant` to `channel` (a topic or presence channel)
+    /// through `subscription`, subscribing the broker when it is the channel's first subscriber
+    /// here. Returns the broker's confirmation that the channel is active.
+    ///
+    /// # Errors
+    /// [`SubscribeError`] (already subscribed, over the limit, connection gone); nothing
+    /// changes then.
+    pub fn subscribe(
+        &self,
+        tenant: &TenantId,
+        id: &ConnectionId,
+        channel: &Channel,
+        subscription: Arc<Subscription>,
+    ) -> Result<SubscribeAck, SubscribeError> {
+        let mut shard = Self::write(self.shard(tenant));
+        if shard.subscribe(id, channel.clone(), subscription, self.max_topics)? {
+            self.forget_positions(tenant, std::slice::from_ref(channel));
+            self.broker.subscribe(std::slice::from_ref(channel));
+        }
+        drop(shard);
+        Ok(self.broker.until_active(std::slice::from_ref(channel)))
+    }
+
+    /// Ends connection `id`'s subscription to `channel`, unsubscribing the broker when nobody
+    /// else here needs it; returns the subscription, `None` when there was none. Once this
+    /// returns, nothing more of `channel` reaches the connection.
+    pub fn unsubscribe(
+        &self,
+        tenant: &TenantId,
+        id: &ConnectionId,
+        channel: &Channel,
+    ) -> Option<Arc<Subscription>> {
+        let mut shard = Self::write(self.shard(tenant));
+        let (subscription, released) = shard.unsubscribe(id, channel)?;
+        if released {
+            self.forget_positions(tenant, std::slice::from_ref(channel));
+            self.broker.unsubscribe(std::slice::from_ref(channel));
+        }
+        Some(subscription)
+    }
+
+    /// Ends every local subscription to `channel`; returns them.
+    pub fn end_subscriptions(&self, channel: &Channel) -> Vec<Arc<Subscription>> {
+        let Some(tenant) = channel.tenant() else { return Vec::new() };
+        let mut shard = Self::write(self.shard(tenant));
+        let ids: Vec<ConnectionId> = shard.subscribers(channel).map(|(id, _)| id.clone()).collect();
+        let ended: Vec<_> =
+            ids.iter().filter_map(|id| shard.unsubscribe(id, channel)).map(|(s, _)| s).collect();
+        if !ended.is_empty() {
+            self.forget_positions(tenant, std::slice::from_ref(channel));
+            self.broker.unsubscribe(std::slice::from_ref(channel));
+        }
+        ended
+    }
+
+    /// Ends the subscriptions of `user`'s local connections to `channel`; returns them.
+    pub fn unsubscribe_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        channel: &Channel,
+    ) -> Vec<Arc<Subscription>> {
+        let user_channel = Channel::User(tenant.clone(), user.clone());
+        let ids: Vec<ConnectionId> =
+            Self::read(self.shard(tenant)).recipients(&user_channel).map(|h| h.info().id.clone()).collect();
+        ids.iter().filter_map(|id| self.unsubscribe(tenant, id, channel)).collect()
+    }
+
+    /// The channels connection `id` of `tenant` subscribed to, with their subscriptions.
+    pub fn subscriptions_of(
+        &self,
+        tenant: &TenantId,
+        id: &ConnectionId,
+    ) -> Vec<(Channel, Arc<Subscription>)> {
+        let shard = Self::read(self.shard(tenant));
+        shard
+            .subscriptions_of(id)
+            .iter()
+            .filter_map(|channel| {
+                shard
+                    .subscribers(channel)
+                    .find(|(other, _)| *other == id)
+                    .map(|(_, s)| (channel.clone(), s.clone()))
+            })
+            .collect()
+    }
+
+    /// How many local connections of `user` are present members of `scope`: for a tenant,
+    /// every connection of the user; for a topic, its subscriptions with presence.
+    pub fn present_connections_of(&self, scope: &PresenceScope, user: &UserId) -> usize {
+        let shard = Self::read(self.shard(&scope.tenant));
+        match &scope.topic {
+            None => shard.connections_of(&scope.tenant, user),
+            Some(_) => shard.subscribed_connections_of(&Channel::Presence(scope.clone()), user),
+        }
+    }
+
+    /// Every topic with present members on this instance, with each member and how many of
+    /// its connections are.
+    pub fn topic_presence_members(&self) -> Vec<(PresenceScope, UserId, usize)> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                Self::read(shard)
+                    .presence_members()
+                    .filter_map(|(channel, user, n)| match channel {
+                        Channel::Presence(scope) if scope.topic.is_some() => {
+                            Some((scope.clone(), user.clone(), n))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Queues `frame` for every local connection listening on `channel`; returns how many
     /// accepted it. The bytes are shared, never copied per recipient.
     /// `position` is the message's offset and epoch in `channel`, when it has one.
     pub fn fan_out(&self, channel: &Channel, frame: &Bytes, position: Position<'_>) -> FanOut {
         let mut outcome = FanOut::default();
-        let mut send_all = |registry: &ConnectionRegistry<Arc<ConnectionHandle>>| {
-            for handle in registry.recipients(channel) {
-                match handle.deliver(channel, position, frame) {
-                    Ok(()) => outcome.delivered += 1,
-                    Err(PushError::Full) => outcome.overflowed += 1,
-                    Err(PushError::Closed) => {}
+        let mut count = |result: Result<(), PushError>| match result {
+            Ok(()) => outcome.delivered += 1,
+            Err(PushError::Full) => outcome.overflowed += 1,
+            Err(PushError::Closed) => {}
+        };
+        let mut send_all = |registry: &Registry| {
+            if channel.is_subscribed_to() {
+                for (_, subscription) in registry.subscribers(channel) {
+                    count(subscription.deliver(channel, position, frame));
+                }
+            } else {
+                for handle in registry.recipients(channel) {
+                    count(handle.deliver(channel, position, frame));
                 }
             }
         };
         match channel {
-            Channel::Tenant(tenant) | Channel::User(tenant, _) => send_all(&Self::read(self.shard(tenant))),
+            Channel::Tenant(tenant)
+            | Channel::User(tenant, _)
+            | Channel::Topic(tenant, _)
+            | Channel::Presence(PresenceScope { tenant, .. }) => send_all(&Self::read(self.shard(tenant))),
             Channel::Global | Channel::System => {
                 for shard in self.shards.iter() {
                     send_all(&Self::read(shard));
@@ -234,7 +380,7 @@ impl Hub {
             .collect()
     }
 
-    /// Tenant and user channels some local connection needs.
+    /// Tenant, user and subscribed channels some local connection needs.
     pub fn channel_count(&self) -> usize {
         self.shards.iter().map(|shard| Self::read(shard).channel_count()).sum()
     }

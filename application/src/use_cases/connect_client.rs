@@ -5,17 +5,17 @@
 //! [`ConnectClient::connect`] registers the connection and queues its welcome frame.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use bytes::Bytes;
 use domain::{
-    Channel, ClaimsError, ConnectionId, ConnectionInfo, Identity, SCOPE_WS_CONNECT, StreamPosition,
-    Timestamp, TokenBucket,
+    Caps, Channel, ClaimsError, ConnectionId, ConnectionInfo, Identity, PresenceScope, SCOPE_WS_CONNECT,
+    StreamPosition, Timestamp, TokenBucket,
 };
 
 use crate::Settings;
 use crate::frames::FrameFactory;
-use crate::hub::{ConnectionHandle, Hub, Permit, RegisterError};
+use crate::hub::{ConnectionHandle, Hub, Permit, RegisterError, Subscription};
 use crate::ports::{
     BrokerError, ClientSink, ConnectionOutcome, Metrics, NoMetrics, TokenError, TokenVerifier,
 };
@@ -85,13 +85,16 @@ impl Admission {
     }
 }
 
-/// The positions a reconnecting client last saw; what was published after them is replayed.
+/// What a client asks for as it opens: the positions it last saw, if it reconnects (what was
+/// published after them is replayed), and the tenant's presence announcements.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resume {
     /// The client's last position in its tenant channel (`since=`).
     pub since: Option<StreamPosition>,
     /// The client's last position in its user channel (`user_since=`).
     pub user_since: Option<StreamPosition>,
+    /// The client asked for the tenant's presence announcements (`presence=1`).
+    pub presence: bool,
 }
 
 /// What a connection is sent before its live messages.
@@ -116,6 +119,8 @@ pub struct Session {
     /// Already unregistered by [`Session::release`].
     released: AtomicBool,
     transport: &'static str,
+    /// What the connection's token allows on topics; replaced by a `refresh`.
+    caps: RwLock<Option<Arc<Caps>>>,
     _permit: Permit,
 }
 
@@ -161,6 +166,30 @@ impl Session {
     /// Records a data frame from the client at `now`.
     pub fn touch(&self, now: Timestamp) {
         self.handle.touch(now);
+    }
+
+    /// What the connection's token allows on topics; `None`: nothing.
+    pub fn caps(&self) -> Option<Arc<Caps>> {
+        self.caps.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the caps (a refreshed token).
+    pub(crate) fn set_caps(&self, caps: Option<Arc<Caps>>) {
+        *self.caps.write().unwrap_or_else(PoisonError::into_inner) = caps;
+    }
+
+    /// The presence scopes the connection is a member of: its tenant, and the topics it
+    /// subscribed to with presence.
+    pub(crate) fn presence_scopes(&self) -> Vec<PresenceScope> {
+        let info = self.info();
+        let topics =
+            self.hub.subscriptions_of(&info.tenant_id, &info.id).into_iter().filter_map(|(channel, _)| {
+                match channel {
+                    Channel::Presence(scope) if scope.topic.is_some() => Some(scope),
+                    _ => None,
+                }
+            });
+        std::iter::once(PresenceScope::tenant(info.tenant_id.clone())).chain(topics).collect()
     }
 }
 
@@ -295,14 +324,23 @@ impl ConnectClient {
         let rate = Mutex::new(TokenBucket::new(self.settings.rate_per_sec, self.settings.rate_burst, now));
         // Built before waiting, so that a failure or a cancelled wait unregisters it on drop.
         let session = Session {
-            handle,
+            handle: handle.clone(),
             rate,
             hub: self.hub.clone(),
             released: AtomicBool::new(false),
             transport,
+            caps: RwLock::new(identity.caps().cloned()),
             _permit: permit,
         };
         ack.await.map_err(ConnectError::Broker)?;
+        if resume.presence {
+            // The announcements wait behind the connection's gate like every live delivery.
+            let channel = Channel::Presence(PresenceScope::tenant(info.tenant_id.clone()));
+            let watch = Arc::new(Subscription::open_now(handle));
+            if let Ok(ack) = self.hub.subscribe(&info.tenant_id, &info.id, &channel, watch) {
+                ack.await.map_err(ConnectError::Broker)?;
+            }
+        }
         // Read after the subscription is active: everything after these positions arrives live.
         let catch_up = self.catch_up(&info, resume).await.map_err(ConnectError::Broker)?;
         session.handle.open(catch_up.first, &catch_up.positions).map_err(|_| ConnectError::Gone)?;
@@ -581,7 +619,7 @@ mod tests {
         let frames = resume(
             read,
             vec![(3, "three"), (4, "four")],
-            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None },
+            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None, ..Resume::default() },
         )
         .await;
         assert_eq!(frames[0]["type"], "welcome");
@@ -602,7 +640,8 @@ mod tests {
         let (connect, hub) = use_case(verifier(Ok(claims("ws:connect"))), broker, 10);
         slot.set(hub.clone()).expect("once");
         let sink = RecordingSink::new();
-        let resume = Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None };
+        let resume =
+            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None, ..Resume::default() };
         let admission = connect.authorize("test", Some("t")).await.expect("admitted").resuming(resume);
         let _session = connect.connect(admission, sink.clone()).await.expect("connected");
         // The instance's subscriber ran behind: 3, published before the history was read,
@@ -620,7 +659,7 @@ mod tests {
         let frames = resume(
             read,
             vec![(6, "six")],
-            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None },
+            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None, ..Resume::default() },
         )
         .await;
         assert_eq!(frames[0]["payload"]["recovered"], false);
@@ -635,9 +674,12 @@ mod tests {
             position: Some(StreamPosition::new("e1", 3)),
             missed: Some(vec![message(2, big), message(3, big)]),
         };
-        let frames =
-            resume(read, vec![], Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None })
-                .await;
+        let frames = resume(
+            read,
+            vec![],
+            Resume { since: Some(StreamPosition::new("e1", 1)), user_since: None, ..Resume::default() },
+        )
+        .await;
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0]["payload"]["recovered"], false);
     }

@@ -4,13 +4,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use domain::{Channel, CloseReason, Continuity, InboundEnvelope, StreamPosition};
+use domain::{Channel, CloseReason, Continuity, InboundEnvelope, StreamPosition, UnsubscribeReason};
 
 use crate::frames::FrameFactory;
 use crate::hub::Hub;
 use crate::ports::{
     ControlCommand, DropReason, HistoryRead, InboundHandler, MessageSource, Metrics, NoMetrics,
 };
+use crate::use_cases::subscribe_topic::SubscribeTopic;
 
 /// At most one warning about invalid broker messages per this many milliseconds.
 const INVALID_WARNING_INTERVAL_MS: u64 = 10_000;
@@ -30,6 +31,8 @@ pub struct DeliverBrokerMessage {
     interrupted: AtomicBool,
     /// The latest positions read by the first step of [`Self::check_positions`].
     expected: Mutex<Option<Vec<(Channel, StreamPosition)>>>,
+    /// Ends topic subscriptions that missed messages, or that a backend ended.
+    topics: Option<Arc<SubscribeTopic>>,
 }
 
 impl std::fmt::Debug for DeliverBrokerMessage {
@@ -48,7 +51,14 @@ impl DeliverBrokerMessage {
             last_warning: AtomicU64::new(0),
             interrupted: AtomicBool::new(false),
             expected: Mutex::new(None),
+            topics: None,
         }
+    }
+
+    /// Ends topic subscriptions through `topics`.
+    pub fn with_topics(mut self, topics: Arc<SubscribeTopic>) -> Self {
+        self.topics = Some(topics);
+        self
     }
 
     /// Reports to `metrics` instead of nowhere.
@@ -81,10 +91,19 @@ impl DeliverBrokerMessage {
 impl DeliverBrokerMessage {
     /// Messages of `channel` never reached this instance: rather than let its clients skip
     /// them silently, closes them with 4009 so they reconnect with their positions and
-    /// recover what they missed from the history.
+    /// recover what they missed from the history. A topic's subscriptions end instead, with
+    /// an `unsubscribed` frame telling them to subscribe again with `since`: the rest of the
+    /// connection is not disturbed.
     fn missed(&self, channel: &Channel) {
-        let closed = self.hub.close_channel(channel, CloseReason::MissedMessages);
         self.metrics.messages_dropped(DropReason::Gap, 1);
+        if let (Channel::Topic(..), Some(topics)) = (channel, &self.topics) {
+            let ended = self.hub.end_subscriptions(channel);
+            let count = ended.len();
+            topics.end(ended, channel, UnsubscribeReason::MissedMessages);
+            tracing::warn!(%channel, subscriptions = count, "messages of a topic never arrived; its subscriptions were ended to recover");
+            return;
+        }
+        let closed = self.hub.close_channel(channel, CloseReason::MissedMessages);
         tracing::warn!(%channel, closed, "messages of a channel never arrived; its clients were closed to recover");
     }
 
@@ -127,9 +146,20 @@ impl DeliverBrokerMessage {
 }
 
 impl InboundHandler for DeliverBrokerMessage {
-    /// `Disconnect` closes every local connection of the user with 4003.
+    /// `Disconnect` closes every local connection of the user with 4003; `Unsubscribe` ends
+    /// the user's local subscriptions to the topic.
     fn on_control(&self, command: ControlCommand) {
         match command {
+            ControlCommand::Unsubscribe { tenant_id, user_id, channel: topic } => {
+                let channel = Channel::Topic(tenant_id.clone(), topic);
+                let ended = self.hub.unsubscribe_user(&tenant_id, &user_id, &channel);
+                if let Some(topics) = &self.topics
+                    && !ended.is_empty()
+                {
+                    tracing::info!(%channel, subscriptions = ended.len(), "subscriptions of a user ended by the server API");
+                    topics.end(ended, &channel, UnsubscribeReason::Server);
+                }
+            }
             ControlCommand::Disconnect { tenant_id, user_id } => {
                 let channel = Channel::User(tenant_id, user_id);
                 let closed = self.hub.close_channel(&channel, CloseReason::Inactive);

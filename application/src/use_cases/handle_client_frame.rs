@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use domain::envelope::{kind, raw_payload};
-use domain::{Channel, ClientCommand, CloseReason, ErrorCode, Identity, RateDecision, SCOPE_WS_CONNECT};
+use domain::{
+    Capability, Channel, ClientCommand, CloseReason, ErrorCode, Identity, PresenceScope, RateDecision,
+    SCOPE_WS_CONNECT, TopicName, UnsubscribeReason,
+};
 use serde::Serialize;
 
 use crate::Settings;
@@ -15,6 +18,7 @@ use crate::ports::{DropReason, MessageBroker, MessageSource, Metrics, NoMetrics,
 use crate::use_cases::connect_client::{Session, token_deadline};
 use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
+use crate::use_cases::subscribe_topic::{SubscribeRequest, SubscribeTopic};
 
 /// What the connection does after a client frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,7 @@ pub struct HandleClientFrame {
     token_leeway_secs: u64,
     metrics: Arc<dyn Metrics>,
     presence: Option<Arc<TrackPresence>>,
+    topics: Option<Arc<SubscribeTopic>>,
 }
 
 impl std::fmt::Debug for HandleClientFrame {
@@ -67,7 +72,14 @@ impl HandleClientFrame {
             token_leeway_secs: settings.token_leeway_secs,
             metrics: Arc::new(NoMetrics),
             presence: None,
+            topics: None,
         }
+    }
+
+    /// Answers `subscribe`, `unsubscribe` and topic frames with `topics`.
+    pub fn with_topics(mut self, topics: Arc<SubscribeTopic>) -> Self {
+        self.topics = Some(topics);
+        self
     }
 
     /// Reports to `metrics` instead of nowhere.
@@ -117,10 +129,47 @@ impl HandleClientFrame {
         }
         match ClientCommand::parse_bytes(frame) {
             Ok(ClientCommand::Ping) => FrameOutcome::Reply(self.frames.pong()),
-            Ok(ClientCommand::Presence) => self.presence(session).await,
-            Ok(ClientCommand::Message { payload }) => {
+            Ok(ClientCommand::Presence { channel: None }) => {
+                self.presence(PresenceScope::tenant(session.info().tenant_id.clone())).await
+            }
+            Ok(ClientCommand::Presence { channel: Some(topic) }) => {
+                if let Some(refused) =
+                    self.refused(session, &topic, Capability::Presence, "see the presence of")
+                {
+                    return refused;
+                }
+                self.presence(PresenceScope::topic(session.info().tenant_id.clone(), topic)).await
+            }
+            Ok(ClientCommand::Message { channel: None, payload }) => {
                 let channel = Channel::Tenant(session.info().tenant_id.clone());
                 self.publish(session, kind::MESSAGE, channel, payload).await
+            }
+            Ok(ClientCommand::Message { channel: Some(topic), payload }) => {
+                if let Some(refused) = self.refused(session, &topic, Capability::Publish, "publish to") {
+                    return refused;
+                }
+                let channel = Channel::Topic(session.info().tenant_id.clone(), topic);
+                self.publish(session, kind::MESSAGE, channel, payload).await
+            }
+            Ok(ClientCommand::Subscribe { channel: topic, since, token, presence }) => {
+                let Some(topics) = &self.topics else { return self.no_topics() };
+                let request = SubscribeRequest { since, token: token.as_deref(), presence };
+                match topics.subscribe(session, topic.clone(), request).await {
+                    Ok(()) => FrameOutcome::Nothing,
+                    Err(error) => {
+                        let channel = Channel::Topic(session.info().tenant_id.clone(), topic);
+                        FrameOutcome::Reply(self.frames.error_on(
+                            error.code(),
+                            &error.to_string(),
+                            Some(&channel),
+                        ))
+                    }
+                }
+            }
+            Ok(ClientCommand::Unsubscribe { channel: topic }) => {
+                let Some(topics) = &self.topics else { return self.no_topics() };
+                topics.unsubscribe(session, &topic, UnsubscribeReason::Requested).await;
+                FrameOutcome::Nothing
             }
             Ok(ClientCommand::Direct { to_user, payload }) => {
                 // Always within the sender's tenant, whatever id it names.
@@ -155,16 +204,38 @@ impl HandleClientFrame {
         }
     }
 
-    /// Answers a `presence` frame with the tenant's users online.
-    async fn presence(&self, session: &Session) -> FrameOutcome {
+    /// An `error` frame `forbidden` when the connection may not do `cap` on `topic`.
+    fn refused(
+        &self,
+        session: &Session,
+        topic: &TopicName,
+        cap: Capability,
+        doing: &str,
+    ) -> Option<FrameOutcome> {
+        let Some(topics) = &self.topics else { return Some(self.no_topics()) };
+        if topics.allowed(session, topic).contains(cap) {
+            return None;
+        }
+        let channel = Channel::Topic(session.info().tenant_id.clone(), topic.clone());
+        let message = format!("the token does not allow this connection to {doing} {topic}");
+        Some(FrameOutcome::Reply(self.frames.error_on(ErrorCode::Forbidden, &message, Some(&channel))))
+    }
+
+    fn no_topics(&self) -> FrameOutcome {
+        self.error(ErrorCode::Unsupported, "topics are not offered here")
+    }
+
+    /// Answers a `presence` frame with the scope's present users.
+    async fn presence(&self, scope: PresenceScope) -> FrameOutcome {
         let listed = match &self.presence {
-            Some(presence) => presence.list(&session.info().tenant_id).await,
+            Some(presence) => presence.list(&scope).await,
             None => Ok(None),
         };
         match listed {
             Ok(Some(users)) => {
                 let payload = raw_payload(&PresencePayload { users });
-                FrameOutcome::Reply(encode(&self.frames.envelope(kind::PRESENCE, payload, None, None)))
+                let channel = scope.topic.is_some().then(|| scope.members());
+                FrameOutcome::Reply(encode(&self.frames.envelope(kind::PRESENCE, payload, None, channel)))
             }
             Ok(None) => self.error(ErrorCode::Unsupported, "presence is turned off on this deployment"),
             Err(_) => {
@@ -190,6 +261,10 @@ impl HandleClientFrame {
             return self.error(ErrorCode::Forbidden, "refresh refused: the token lacks the ws:connect scope");
         }
         session.handle().extend(token_deadline(&identity, self.token_leeway_secs));
+        session.set_caps(identity.caps().cloned());
+        if let Some(topics) = &self.topics {
+            topics.revoke_disallowed(session).await;
+        }
         let payload = raw_payload(&Refreshed { exp: identity.expires_at().unwrap_or_default() });
         FrameOutcome::Reply(encode(&self.frames.envelope(kind::REFRESHED, payload, None, None)))
     }

@@ -7,6 +7,7 @@ pub mod handle_client_frame;
 pub mod ingest_webhook;
 pub mod presence;
 pub mod server_api;
+pub mod subscribe_topic;
 pub mod sweep_inactive;
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
-//! Presence: who is online in a tenant, over every instance, and the `presence.join` /
-//! `presence.leave` announcements on the tenant channel.
+//! Presence: who is online in a tenant, and who is a present member of a topic, over every
+//! instance; and the `presence.join` / `presence.leave` announcements, published on the scope's
+//! presence channel (`presence:{tenant}`, `presence:{tenant}:{topic}`) so that only the
+//! connections that asked for them receive them.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use domain::envelope::{kind, raw_payload};
-use domain::{Channel, TenantId, UserId};
+use domain::{Channel, PresenceScope, UserId};
 use serde::Serialize;
 
 use crate::frames::FrameFactory;
@@ -25,10 +27,10 @@ pub struct TrackPresence {
     hub: Arc<Hub>,
     broker: Arc<dyn MessageBroker>,
     frames: FrameFactory,
-    /// Users of sessions that ended without being closed (their task was dropped): their
-    /// presence is recorded by the next [`TrackPresence::settle`]. One entry per such session
-    /// at most, so it stays as small as the sessions that ended that way.
-    unsettled: Mutex<Vec<(TenantId, UserId)>>,
+    /// Scopes and users whose local presence changed where nothing could be awaited (a session
+    /// dropped without its close, a subscription ended by a delivery): recorded by the next
+    /// [`TrackPresence::settle`]. One entry per such change at most.
+    unsettled: Mutex<Vec<(PresenceScope, UserId)>>,
 }
 
 impl std::fmt::Debug for TrackPresence {
@@ -51,49 +53,47 @@ impl TrackPresence {
         self.store.is_some()
     }
 
-    /// The user's connections on this instance changed (one opened or closed): records the new
-    /// count and announces a join or a leave to the tenant when there is one. Failures are
-    /// logged: presence never holds a connection up.
-    pub async fn changed(&self, tenant: &TenantId, user: &UserId) {
+    /// The user's present connections in `scope` on this instance changed (one opened or
+    /// closed, a subscription with presence began or ended): records the new count and
+    /// announces a join or a leave when there is one. Failures are logged: presence never holds
+    /// a connection up.
+    pub async fn changed(&self, scope: &PresenceScope, user: &UserId) {
         let Some(store) = &self.store else { return };
-        let connections = self.hub.connections_of(tenant, user);
-        match store.set(tenant, user, connections).await {
-            Ok(change) => self.announce(tenant, user, change).await,
-            Err(error) => tracing::warn!(%error, %tenant, "presence not updated"),
+        let connections = self.hub.present_connections_of(scope, user);
+        match store.set(scope, user, connections).await {
+            Ok(change) => self.announce(scope, user, change).await,
+            Err(error) => tracing::warn!(%error, %scope, "presence not updated"),
         }
     }
 
-    /// A session of `user` ended without its close, where nothing can be awaited: its change
-    /// is recorded by the next [`TrackPresence::settle`].
-    pub(crate) fn changed_later(&self, tenant: &TenantId, user: &UserId) {
+    /// Like [`TrackPresence::changed`], where nothing can be awaited: recorded by the next
+    /// [`TrackPresence::settle`].
+    pub(crate) fn changed_later(&self, scope: &PresenceScope, user: &UserId) {
         if self.store.is_some() {
-            self.unsettled
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((tenant.clone(), user.clone()));
+            self.unsettled.lock().unwrap_or_else(PoisonError::into_inner).push((scope.clone(), user.clone()));
         }
     }
 
-    /// Records the changes left by sessions that ended without their close. Call it often (a
-    /// fraction of a second): until then, such a user's leave is not announced.
+    /// Records the changes left by [`TrackPresence::changed_later`]. Call it often (a fraction
+    /// of a second): until then, such a leave is not announced.
     pub async fn settle(&self) {
         let unsettled: BTreeSet<_> =
             std::mem::take(&mut *self.unsettled.lock().unwrap_or_else(PoisonError::into_inner))
                 .into_iter()
                 .collect();
-        for (tenant, user) in unsettled {
-            self.changed(&tenant, &user).await;
+        for (scope, user) in unsettled {
+            self.changed(&scope, &user).await;
         }
     }
 
-    /// The tenant's users online, sorted by user id.
+    /// The scope's present users, sorted by user id.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the store cannot be reached; `Ok(None)` when presence
     /// is turned off.
-    pub async fn list(&self, tenant: &TenantId) -> Result<Option<Vec<PresentUser>>, BrokerError> {
+    pub async fn list(&self, scope: &PresenceScope) -> Result<Option<Vec<PresentUser>>, BrokerError> {
         let Some(store) = &self.store else { return Ok(None) };
-        let mut users = store.list(tenant).await?;
+        let mut users = store.list(scope).await?;
         users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         Ok(Some(users))
     }
@@ -102,42 +102,44 @@ impl TrackPresence {
     /// stopped keeping theirs (it crashed). Call it well within the presence TTL.
     pub async fn refresh(&self) {
         let Some(store) = &self.store else { return };
-        let mut tenants = BTreeSet::new();
-        for (tenant, user, connections) in self.hub.local_users() {
-            match store.set(&tenant, &user, connections).await {
+        let tenants = self.hub.local_users().into_iter().map(|(t, u, n)| (PresenceScope::tenant(t), u, n));
+        let members = tenants.chain(self.hub.topic_presence_members());
+        let mut scopes = BTreeSet::new();
+        for (scope, user, connections) in members {
+            match store.set(&scope, &user, connections).await {
                 // An entry that had expired (Redis lost it, say) comes back as a join.
-                Ok(change) => self.announce(&tenant, &user, change).await,
+                Ok(change) => self.announce(&scope, &user, change).await,
                 Err(error) => {
                     tracing::warn!(%error, "presence not refreshed; retrying at the next round");
                     return;
                 }
             }
-            tenants.insert(tenant);
+            scopes.insert(scope);
         }
-        for tenant in tenants {
-            match store.sweep(&tenant).await {
+        for scope in scopes {
+            match store.sweep(&scope).await {
                 Ok(gone) => {
                     for user in gone {
-                        self.announce(&tenant, &user, PresenceChange::Left).await;
+                        self.announce(&scope, &user, PresenceChange::Left).await;
                     }
                 }
-                Err(error) => tracing::warn!(%error, %tenant, "presence not swept"),
+                Err(error) => tracing::warn!(%error, %scope, "presence not swept"),
             }
         }
     }
 
-    async fn announce(&self, tenant: &TenantId, user: &UserId, change: PresenceChange) {
+    async fn announce(&self, scope: &PresenceScope, user: &UserId, change: PresenceChange) {
         let kind = match change {
             PresenceChange::Joined => kind::PRESENCE_JOIN,
             PresenceChange::Left => kind::PRESENCE_LEAVE,
             PresenceChange::Unchanged => return,
         };
-        let channel = Channel::Tenant(tenant.clone());
+        let channel = Channel::Presence(scope.clone());
         let payload = raw_payload(&Who { user_id: user.as_str() });
         let envelope = self.frames.envelope(kind, payload, None, Some(channel.clone()));
         let metrics = crate::ports::NoMetrics;
         if let Err(error) = publish_timed(&*self.broker, &metrics, &channel, &envelope, None).await {
-            tracing::warn!(%error, %tenant, kind, "presence change not announced");
+            tracing::warn!(%error, %scope, kind, "presence change not announced");
         }
     }
 }
@@ -147,6 +149,7 @@ mod tests {
     use super::*;
     use crate::ports::{MockMessageBroker, MockPresence};
     use crate::use_cases::test_support::*;
+    use domain::TenantId;
     use serde_json::Value;
 
     fn broker(announced: Arc<std::sync::Mutex<Vec<(String, String)>>>) -> MockMessageBroker {
@@ -162,6 +165,7 @@ mod tests {
                 .lock()
                 .expect("lock")
                 .push((format!("{}@{}", v["type"].as_str().unwrap_or_default(), channel.name()), who));
+            assert_eq!(v["channel"].as_str(), Some(channel.name().as_str()));
             Ok(())
         });
         broker
@@ -184,7 +188,8 @@ mod tests {
         });
         store.expect_sweep().returning(|_| Ok(vec![UserId::parse("ghost").expect("valid")]));
         let presence = TrackPresence::new(Some(Arc::new(store)), hub.clone(), broker, frames());
-        let (acme, alice) = (TenantId::parse("acme").expect("valid"), UserId::parse("alice").expect("valid"));
+        let acme = PresenceScope::tenant(TenantId::parse("acme").expect("valid"));
+        let alice = UserId::parse("alice").expect("valid");
         let first = session(&hub, "alice", "acme").await;
         presence.changed(&acme, &alice).await;
         let second = session(&hub, "alice", "acme").await;
@@ -197,9 +202,9 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("presence.join@tenant:acme".to_owned(), "alice".to_owned()),
-                ("presence.leave@tenant:acme".to_owned(), "ghost".to_owned()),
-                ("presence.leave@tenant:acme".to_owned(), "alice".to_owned()),
+                ("presence.join@presence:acme".to_owned(), "alice".to_owned()),
+                ("presence.leave@presence:acme".to_owned(), "ghost".to_owned()),
+                ("presence.leave@presence:acme".to_owned(), "alice".to_owned()),
             ]
         );
     }
@@ -210,7 +215,8 @@ mod tests {
         let hub = Arc::new(Hub::new(broker.clone(), 10));
         let presence = TrackPresence::new(None, hub, broker, frames());
         assert!(!presence.is_on());
-        assert_eq!(presence.list(&TenantId::parse("acme").expect("valid")).await, Ok(None));
+        let acme = PresenceScope::tenant(TenantId::parse("acme").expect("valid"));
+        assert_eq!(presence.list(&acme).await, Ok(None));
         presence.refresh().await;
     }
 }

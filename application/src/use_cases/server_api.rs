@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use domain::envelope::{MAX_KIND_LEN, kind};
-use domain::{Channel, MessageId, TenantId, UserId};
+use domain::{Channel, MessageId, PresenceScope, TenantId, TopicName, UserId};
 use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
@@ -62,8 +62,10 @@ pub enum ServerApiError {
 }
 
 /// Frame types only the server produces: a backend may not forge them.
-const RESERVED_KINDS: [&str; 7] = [
+const RESERVED_KINDS: [&str; 9] = [
     kind::WELCOME,
+    kind::SUBSCRIBED,
+    kind::UNSUBSCRIBED,
     kind::PONG,
     kind::ERROR,
     kind::REFRESHED,
@@ -104,18 +106,27 @@ impl ServerApi {
         self
     }
 
-    /// The users online in `tenant`; `Ok(None)` when presence is turned off.
+    /// The users online in a tenant (`tenant:{tenant}`) or the present members of a topic
+    /// (`topic:{tenant}:{name}`); `Ok(None)` when presence is turned off.
     ///
     /// # Errors
-    /// [`ServerApiError::BadRequest`] for an invalid tenant id, [`ServerApiError::Broker`] when
-    /// the presence store cannot be reached.
+    /// [`ServerApiError::BadRequest`] for another channel, [`ServerApiError::Broker`] when the
+    /// presence store cannot be reached.
     pub async fn presence(
         &self,
-        tenant: &str,
+        channel: &Channel,
     ) -> Result<Option<Vec<crate::ports::PresentUser>>, ServerApiError> {
-        let tenant = TenantId::parse(tenant).map_err(|e| ServerApiError::BadRequest(e.to_string()))?;
+        let scope = match channel {
+            Channel::Tenant(tenant) => PresenceScope::tenant(tenant.clone()),
+            Channel::Topic(tenant, topic) => PresenceScope::topic(tenant.clone(), topic.clone()),
+            _ => {
+                return Err(ServerApiError::BadRequest(
+                    "presence is kept for tenant:{tenant} and topic:{tenant}:{name} channels".to_owned(),
+                ));
+            }
+        };
         match &self.presence {
-            Some(presence) => presence.list(&tenant).await.map_err(ServerApiError::Broker),
+            Some(presence) => presence.list(&scope).await.map_err(ServerApiError::Broker),
             None => Ok(None),
         }
     }
@@ -150,6 +161,11 @@ impl ServerApi {
         if RESERVED_KINDS.contains(&kind) {
             return Err(ServerApiError::BadRequest(format!("\"type\" {kind:?} is reserved for the server")));
         }
+        if let Channel::Presence(_) = channel {
+            return Err(ServerApiError::BadRequest(
+                "presence channels carry the server's announcements only".to_owned(),
+            ));
+        }
         if domain::envelope::has_lone_surrogate(payload.get()) {
             return Err(ServerApiError::BadRequest("payload has a lone UTF-16 surrogate escape".to_owned()));
         }
@@ -170,6 +186,22 @@ impl ServerApi {
     /// [`ServerApiError::Broker`] when the broker did not take the order.
     pub async fn disconnect(&self, tenant: TenantId, user: UserId) -> Result<usize, ServerApiError> {
         let command = ControlCommand::Disconnect { tenant_id: tenant, user_id: user };
+        self.broker.publish_control(&command).await.map_err(ServerApiError::Broker)
+    }
+
+    /// Ends every subscription of `user` of `tenant` to `topic` on every instance, each with
+    /// an `unsubscribed` frame of reason `server`; returns how many instances received the
+    /// order.
+    ///
+    /// # Errors
+    /// [`ServerApiError::Broker`] when the broker did not take the order.
+    pub async fn unsubscribe(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        topic: TopicName,
+    ) -> Result<usize, ServerApiError> {
+        let command = ControlCommand::Unsubscribe { tenant_id: tenant, user_id: user, channel: topic };
         self.broker.publish_control(&command).await.map_err(ServerApiError::Broker)
     }
 }
@@ -247,6 +279,10 @@ mod tests {
             let refused = api(broker).publish(channel("tenant:acme"), kind, &raw(payload)).await;
             assert!(matches!(refused, Err(ServerApiError::BadRequest(_))), "{kind} {payload}: {refused:?}");
         }
+        let mut broker = MockMessageBroker::new();
+        broker.expect_publish().never();
+        let forged = api(broker).publish(channel("presence:acme"), "notice", &raw("1")).await;
+        assert!(matches!(forged, Err(ServerApiError::BadRequest(_))), "{forged:?}");
     }
 
     #[tokio::test]

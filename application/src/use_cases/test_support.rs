@@ -112,12 +112,21 @@ pub(crate) async fn session_with_sink(
     tenant: &str,
     sink: Arc<RecordingSink>,
 ) -> Session {
-    let claims = Claims {
+    session_with_claims(hub, connect_claims(user, tenant), sink).await
+}
+
+/// The claims of a connection token of `user` of `tenant`.
+pub(crate) fn connect_claims(user: &str, tenant: &str) -> Claims {
+    Claims {
         user_id: Some(user.into()),
         tenant_id: Some(tenant.into()),
         scope: Some("ws:connect".into()),
         ..Claims::default()
-    };
+    }
+}
+
+/// Connects the holder of a token with `claims` to `hub` through the real connect use-case.
+pub(crate) async fn session_with_claims(hub: &Arc<Hub>, claims: Claims, sink: Arc<RecordingSink>) -> Session {
     let mut tokens = MockTokenVerifier::new();
     tokens.expect_verify().returning(move |_| Ok(claims.clone()));
     let connect = ConnectClient::new(Arc::new(tokens), hub.clone(), frames(), &crate::Settings::default());

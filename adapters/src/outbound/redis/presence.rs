@@ -1,6 +1,8 @@
 //! `RedisPresence`: who is online, shared by every instance.
 //!
-//! Per tenant, with the hash tag `{presence:<tenant>}`:
+//! Per scope, with its presence channel's name as the hash tag (`{presence:<tenant>}` for a
+//! tenant, `{presence:<tenant>:<topic>}` for a topic, so the topics of a tenant spread over a
+//! Cluster's masters):
 //! - `lq-realtime:{presence:acme}:users` — set: the users announced as present;
 //! - `lq-realtime:{presence:acme}:<user>` — hash: instance id → `<connections>:<expiry ms>`.
 //!
@@ -14,7 +16,7 @@ use std::time::Duration;
 use application::ports::{BrokerError, Presence, PresenceChange, PresentUser};
 use async_trait::async_trait;
 use deadpool_redis::redis::{Script, Value};
-use domain::{TenantId, UserId};
+use domain::{PresenceScope, UserId};
 
 use super::{RedisError, Shared};
 
@@ -100,8 +102,9 @@ return gone
     ))
 });
 
-fn prefix(tenant: &TenantId) -> String {
-    format!("lq-realtime:{{presence:{tenant}}}:")
+fn prefix(scope: &PresenceScope) -> String {
+    // Ids and topic names hold no ':' nor braces: a scope's keys cannot collide with another's.
+    format!("lq-realtime:{{{scope}}}:")
 }
 
 /// The presence store of a [`super::RedisBroker`], on its publish pool.
@@ -134,11 +137,11 @@ fn unexpected() -> BrokerError {
 impl Presence for RedisPresence {
     async fn set(
         &self,
-        tenant: &TenantId,
+        scope: &PresenceScope,
         user: &UserId,
         connections: usize,
     ) -> Result<PresenceChange, BrokerError> {
-        let prefix = prefix(tenant);
+        let prefix = prefix(scope);
         let mut invocation = SET.prepare_invoke();
         let users = format!("{prefix}users");
         invocation
@@ -156,8 +159,8 @@ impl Presence for RedisPresence {
         }
     }
 
-    async fn list(&self, tenant: &TenantId) -> Result<Vec<PresentUser>, BrokerError> {
-        let prefix = prefix(tenant);
+    async fn list(&self, scope: &PresenceScope) -> Result<Vec<PresentUser>, BrokerError> {
+        let prefix = prefix(scope);
         let mut invocation = LIST.prepare_invoke();
         let users = format!("{prefix}users");
         invocation.key(&users).arg(&prefix);
@@ -179,8 +182,8 @@ impl Presence for RedisPresence {
             .ok_or_else(unexpected)
     }
 
-    async fn sweep(&self, tenant: &TenantId) -> Result<Vec<UserId>, BrokerError> {
-        let prefix = prefix(tenant);
+    async fn sweep(&self, scope: &PresenceScope) -> Result<Vec<UserId>, BrokerError> {
+        let prefix = prefix(scope);
         let mut invocation = SWEEP.prepare_invoke();
         let users = format!("{prefix}users");
         invocation.key(&users).arg(&prefix);
