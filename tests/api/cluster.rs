@@ -339,3 +339,40 @@ async fn when_a_slot_moves_to_another_master_its_channels_follow_and_the_others_
     assert_eq!(publish(&app, &note(&moving, 3)).await.status, 200);
     assert_eq!(moving_client.next_json().await["payload"], 3);
 }
+
+#[tokio::test]
+async fn the_topics_of_one_tenant_spread_over_the_masters_and_reach_their_subscribers_on_another_instance() {
+    let cluster = RedisCluster::start(false);
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+    // One topic of tenant acme per master.
+    let mut per_master = BTreeMap::new();
+    for n in 0.. {
+        let topic = format!("room-{n}");
+        per_master.entry(cluster.master_of(cluster.keyslot(&format!("topic:acme:{topic}")))).or_insert(topic);
+        if per_master.len() == 3 {
+            break;
+        }
+    }
+    let caps = json!({"caps": [{"channels": ["*"], "allow": ["sub", "pub"]}]});
+    let subscriber = token_with("bob", "acme", &caps);
+    let mut bob = a.try_connect(&subscriber).await.expect("connected");
+    assert_eq!(bob.next_json().await["type"], "welcome");
+    let publisher = token_with("eve", "acme", &caps);
+    let mut eve = b.try_connect(&publisher).await.expect("connected");
+    assert_eq!(eve.next_json().await["type"], "welcome");
+    for topic in per_master.values() {
+        bob.send_json(&json!({"type": "subscribe", "channel": topic})).await;
+        let subscribed = bob.next_json().await;
+        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    }
+    for topic in per_master.values() {
+        eve.send_json(&json!({"type": "message", "channel": topic, "payload": {"on": topic}})).await;
+        let frame = bob.next_json().await;
+        assert_eq!(frame["channel"], format!("topic:acme:{topic}"), "{frame}");
+        assert_eq!(
+            (frame["payload"]["on"].as_str(), frame["offset"].as_u64()),
+            (Some(topic.as_str()), Some(1))
+        );
+    }
+    eve.expect_nothing_pending().await;
+}

@@ -271,6 +271,7 @@ over_every_transport!(
     topic_presence_reaches_only_the_subscribers_who_asked,
     a_subscription_token_grants_a_topic_the_caps_do_not,
     the_server_api_and_a_narrower_refresh_end_subscriptions,
+    a_subscription_that_missed_messages_is_ended_with_resubscribe_and_recovers_with_since,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,4 +309,35 @@ async fn topics_and_their_presence_cross_instances_through_redis() {
         json!([{"user_id": "bob", "connections": 1}, {"user_id": "eve", "connections": 1}])
     );
     outsider.expect_nothing_pending().await;
+}
+
+async fn a_subscription_that_missed_messages_is_ended_with_resubscribe_and_recovers_with_since(t: Transport) {
+    use crate::proxy::FreezableProxy;
+    let redis = RedisServer::start();
+    let proxy = FreezableProxy::start(redis.port).await;
+    let vars = [("API_KEYS", KEY)];
+    let deaf = spawn_on_redis(&format!("redis://127.0.0.1:{}", proxy.port), &vars).await;
+    let healthy = spawn_on_redis(&redis.url(), &vars).await;
+    let mut bob = open(&deaf, t, "bob", "acme", &all_caps()).await;
+    let subscribed = subscribe(&mut bob, "orders", json!({})).await;
+    let epoch = subscribed["payload"]["position"]["epoch"].as_str().expect("epoch").to_owned();
+    publish(&healthy, "topic:acme:orders", 1).await;
+    assert_eq!(next_n(&mut bob, "topic:acme:orders").await, 1);
+    // The deaf instance's Redis connections stop delivering without being closed.
+    proxy.freeze_existing();
+    publish(&healthy, "topic:acme:orders", 2).await;
+    bob.set_patience(std::time::Duration::from_secs(15));
+    let ended = loop {
+        let frame = bob.next_data_or_close().await.expect("the connection stays open");
+        if frame["type"] == "unsubscribed" {
+            break frame;
+        }
+        assert_ne!(frame["channel"], "topic:acme:orders", "nothing of the topic out of order: {frame}");
+    };
+    assert_eq!(ended["payload"], json!({"reason": "missed_messages", "resubscribe": true}));
+    bob.set_patience(PATIENCE);
+    let resumed = subscribe(&mut bob, "orders", json!({"since": format!("{epoch}:1")})).await;
+    assert_eq!(resumed["payload"]["recovered"], true, "{resumed}");
+    assert_eq!(next_n(&mut bob, "topic:acme:orders").await, 2);
+    bob.expect_nothing_pending().await;
 }

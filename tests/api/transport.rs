@@ -243,16 +243,18 @@ impl Client {
 
     /// The close code, which may take up to `within` to come; frames before it are skipped.
     pub(crate) async fn expect_close_within(&mut self, within: Duration) -> u16 {
+        self.set_patience(within);
+        let code = self.expect_close().await;
+        self.set_patience(PATIENCE);
+        code
+    }
+
+    /// How long to wait for each frame from now on ([`PATIENCE`] at first).
+    pub(crate) fn set_patience(&mut self, within: Duration) {
         match self {
             Self::Ws { socket, .. } => socket.patience = within,
             Self::Sse { stream, .. } => stream.patience = within,
         }
-        let code = self.expect_close().await;
-        match self {
-            Self::Ws { socket, .. } => socket.patience = PATIENCE,
-            Self::Sse { stream, .. } => stream.patience = PATIENCE,
-        }
-        code
     }
 
     /// Proves that nothing else was queued for this client: a ping's pong comes next, and
