@@ -1,8 +1,10 @@
-//! Chaos: an instance is killed with SIGKILL while webhooks flow to 300 clients, a third of
-//! them over Server-Sent Events; its clients reconnect elsewhere with their last positions
-//! (`since=`, or the stream's `Last-Event-ID`). Every client must end up with every message
-//! of its tenant exactly once and in order, and every frame of its tenant channel (presence
-//! announcements included: presence is on, as by default) at the offset after the previous one.
+//! Chaos: an instance is killed with SIGKILL while webhooks flow to 300 clients' tenants and
+//! server-API messages to the topics they subscribed to, a third of the clients over
+//! Server-Sent Events; its clients reconnect elsewhere with their last positions (`since=`, or
+//! the stream's `Last-Event-ID`) and subscribe again with their topic's last position. Every
+//! client must end up with every message of its tenant and of its topic exactly once and in
+//! order, and every frame of either channel at the offset after the previous one. Presence is on,
+//! as by default, and a third of the clients ask for the tenant's announcements.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,11 +24,20 @@ const CLIENTS: usize = 300;
 const TENANTS: usize = 10;
 /// Per tenant: 3,000 messages in all.
 const MESSAGES_PER_TENANT: u64 = 300;
+/// Topics per tenant; client `i` subscribes to topic `i % TOPICS` of its tenant.
+const TOPICS: usize = 3;
+/// Per topic: 3,000 topic messages in all, published through the server API.
+const MESSAGES_PER_TOPIC: u64 = 100;
+const API_KEY: &str = "chaos-api-key-0123456789";
 /// Each tenant's publisher sends one message per interval: 200 messages/s in all.
 const INTERVAL: Duration = Duration::from_millis(50);
 
 fn tenant(i: usize) -> String {
     format!("chaos{}", i % TENANTS)
+}
+
+fn topic(i: usize) -> String {
+    format!("t{}", i % TOPICS)
 }
 
 fn secret(tenant: &str) -> String {
@@ -41,41 +52,90 @@ struct Received {
     /// Reconnections over SSE, with `Last-Event-ID`.
     sse_reconnects: u32,
     not_recovered: u32,
-    /// Frames of the tenant channel (messages and presence announcements) whose offset did not
-    /// follow the previous one: a gap or a repeat.
+    /// Frames of the tenant channel or the topic whose offset did not follow the previous one:
+    /// a gap or a repeat.
     offset_faults: u32,
+    /// What arrived of the client's topic.
+    topic_sequence: Vec<u64>,
+    /// Subscriptions again with `since` (after a reconnection, or an `unsubscribed` that asked
+    /// for it), and those not recovered.
+    resubscribes: u32,
+    topic_not_recovered: u32,
 }
 
-/// Takes the position of a frame of the tenant channel: counts a fault unless its offset
-/// follows `last`, and moves `position` and `last` on.
-fn advance(frame: &Value, position: &mut Option<String>, last: &mut Option<u64>, received: &mut Received) {
-    let offset = frame["offset"].as_u64().expect("an offset");
-    if last.is_some_and(|last| offset != last + 1) {
-        received.offset_faults += 1;
+/// Where a client stands in one channel: `<epoch>:<offset>` of its last frame, and the offset.
+#[derive(Debug, Default)]
+struct Stand {
+    position: Option<String>,
+    last: Option<u64>,
+}
+
+impl Stand {
+    /// Takes the position of a frame: counts a fault unless its offset follows the last one.
+    fn advance(&mut self, frame: &Value, faults: &mut u32) {
+        let offset = frame["offset"].as_u64().expect("an offset");
+        if self.last.is_some_and(|last| offset != last + 1) {
+            *faults += 1;
+        }
+        self.at(frame["epoch"].as_str().expect("epoch"), offset);
     }
-    *last = Some(offset);
-    *position = Some(format!("{}:{offset}", frame["epoch"].as_str().expect("epoch")));
+
+    fn at(&mut self, epoch: &str, offset: u64) {
+        self.last = Some(offset);
+        self.position = Some(format!("{epoch}:{offset}"));
+    }
+
+    /// Where a channel stands, from a welcome's or a `subscribed` frame's position.
+    fn reset(&mut self, position: &Value) {
+        self.at(position["epoch"].as_str().expect("epoch"), position["offset"].as_u64().expect("offset"));
+    }
+}
+
+/// What the client must do after a frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Read,
+    /// Subscribe to its topic, from where it stands in it.
+    Subscribe,
+    Done,
 }
 
 /// What a client keeps between connections.
 #[derive(Debug, Default)]
 struct Follow {
     received: Received,
-    /// `<epoch>:<offset>` of the last frame of the tenant channel: a WebSocket client's `since`.
-    position: Option<String>,
-    last: Option<u64>,
+    /// The tenant channel: a WebSocket client's `since`.
+    tenant: Stand,
+    /// The topic: the `since` of each subscription after the first.
+    topic: Stand,
     /// The last event id of an SSE client's stream: its `Last-Event-ID`.
     event_id: Option<String>,
+    /// The current connection's id (an SSE client posts its frames there).
+    connection_id: String,
 }
 
 impl Follow {
-    /// Takes one frame; returns whether every message has arrived.
-    fn frame(&mut self, frame: &Value, tenant: &str, connected: &AtomicUsize) -> bool {
-        let Self { received, position, last, event_id } = self;
+    fn done(&self) -> bool {
+        self.received.sequence.len() == MESSAGES_PER_TENANT as usize
+            && self.received.topic_sequence.len() == MESSAGES_PER_TOPIC as usize
+    }
+
+    /// The `subscribe` frame for the client's topic.
+    fn subscribe(&self, i: usize) -> Value {
+        match &self.topic.position {
+            Some(since) => json!({"type": "subscribe", "channel": topic(i), "since": since}),
+            None => json!({"type": "subscribe", "channel": topic(i)}),
+        }
+    }
+
+    /// Takes one frame.
+    fn frame(&mut self, frame: &Value, tenant: &str, connected: &AtomicUsize) -> Next {
+        let Self { received, tenant: position, event_id, .. } = self;
         match frame["type"].as_str() {
             Some("welcome") => {
                 let payload = &frame["payload"];
-                if position.is_some() {
+                self.connection_id = payload["connection_id"].as_str().expect("an id").to_owned();
+                if position.position.is_some() {
                     received.reconnects += 1;
                     received.sse_reconnects += u32::from(event_id.is_some());
                     if payload["recovered"] != true {
@@ -84,25 +144,40 @@ impl Follow {
                 } else {
                     connected.fetch_add(1, Ordering::Relaxed);
                 }
-                let now = &payload["positions"][format!("tenant:{tenant}")];
                 // Recovered: the replay follows and moves the position on. Not recovered
                 // (counted above): the client would resync; it carries on from here.
-                if position.is_none() || payload["recovered"] != true {
-                    *position = Some(format!("{}:{}", now["epoch"].as_str().expect("epoch"), now["offset"]));
-                    *last = now["offset"].as_u64();
+                if position.position.is_none() || payload["recovered"] != true {
+                    position.reset(&payload["positions"][format!("tenant:{tenant}")]);
                 }
+                return Next::Subscribe;
             }
             Some("webhook") => {
                 received.sequence.push(frame["payload"]["data"]["seq"].as_u64().expect("a sequence number"));
-                advance(frame, position, last, received);
-                return received.sequence.len() == MESSAGES_PER_TENANT as usize;
+                position.advance(frame, &mut received.offset_faults);
             }
-            // Presence is on, as by default: joins and leaves take offsets of the tenant
-            // channel too, and are recovered like messages.
-            Some("presence.join" | "presence.leave") => advance(frame, position, last, received),
+            Some("subscribed") => {
+                let payload = &frame["payload"];
+                if self.topic.position.is_some() {
+                    received.resubscribes += 1;
+                    if payload["recovered"] != true {
+                        received.topic_not_recovered += 1;
+                    }
+                }
+                if self.topic.position.is_none() || payload["recovered"] != true {
+                    self.topic.reset(&payload["position"]);
+                }
+            }
+            Some("order") => {
+                received.topic_sequence.push(frame["payload"]["seq"].as_u64().expect("a sequence number"));
+                self.topic.advance(frame, &mut received.offset_faults);
+            }
+            // Subscribed again from where it stands: what was missed is recovered.
+            Some("unsubscribed") if frame["payload"]["resubscribe"] == true => return Next::Subscribe,
+            // Announcements travel on the presence channel, without offsets.
+            Some("presence.join" | "presence.leave") => {}
             other => panic!("unexpected frame {other:?}: {frame}"),
         }
-        false
+        if self.done() { Next::Done } else { Next::Read }
     }
 }
 
@@ -116,16 +191,20 @@ async fn client(
     mut stop: watch::Receiver<bool>,
 ) -> Received {
     let (tenant, user) = (tenant(i), format!("user{i}"));
+    let caps = json!({"caps": [{"channels": ["t*"], "allow": ["sub"]}]});
+    let token = token_with(&user, &tenant, &caps);
     // Spread over the instances: each holds SSE and WebSocket clients.
     let over_sse = (i / INSTANCES).is_multiple_of(3);
+    let presence = if (i / INSTANCES) % 3 == 1 { "&presence=1" } else { "" };
+    let http = reqwest::Client::new();
     let mut follow = Follow::default();
     let mut at = i % INSTANCES;
-    while follow.received.sequence.len() < MESSAGES_PER_TENANT as usize && !*stop.borrow() {
+    while !follow.done() && !*stop.borrow() {
         if over_sse {
             let headers: Vec<(&str, &str)> =
                 follow.event_id.iter().map(|id| ("Last-Event-ID", id.as_str())).collect();
             let addr = addrs[at].parse().expect("address");
-            let path = format!("/sse?token={}", token(&user, &tenant));
+            let path = format!("/sse?token={token}");
             if let Ok(Ok(mut stream)) = tokio::time::timeout(
                 Duration::from_secs(5),
                 crate::sse_client::SseClient::open(addr, &path, &headers, None),
@@ -138,19 +217,26 @@ async fn client(
                         _ = stop.changed() => break,
                     };
                     follow.event_id.clone_from(&stream.last_id);
-                    match event {
-                        Some(crate::sse_client::SseEvent::Frame(frame)) => {
-                            if follow.frame(&frame, &tenant, &connected) {
+                    let Some(crate::sse_client::SseEvent::Frame(frame)) = event else { break };
+                    match follow.frame(&frame, &tenant, &connected) {
+                        Next::Read => {}
+                        Next::Done => break,
+                        Next::Subscribe => {
+                            let url = format!("http://{}/sse/{}", addrs[at], follow.connection_id);
+                            let body = follow.subscribe(i).to_string();
+                            let posted = http.post(url).bearer_auth(&token).body(body).send().await;
+                            // The answer is 202: `subscribed` comes on the stream. A POST that
+                            // fails means the stream is ending too.
+                            if !posted.is_ok_and(|answer| answer.status() == 202) {
                                 break;
                             }
                         }
-                        _ => break,
                     }
                 }
             }
         } else {
-            let since = follow.position.as_ref().map(|p| format!("&since={p}")).unwrap_or_default();
-            let url = format!("ws://{}/ws?token={}{since}", addrs[at], token(&user, &tenant));
+            let since = follow.tenant.position.as_ref().map(|p| format!("&since={p}")).unwrap_or_default();
+            let url = format!("ws://{}/ws?token={token}{since}{presence}", addrs[at]);
             if let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url).await {
                 loop {
                     let frame = tokio::select! {
@@ -164,18 +250,50 @@ async fn client(
                         break;
                     };
                     let frame: Value = serde_json::from_str(&text).expect("frames are JSON");
-                    if follow.frame(&frame, &tenant, &connected) {
-                        break;
+                    match follow.frame(&frame, &tenant, &connected) {
+                        Next::Read => {}
+                        Next::Done => break,
+                        Next::Subscribe => {
+                            let subscribe = Message::text(follow.subscribe(i).to_string());
+                            if futures_util::SinkExt::send(&mut socket, subscribe).await.is_err() {
+                                break;
+                            }
+                        }
                     }
                 }
             }
         }
         at = (at + 1) % INSTANCES;
-        if follow.received.sequence.len() < MESSAGES_PER_TENANT as usize {
+        if !follow.done() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     follow.received
+}
+
+/// Publishes numbered message `seq` to topic `name` of `tenant` through the server API of an
+/// instance that stays up (the last two): a publish is not idempotent, so none is left in
+/// flight on the instance that is killed. A refused publish was not made (it is atomic) and is
+/// sent again.
+async fn publish_to_topic(http: &reqwest::Client, addrs: &[String], tenant: &str, name: &str, seq: u64) {
+    let body = json!({"channel": format!("topic:{tenant}:{name}"), "type": "order", "payload": {"seq": seq}});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut at = 1 + seq as usize % (INSTANCES - 1);
+    loop {
+        let sent = http
+            .post(format!("http://{}/api/publish", addrs[at]))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if sent.is_ok_and(|response| response.status().is_success()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "topic message {tenant}:{name}-{seq} not accepted within 60 s");
+        at = 1 + (at % (INSTANCES - 1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Sends one numbered webhook, retrying on the next instance (same delivery id) until one
@@ -217,12 +335,12 @@ async fn ready(http: &reqwest::Client, addr: &str) {
     }
 }
 
-/// Lost, duplicated and out-of-order messages of one client that should have received
-/// `0..MESSAGES_PER_TENANT` in order.
-fn count_faults(sequence: &[u64]) -> (u64, u64, u64) {
+/// Lost, duplicated and out-of-order messages of a sequence that should be `0..expected` in
+/// order.
+fn count_faults(sequence: &[u64], expected: u64) -> (u64, u64, u64) {
     let mut seen = std::collections::HashSet::new();
     let duplicated = sequence.iter().filter(|seq| !seen.insert(**seq)).count() as u64;
-    let lost = (0..MESSAGES_PER_TENANT).filter(|seq| !seen.contains(seq)).count() as u64;
+    let lost = (0..expected).filter(|seq| !seen.contains(seq)).count() as u64;
     let out_of_order = sequence.windows(2).filter(|w| w[1] <= w[0]).count() as u64;
     (lost, duplicated, out_of_order)
 }
@@ -234,7 +352,12 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
         (0..TENANTS).map(|t| (tenant(t), Value::String(secret(&tenant(t))))).collect();
     let secrets = Value::Object(secrets).to_string();
     let url = redis.url();
-    let env = [("REDIS_URL", url.as_str()), ("WEBHOOK_SECRETS", secrets.as_str()), ("PRESENCE", "on")];
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("WEBHOOK_SECRETS", secrets.as_str()),
+        ("PRESENCE", "on"),
+        ("API_KEYS", API_KEY),
+    ];
     let mut processes: Vec<Process> = Vec::new();
     for _ in 0..INSTANCES {
         processes.push(start(&env).await);
@@ -258,7 +381,7 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
 
     // One publisher per tenant, each at a steady rate, spread over every instance.
     let published = Arc::new(AtomicUsize::new(0));
-    let publishers: Vec<_> = (0..TENANTS)
+    let mut publishers: Vec<_> = (0..TENANTS)
         .map(|t| {
             let (http, addrs, published) = (http.clone(), addrs.clone(), published.clone());
             tokio::spawn(async move {
@@ -272,6 +395,20 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
             })
         })
         .collect();
+    // One publisher per topic, spread over the same time as the webhooks.
+    let topic_interval = INTERVAL * (MESSAGES_PER_TENANT / MESSAGES_PER_TOPIC) as u32;
+    publishers.extend((0..TENANTS * TOPICS).map(|k| {
+        let (http, addrs) = (http.clone(), addrs.clone());
+        tokio::spawn(async move {
+            let (tenant, name) = (tenant(k / TOPICS), topic(k));
+            let mut tick = tokio::time::interval(topic_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for seq in 0..MESSAGES_PER_TOPIC {
+                tick.tick().await;
+                publish_to_topic(&http, &addrs, &tenant, &name, seq).await;
+            }
+        })
+    }));
 
     // Halfway, the first instance dies without a chance to say goodbye.
     let total = TENANTS * MESSAGES_PER_TENANT as usize;
@@ -296,8 +433,17 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
 
     let (mut lost, mut duplicated, mut out_of_order, mut reconnects, mut not_recovered) = (0, 0, 0, 0, 0);
     let offset_faults: u32 = reports.iter().map(|r| r.offset_faults).sum();
+    let (mut topic_lost, mut topic_duplicated, mut topic_out_of_order) = (0, 0, 0);
+    for report in &reports {
+        let (l, d, o) = count_faults(&report.topic_sequence, MESSAGES_PER_TOPIC);
+        (topic_lost, topic_duplicated, topic_out_of_order) =
+            (topic_lost + l, topic_duplicated + d, topic_out_of_order + o);
+    }
+    let resubscribes: u32 = reports.iter().map(|r| r.resubscribes).sum();
+    let topic_not_recovered: u32 = reports.iter().map(|r| r.topic_not_recovered).sum();
+    let topic_delivered: usize = reports.iter().map(|r| r.topic_sequence.len()).sum();
     for (n, report) in reports.iter().enumerate() {
-        let (l, d, o) = count_faults(&report.sequence);
+        let (l, d, o) = count_faults(&report.sequence, MESSAGES_PER_TENANT);
         if l + d + o > 0 {
             // What a failure looks like, to tell where it comes from.
             let at = report.sequence.windows(2).position(|w| w[1] <= w[0]).unwrap_or(0);
@@ -320,9 +466,18 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
          ({sse_reconnects} over SSE with Last-Event-ID, {not_recovered} not recovered): lost = {lost}, duplicated = {duplicated}, out of order = {out_of_order}, \
          offsets not following = {offset_faults}"
     );
+    println!(
+        "chaos topics: {} topic messages, {topic_delivered} deliveries, {resubscribes} subscriptions again with since \
+         ({topic_not_recovered} not recovered): lost = {topic_lost}, duplicated = {topic_duplicated}, out of order = {topic_out_of_order}",
+        TENANTS * TOPICS * MESSAGES_PER_TOPIC as usize
+    );
     assert!(reconnects as usize >= CLIENTS / INSTANCES, "the killed instance's clients reconnected");
     assert!(sse_reconnects > 0 && sse_reconnects < reconnects, "both transports reconnected");
     assert_eq!(not_recovered, 0, "every reconnection recovered");
     assert_eq!((lost, duplicated, out_of_order, offset_faults), (0, 0, 0, 0));
     assert_eq!(delivered, CLIENTS * MESSAGES_PER_TENANT as usize);
+    assert!(resubscribes >= reconnects, "every reconnected client subscribed again with since");
+    assert_eq!(topic_not_recovered, 0, "every subscription again recovered");
+    assert_eq!((topic_lost, topic_duplicated, topic_out_of_order), (0, 0, 0));
+    assert_eq!(topic_delivered, CLIENTS * MESSAGES_PER_TOPIC as usize);
 }
