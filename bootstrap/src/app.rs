@@ -270,7 +270,8 @@ impl Application {
 /// for a burst of reconnecting clients, where the usual 128 would refuse them.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// A token for user `demo` of tenant `demo`, valid for an hour, signed with `secret`.
+/// A token for user `demo` of tenant `demo`, valid for an hour, allowing everything on every
+/// topic, signed with `secret`.
 fn mint_demo_token(secret: &JwtSecret, iss: Option<String>, aud: Option<String>) -> Option<String> {
     let now = SystemClock.now().unix_seconds();
     JwtIssuer::hs256(secret.as_bytes())
@@ -282,6 +283,11 @@ fn mint_demo_token(secret: &JwtSecret, iss: Option<String>, aud: Option<String>)
             exp: now + 3600,
             iss,
             aud,
+            caps: Some(
+                serde_json::json!([{"channels": ["*"], "allow": ["sub", "pub", "presence", "history"]}]),
+            ),
+            channel: None,
+            allow: None,
         })
         .ok()
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use adapters::outbound::jwt::{JwtIssuer, TokenRequest};
 use adapters::outbound::system::SystemClock;
 use application::ports::Clock;
-use domain::{SCOPE_WS_CONNECT, TenantId, UserId};
+use domain::{Allowed, Caps, SCOPE_WS_CONNECT, TenantId, TopicName, UserId};
 
 use crate::app::Application;
 use crate::config::{
@@ -17,8 +17,11 @@ use crate::telemetry;
 const USAGE: &str = "\
 usage:
   lq-realtime                      serve (configured by environment variables, see docs/configuration.md)
-  lq-realtime token --user U --tenant T [--ttl SECS] [--scope \"ws:connect\"]
-                                   print a token signed with JWT_SECRET_KEY
+  lq-realtime token --user U --tenant T [--ttl SECS] [--scope \"ws:connect\"] [--caps JSON]
+                                   print a connection token signed with JWT_SECRET_KEY; --caps
+                                   '[{\"channels\":[\"chat.*\"],\"allow\":[\"sub\",\"pub\"]}]' lets it use topics
+  lq-realtime token --user U --tenant T --channel TOPIC [--allow sub,pub,presence,history] [--ttl SECS]
+                                   print a subscription token for one topic (default --allow sub)
   lq-realtime --help | --version";
 
 /// Exit code for bad configuration or usage.
@@ -116,10 +119,16 @@ struct TokenArgs {
     tenant: TenantId,
     ttl_secs: u64,
     scope: String,
+    /// The `caps` claim, checked like the service checks it.
+    caps: Option<serde_json::Value>,
+    /// A subscription token's topic and what it grants.
+    channel: Option<TopicName>,
+    allow: Option<Vec<String>>,
 }
 
 fn parse_token_args(args: &[String]) -> Result<TokenArgs, String> {
     let (mut user, mut tenant, mut ttl, mut scope) = (None, None, None, None);
+    let (mut caps, mut channel, mut allow) = (None, None, None);
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
         let mut value = || iter.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
@@ -128,6 +137,9 @@ fn parse_token_args(args: &[String]) -> Result<TokenArgs, String> {
             "--tenant" => tenant = Some(value()?),
             "--ttl" => ttl = Some(value()?),
             "--scope" => scope = Some(value()?),
+            "--caps" => caps = Some(value()?),
+            "--channel" => channel = Some(value()?),
+            "--allow" => allow = Some(value()?),
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -141,7 +153,37 @@ fn parse_token_args(args: &[String]) -> Result<TokenArgs, String> {
             _ => return Err(format!("--ttl: expected seconds between 1 and 31536000, got {raw:?}")),
         },
     };
-    Ok(TokenArgs { user, tenant, ttl_secs, scope: scope.unwrap_or_else(|| SCOPE_WS_CONNECT.to_owned()) })
+    let caps = caps
+        .map(|raw| {
+            let value: serde_json::Value =
+                serde_json::from_str(&raw).map_err(|e| format!("--caps: not JSON: {e}"))?;
+            Caps::from_claim(Some(&value)).map_err(|e| format!("--caps: {e}"))?;
+            Ok::<_, String>(value)
+        })
+        .transpose()?;
+    let channel =
+        channel.map(|name| TopicName::parse(&name).map_err(|e| format!("--channel: {e}"))).transpose()?;
+    let allow = match allow {
+        Some(_) if channel.is_none() => {
+            return Err("--allow goes with --channel (a subscription token)".to_owned());
+        }
+        Some(list) => {
+            let names: Vec<String> =
+                list.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+            Allowed::parse(&names).map_err(|e| format!("--allow: {e}"))?;
+            Some(names)
+        }
+        None => None,
+    };
+    Ok(TokenArgs {
+        user,
+        tenant,
+        ttl_secs,
+        scope: scope.unwrap_or_else(|| SCOPE_WS_CONNECT.to_owned()),
+        caps,
+        channel,
+        allow,
+    })
 }
 
 fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
@@ -182,6 +224,9 @@ fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
         exp: now + args.ttl_secs,
         iss: lookup(ENV_JWT_ISSUER).filter(|v| !v.trim().is_empty()).map(|v| v.trim().to_owned()),
         aud: lookup(ENV_JWT_AUDIENCE).filter(|v| !v.trim().is_empty()).map(|v| v.trim().to_owned()),
+        caps: args.caps,
+        channel: args.channel.map(|topic| topic.to_string()),
+        allow: args.allow,
     };
     match JwtIssuer::hs256(secret.as_bytes()).issue(&request) {
         Ok(token) => {
@@ -214,6 +259,23 @@ mod tests {
             parse_token_args(&args(&["--tenant", "t", "--user", "u", "--ttl", "60", "--scope", "a b"]))
                 .expect("valid");
         assert_eq!((parsed.ttl_secs, parsed.scope.as_str()), (60, "a b"));
+        let parsed = parse_token_args(&args(&[
+            "--user",
+            "u",
+            "--tenant",
+            "t",
+            "--channel",
+            "orders",
+            "--allow",
+            "sub, pub",
+        ]))
+        .expect("valid");
+        assert_eq!(parsed.channel.map(|c| c.to_string()), Some("orders".to_owned()));
+        assert_eq!(parsed.allow, Some(vec!["sub".to_owned(), "pub".to_owned()]));
+        let caps = r#"[{"channels":["chat.*"],"allow":["sub"]}]"#;
+        let parsed =
+            parse_token_args(&args(&["--user", "u", "--tenant", "t", "--caps", caps])).expect("valid");
+        assert_eq!(parsed.caps, Some(serde_json::json!([{"channels": ["chat.*"], "allow": ["sub"]}])));
     }
 
     #[test]
@@ -225,6 +287,17 @@ mod tests {
             (&["--user", "u", "--tenant", "t", "--ttl", "0"][..], "--ttl"),
             (&["--user"][..], "--user needs a value"),
             (&["--nope"][..], "unknown option"),
+            (&["--user", "u", "--tenant", "t", "--caps", "[{"][..], "--caps: not JSON"),
+            (
+                &["--user", "u", "--tenant", "t", "--caps", r#"[{"channels":["a:b"],"allow":["sub"]}]"#][..],
+                "--caps: invalid channel pattern",
+            ),
+            (&["--user", "u", "--tenant", "t", "--channel", "a b"][..], "--channel:"),
+            (&["--user", "u", "--tenant", "t", "--allow", "sub"][..], "--allow goes with --channel"),
+            (
+                &["--user", "u", "--tenant", "t", "--channel", "a", "--allow", "sub,admin"][..],
+                "--allow: unknown capability",
+            ),
         ] {
             let error = parse_token_args(&args(list)).expect_err("invalid");
             assert!(error.contains(expected), "{list:?}: {error}");

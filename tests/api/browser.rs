@@ -237,6 +237,14 @@ fn newest(kind: &str) -> String {
     )
 }
 
+/// The newest log entry of `kind` whose text holds `text`.
+fn newest_with(kind: &str, text: &str) -> String {
+    format!(
+        "const li = [...document.querySelectorAll('#log li[data-type=\"{kind}\"]')].find(li => li.textContent.includes('{text}')); \
+         return li && li.textContent;"
+    )
+}
+
 #[tokio::test]
 async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arriving() {
     // Demo mode: no JWT_SECRET_KEY, so the console is on and prefilled.
@@ -261,6 +269,26 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
     let presence = browser.until("presence answered", &newest("presence"), PATIENCE_IN_PAGE).await;
     assert!(presence.as_str().expect("text").contains(r#"{"user_id":"demo","connections":1}"#), "{presence}");
 
+    // Topics: subscribe with presence, publish, see who is present.
+    browser.fill("#topic-name", "chat.lobby").await;
+    browser.click("#topic-presence").await;
+    browser.click("#subscribe").await;
+    let joined = browser.until("own join", &newest("presence.join"), PATIENCE_IN_PAGE).await;
+    assert!(joined.as_str().expect("text").contains("channel=presence:demo:chat.lobby"), "{joined}");
+    browser.fill("#message", r#"{"text":"to the lobby"}"#).await;
+    browser.click("#subscriptions li[data-topic=\"chat.lobby\"] button[data-action=\"publish\"]").await;
+    let published = browser
+        .until("topic message", &newest_with("message", "channel=topic:demo:chat.lobby"), PATIENCE_IN_PAGE)
+        .await;
+    assert!(published.as_str().expect("text").contains("to the lobby"), "{published}");
+    browser.click("#subscriptions li[data-topic=\"chat.lobby\"] button[data-action=\"presence\"]").await;
+    let present = browser
+        .until("topic presence", &newest_with("presence", "channel=topic:demo:chat.lobby"), PATIENCE_IN_PAGE)
+        .await;
+    assert!(present.as_str().expect("text").contains(r#"{"user_id":"demo","connections":1}"#), "{present}");
+    let listed = browser.eval("return document.querySelector('#subscriptions li').textContent;").await;
+    assert!(listed.as_str().expect("text").starts_with("chat.lobby — subscribed at "), "{listed}");
+
     browser.fill("#message", r#"{"action":"deployed"}"#).await;
     browser.click("#send-webhook").await;
     let webhook = browser.until("test webhook received", &newest("webhook"), PATIENCE_IN_PAGE).await;
@@ -280,50 +308,6 @@ async fn in_demo_mode_the_console_connects_sends_and_shows_a_test_webhook_arrivi
         value(&scrape(&app).await, r#"lq_connections{transport="websocket"}"#) == 0.0
     })
     .await;
-}
-
-#[tokio::test]
-async fn after_the_server_is_killed_and_restarted_the_console_reconnects_and_reports_recovered() {
-    let redis = RedisServer::start();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let env = [
-        ("BIND_ADDR", addr.as_str()),
-        ("REDIS_URL", &redis.url()),
-        ("CONSOLE", "on"),
-        ("API_KEYS", "backend-api-key-0123456789"),
-    ];
-    let server = process::start(&env).await;
-    let browser = Browser::start().await;
-    browser.connect_console(&format!("http://{addr}/"), Some(&token("ann", "acme"))).await;
-    // A message gives the page a position to resume from.
-    let publish = |n: u32| publish_note(&addr, n);
-    assert_eq!(publish(1).await, 200);
-    browser.until("first note", &newest("note"), PATIENCE_IN_PAGE).await;
-
-    server.signal("KILL");
-    browser
-        .until(
-            "reconnecting",
-            "return document.getElementById('state').textContent.startsWith('reconnecting');",
-            PATIENCE_IN_PAGE,
-        )
-        .await;
-    let close = browser.eval("return document.getElementById('close-code').textContent;").await;
-    assert_eq!(close, "1006", "the connection was lost without a close frame");
-    // Two refused reconnections: what would make a client that never got through try SSE.
-    browser
-        .until("two refused reconnections", "return window.lqConsole.client.attempts >= 3;", PATIENCE_IN_PAGE)
-        .await;
-    let restarted = process::start(&env).await;
-    browser.until_state("open", Duration::from_secs(30)).await;
-    // Refused reconnections after a working WebSocket are an outage, not a blocked WebSocket.
-    assert_eq!(browser.transport().await, "over WebSocket");
-    let recovered = browser.eval("return document.getElementById('recovered').textContent;").await;
-    assert_eq!(recovered, "true", "{}", browser.state().await);
-    assert_eq!(publish(2).await, 200);
-    let note = browser.until("second note", "const li = document.querySelector('#log li[data-type=\"note\"]'); return li && li.textContent.includes('payload=2') && li.textContent;", PATIENCE_IN_PAGE).await;
-    assert!(note.as_str().expect("text").contains("offset=2"), "{note}");
-    drop(restarted);
 }
 
 /// Serves one HTML page on a free port of 127.0.0.1, for as long as the task lives.
@@ -525,8 +509,11 @@ async fn forced_to_sse_the_console_connects_sends_a_message_sees_it_arrive_and_s
     .await;
 }
 
-#[tokio::test]
-async fn after_the_server_is_killed_and_restarted_an_sse_client_reconnects_and_reports_recovered() {
+/// The console over `transport` (`websocket` or `sse`), subscribed to a topic, sees its server
+/// killed and restarted on the same Redis: it reconnects over the same transport, resumes its
+/// tenant channel (`recovered`) and subscribes again from its topic's last position, so the next
+/// messages of both carry the offsets after the ones it saw.
+async fn killed_and_restarted_the_console_reconnects_recovers_and_subscribes_again(transport: &str) {
     let redis = RedisServer::start();
     let addr = format!("127.0.0.1:{}", free_port());
     let env = [
@@ -538,10 +525,20 @@ async fn after_the_server_is_killed_and_restarted_an_sse_client_reconnects_and_r
     let server = process::start(&env).await;
     let browser = Browser::start().await;
     browser.goto(&format!("http://{addr}/")).await;
-    browser.connect_loaded_console(Some(&token("ann", "acme")), "sse").await;
-    let publish = |n: u32| publish_note(&addr, n);
-    assert_eq!(publish(1).await, 200);
-    browser.until("first note", &newest("note"), PATIENCE_IN_PAGE).await;
+    let caps = json!({"caps": [{"channels": ["*"], "allow": ["sub", "pub"]}]});
+    browser.connect_loaded_console(Some(&token_with("ann", "acme", &caps)), transport).await;
+    browser.fill("#topic-name", "orders").await;
+    browser.click("#subscribe").await;
+    let subscribed = "const li = document.querySelector('#subscriptions li[data-topic=\"orders\"]'); \
+                      return li && li.dataset.state === 'subscribed' && li.textContent;";
+    browser.until("subscribed to orders", subscribed, PATIENCE_IN_PAGE).await;
+    // A message of each gives the page a position to resume from.
+    assert_eq!(publish_note(&addr, "tenant:acme", 1).await, 200);
+    assert_eq!(publish_note(&addr, "topic:acme:orders", 1).await, 200);
+    browser.until("first note", &newest_with("note", "channel=topic:acme:orders"), PATIENCE_IN_PAGE).await;
+    browser
+        .until("first note of the tenant", &newest_with("note", "channel=tenant:acme"), PATIENCE_IN_PAGE)
+        .await;
 
     server.signal("KILL");
     browser
@@ -552,16 +549,44 @@ async fn after_the_server_is_killed_and_restarted_an_sse_client_reconnects_and_r
         )
         .await;
     let close = browser.eval("return document.getElementById('close-code').textContent;").await;
-    assert_eq!(close, "1006", "a lost stream counts as a connection lost without a close frame");
+    assert_eq!(close, "1006", "the connection was lost without a close frame");
+    // Two refused reconnections: what would make a client that never got through try SSE.
+    browser
+        .until("two refused reconnections", "return window.lqConsole.client.attempts >= 3;", PATIENCE_IN_PAGE)
+        .await;
     let restarted = process::start(&env).await;
     browser.until_state("open", Duration::from_secs(30)).await;
-    assert_eq!(browser.transport().await, "over SSE");
+    // Refused reconnections after a working WebSocket are an outage, not a blocked WebSocket.
+    let expected = if transport == "sse" { "over SSE" } else { "over WebSocket" };
+    assert_eq!(browser.transport().await, expected);
     let recovered = browser.eval("return document.getElementById('recovered').textContent;").await;
     assert_eq!(recovered, "true", "{}", browser.state().await);
-    assert_eq!(publish(2).await, 200);
-    let note = browser.until("second note", "const li = document.querySelector('#log li[data-type=\"note\"]'); return li && li.textContent.includes('payload=2') && li.textContent;", PATIENCE_IN_PAGE).await;
-    assert!(note.as_str().expect("text").contains("offset=2"), "{note}");
+    let again = browser.until("subscribed again", &newest("subscribed"), PATIENCE_IN_PAGE).await;
+    assert!(
+        again.as_str().expect("text").contains(r#""recovered":true"#),
+        "subscribed again with since: {again}"
+    );
+    assert_eq!(publish_note(&addr, "tenant:acme", 2).await, 200);
+    assert_eq!(publish_note(&addr, "topic:acme:orders", 2).await, 200);
+    for channel in ["tenant:acme", "topic:acme:orders"] {
+        let script = format!(
+            "const li = [...document.querySelectorAll('#log li[data-type=\"note\"]')].find(li => li.textContent.includes('channel={channel}')); \
+             return li && li.textContent.includes('payload=2') && li.textContent;"
+        );
+        let note = browser.until("second note", &script, PATIENCE_IN_PAGE).await;
+        assert!(note.as_str().expect("text").contains("offset=2"), "{note}");
+    }
     drop(restarted);
+}
+
+#[tokio::test]
+async fn after_the_server_is_killed_and_restarted_the_console_reconnects_recovers_and_subscribes_again() {
+    killed_and_restarted_the_console_reconnects_recovers_and_subscribes_again("websocket").await;
+}
+
+#[tokio::test]
+async fn after_the_server_is_killed_and_restarted_an_sse_client_reconnects_recovers_and_subscribes_again() {
+    killed_and_restarted_the_console_reconnects_recovers_and_subscribes_again("sse").await;
 }
 
 #[tokio::test]
@@ -620,13 +645,13 @@ async fn over_sse_the_client_refreshes_its_token_by_post_and_stays_connected_pas
     assert_eq!(browser.transport().await, "over SSE");
 }
 
-/// Publishes note `n` to tenant `acme` through the server API of the instance at `addr`;
-/// returns the answer's status.
-async fn publish_note(addr: &str, n: u32) -> u16 {
+/// Publishes note `n` to `channel` through the server API of the instance at `addr`; returns
+/// the answer's status.
+async fn publish_note(addr: &str, channel: &str, n: u32) -> u16 {
     reqwest::Client::new()
         .post(format!("http://{addr}/api/publish"))
         .bearer_auth("backend-api-key-0123456789")
-        .json(&json!({"channel": "tenant:acme", "type": "note", "payload": n}))
+        .json(&json!({"channel": channel, "type": "note", "payload": n}))
         .send()
         .await
         .expect("published")

@@ -408,7 +408,7 @@ impl WsClient {
 
     pub(crate) async fn expect_close(&mut self) -> Option<CloseFrame> {
         loop {
-            match tokio::time::timeout(PATIENCE, self.socket.next()).await {
+            match tokio::time::timeout(self.patience, self.socket.next()).await {
                 Ok(Some(Ok(Message::Close(frame)))) => {
                     // Reading on sends the client's half of the close handshake, as a
                     // well-behaved client does.
@@ -418,7 +418,7 @@ impl WsClient {
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(error))) => panic!("socket error before the close frame: {error}"),
                 Ok(None) => panic!("socket ended without a close frame"),
-                Err(_) => panic!("no close frame within {PATIENCE:?}"),
+                Err(_) => panic!("no close frame within {:?}", self.patience),
             }
         }
     }

@@ -165,6 +165,7 @@ async fn clients_of_an_instance_that_missed_messages_are_closed_with_4009_and_re
     proxy.freeze_existing();
     post(&healthy, 2).await;
     let started = std::time::Instant::now();
+    client.patience = Duration::from_secs(15);
     let close = tokio::time::timeout(Duration::from_secs(15), client.expect_close())
         .await
         .expect("the client is told within 15 s")

@@ -156,6 +156,15 @@ pub struct TokenRequest {
     /// Audience, when verifiers require one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// What the token allows on topics (see `domain::permissions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caps: Option<serde_json::Value>,
+    /// A subscription token's topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// What a subscription token grants on its topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
 }
 
 /// Why a token could not be signed.
@@ -219,6 +228,9 @@ mod tests {
                 exp: now() + 60,
                 iss: None,
                 aud: None,
+                caps: None,
+                channel: None,
+                allow: None,
             })
             .expect("signed");
         let claims = verify(&token).await.expect("valid");

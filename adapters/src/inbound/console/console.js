@@ -88,6 +88,75 @@ $("connect").addEventListener("click", () => {
 });
 
 $("disconnect").addEventListener("click", () => client && client.disconnect());
+
+/** What the console shows of each subscription: name -> {state, position}. */
+const topics = new Map();
+
+function renderTopics() {
+  const list = $("subscriptions");
+  list.replaceChildren();
+  for (const [name, topic] of topics) {
+    const item = document.createElement("li");
+    item.dataset.topic = name;
+    item.dataset.state = topic.state;
+    const label = document.createElement("span");
+    label.className = "topic";
+    const at = topic.position ? ` at ${topic.position.epoch}:${topic.position.offset}` : "";
+    label.textContent = `${name} — ${topic.state}${at}`;
+    const button = (text, action, onClick) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = text;
+      b.dataset.action = action;
+      b.addEventListener("click", onClick);
+      return b;
+    };
+    item.append(
+      label,
+      " ",
+      button("Publish", "publish", () => notice(client && client.publish(name, payload()) ? `published to ${name}` : "not connected")),
+      button("Who is here?", "presence", () => notice(client && client.presence(name) ? `presence of ${name} asked` : "not connected")),
+      button("Unsubscribe", "unsubscribe", () => {
+        const subscription = client && client.subscriptions.get(name);
+        if (subscription) subscription.unsubscribe();
+        topics.delete(name);
+        renderTopics();
+      }),
+    );
+    list.append(item);
+  }
+}
+
+$("subscribe").addEventListener("click", () => {
+  const name = $("topic-name").value.trim();
+  if (!client) {
+    notice("connect first");
+    return;
+  }
+  if (!name) {
+    notice("enter a topic name");
+    return;
+  }
+  const topic = { state: "subscribing", position: null };
+  topics.set(name, topic);
+  const subscription = client.subscribe(name, {
+    presence: $("topic-presence").checked,
+    onSubscribed: (frame) => {
+      topic.state = frame.payload.recovered === false ? "subscribed (not recovered)" : "subscribed";
+      topic.position = subscription.position;
+      renderTopics();
+    },
+    onMessage: () => {
+      topic.position = subscription.position;
+      renderTopics();
+    },
+    onUnsubscribed: (reason) => {
+      topic.state = `ended: ${reason}`;
+      renderTopics();
+    },
+  });
+  renderTopics();
+});
 $("send-message").addEventListener("click", () => notice(client && client.message(payload()) ? "message sent" : "not connected"));
 $("send-direct").addEventListener("click", () => {
   const to = $("direct-to").value.trim();

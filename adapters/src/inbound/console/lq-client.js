@@ -10,7 +10,10 @@
 //   replays what was missed (`welcome.payload.recovered === true`) or says it cannot
 //   (`recovered === false`: resync from your own backend);
 // - refreshes its token before it expires with a `refresh` frame, asking `getToken()` for a
-//   fresh one, and asks again before every reconnection.
+//   fresh one, and asks again before every reconnection;
+// - keeps its topic subscriptions: `subscribe(name, {onMessage})` subscribes now and again after
+//   every reconnection, from the last position it saw in the topic (`since`), and again when the
+//   server ends a subscription that missed messages (`unsubscribed` with `resubscribe: true`).
 //
 //   import { LqClient } from "./lq-client.js";
 //   const client = new LqClient({
@@ -21,6 +24,9 @@
 //   });
 //   client.connect();
 //   client.message({ text: "hello" });
+//   const orders = client.subscribe("orders", { onMessage: (m) => render(m.payload) });
+//   client.publish("orders", { id: 7 });
+//   orders.unsubscribe();
 
 /** What each close code means, as docs/protocol.md lists them, and whether to reconnect. */
 export const CLOSE_CODES = {
@@ -168,6 +174,8 @@ export class LqClient {
    *        "open" (detail: {recovered: true | false | null when not resuming}), "reconnecting"
    *        (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code, reason, meaning});
    *        every detail also has `transport`, "websocket" or "sse"
+   * @param {boolean} [options.presence]  receive the tenant's presence.join and presence.leave
+   *        (presence=1 when connecting)
    * @param {number} [options.minDelayMs]  first reconnection delay (default 500)
    * @param {number} [options.maxDelayMs]  longest reconnection delay (default 15000)
    */
@@ -177,6 +185,8 @@ export class LqClient {
       throw new Error(`transport must be "auto", "websocket" or "sse", not ${this.options.transport}`);
     }
     this.positions = {}; // channel -> {offset, epoch}
+    this.subscriptions = new Map(); // topic name -> Subscription
+    this.tenantId = null; // from the welcome
     this.state = "idle";
     this.transport = null; // of the current or last attempt: "websocket" or "sse"
     this.link = null; // the open connection, see TRANSPORTS
@@ -228,7 +238,103 @@ export class LqClient {
 
   message(payload) { return this.send({ type: "message", payload }); }
   direct(toUser, payload) { return this.send({ type: "direct", to_user: toUser, payload }); }
-  presence() { return this.send({ type: "presence" }); }
+  /** Asks who is online in the tenant or, given a topic's name, who is present in the topic. */
+  presence(topic) { return this.send(topic ? { type: "presence", channel: topic } : { type: "presence" }); }
+  /** Publishes to topic `name` of the tenant (the token must allow pub on it). */
+  publish(name, payload) { return this.send({ type: "message", channel: name, payload }); }
+
+  /**
+   * Subscribes to topic `name` of the tenant, now if connected and after every reconnection,
+   * from the last position seen in it; returns the subscription (`unsubscribe()` ends it).
+   * @param {string} name   the topic's name (1-128 of A-Z a-z 0-9 . _ -)
+   * @param {object} [handlers]
+   * @param {(envelope: object) => void} [handlers.onMessage]  the topic's messages
+   * @param {(subscribed: object) => void} [handlers.onSubscribed]  each `subscribed` frame;
+   *        `payload.recovered === false` means what was missed is gone: resync from your backend
+   * @param {(reason: string, frame: object) => void} [handlers.onUnsubscribed]  the server
+   *        ended it ("server", "revoked") or refused it (an error code: "forbidden", "limit"…)
+   * @param {boolean} [handlers.presence]  be one of the topic's present members and receive
+   *        its joins and leaves (the token must allow presence)
+   * @param {(envelope: object) => void} [handlers.onPresence]  presence.join / presence.leave
+   * @param {() => Promise<string>|string} [handlers.getToken]  a subscription token, asked
+   *        before every subscribe, for a topic the connection's caps do not allow
+   */
+  subscribe(name, handlers = {}) {
+    const subscription = {
+      name,
+      handlers,
+      position: null, // {epoch, offset}: where the client stands in the topic
+      active: false,
+      unsubscribe: () => {
+        if (this.subscriptions.get(name) !== subscription) return false;
+        this.subscriptions.delete(name);
+        return this.send({ type: "unsubscribe", channel: name });
+      },
+    };
+    const previous = this.subscriptions.get(name);
+    if (previous) subscription.position = previous.position;
+    this.subscriptions.set(name, subscription);
+    if (this.welcomed) this.sendSubscribe(subscription);
+    return subscription;
+  }
+
+  /** Sends the `subscribe` frame of `subscription`, from where it stands. */
+  async sendSubscribe(subscription) {
+    const frame = { type: "subscribe", channel: subscription.name };
+    if (subscription.position) frame.since = `${subscription.position.epoch}:${subscription.position.offset}`;
+    if (subscription.handlers.presence) frame.presence = true;
+    if (subscription.handlers.getToken) {
+      try {
+        frame.token = await subscription.handlers.getToken();
+      } catch {
+        return; // Subscribed again at the next reconnection.
+      }
+    }
+    if (this.subscriptions.get(subscription.name) === subscription) this.send(frame);
+  }
+
+  /** The subscription a frame of channel `topic:<tenant>:<name>` or `presence:<tenant>:<name>` belongs to. */
+  subscriptionOf(channel) {
+    if (typeof channel !== "string") return null;
+    const [kind, tenant, name] = channel.split(":");
+    if ((kind !== "topic" && kind !== "presence") || tenant !== this.tenantId || !name) return null;
+    return this.subscriptions.get(name) || null;
+  }
+
+  /** Routes a frame to its subscription; returns whether it belonged to one. */
+  receiveTopic(frame) {
+    // A refusal names its topic in its payload.
+    const channel = frame.type === "error" ? frame.payload && frame.payload.channel : frame.channel;
+    const subscription = this.subscriptionOf(channel);
+    if (!subscription) return false;
+    const { handlers } = subscription;
+    if (frame.type === "subscribed") {
+      subscription.active = true;
+      // When recovered, the replayed messages that follow move the position on.
+      if (frame.payload.recovered !== true || !subscription.position) subscription.position = frame.payload.position || null;
+      if (handlers.onSubscribed) handlers.onSubscribed(frame);
+    } else if (frame.type === "unsubscribed") {
+      subscription.active = false;
+      if (frame.payload.resubscribe) {
+        this.sendSubscribe(subscription);
+      } else {
+        this.subscriptions.delete(subscription.name);
+        if (handlers.onUnsubscribed) handlers.onUnsubscribed(frame.payload.reason, frame);
+      }
+    } else if (frame.type === "error") {
+      // Refused while subscribing: the subscription is given up. An error about an active
+      // subscription answers a publish or a presence question, and changes nothing.
+      if (subscription.active) return true;
+      this.subscriptions.delete(subscription.name);
+      if (handlers.onUnsubscribed) handlers.onUnsubscribed(frame.payload.code, frame);
+    } else if (frame.type === "presence.join" || frame.type === "presence.leave") {
+      if (handlers.onPresence) handlers.onPresence(frame);
+    } else if (channel.startsWith("topic:")) {
+      if (typeof frame.offset === "number" && frame.epoch) subscription.position = { offset: frame.offset, epoch: frame.epoch };
+      if (frame.type !== "presence" && handlers.onMessage) handlers.onMessage(frame);
+    }
+    return true;
+  }
 
   setState(state, detail) {
     this.state = state;
@@ -242,7 +348,7 @@ export class LqClient {
 
   /** The resume part of the query: the last position of the tenant and user channels. */
   resumeQuery() {
-    let query = "";
+    let query = this.options.presence ? "&presence=1" : "";
     for (const [channel, position] of Object.entries(this.positions)) {
       const value = encodeURIComponent(`${position.epoch}:${position.offset}`);
       if (channel.startsWith("tenant:")) query += `&since=${value}`;
@@ -321,13 +427,14 @@ export class LqClient {
     } catch {
       return;
     }
-    if (frame.channel && typeof frame.offset === "number" && frame.epoch) {
+    if (frame.channel && typeof frame.offset === "number" && frame.epoch && !frame.channel.startsWith("topic:")) {
       this.positions[frame.channel] = { offset: frame.offset, epoch: frame.epoch };
     }
     if (frame.type === "welcome") {
       this.attempts = 0;
       this.welcomed = true;
       this.connectionId = frame.payload.connection_id || null;
+      this.tenantId = frame.payload.tenant_id || null;
       if (this.transport === "websocket") {
         this.websocketWorked = true;
         this.websocketFailures = 0;
@@ -341,8 +448,13 @@ export class LqClient {
       const recovered = typeof frame.payload.recovered === "boolean" ? frame.payload.recovered : null;
       this.setState("open", { recovered });
       if (this.options.onWelcome) this.options.onWelcome(frame);
+      for (const subscription of this.subscriptions.values()) {
+        subscription.active = false;
+        this.sendSubscribe(subscription);
+      }
       return;
     }
+    this.receiveTopic(frame);
     if (frame.type === "refreshed" && frame.payload && typeof frame.payload.exp === "number") {
       this.scheduleRefresh(frame.payload.exp);
     }

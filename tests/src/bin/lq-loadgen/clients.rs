@@ -77,6 +77,9 @@ impl Dialer {
                 exp: now + 24 * 3600,
                 iss: None,
                 aud: None,
+                caps: None,
+                channel: None,
+                allow: None,
             })
             .map_err(|e| e.to_string())
     }
