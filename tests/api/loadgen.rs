@@ -148,6 +148,57 @@ async fn messages_that_never_arrive_are_reported_lost_and_refused_connections_wi
 }
 
 #[tokio::test]
+async fn with_topics_each_connection_subscribes_and_receives_exactly_its_topics_messages() {
+    let redis = RedisServer::start();
+    let server = process::start(&[("REDIS_URL", &redis.url())]).await;
+    let (ws, pid) = (format!("ws://{}", server.addr), server.pid().to_string());
+    let (code, report, stderr) = loadgen(&[
+        "--ws",
+        &ws,
+        "--connections",
+        "20",
+        "--tenants",
+        "2",
+        "--secret",
+        JWT_SECRET,
+        "--topics",
+        "5",
+        "--subscriptions",
+        "2",
+        "--load",
+        "topic",
+        "--redis",
+        &redis.url(),
+        "--messages",
+        "50",
+        "--server-pid",
+        &pid,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let subscriptions = &report["subscriptions"];
+    assert_eq!(
+        (
+            subscriptions["asked"].as_u64(),
+            subscriptions["subscribed"].as_u64(),
+            subscriptions["refused"].as_u64()
+        ),
+        (Some(40), Some(40), Some(0)),
+        "{report}"
+    );
+    // 50 messages over 2 tenants × 5 topics: 5 per topic; each topic has 4 of its tenant's 10
+    // connections (2 topics each): 50 × 4 deliveries.
+    let load = &report["load"];
+    assert_eq!(
+        (load["expected_deliveries"].as_u64(), load["deliveries"].as_u64()),
+        (Some(200), Some(200)),
+        "{report}"
+    );
+    assert_eq!((report["lost"].as_u64(), report["duplicated"].as_u64()), (Some(0), Some(0)), "{report}");
+    assert!(report["server"]["rss_bytes_per_subscription"].as_f64().is_some(), "{report}");
+}
+
+#[tokio::test]
 async fn bad_options_are_named_with_the_usage_and_exit_2() {
     let (code, report, stderr) = loadgen(&["--connections", "many", "--load", "carrier-pigeon"]).await;
     assert_eq!(code, Some(2), "{stderr}");

@@ -26,6 +26,10 @@ pub(crate) struct Counters {
     /// Closed by the server or the network before the end.
     pub(crate) dropped: AtomicUsize,
     pub(crate) deliveries: AtomicU64,
+    /// `subscribed` frames received.
+    pub(crate) subscribed: AtomicUsize,
+    /// Subscriptions refused (`error` frames).
+    pub(crate) refused: AtomicUsize,
     failures: Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
@@ -46,6 +50,8 @@ pub(crate) struct Dialer {
     issuer: JwtIssuer,
     endpoints: Vec<(String, SocketAddr)>,
     sources: u8,
+    /// Tokens allow every topic.
+    topics: bool,
 }
 
 impl Dialer {
@@ -63,7 +69,12 @@ impl Dialer {
                 .ok_or_else(|| format!("--ws {url}: no IPv4 address"))?;
             endpoints.push((base, addr));
         }
-        Ok(Self { issuer: JwtIssuer::hs256(options.secret.as_bytes()), endpoints, sources: options.sources })
+        Ok(Self {
+            issuer: JwtIssuer::hs256(options.secret.as_bytes()),
+            endpoints,
+            sources: options.sources,
+            topics: options.topics > 0,
+        })
     }
 
     fn token(&self, user: &str, tenant: &str) -> Result<String, String> {
@@ -77,7 +88,7 @@ impl Dialer {
                 exp: now + 24 * 3600,
                 iss: None,
                 aud: None,
-                caps: None,
+                caps: self.topics.then(|| serde_json::json!([{"channels": ["*"], "allow": ["sub"]}])),
                 channel: None,
                 allow: None,
             })
@@ -130,6 +141,10 @@ pub(crate) async fn run(
                     if let (Some(seq), Some(sent)) = (field(&text, "seq"), field(&text, "sent")) {
                         received.record(seq, sent);
                         counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    } else if text.contains(r#""type":"subscribed""#) {
+                        counters.subscribed.fetch_add(1, Ordering::Relaxed);
+                    } else if text.contains(r#""type":"error""#) {
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Some(Ok(Message::Close(_)) | Err(_)) | None => {

@@ -129,6 +129,7 @@ async fn run(options: Options) -> Result<Value, String> {
         })
     };
     let mut opening = Vec::with_capacity(options.connections);
+    let mut subscribers = Vec::new();
     for n in 0..options.connections {
         let due = started + Duration::from_secs_f64(n as f64 / options.connect_rate);
         tokio::time::sleep_until(due.into()).await;
@@ -136,11 +137,15 @@ async fn run(options: Options) -> Result<Value, String> {
         let tenant = options.tenant(n);
         let (tx, rx) = mpsc::channel(64);
         if options.load == Load::Message {
-            senders[tenant].push(tx);
+            senders[tenant].push(tx.clone());
+        }
+        let topics = options.topics_of(n);
+        if !topics.is_empty() {
+            subscribers.push((tx, topics.clone()));
         }
         let (dialer, counters, stopped) = (dialer.clone(), counters.clone(), stopped.clone());
         opening.push((
-            tenant,
+            (tenant, topics),
             tokio::spawn(async move {
                 let opened = dialer.open(n, tenant).await;
                 drop(permit);
@@ -177,6 +182,8 @@ async fn run(options: Options) -> Result<Value, String> {
     }
     let open_after_hold = counters.open.load(Ordering::Relaxed);
     let connected = sample_all(&options.server_pids);
+    let subscriptions = subscribe(&options, subscribers, &counters).await;
+    let subscribed_sample = sample_all(&options.server_pids);
 
     // Publish, then wait for the deliveries to drain.
     let mut load_report = Value::Null;
@@ -198,12 +205,19 @@ async fn run(options: Options) -> Result<Value, String> {
         let load_started = Instant::now();
         published = publishers::publish(&options, &senders, &sent).await;
         let mut per_tenant = vec![0u64; options.tenants];
-        for (tenant, _) in &handles {
+        for ((tenant, _), _) in &handles {
             per_tenant[*tenant] += 1;
         }
-        let expected: u64 = (0..options.tenants)
-            .map(|t| (published.attempted[t] - published.failed[t].len() as u64) * per_tenant[t])
-            .sum();
+        let expected: u64 = if options.load == Load::Topic {
+            handles
+                .iter()
+                .map(|((tenant, topics), _)| expected_of(&published, *tenant, topics).count() as u64)
+                .sum()
+        } else {
+            (0..options.tenants)
+                .map(|t| (published.attempted[t] - published.failed[t].len() as u64) * per_tenant[t])
+                .sum()
+        };
         let drain_until = Instant::now() + options.drain;
         while counters.deliveries.load(Ordering::Relaxed) - delivered_before < expected
             && Instant::now() < drain_until
@@ -231,17 +245,19 @@ async fn run(options: Options) -> Result<Value, String> {
 
     // Close everything and account for every message.
     let _ = stop.send(true);
-    let mut received: Vec<(usize, Received)> = Vec::with_capacity(handles.len());
-    for (tenant, handle) in handles {
+    let mut received: Vec<((usize, Vec<usize>), Received)> = Vec::with_capacity(handles.len());
+    for (of, handle) in handles {
         if let Ok(r) = handle.await {
-            received.push((tenant, r));
+            received.push((of, r));
         }
     }
     let (mut lost, mut duplicated) = (0u64, 0u64);
     let mut latencies = Vec::new();
-    for (tenant, r) in &mut received {
+    for ((tenant, topics), r) in &mut received {
         duplicated += r.duplicated;
-        if let Some(failed) = published.failed.get(*tenant) {
+        if options.load == Load::Topic {
+            lost += expected_of(&published, *tenant, topics).filter(|seq| !r.has(*seq)).count() as u64;
+        } else if let Some(failed) = published.failed.get(*tenant) {
             lost += (0..published.attempted[*tenant])
                 .filter(|seq| !failed.contains(seq) && !r.has(*seq))
                 .count() as u64;
@@ -253,6 +269,12 @@ async fn run(options: Options) -> Result<Value, String> {
     let mut server = server_report(&options.server_pids, baseline, connected, established);
     if let Value::Object(map) = &mut server {
         map.insert("rss_kib_after_close".into(), json!(closed.rss_kib));
+        let made = subscriptions["subscribed"].as_u64().unwrap_or(0);
+        if made > 0 {
+            map.insert("rss_kib_subscribed".into(), json!(subscribed_sample.rss_kib));
+            let per = (subscribed_sample.rss_kib as f64 - connected.rss_kib as f64) * 1024.0 / made as f64;
+            map.insert("rss_bytes_per_subscription".into(), json!(per.round()));
+        }
     }
     Ok(json!({
         "connections": {
@@ -266,6 +288,7 @@ async fn run(options: Options) -> Result<Value, String> {
             "hold_seconds": options.hold.as_secs_f64(),
             "dropped_by_server": counters.dropped.load(Ordering::Relaxed),
         },
+        "subscriptions": subscriptions,
         "load": load_report,
         "latency_ms": stats::percentiles_ms(&mut latencies),
         "lost": lost,
@@ -273,6 +296,60 @@ async fn run(options: Options) -> Result<Value, String> {
         "server": server,
         "metrics": metrics_gauges(&options.metrics).await,
     }))
+}
+
+/// The message numbers of `tenant` published to one of `topics` and accepted.
+fn expected_of<'a>(
+    published: &'a publishers::Published,
+    tenant: usize,
+    topics: &'a [usize],
+) -> impl Iterator<Item = u64> + 'a {
+    let failed = published.failed.get(tenant);
+    published.topic_of.get(tenant).into_iter().flat_map(move |of| {
+        of.iter()
+            .enumerate()
+            .filter(move |(seq, topic)| {
+                topics.contains(topic) && !failed.is_some_and(|f| f.contains(&(*seq as u64)))
+            })
+            .map(|(seq, _)| seq as u64)
+    })
+}
+
+/// Has every connection subscribe to its topics, each handed its frames through its outgoing
+/// queue, and waits until every `subscribed` (or refusal) arrived; reports how long it took.
+async fn subscribe(
+    options: &Options,
+    subscribers: Vec<(mpsc::Sender<String>, Vec<usize>)>,
+    counters: &Counters,
+) -> Value {
+    if subscribers.is_empty() {
+        return Value::Null;
+    }
+    let wanted: usize = subscribers.iter().map(|(_, topics)| topics.len()).sum();
+    let ticker = { progress(move || format!("subscribing: {wanted} subscriptions asked")) };
+    let started = Instant::now();
+    for (sender, topics) in &subscribers {
+        for topic in topics {
+            let _ = sender.send(format!(r#"{{"type":"subscribe","channel":"t{topic}"}}"#)).await;
+        }
+    }
+    let deadline = started + options.drain.max(Duration::from_secs(30));
+    while counters.subscribed.load(Ordering::Relaxed) + counters.refused.load(Ordering::Relaxed) < wanted
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    ticker.abort();
+    let subscribed = counters.subscribed.load(Ordering::Relaxed);
+    eprintln!("subscribed: {subscribed} of {wanted} in {seconds:.1} s");
+    json!({
+        "asked": wanted,
+        "subscribed": subscribed,
+        "refused": counters.refused.load(Ordering::Relaxed),
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "per_sec": per_sec(subscribed as f64, seconds),
+    })
 }
 
 /// Opens connections at `--connect-rate` for `duration`, each closed right after its welcome;

@@ -14,7 +14,11 @@ lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
                         connections per source address and server port)
   --secret S            JWT_SECRET_KEY of the instances (default: $JWT_SECRET_KEY)
   --hold SECS           keep the connections idle this long before any load (default 0)
-  --load KIND           idle | webhook | message | redis (default idle)
+  --topics N            topics t0..t{N-1} per tenant (default 0: no topic)
+  --subscriptions S     topics each connection subscribes to, once every connection is open;
+                        the subscribers of each topic are spread evenly (default 0)
+  --load KIND           idle | webhook | message | redis | topic (default idle); topic: Redis
+                        PUBLISH to the topics, round-robin over tenants and topics
   --messages M          messages to publish, spread over the tenants (default 0)
   --publish-rate P      messages published per second (default 1000)
   --payload-bytes B     padding added to every message (default 0)
@@ -37,6 +41,7 @@ pub(crate) enum Load {
     Webhook,
     Message,
     Redis,
+    Topic,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +51,8 @@ pub(crate) struct Options {
     pub(crate) connect_rate: f64,
     pub(crate) tenants: usize,
     pub(crate) sources: u8,
+    pub(crate) topics: usize,
+    pub(crate) subscriptions: usize,
     pub(crate) secret: String,
     pub(crate) hold: Duration,
     pub(crate) load: Load,
@@ -74,6 +81,8 @@ impl Options {
             connect_rate: 1000.0,
             tenants: 10,
             sources: 1,
+            topics: 0,
+            subscriptions: 0,
             secret: env("JWT_SECRET_KEY").unwrap_or_default(),
             hold: Duration::ZERO,
             load: Load::Idle,
@@ -101,6 +110,8 @@ impl Options {
                 "--connect-rate" => options.connect_rate = number(flag, value)?,
                 "--tenants" => options.tenants = number(flag, value)?,
                 "--sources" => options.sources = number(flag, value)?,
+                "--topics" => options.topics = number(flag, value)?,
+                "--subscriptions" => options.subscriptions = number(flag, value)?,
                 "--secret" => options.secret.clone_from(value),
                 "--hold" => options.hold = secs(value)?,
                 "--load" => {
@@ -109,9 +120,10 @@ impl Options {
                         "webhook" => Load::Webhook,
                         "message" => Load::Message,
                         "redis" => Load::Redis,
+                        "topic" => Load::Topic,
                         other => {
                             return Err(format!(
-                                "--load: expected idle, webhook, message or redis, got {other:?}"
+                                "--load: expected idle, webhook, message, redis or topic, got {other:?}"
                             ));
                         }
                     }
@@ -152,16 +164,30 @@ impl Options {
                 problems.push("--load webhook needs --webhook and --webhook-secret".to_owned());
             }
             Load::Redis if self.redis.is_none() => problems.push("--load redis needs --redis".to_owned()),
+            Load::Topic if self.redis.is_none() || self.subscriptions == 0 => {
+                problems.push("--load topic needs --redis and --subscriptions".to_owned());
+            }
             Load::Idle if self.messages > 0 => {
                 problems.push("--messages needs a --load other than idle".to_owned())
             }
             _ => {}
+        }
+        if self.subscriptions > self.topics {
+            problems.push("--subscriptions: at most --topics".to_owned());
         }
         if problems.is_empty() { Ok(()) } else { Err(problems.join("\n")) }
     }
 
     pub(crate) fn tenant(&self, connection: usize) -> usize {
         connection % self.tenants
+    }
+
+    /// The topics connection `n` subscribes to: `--subscriptions` consecutive ones, starting
+    /// where its place among its tenant's connections puts it, so each topic gets as many
+    /// subscribers as the others.
+    pub(crate) fn topics_of(&self, connection: usize) -> Vec<usize> {
+        let place = connection / self.tenants;
+        (0..self.subscriptions).map(|k| (place * self.subscriptions + k) % self.topics.max(1)).collect()
     }
 }
 

@@ -17,6 +17,8 @@ use crate::stats::now_micros;
 pub(crate) struct Published {
     /// Per tenant: messages numbered 0..n were attempted.
     pub(crate) attempted: Vec<u64>,
+    /// With `--load topic`, per tenant: the topic of each message number.
+    pub(crate) topic_of: Vec<Vec<usize>>,
     /// Per tenant: the numbers whose publish failed (not expected anywhere).
     pub(crate) failed: Vec<Vec<u64>>,
     pub(crate) seconds: f64,
@@ -83,6 +85,7 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
     let pad = "x".repeat(options.payload_bytes);
     let failed = Arc::new(Mutex::new(vec![Vec::new(); tenants]));
     let mut attempted = vec![0u64; tenants];
+    let mut topic_of = vec![Vec::new(); tenants];
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap_or_default();
     let redis = match &options.redis {
         Some(url) => RedisPublisher::new(url).await,
@@ -120,9 +123,15 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
                     drop(permit);
                 }));
             }
-            Load::Redis => {
+            Load::Redis | Load::Topic => {
                 let Some(redis) = redis.clone() else { break };
-                let channel = format!("tenant:{}", tenant_name(tenant));
+                let channel = if options.load == Load::Topic {
+                    let topic = (i / tenants as u64) as usize % options.topics;
+                    topic_of[tenant].push(topic);
+                    format!("topic:{}:t{topic}", tenant_name(tenant))
+                } else {
+                    format!("tenant:{}", tenant_name(tenant))
+                };
                 let timestamp = domain::Timestamp::from_unix_millis(now_micros() / 1000);
                 let envelope = format!(
                     r#"{{"type":"bench","payload":{},"timestamp":"{timestamp}","from_user":null,"message_id":"bench-{tenant}-{seq}","channel":"{channel}"}}"#,
@@ -156,5 +165,5 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
     }
     let seconds = started.elapsed().as_secs_f64();
     let failed = std::mem::take(&mut *failed.lock().await);
-    Published { attempted, failed, seconds }
+    Published { attempted, topic_of, failed, seconds }
 }
