@@ -420,6 +420,8 @@ pub trait Metrics: Send + Sync {
     fn pubsub_lag(&self, seconds: f64);
     fn broker_up(&self, up: bool);
     fn subscribed_channels(&self, count: usize);
+    /// Topic subscriptions the instance's connections hold.
+    fn subscriptions(&self, count: usize);
     /// A reconnecting client asked for what it missed; `recovered` tells whether it got it.
     fn recovery(&self, recovered: bool);
 }
@@ -440,6 +442,7 @@ impl Metrics for NoMetrics {
     fn pubsub_lag(&self, _: f64) {}
     fn broker_up(&self, _: bool) {}
     fn subscribed_channels(&self, _: usize) {}
+    fn subscriptions(&self, _: usize) {}
     fn recovery(&self, _: bool) {}
 }
 

@@ -72,6 +72,8 @@ pub struct ConnectionRegistry<H, S = H> {
     users: HashMap<(TenantId, UserId), Vec<(ConnectionId, H)>>,
     /// Channels connections subscribed to (topics, presence announcements).
     subscribed: HashMap<Channel, Members<S>>,
+    /// Subscriptions to topics, over every connection.
+    topic_subscriptions: usize,
 }
 
 impl<H, S> Default for ConnectionRegistry<H, S> {
@@ -81,6 +83,7 @@ impl<H, S> Default for ConnectionRegistry<H, S> {
             tenants: HashMap::new(),
             users: HashMap::new(),
             subscribed: HashMap::new(),
+            topic_subscriptions: 0,
         }
     }
 }
@@ -140,6 +143,9 @@ impl<H: Clone, S> ConnectionRegistry<H, S> {
             return Err(SubscribeError::Limit(max_topics));
         }
         registered.subscribed.push(channel.clone());
+        if matches!(channel, Channel::Topic(..)) {
+            self.topic_subscriptions += 1;
+        }
         let user = registered.info.user_id.clone();
         let counted = matches!(channel, Channel::Presence(_));
         let members = self
@@ -166,6 +172,9 @@ impl<H: Clone, S> ConnectionRegistry<H, S> {
     fn remove_member(&mut self, id: &ConnectionId, channel: &Channel) -> Option<(S, bool)> {
         let Entry::Occupied(mut members) = self.subscribed.entry(channel.clone()) else { return None };
         let (user, handle) = members.get_mut().connections.remove(id)?;
+        if matches!(channel, Channel::Topic(..)) {
+            self.topic_subscriptions -= 1;
+        }
         if let Entry::Occupied(mut count) = members.get_mut().users.entry(user) {
             *count.get_mut() -= 1;
             if *count.get() == 0 {
@@ -177,6 +186,11 @@ impl<H: Clone, S> ConnectionRegistry<H, S> {
             members.remove();
         }
         Some((handle, released))
+    }
+
+    /// Subscriptions to topics, over every connection.
+    pub fn topic_subscriptions(&self) -> usize {
+        self.topic_subscriptions
     }
 
     /// The channels connection `id` subscribed to.
@@ -378,6 +392,7 @@ mod tests {
         let (_, _, released) = reg.unregister(&id("c1")).expect("known");
         assert_eq!(names(&released), ["topic:acme:orders", "user:acme:bob"]);
         assert_eq!(reg.subscribers(&chat).count(), 1);
+        assert_eq!(reg.topic_subscriptions(), 1);
     }
 
     #[test]

@@ -341,3 +341,28 @@ async fn a_subscription_that_missed_messages_is_ended_with_resubscribe_and_recov
     assert_eq!(next_n(&mut bob, "topic:acme:orders").await, 2);
     bob.expect_nothing_pending().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_gauges_follow_the_subscriptions() {
+    let app = app(&[]).await;
+    let mut bob = open(&app, Transport::WebSocket, "bob", "acme", &all_caps()).await;
+    let mut eve = open(&app, Transport::Sse, "eve", "acme", &all_caps()).await;
+    subscribe(&mut bob, "orders", json!({})).await;
+    subscribe(&mut bob, "news", json!({})).await;
+    subscribe(&mut eve, "orders", json!({})).await;
+    let gauges = async |subscriptions: f64, channels: f64| {
+        eventually(PATIENCE, "the gauges", async || {
+            let metrics = scrape(&app).await;
+            value(&metrics, "lq_subscriptions") == subscriptions
+                && value(&metrics, "lq_subscribed_channels") == channels
+        })
+        .await;
+    };
+    // tenant:acme, two user channels, two topics, global:broadcast and system:events.
+    gauges(3.0, 7.0).await;
+    bob.send_json(&json!({"type": "unsubscribe", "channel": "news"})).await;
+    gauges(2.0, 6.0).await;
+    bob.close().await;
+    eve.close().await;
+    gauges(0.0, 2.0).await;
+}

@@ -81,6 +81,7 @@ pub struct PrometheusMetrics {
     lag_seconds: Histogram,
     broker_up: Gauge,
     subscribed: Gauge,
+    subscriptions: Gauge,
     /// `result="not_recovered"`, then `result="recovered"`.
     recoveries: [Counter; 2],
 }
@@ -133,6 +134,11 @@ impl PrometheusMetrics {
             None,
             "Broker channels this instance listens on.".into(),
         );
+        r.describe_gauge(
+            "lq_subscriptions".into(),
+            None,
+            "Topic subscriptions of this instance's connections.".into(),
+        );
         r.describe_gauge("lq_build_info".into(), None, "Always 1; the version is a label.".into());
         for (name, text) in [
             ("lq_connection_duration_seconds", "Lifetime of closed client connections, by transport."),
@@ -169,6 +175,7 @@ impl PrometheusMetrics {
             lag_seconds: r.register_histogram(&key("lq_pubsub_lag_seconds", &[]), &METADATA),
             broker_up: r.register_gauge(&key("lq_broker_up", &[]), &METADATA),
             subscribed: r.register_gauge(&key("lq_subscribed_channels", &[]), &METADATA),
+            subscriptions: r.register_gauge(&key("lq_subscriptions", &[]), &METADATA),
             recoveries: ["not_recovered", "recovered"].map(|result| {
                 r.register_counter(&key("lq_recoveries_total", &[("result", result)]), &METADATA)
             }),
@@ -263,6 +270,10 @@ impl Metrics for PrometheusMetrics {
         self.subscribed.set(count as f64);
     }
 
+    fn subscriptions(&self, count: usize) {
+        self.subscriptions.set(count as f64);
+    }
+
     fn recovery(&self, recovered: bool) {
         self.recoveries[usize::from(recovered)].increment(1);
     }
@@ -291,6 +302,7 @@ mod tests {
         metrics.webhook("github", "accepted", 0.01);
         metrics.broker_up(true);
         metrics.subscribed_channels(7);
+        metrics.subscriptions(3);
         let text = metrics.render();
         for (series, value) in [
             (r#"lq_connections{transport="websocket"}"#, 1),
@@ -321,6 +333,7 @@ mod tests {
         );
         assert_eq!(line(&text, "lq_broker_up "), Some("lq_broker_up 1"));
         assert_eq!(line(&text, "lq_subscribed_channels "), Some("lq_subscribed_channels 7"));
+        assert_eq!(line(&text, "lq_subscriptions "), Some("lq_subscriptions 3"));
         assert_eq!(
             line(&text, "lq_build_info{version=\"1.2.3\"}"),
             Some("lq_build_info{version=\"1.2.3\"} 1")

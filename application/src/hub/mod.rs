@@ -380,6 +380,11 @@ impl Hub {
             .collect()
     }
 
+    /// Topic subscriptions held by the local connections.
+    pub fn topic_subscriptions(&self) -> usize {
+        self.shards.iter().map(|shard| Self::read(shard).topic_subscriptions()).sum()
+    }
+
     /// Tenant, user and subscribed channels some local connection needs.
     pub fn channel_count(&self) -> usize {
         self.shards.iter().map(|shard| Self::read(shard).channel_count()).sum()

@@ -75,6 +75,7 @@ impl SweepInactiveConnections {
         self.metrics.broker_up(self.hub.broker_ready());
         // The tenant and user channels, plus global:broadcast and system:events.
         self.metrics.subscribed_channels(self.hub.channel_count() + 2);
+        self.metrics.subscriptions(self.hub.topic_subscriptions());
         let mut report = SweepReport::default();
         self.hub.for_each(|handle| {
             if handle.is_closing() {
@@ -176,6 +177,7 @@ mod tests {
         metrics.expect_broker_up().withf(|up| *up).times(1).returning(|_| ());
         // tenant:acme, user:acme:bob, user:acme:eve, global:broadcast, system:events.
         metrics.expect_subscribed_channels().withf(|n| *n == 5).times(1).returning(|_| ());
+        metrics.expect_subscriptions().withf(|n| *n == 0).times(1).returning(|_| ());
         SweepInactiveConnections::new(hub, Arc::new(clock_at(NOW)), &settings())
             .with_metrics(Arc::new(metrics))
             .sweep();
