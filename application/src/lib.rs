@@ -238,10 +238,15 @@ impl Realtime {
         self.presence.refresh().await;
     }
 
-    /// Records the presence of sessions that ended without being closed. Run it every
-    /// fraction of a second.
+    /// Records the presence changes of the sessions that started or ended since the last call.
+    /// Run it whenever [`Realtime::presence_unsettled`] resolves.
     pub async fn settle_presence(&self) {
         self.presence.settle().await;
+    }
+
+    /// Resolves once presence changes wait for [`Realtime::settle_presence`].
+    pub async fn presence_unsettled(&self) {
+        self.presence.unsettled().await;
     }
 
     /// Finds the channels whose messages were lost while the broker link was down; run it

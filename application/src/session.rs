@@ -14,10 +14,10 @@
 //!  its own checks (handshake headers…)
 //!  a sink ready ───── opening.connect(sink) ───▶ an opening turn, registration; the welcome
 //!                                                and the replay queued on the sink
-//!  pipe up ────────── session.start() ─────────▶ presence recorded, the turn given back
+//!  pipe up ────────── session.start() ─────────▶ the turn given back, presence to record
 //!  client frame ───── session.handle(bytes) ───▶ FrameOutcome: nothing, a reply, or close
 //!  heartbeat answer ─ session.seen()
-//!  the end ────────── session.close() ─────────▶ unregistered, presence recorded (on drop too)
+//!  the end ────────── session.close() ─────────▶ unregistered, presence to record (on drop too)
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,16 +202,15 @@ impl ClientSession {
         self.session.connection_id()
     }
 
-    /// The transport's pipe to the client is up: records the user's presence and gives the
-    /// opening turn back. Call it once; a session never started is never announced.
-    pub async fn start(&self) {
+    /// The transport's pipe to the client is up: gives the opening turn back and has the
+    /// user's presence recorded (by the presence settler, so the connection does not wait for
+    /// the store). Call it once; a session never started is never announced.
+    pub fn start(&self) {
+        self.turn.lock().unwrap_or_else(PoisonError::into_inner).take();
         if !self.joined.swap(true, Ordering::AcqRel) {
             let info = self.info();
-            // Boxed: presence's state need not stay in the transport's task.
-            let scope = PresenceScope::tenant(info.tenant_id.clone());
-            Box::pin(self.shared.presence.changed(&scope, &info.user_id)).await;
+            self.shared.presence.changed_later(&PresenceScope::tenant(info.tenant_id.clone()), &info.user_id);
         }
-        self.turn.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
 
     /// Handles one client data frame (the bytes of one JSON object); see
@@ -256,9 +255,10 @@ impl ClientSession {
         Ok(())
     }
 
-    /// Ends the session: unregisters the connection and records the user's presence. Only the
-    /// first call does anything.
-    pub async fn close(&self) {
+    /// Ends the session: unregisters the connection and has the user's presence (in its tenant
+    /// and in the topics it was present in) recorded by the presence settler. Only the first
+    /// call does anything; dropping the session does the same.
+    pub fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -266,9 +266,8 @@ impl ClientSession {
         self.shared.disconnect.disconnect(&self.session);
         self.turn.lock().unwrap_or_else(PoisonError::into_inner).take();
         if self.joined.load(Ordering::Acquire) {
-            let user = &self.info().user_id;
             for scope in scopes {
-                Box::pin(self.shared.presence.changed(&scope, user)).await;
+                self.shared.presence.changed_later(&scope, &self.session.info().user_id);
             }
         }
     }
@@ -276,17 +275,9 @@ impl ClientSession {
 
 impl Drop for ClientSession {
     /// A session dropped without [`ClientSession::close`] (its task was cancelled) ends all
-    /// the same: unregistered now, its presence recorded by the next settling.
+    /// the same.
     fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            let scopes = self.session.presence_scopes();
-            self.shared.disconnect.disconnect(&self.session);
-            if self.joined.load(Ordering::Acquire) {
-                for scope in scopes {
-                    self.shared.presence.changed_later(&scope, &self.session.info().user_id);
-                }
-            }
-        }
+        self.close();
     }
 }
 
@@ -377,7 +368,7 @@ mod tests {
         // The first holds the only turn until it starts: the second waits, then is refused.
         let refused = second.connect(RecordingSink::new()).await;
         assert_eq!(refused.err(), Some(ConnectError::Overloaded));
-        first.start().await;
+        first.start();
         let third =
             sessions.open(request("eve@acme")).await.expect("opens").connect(RecordingSink::new()).await;
         assert!(third.is_ok(), "the turn was given back");
@@ -404,14 +395,17 @@ mod tests {
                 .expect("ok")
         };
         let bob = open("bob@acme").await;
-        bob.start().await;
-        bob.close().await;
-        bob.close().await;
+        bob.start();
+        presence.settle().await;
+        bob.close();
+        bob.close();
+        presence.settle().await;
         drop(bob);
         let never_started = open("eve@acme").await;
-        never_started.close().await;
+        never_started.close();
         let dropped = open("ann@acme").await;
-        dropped.start().await;
+        dropped.start();
+        presence.settle().await;
         drop(dropped);
         assert_eq!(*counts.lock().expect("lock"), [("bob".into(), 1), ("bob".into(), 0), ("ann".into(), 1)]);
         presence.settle().await;

@@ -220,8 +220,15 @@ impl Application {
         let presence_period = (config.presence_ttl / 3).max(Duration::from_millis(500));
         let presence_refresher =
             every(presence_period, &realtime, |realtime| async move { realtime.refresh_presence().await });
-        let presence_settler =
-            every(SWEEP_PERIOD, &realtime, |realtime| async move { realtime.settle_presence().await });
+        let presence_settler = tokio::spawn({
+            let realtime = realtime.clone();
+            async move {
+                loop {
+                    realtime.presence_unsettled().await;
+                    realtime.settle_presence().await;
+                }
+            }
+        });
         let position_checker = every(POSITION_CHECK_PERIOD, &realtime, |realtime| async move {
             realtime.check_positions().await;
         });
@@ -249,7 +256,6 @@ impl Application {
         sweeper.abort();
         position_checker.abort();
         presence_refresher.abort();
-        presence_settler.abort();
         upkeep.abort();
         let _ = stop_metrics.send(());
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
@@ -258,6 +264,10 @@ impl Application {
             realtime.close_all(CloseReason::GoingAway);
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        // The leaves of the last connections, recorded before the process goes.
+        presence_settler.abort();
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(remaining, realtime.settle_presence()).await;
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if tokio::time::timeout(remaining, server).await.is_err() {
             tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");

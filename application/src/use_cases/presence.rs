@@ -27,10 +27,12 @@ pub struct TrackPresence {
     hub: Arc<Hub>,
     broker: Arc<dyn MessageBroker>,
     frames: FrameFactory,
-    /// Scopes and users whose local presence changed where nothing could be awaited (a session
-    /// dropped without its close, a subscription ended by a delivery): recorded by the next
+    /// Scopes and users whose local presence changed and is not recorded yet (sessions that
+    /// started or ended, subscriptions ended by a delivery): recorded by the next
     /// [`TrackPresence::settle`]. One entry per such change at most.
     unsettled: Mutex<Vec<(PresenceScope, UserId)>>,
+    /// Wakes whoever waits in [`TrackPresence::unsettled`].
+    pending: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for TrackPresence {
@@ -46,7 +48,14 @@ impl TrackPresence {
         broker: Arc<dyn MessageBroker>,
         frames: FrameFactory,
     ) -> Self {
-        Self { store, hub, broker, frames, unsettled: Mutex::new(Vec::new()) }
+        Self {
+            store,
+            hub,
+            broker,
+            frames,
+            unsettled: Mutex::new(Vec::new()),
+            pending: tokio::sync::Notify::new(),
+        }
     }
 
     pub fn is_on(&self) -> bool {
@@ -66,16 +75,28 @@ impl TrackPresence {
         }
     }
 
-    /// Like [`TrackPresence::changed`], where nothing can be awaited: recorded by the next
-    /// [`TrackPresence::settle`].
+    /// Like [`TrackPresence::changed`], without waiting for the store: recorded by the next
+    /// [`TrackPresence::settle`]. A connection's opening or end thus costs no round trip to the
+    /// store, and the changes of a burst of connections of one user are recorded once.
     pub(crate) fn changed_later(&self, scope: &PresenceScope, user: &UserId) {
         if self.store.is_some() {
             self.unsettled.lock().unwrap_or_else(PoisonError::into_inner).push((scope.clone(), user.clone()));
+            self.pending.notify_one();
         }
     }
 
-    /// Records the changes left by [`TrackPresence::changed_later`]. Call it often (a fraction
-    /// of a second): until then, such a leave is not announced.
+    /// Resolves once a change waits for [`TrackPresence::settle`] (at once when one already
+    /// does); never with presence off.
+    pub async fn unsettled(&self) {
+        if self.store.is_some() {
+            self.pending.notified().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Records the changes left by [`TrackPresence::changed_later`]. Run it whenever
+    /// [`TrackPresence::unsettled`] resolves: until then, such a join or leave is not announced.
     pub async fn settle(&self) {
         let unsettled: BTreeSet<_> =
             std::mem::take(&mut *self.unsettled.lock().unwrap_or_else(PoisonError::into_inner))

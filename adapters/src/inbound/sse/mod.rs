@@ -135,11 +135,11 @@ async fn open(shared: Shared, query: Option<String>, headers: HeaderMap) -> Resu
     let close_timeout = shared.settings.close_timeout;
     let task = async move {
         tracing::debug!("stream opened");
-        session.start().await;
+        session.start();
         run(&session, &sink, close_timeout).await;
         shared.streams.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
         sink.finish();
-        session.close().await;
+        session.close();
         tracing::debug!("stream closed");
     };
     tokio::spawn(tracing::Instrument::instrument(task, span));

@@ -171,12 +171,12 @@ async fn upgrade(
         // The socket and the early bytes are taken out before the connection runs, so that
         // nothing else of the upgrade stays in this task's state.
         if let Some((stream, leftover)) = upgraded(on_upgrade).await {
-            session.start().await;
+            session.start();
             let connection = Connection { peer: &session, settings, outbox };
             connection.run(Arc::new(stream), leftover).await;
         }
         tracing::debug!("connection closed");
-        session.close().await;
+        session.close();
     };
     tokio::spawn(tracing::Instrument::instrument(task, span));
     Ok(switching_protocols(accept).into_response())
