@@ -4,7 +4,7 @@
 # and of a subscription, the subscribe rate, then the fan-out of messages PUBLISHed on Redis to
 # the topics (each reaches 100 connections), moderate then as fast as the instance goes.
 #   tests/bench/topics.sh
-#   MESSAGES=20000 RATE=5000 tests/bench/topics.sh
+#   MESSAGES=20000 RATE=5000 HOLD=15 tests/bench/topics.sh   (HOLD: seconds before each memory reading)
 source "$(dirname "$0")/lib.sh"
 MESSAGES=${MESSAGES:-20000}
 RATE=${RATE:-10000}
@@ -14,7 +14,7 @@ start_redis
 start_instance topics REDIS_URL="$REDIS_URL"
 common=(--ws "ws://$INSTANCE_URL" --connections 10000 --connect-rate 5000 --tenants 10 --sources 2
         --topics 100 --subscriptions 10 --load topic --redis "$REDIS_URL" --payload-bytes 64
-        --server-pid "$INSTANCE_PID" --drain 10)
+        --server-pid "$INSTANCE_PID" --drain 10 --hold "${HOLD:-15}")
 log "moderate: 300 messages/s x 100 subscribers = 30,000 deliveries/s for 10 s"
 "$LOADGEN" "${common[@]}" --messages 3000 --publish-rate 300 >"$WORK/moderate.json"
 log "saturated: $MESSAGES messages at $RATE/s"

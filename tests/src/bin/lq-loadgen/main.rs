@@ -183,6 +183,10 @@ async fn run(options: Options) -> Result<Value, String> {
     let open_after_hold = counters.open.load(Ordering::Relaxed);
     let connected = sample_all(&options.server_pids);
     let subscriptions = subscribe(&options, subscribers, &counters).await;
+    if !subscriptions.is_null() && !options.hold.is_zero() {
+        eprintln!("holding the subscriptions for {:?}", options.hold);
+        tokio::time::sleep(options.hold).await;
+    }
     let subscribed_sample = sample_all(&options.server_pids);
 
     // Publish, then wait for the deliveries to drain.

@@ -13,7 +13,8 @@ lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
   --sources K           client source addresses 127.0.0.1..127.0.0.K (default 1; ~28k
                         connections per source address and server port)
   --secret S            JWT_SECRET_KEY of the instances (default: $JWT_SECRET_KEY)
-  --hold SECS           keep the connections idle this long before any load (default 0)
+  --hold SECS           keep the connections idle this long before any load, and again after
+                        subscribing when there are subscriptions (default 0)
   --topics N            topics t0..t{N-1} per tenant (default 0: no topic)
   --subscriptions S     topics each connection subscribes to, once every connection is open;
                         the subscribers of each topic are spread evenly (default 0)
