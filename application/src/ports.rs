@@ -72,12 +72,13 @@ pub struct HistoryRead {
 pub trait MessageBroker: Send + Sync {
     /// Publishes `message` (an envelope, as one JSON object) on `channel`, with its offset and
     /// epoch added when the channel has a history. Returns once the broker has accepted the
-    /// message (and appended it to the history).
+    /// message (and appended it to the history), with the position it got there (`None`
+    /// without a history).
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] when the broker cannot take the message; it fails fast
     /// rather than waiting for the broker to come back.
-    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError>;
+    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<Option<StreamPosition>, BrokerError>;
 
     /// Publishes like [`MessageBroker::publish`] and, where the broker can, records in the same
     /// atomic step that the webhook delivery `record` became this message, so that no crash
@@ -92,7 +93,7 @@ pub trait MessageBroker: Send + Sync {
         channel: &Channel,
         message: Bytes,
         record: &DeliveryRecord,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<StreamPosition>, BrokerError> {
         let _ = record;
         self.publish(channel, message).await
     }

@@ -298,7 +298,7 @@ mod tests {
         broker.expect_unsubscribe().returning(|_| ());
         broker.expect_until_active().returning(|_| ack_ok());
         broker.expect_history().returning(|_, _| Ok(HistoryRead::default()));
-        broker.expect_publish().returning(|_, _| Ok(()));
+        broker.expect_publish().returning(|_, _| Ok(None));
         Arc::new(broker)
     }
 

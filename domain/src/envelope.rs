@@ -103,6 +103,25 @@ pub fn has_lone_surrogate(raw: &str) -> bool {
     false
 }
 
+/// `envelope` (one JSON object) without its closing brace, ready for `,"offset":…}` to be
+/// appended; `None` when it does not end with `}`.
+pub fn open_envelope(envelope: &[u8]) -> Option<&[u8]> {
+    let end = envelope.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let last_field = envelope[..end].iter().rposition(|b| !b.is_ascii_whitespace())?;
+    // `{}` has no field to follow.
+    (envelope[end] == b'}' && envelope[last_field] != b'{').then(|| &envelope[..end])
+}
+
+/// `envelope` with `"offset"` and `"epoch"` added as its last fields: the bytes every broker
+/// publishes for a message with a position, and a durable store keeps.
+pub fn with_position(envelope: &[u8], offset: u64, epoch: &str) -> Option<Vec<u8>> {
+    let open = open_envelope(envelope)?;
+    let mut out = Vec::with_capacity(open.len() + epoch.len() + 40);
+    out.extend_from_slice(open);
+    out.extend_from_slice(format!(r#","offset":{offset},"epoch":"{epoch}"}}"#).as_bytes());
+    Some(out)
+}
+
 /// Turns any serializable value into a raw JSON payload.
 pub fn raw_payload<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
     serde_json::value::to_raw_value(value).unwrap_or_else(|_| null_payload())
@@ -250,6 +269,15 @@ impl<'a> InboundEnvelope<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_is_added_as_the_last_fields_of_the_envelope() {
+        let got = with_position(br#"{"type":"n","payload":{"a":1}} "#, 7, "e-1").expect("object");
+        assert_eq!(&got[..], br#"{"type":"n","payload":{"a":1},"offset":7,"epoch":"e-1"}"#);
+        assert_eq!(with_position(b"[1]", 1, "e"), None);
+        assert_eq!(with_position(b"}", 1, "e"), None);
+        assert_eq!(with_position(b"{ }", 1, "e"), None);
+    }
     use crate::id::TenantId;
 
     fn acme() -> Channel {

@@ -61,36 +61,15 @@ impl Epochs {
     }
 }
 
-/// `envelope` (one JSON object) without its closing brace, ready for `,"offset":…}` to be
-/// appended; `None` when it does not end with `}`.
-pub fn open_envelope(envelope: &[u8]) -> Option<&[u8]> {
-    let end = envelope.iter().rposition(|b| !b.is_ascii_whitespace())?;
-    let last_field = envelope[..end].iter().rposition(|b| !b.is_ascii_whitespace())?;
-    // `{}` has no field to follow.
-    (envelope[end] == b'}' && envelope[last_field] != b'{').then(|| &envelope[..end])
-}
-
-/// `envelope` with `"offset"` and `"epoch"` added as its last fields.
+/// `envelope` with `"offset"` and `"epoch"` added as its last fields (see
+/// [`domain::envelope::with_position`]).
 pub fn with_position(envelope: &[u8], offset: u64, epoch: &str) -> Option<Bytes> {
-    let open = open_envelope(envelope)?;
-    let mut out = Vec::with_capacity(open.len() + epoch.len() + 40);
-    out.extend_from_slice(open);
-    out.extend_from_slice(format!(r#","offset":{offset},"epoch":"{epoch}"}}"#).as_bytes());
-    Some(Bytes::from(out))
+    domain::envelope::with_position(envelope, offset, epoch).map(Bytes::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_position_is_added_as_the_last_fields_of_the_envelope() {
-        let got = with_position(br#"{"type":"n","payload":{"a":1}} "#, 7, "e-1").expect("object");
-        assert_eq!(&got[..], br#"{"type":"n","payload":{"a":1},"offset":7,"epoch":"e-1"}"#);
-        assert_eq!(with_position(b"[1]", 1, "e"), None);
-        assert_eq!(with_position(b"}", 1, "e"), None);
-        assert_eq!(with_position(b"{ }", 1, "e"), None);
-    }
 
     #[test]
     fn epochs_are_never_repeated_and_are_valid_epochs() {

@@ -137,8 +137,9 @@ impl InMemoryBroker {
 }
 
 impl InMemoryBroker {
-    /// Appends `message` to `channel`'s history at `now`; returns it with its position.
-    fn append(&self, channel: &Channel, message: &[u8], now: Instant) -> Result<Bytes, BrokerError> {
+    /// Appends `message` to `channel`'s history at `now`; returns it with its position, and
+    /// the position.
+    fn append(&self, channel: &Channel, message: &[u8], now: Instant) -> Result<(Bytes, StreamPosition), BrokerError> {
         let mut histories = self.histories();
         let history = self.channel(&mut histories, channel, now);
         let offset = history.top + 1;
@@ -150,7 +151,7 @@ impl InMemoryBroker {
         while history.messages.len() > self.settings.size {
             history.messages.pop_front();
         }
-        Ok(message)
+        Ok((message, history.position()))
     }
 
     fn read(&self, channel: &Channel, since: Option<StreamPosition>, now: Instant) -> HistoryRead {
@@ -166,20 +167,21 @@ impl InMemoryBroker {
 
 #[async_trait]
 impl MessageBroker for InMemoryBroker {
-    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
+    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<Option<StreamPosition>, BrokerError> {
         // Held from the append to the delivery, so deliveries follow offsets.
         let _in_order = self.delivery.lock().unwrap_or_else(PoisonError::into_inner);
-        let message = if self.settings.is_on() && channel.has_history() {
-            self.append(channel, &message, Instant::now())?
+        let (message, position) = if self.settings.is_on() && channel.has_history() {
+            let (message, position) = self.append(channel, &message, Instant::now())?;
+            (message, Some(position))
         } else {
-            message
+            (message, None)
         };
         if let Some(handler) = self.handler.get().and_then(Weak::upgrade)
             && self.is_subscribed(channel)
         {
             handler.on_message(channel.clone(), message);
         }
-        Ok(())
+        Ok(position)
     }
 
     async fn publish_control(&self, command: &ControlCommand) -> Result<usize, BrokerError> {
@@ -289,7 +291,7 @@ mod tests {
         let start = broker.read(&acme, None, now).position.expect("kept");
         assert_eq!(start.offset, 0);
         for n in 1..=5 {
-            let stored = broker.append(&acme, &message(n), now).expect("appended");
+            let (stored, _) = broker.append(&acme, &message(n), now).expect("appended");
             let value: serde_json::Value = serde_json::from_slice(&stored).expect("json");
             assert_eq!(
                 (value["offset"].as_u64(), value["epoch"].as_str()),

@@ -325,7 +325,7 @@ mod tests {
                     && v["message_id"].as_str().is_some_and(|id| !id.is_empty())
             })
             .times(1)
-            .returning(|_, _| Ok(()));
+            .returning(|_, _| Ok(None));
         let reply = run(broker, br#"{"type":"message","payload":{"text":"hi","n":[1,2]}}"#).await;
         assert_eq!(reply, None);
     }
@@ -344,7 +344,7 @@ mod tests {
                     && v["channel"] == "user:acme:alice"
             })
             .times(1)
-            .returning(|_, _| Ok(()));
+            .returning(|_, _| Ok(None));
         let frame = r#"{"type":"direct","to_user":"alice","payload":{"secret":1}}"#;
         assert_eq!(run(broker, frame.as_bytes()).await, None);
 
@@ -398,7 +398,7 @@ mod tests {
     async fn frames_over_the_rate_limit_are_refused_and_not_published() {
         let mut broker = MockMessageBroker::new();
         // The default burst is 100 frames.
-        broker.expect_publish().times(100).returning(|_, _| Ok(()));
+        broker.expect_publish().times(100).returning(|_, _| Ok(None));
         let handle = use_case(broker, MockTokenVerifier::new());
         let session = session(&hub(), "bob", "acme").await;
         for _ in 0..100 {

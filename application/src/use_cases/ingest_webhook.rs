@@ -297,7 +297,7 @@ mod tests {
                     && v["message_id"] == "m1"
             })
             .times(1)
-            .returning(|_, _| Ok(()));
+            .returning(|_, _| Ok(None));
         let id = use_case(verifier(Ok(())), broker)
             .ingest(request("github", Some("acme"), br#"{"action":"opened"}"#))
             .await
@@ -388,7 +388,7 @@ mod tests {
             .expect_publish_recorded()
             .withf(move |_, _, r| recorded(r))
             .times(1)
-            .returning(|_, _, _| Ok(()));
+            .returning(|_, _, _| Ok(None));
         let ingest = use_case(verifier_with_id("d-1"), broker).with_delivery_log(Arc::new(log), 86_400);
         let accepted = ingest.ingest(with_id(b"{}")).await.expect("accepted");
         assert!(!accepted.duplicate);
@@ -450,7 +450,7 @@ mod tests {
                 .times(1)
                 .returning(|_| Ok(Verified::default()));
             let mut broker = MockMessageBroker::new();
-            broker.expect_publish().times(1).returning(|_, _| Ok(()));
+            broker.expect_publish().times(1).returning(|_, _| Ok(None));
             let request = WebhookRequest {
                 path_tenant: path,
                 headers: Headers(headers),
@@ -471,7 +471,7 @@ mod tests {
                     == json!({"provider": "stripe", "event": "invoice.paid", "data": {"id": "evt_1"}})
             })
             .times(1)
-            .returning(|_, _| Ok(()));
+            .returning(|_, _| Ok(None));
         let verifier = verified(Ok(Verified { event: Some("invoice.paid".into()), ..Verified::default() }));
         use_case(verifier, broker)
             .ingest(request("stripe", Some("acme"), br#"{"id":"evt_1"}"#))
@@ -501,7 +501,7 @@ mod tests {
             assert_eq!(result, Err(expected));
         }
         let mut broker = MockMessageBroker::new();
-        broker.expect_publish().times(1).returning(|_, _| Ok(()));
+        broker.expect_publish().times(1).returning(|_, _| Ok(None));
         let at_limit = verified(Ok(Verified { max_body_bytes: Some(3), ..Verified::default() }));
         use_case(at_limit, broker).ingest(request("github", Some("acme"), b"{ }")).await.expect("accepted");
     }

@@ -34,5 +34,5 @@ pub(crate) async fn publish_timed(
         None => broker.publish(channel, encode(envelope)).await,
     };
     metrics.broker_publish(started.elapsed().as_secs_f64());
-    published
+    published.map(|_| ())
 }

@@ -187,7 +187,7 @@ mod tests {
                 .expect("lock")
                 .push((format!("{}@{}", v["type"].as_str().unwrap_or_default(), channel.name()), who));
             assert_eq!(v["channel"].as_str(), Some(channel.name().as_str()));
-            Ok(())
+            Ok(None)
         });
         broker
     }

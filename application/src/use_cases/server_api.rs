@@ -256,7 +256,7 @@ mod tests {
                     && v["channel"] == "user:acme:alice"
             })
             .times(1)
-            .returning(|_, _| Ok(()));
+            .returning(|_, _| Ok(None));
         let id = api(broker)
             .publish(channel("user:acme:alice"), "invoice.paid", &raw(r#"{"id":7}"#))
             .await

@@ -22,7 +22,7 @@ use domain::{Channel, StreamPosition};
 
 use super::delivery_log::key as delivery_key;
 use super::{RedisError, Shared};
-use crate::outbound::history::open_envelope;
+use domain::envelope::open_envelope;
 
 /// The scripts that publish, with `PUBLISH` on one Redis or `SPUBLISH` on a cluster, where
 /// the channel hashes to the slot of the keys (see the module's documentation).
@@ -47,7 +47,7 @@ static SHARDED: LazyLock<PublishScripts> = LazyLock::new(|| PublishScripts::with
 /// envelope without its closing brace, history size, TTL in seconds, epoch to start when the
 /// channel has none, and with a delivery key its message id and seconds to keep it.
 /// Publishes the envelope with `"offset"` and `"epoch"` added, records the delivery; returns
-/// the offset. The offset is taken only once the message is in the stream: a script that fails
+/// {offset, epoch}. The offset is taken only once the message is in the stream: a script that fails
 /// on the way (Redis out of memory, a key of another type) leaves no hole in the offsets.
 const PUBLISH: &str = r#"
 local position = redis.call('HMGET', KEYS[1], 'e', 's')
@@ -67,7 +67,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH_COMMAND', ARGV[1], message)
 if KEYS[3] then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
-return offset
+return {offset, epoch}
 "#;
 
 /// KEYS: a webhook delivery key. ARGV: channel, message, message id, seconds to keep it.
@@ -117,13 +117,13 @@ impl Shared {
     }
 
     /// Appends `message` to `channel`'s history, publishes it and records `record`, in one
-    /// script.
+    /// script; returns the position it got.
     pub(super) async fn publish_with_history(
         &self,
         channel: &Channel,
         message: &[u8],
         record: Option<&DeliveryRecord>,
-    ) -> Result<(), RedisError> {
+    ) -> Result<StreamPosition, RedisError> {
         let open = open_envelope(message).ok_or(RedisError::NotAnObject)?;
         let name = channel.name();
         let (position, history) = keys(&name);
@@ -143,7 +143,19 @@ impl Shared {
                 .arg(record.message_id.as_str())
                 .arg(record.keep_secs.max(1));
         }
-        self.timed(self.pool.invoke(&position, &invocation)).await.map(|_| ())
+        match self.timed(self.pool.invoke(&position, &invocation)).await? {
+            Value::Array(reply) => match reply.as_slice() {
+                [Value::Int(offset), epoch] => {
+                    let offset = u64::try_from(*offset).map_err(|_| RedisError::UnexpectedReply("publish"))?;
+                    let epoch = text(epoch)
+                        .and_then(|e| std::str::from_utf8(e).ok())
+                        .ok_or(RedisError::UnexpectedReply("publish"))?;
+                    Ok(StreamPosition::new(epoch, offset))
+                }
+                _ => Err(RedisError::UnexpectedReply("publish")),
+            },
+            _ => Err(RedisError::UnexpectedReply("publish")),
+        }
     }
 
     /// Publishes `message` without history and records `record`, in one script.

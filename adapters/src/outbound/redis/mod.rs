@@ -260,11 +260,12 @@ impl Drop for RedisBroker {
 
 #[async_trait]
 impl MessageBroker for RedisBroker {
-    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<(), BrokerError> {
+    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<Option<StreamPosition>, BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            Ok(self.shared.publish_with_history(channel, &message, None).await?)
+            Ok(Some(self.shared.publish_with_history(channel, &message, None).await?))
         } else {
-            Ok(self.shared.publish_bytes(&channel.name(), &message).await?)
+            self.shared.publish_bytes(&channel.name(), &message).await?;
+            Ok(None)
         }
     }
 
@@ -273,11 +274,12 @@ impl MessageBroker for RedisBroker {
         channel: &Channel,
         message: Bytes,
         record: &DeliveryRecord,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<StreamPosition>, BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
-            Ok(self.shared.publish_with_history(channel, &message, Some(record)).await?)
+            Ok(Some(self.shared.publish_with_history(channel, &message, Some(record)).await?))
         } else {
-            Ok(self.shared.publish_recorded_plain(channel, &message, record).await?)
+            self.shared.publish_recorded_plain(channel, &message, record).await?;
+            Ok(None)
         }
     }
 
