@@ -9,12 +9,14 @@
 //! - [`ports`]: `MessageBroker`, `InboundHandler`, `TokenVerifier`, `WebhookVerifier`, `Clock`,
 //!   `IdGenerator`, `ClientSink` — each documents what it guarantees and how it fails.
 //! - [`session`]: the client session, the inbound port every transport drives.
+//! - [`durable`]: the broker wrapped so every positioned message is kept in a `MessageStore`.
 //! - [`hub`]: the instance's live connections, sharded by tenant, and the fan-out.
 //! - [`frames`]: the server→client frames the use-cases produce, serialized once.
 //! - [`use_cases`]: connect, disconnect, handle a client frame, ingest a webhook, deliver a
 //!   broker message, presence, the server API, sweep inactive connections.
 //! - [`Realtime`]: every use-case wired to one set of ports, for the inbound adapters.
 
+pub mod durable;
 pub mod frames;
 pub mod hub;
 pub mod ports;
@@ -57,6 +59,8 @@ pub struct Ports {
     pub presence: Option<Arc<dyn ports::Presence>>,
     /// Which webhook deliveries were already relayed; `None`: no deduplication.
     pub deliveries: Option<Arc<dyn DeliveryLog>>,
+    /// Where every message with a position is kept durably; `None`: only the broker's history.
+    pub store: Option<Arc<dyn ports::MessageStore>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -141,7 +145,10 @@ impl std::fmt::Debug for Realtime {
 impl Realtime {
     /// Wires the use-cases to `ports` and starts the broker's deliveries to this instance's
     /// connections.
-    pub fn new(ports: Ports, settings: &Settings) -> Self {
+    pub fn new(mut ports: Ports, settings: &Settings) -> Self {
+        if let Some(store) = &ports.store {
+            ports.broker = Arc::new(durable::DurableBroker::new(ports.broker.clone(), store.clone()));
+        }
         let frames = frames::FrameFactory::new(ports.clock.clone(), ports.ids.clone());
         let hub = Arc::new(
             Hub::with_user_limit(

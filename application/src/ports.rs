@@ -78,7 +78,8 @@ pub trait MessageBroker: Send + Sync {
     /// # Errors
     /// [`BrokerError::Unavailable`] when the broker cannot take the message; it fails fast
     /// rather than waiting for the broker to come back.
-    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<Option<StreamPosition>, BrokerError>;
+    async fn publish(&self, channel: &Channel, message: Bytes)
+    -> Result<Option<StreamPosition>, BrokerError>;
 
     /// Publishes like [`MessageBroker::publish`] and, where the broker can, records in the same
     /// atomic step that the webhook delivery `record` became this message, so that no crash
@@ -507,6 +508,84 @@ pub trait Presence: Send + Sync {
     /// # Errors
     /// [`BrokerError::Unavailable`] when the store cannot be reached.
     async fn sweep(&self, scope: &PresenceScope) -> Result<Vec<UserId>, BrokerError>;
+}
+
+/// A message kept by a [`MessageStore`]: the bytes its clients received (its position
+/// included), at its place in its channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub channel: Channel,
+    pub position: StreamPosition,
+    pub message: Bytes,
+}
+
+/// A message store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or refused the operation; retrying later may succeed.
+    #[error("message store unavailable: {0}")]
+    Unavailable(String),
+    /// A history page was asked from a position the store does not hold (never kept, or
+    /// pruned).
+    #[error("position {0} is not in the history (never kept, or older than the retention)")]
+    UnknownPosition(String),
+}
+
+/// Which messages of a channel a history page holds, in the order they were published across
+/// epochs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Only messages published after this one.
+    pub after: Option<StreamPosition>,
+    /// Only messages published before this one.
+    pub before: Option<StreamPosition>,
+    /// At most this many.
+    pub limit: usize,
+    /// Newest first (the last `limit` ones), or oldest first (the first `limit` ones).
+    pub newest_first: bool,
+}
+
+/// Keeps every message with a position durably, beyond the broker's bounded history.
+///
+/// Guarantees: a message `append` returned `Ok` for survives a restart of the store and of
+/// every instance, until the retention prunes it; appending the same position twice keeps the
+/// first (idempotent on replay).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Keeps `message`; returns once it is committed.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it could not be committed in time. The store keeps
+    /// trying to commit it meanwhile (within a bound), so it may still be kept.
+    async fn append(&self, message: StoredMessage) -> Result<(), StoreError>;
+
+    /// The messages of `channel` in `epoch` from offset `from` on, oldest first, at most
+    /// `limit`, each with its offset.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    async fn read_from(
+        &self,
+        channel: &Channel,
+        epoch: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError>;
+
+    /// A page of `channel`'s history, across epochs, with each message's position.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownPosition`] for an `after` or `before` the store does not hold,
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    async fn page(
+        &self,
+        channel: &Channel,
+        query: &HistoryQuery,
+    ) -> Result<Vec<(StreamPosition, Bytes)>, StoreError>;
+
+    /// Whether appends currently succeed (and none waits to be retried beyond the bound).
+    fn is_ready(&self) -> bool;
 }
 
 /// What a [`DeliveryLog`] knows about a webhook delivery id.

@@ -13,6 +13,7 @@ use adapters::inbound::ws::{self, WsSettings};
 use adapters::outbound::delivery_log::InMemoryDeliveryLog;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
+use adapters::outbound::postgres::PostgresStore;
 use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
@@ -41,6 +42,8 @@ pub enum StartError {
     PublicKey(String),
     #[error("METRICS_ADDR: cannot listen on {addr}: {source}")]
     MetricsBind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Database(#[from] adapters::outbound::postgres::PostgresError),
 }
 
 /// A bound, wired instance, ready to [`run`](Application::run_until).
@@ -132,7 +135,12 @@ impl Application {
             verifier = verifier.with_endpoint(tenant, provider, endpoint);
         }
         let console = config.console.then(|| ConsoleSettings { demo });
+        let store: Option<Arc<dyn application::ports::MessageStore>> = match &config.database {
+            Some(settings) => Some(Arc::new(PostgresStore::connect(settings.clone()).await?)),
+            None => None,
+        };
         let ports = Ports {
+            store,
             broker,
             tokens: Arc::new(tokens),
             webhooks: Arc::new(verifier),

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use adapters::outbound::history::HistorySettings;
+use adapters::outbound::postgres::PostgresSettings;
 use adapters::outbound::redis::RedisTarget;
 use adapters::outbound::signatures::Secret;
 use application::{ApiKeys, OpeningLimits, Settings};
@@ -30,6 +31,15 @@ pub const ENV_REDIS_URL: &str = "REDIS_URL";
 /// Connections in the Redis publish pool.
 pub const ENV_REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
 pub const DEFAULT_REDIS_POOL_SIZE: usize = 200;
+/// PostgreSQL where every message with a position is kept (`postgres://…`); unset: no
+/// persistence.
+pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+/// Connections to PostgreSQL per instance.
+pub const ENV_DATABASE_POOL_SIZE: &str = "DATABASE_POOL_SIZE";
+pub const DEFAULT_DATABASE_POOL_SIZE: usize = 16;
+/// Days a kept message stays in PostgreSQL.
+pub const ENV_PERSIST_RETENTION_DAYS: &str = "PERSIST_RETENTION_DAYS";
+pub const DEFAULT_PERSIST_RETENTION_DAYS: u64 = 7;
 /// Comma-separated `host:port` of Redis Sentinels; selects the Sentinel-managed master.
 pub const ENV_REDIS_SENTINELS: &str = "REDIS_SENTINELS";
 /// Comma-separated `host:port` of Redis Cluster nodes (any of them; the rest is discovered);
@@ -198,6 +208,8 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// The browser console at `/` (`CONSOLE`).
     pub console: bool,
+    /// Where messages are kept durably (`DATABASE_URL`); `None`: no persistence.
+    pub database: Option<PostgresSettings>,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -482,6 +494,24 @@ impl Config {
             "off" => Ok(false),
             other => Err(format!("expected on or off, got {other:?}")),
         });
+        let database_pool = r.parse(ENV_DATABASE_POOL_SIZE, DEFAULT_DATABASE_POOL_SIZE, positive::<usize>);
+        let retention_days = r.parse(ENV_PERSIST_RETENTION_DAYS, DEFAULT_PERSIST_RETENTION_DAYS, |raw| {
+            positive::<u64>(raw)
+                .ok()
+                .filter(|n| *n <= 36_500)
+                .ok_or_else(|| format!("expected 1 to 36500 days, got {raw:?}"))
+        });
+        let database = r.get(ENV_DATABASE_URL).and_then(|url| {
+            let url = url.trim().to_owned();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                r.fail(ENV_DATABASE_URL, "expected postgres://user:password@host:port/database".to_owned());
+                return None;
+            }
+            let mut settings = PostgresSettings::new(url);
+            settings.pool_size = database_pool;
+            settings.retention = Duration::from_secs(retention_days.saturating_mul(86_400));
+            Some(settings)
+        });
         let presence_ttl = r.parse(ENV_PRESENCE_TTL_SECS, DEFAULT_PRESENCE_TTL_SECS, |raw| {
             positive::<u64>(raw)
                 .ok()
@@ -631,6 +661,7 @@ impl Config {
             presence,
             presence_ttl: Duration::from_secs(presence_ttl),
             console,
+            database,
             log_filter,
             log_format,
         })

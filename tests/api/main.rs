@@ -2,6 +2,7 @@
 //! client and a real HTTP client; the binary itself for signals and the command line.
 
 mod helpers;
+mod postgres_support;
 mod redis_support;
 mod sse_client;
 #[macro_use]
@@ -19,6 +20,7 @@ mod loadgen;
 mod observability;
 mod openapi;
 mod operations;
+mod persistence;
 mod presence;
 mod process;
 mod proxy;

@@ -139,7 +139,12 @@ impl InMemoryBroker {
 impl InMemoryBroker {
     /// Appends `message` to `channel`'s history at `now`; returns it with its position, and
     /// the position.
-    fn append(&self, channel: &Channel, message: &[u8], now: Instant) -> Result<(Bytes, StreamPosition), BrokerError> {
+    fn append(
+        &self,
+        channel: &Channel,
+        message: &[u8],
+        now: Instant,
+    ) -> Result<(Bytes, StreamPosition), BrokerError> {
         let mut histories = self.histories();
         let history = self.channel(&mut histories, channel, now);
         let offset = history.top + 1;
@@ -167,7 +172,11 @@ impl InMemoryBroker {
 
 #[async_trait]
 impl MessageBroker for InMemoryBroker {
-    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<Option<StreamPosition>, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &Channel,
+        message: Bytes,
+    ) -> Result<Option<StreamPosition>, BrokerError> {
         // Held from the append to the delivery, so deliveries follow offsets.
         let _in_order = self.delivery.lock().unwrap_or_else(PoisonError::into_inner);
         let (message, position) = if self.settings.is_on() && channel.has_history() {

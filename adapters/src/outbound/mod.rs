@@ -4,6 +4,7 @@ pub mod delivery_log;
 pub mod history;
 pub mod jwt;
 pub mod memory;
+pub mod postgres;
 pub mod presence;
 pub mod prometheus;
 pub mod redis;

@@ -146,7 +146,8 @@ impl Shared {
         match self.timed(self.pool.invoke(&position, &invocation)).await? {
             Value::Array(reply) => match reply.as_slice() {
                 [Value::Int(offset), epoch] => {
-                    let offset = u64::try_from(*offset).map_err(|_| RedisError::UnexpectedReply("publish"))?;
+                    let offset =
+                        u64::try_from(*offset).map_err(|_| RedisError::UnexpectedReply("publish"))?;
                     let epoch = text(epoch)
                         .and_then(|e| std::str::from_utf8(e).ok())
                         .ok_or(RedisError::UnexpectedReply("publish"))?;

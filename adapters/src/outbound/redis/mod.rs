@@ -260,7 +260,11 @@ impl Drop for RedisBroker {
 
 #[async_trait]
 impl MessageBroker for RedisBroker {
-    async fn publish(&self, channel: &Channel, message: Bytes) -> Result<Option<StreamPosition>, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &Channel,
+        message: Bytes,
+    ) -> Result<Option<StreamPosition>, BrokerError> {
         if self.shared.settings.history.is_on() && channel.has_history() {
             Ok(Some(self.shared.publish_with_history(channel, &message, None).await?))
         } else {
