@@ -32,6 +32,7 @@ pub use session::{ClientSession, ClientSessions, OpeningLimits, SessionRequest};
 pub use use_cases::connect_client::{ConnectError, Resume};
 pub use use_cases::handle_client_frame::FrameOutcome;
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
+pub use use_cases::read_history::{HistoryError, HistoryPage};
 pub use use_cases::server_api::{ApiKeys, ServerApi, ServerApiError};
 pub use use_cases::sweep_inactive::SweepReport;
 
@@ -43,6 +44,7 @@ use use_cases::deliver_message::DeliverBrokerMessage;
 use use_cases::disconnect_client::DisconnectClient;
 use use_cases::handle_client_frame::HandleClientFrame;
 use use_cases::presence::TrackPresence;
+use use_cases::read_history::ReadHistory;
 use use_cases::subscribe_topic::SubscribeTopic;
 use use_cases::sweep_inactive::SweepInactiveConnections;
 
@@ -193,7 +195,8 @@ impl Realtime {
             )
             .with_metrics(metrics.clone())
             .with_presence(presence.clone())
-            .with_topics(topics),
+            .with_topics(topics)
+            .with_history(ReadHistory::new(ports.store.clone())),
             disconnect: DisconnectClient::new().with_metrics(ports.clock.clone(), metrics.clone()),
             presence: presence.clone(),
             tokens: ports.tokens,
@@ -210,7 +213,8 @@ impl Realtime {
             webhooks,
             api: ServerApi::new(settings.api_keys.clone(), ports.broker.clone(), frames.clone())
                 .with_metrics(metrics.clone())
-                .with_presence(presence.clone()),
+                .with_presence(presence.clone())
+                .with_history(ReadHistory::new(ports.store.clone())),
             presence,
             sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings).with_metrics(metrics),
             broker: ports.broker,

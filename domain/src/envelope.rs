@@ -43,6 +43,8 @@ pub mod kind {
     pub const SUBSCRIBED: &str = "subscribed";
     /// A subscription ended (asked for, or ended by the server, with a reason).
     pub const UNSUBSCRIBED: &str = "unsubscribed";
+    /// The answer to a `history` frame: a page of a topic's kept history.
+    pub const HISTORY: &str = "history";
 }
 
 /// A message as clients receive it and as it travels through the broker.

@@ -116,7 +116,9 @@ fn check_frame(bytes: &[u8]) {
             assert!(TopicName::parse(channel.as_str()).is_ok(), "a valid topic");
             assert!(token.is_none_or(|t| !t.is_empty()));
         }
-        Ok(ClientCommand::Unsubscribe { channel }) => assert!(TopicName::parse(channel.as_str()).is_ok()),
+        Ok(ClientCommand::Unsubscribe { channel } | ClientCommand::History { channel, .. }) => {
+            assert!(TopicName::parse(channel.as_str()).is_ok());
+        }
         Ok(ClientCommand::Direct { to_user, payload }) => {
             assert!(serde_json::from_str::<Value>(payload.get()).is_ok(), "payload is JSON");
             assert!(UserId::parse(to_user.as_str()).is_ok(), "the recipient is a valid id");

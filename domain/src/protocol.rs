@@ -36,6 +36,14 @@ pub enum ClientCommand<'a> {
     },
     /// `{"type":"unsubscribe","channel":"<topic>"}`: nothing more from the topic.
     Unsubscribe { channel: TopicName },
+    /// `{"type":"history","channel":"<topic>","since":"<epoch>:<offset>"?,
+    /// "before":"<epoch>:<offset>"?,"limit":n?}`: a page of the topic's kept history.
+    History {
+        channel: TopicName,
+        since: Option<StreamPosition>,
+        before: Option<StreamPosition>,
+        limit: Option<u64>,
+    },
 }
 
 /// Why a client frame was refused. Answered with an `error` frame; the connection stays open.
@@ -48,10 +56,12 @@ pub enum ProtocolError {
     #[error("frame has no string \"type\" field")]
     MissingType,
     #[error(
-        "unknown frame type {0:?}; expected \"message\", \"direct\", \"subscribe\", \"unsubscribe\", \"presence\", \"ping\" or \"refresh\""
+        "unknown frame type {0:?}; expected \"message\", \"direct\", \"subscribe\", \"unsubscribe\", \"history\", \"presence\", \"ping\" or \"refresh\""
     )]
     UnknownType(String),
-    #[error("a \"subscribe\" or \"unsubscribe\" frame needs a string \"channel\": the topic's name")]
+    #[error(
+        "a \"subscribe\", \"unsubscribe\" or \"history\" frame needs a string \"channel\": the topic's name"
+    )]
     MissingChannel,
     #[error("invalid \"channel\": name a topic by its name alone ({0})")]
     InvalidChannel(IdError),
@@ -59,6 +69,10 @@ pub enum ProtocolError {
     InvalidSince(PositionError),
     #[error("\"presence\" is true or false")]
     InvalidPresenceFlag,
+    #[error("invalid \"before\": {0}")]
+    InvalidBefore(PositionError),
+    #[error("\"limit\" is a whole number")]
+    InvalidLimit,
     #[error("a \"refresh\" frame needs a non-empty string \"token\"")]
     MissingToken,
     #[error("a \"message\" or \"direct\" frame needs a \"payload\"")]
@@ -88,6 +102,10 @@ struct RawFrame<'a> {
     since: Option<Cow<'a, str>>,
     #[serde(default)]
     presence: Option<bool>,
+    #[serde(borrow, default)]
+    before: Option<Cow<'a, str>>,
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
 /// The error for a JSON object whose known fields do not all have their type: the first field
@@ -109,6 +127,10 @@ fn mistyped_field(text: &str) -> ProtocolError {
         ProtocolError::InvalidSince(PositionError::Malformed)
     } else if wrong("presence", serde_json::Value::is_boolean) {
         ProtocolError::InvalidPresenceFlag
+    } else if wrong("before", serde_json::Value::is_string) {
+        ProtocolError::InvalidBefore(PositionError::Malformed)
+    } else if wrong("limit", serde_json::Value::is_u64) {
+        ProtocolError::InvalidLimit
     } else {
         ProtocolError::MissingType
     }
@@ -162,6 +184,15 @@ impl<'a> ClientCommand<'a> {
                     .transpose()?;
                 let token = frame.token.filter(|token| !token.is_empty());
                 Ok(Self::Subscribe { channel, since, token, presence: frame.presence.unwrap_or(false) })
+            }
+            Some("history") => {
+                let channel = topic(frame.channel)?.ok_or(ProtocolError::MissingChannel)?;
+                let position = |raw: Option<Cow<'_, str>>, error: fn(PositionError) -> ProtocolError| {
+                    raw.map(|raw| StreamPosition::parse(&raw).map_err(error)).transpose()
+                };
+                let since = position(frame.since, ProtocolError::InvalidSince)?;
+                let before = position(frame.before, ProtocolError::InvalidBefore)?;
+                Ok(Self::History { channel, since, before, limit: frame.limit })
             }
             Some("unsubscribe") => {
                 Ok(Self::Unsubscribe { channel: topic(frame.channel)?.ok_or(ProtocolError::MissingChannel)? })
@@ -360,6 +391,26 @@ mod tests {
             ClientCommand::parse(r#"{"type":"presence","channel":"orders"}"#),
             Ok(ClientCommand::Presence { channel: Some(_) })
         ));
+    }
+
+    #[test]
+    fn history_frames_name_a_topic_and_optional_positions_and_limit() {
+        match ClientCommand::parse(r#"{"type":"history","channel":"orders","before":"e:9","limit":20}"#) {
+            Ok(ClientCommand::History { channel, since: None, before, limit }) => {
+                assert_eq!(
+                    (channel.as_str(), before, limit),
+                    ("orders", Some(StreamPosition::new("e", 9)), Some(20))
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for (bad, expected) in [
+            (r#"{"type":"history"}"#, ErrorCode::InvalidChannel),
+            (r#"{"type":"history","channel":"orders","limit":-1}"#, ErrorCode::BadRequest),
+            (r#"{"type":"history","channel":"orders","before":"x"}"#, ErrorCode::BadRequest),
+        ] {
+            assert_eq!(ClientCommand::parse(bad).expect_err(bad).code(), expected, "{bad}");
+        }
     }
 
     #[test]

@@ -113,6 +113,86 @@ async fn after_redis_lost_everything_a_client_recovers_the_old_epoch_from_postgr
     published(&app, "tenant:acme", 5).await;
     assert_eq!(n_of(&client.next_json().await), 5);
     client.expect_nothing_pending().await;
+    // The history runs across both epochs in publication order.
+    let page = history(&app, "tenant:acme", "order=asc").await;
+    assert_eq!(page.status, 200, "{:?}", page.body);
+    assert_eq!(ns(&page.body), [1, 2, 3, 4, 5]);
+}
+
+async fn history(app: &TestApp, channel: &str, query: &str) -> Answer {
+    let url = app.url(&format!("/api/channels/{channel}/history?{query}"));
+    Answer::from_response(app.http.get(url).bearer_auth(KEY).send().await.expect("sent")).await
+}
+
+fn ns(page: &Value) -> Vec<u64> {
+    page["messages"].as_array().expect("messages").iter().map(n_of).collect()
+}
+
+#[tokio::test]
+async fn the_history_api_pages_a_channel_newest_or_oldest_first_and_explains_refusals() {
+    let postgres = PostgresServer::start();
+    let app = on(&postgres, None, &[]).await;
+    for n in 1..=5 {
+        published(&app, "topic:acme:orders", n).await;
+    }
+    let newest = history(&app, "topic:acme:orders", "limit=2").await;
+    assert_eq!((newest.status, ns(&newest.body)), (200, vec![5, 4]), "{:?}", newest.body);
+    let next = newest.body["next"].as_str().expect("a next page").to_owned();
+    let older = history(&app, "topic%3Aacme%3Aorders", &format!("before={next}&limit=2")).await;
+    assert_eq!(ns(&older.body), [3, 2]);
+    let from = older.body["next"].as_str().expect("a next page").to_owned();
+    let oldest_first = history(&app, "topic:acme:orders", &format!("since={from}")).await;
+    assert_eq!((ns(&oldest_first.body), oldest_first.body["next"].clone()), (vec![3, 4, 5], Value::Null));
+
+    let refusals = [
+        ("global:broadcast", "", 400, "bad_request"),
+        ("topic:acme:orders", "limit=0", 400, "bad_request"),
+        ("topic:acme:orders", "limit=1001", 400, "bad_request"),
+        ("topic:acme:orders", "since=nope", 400, "invalid_position"),
+        ("topic:acme:orders", "order=sideways", 400, "bad_request"),
+        ("topic:acme:orders", "page=2", 400, "bad_request"),
+        ("topic:acme:orders", "since=unknown-epoch:1", 404, "unknown_position"),
+    ];
+    for (channel, query, status, code) in refusals {
+        let answer = history(&app, channel, query).await;
+        assert_eq!(
+            (answer.status, answer.body["code"].as_str()),
+            (status, Some(code)),
+            "{channel}?{query}: {:?}",
+            answer.body
+        );
+    }
+    let unauthorized = app.http.get(app.url("/api/channels/tenant:acme/history")).send().await.expect("sent");
+    assert_eq!(unauthorized.status(), 401);
+    let without = spawn_ready(&[("API_KEYS", KEY)]).await;
+    let off = history(&without, "tenant:acme", "").await;
+    assert_eq!((off.status, off.body["code"].as_str()), (404, Some("persistence_off")));
+}
+
+#[tokio::test]
+async fn a_client_with_the_history_cap_reads_a_topics_history() {
+    let postgres = PostgresServer::start();
+    let app = on(&postgres, None, &[]).await;
+    for n in 1..=3 {
+        published(&app, "topic:acme:orders", n).await;
+    }
+    let reader =
+        token_with("bob", "acme", &json!({"caps": [{"channels": ["orders"], "allow": ["history"]}]}));
+    let mut client = app.try_connect(&reader).await.expect("connected");
+    client.next_json().await;
+    client.send_json(&json!({"type": "history", "channel": "orders", "limit": 2})).await;
+    let page = client.next_json().await;
+    assert_eq!(
+        (page["type"].as_str(), page["channel"].as_str()),
+        (Some("history"), Some("topic:acme:orders"))
+    );
+    assert_eq!(ns(&page["payload"]), [3, 2]);
+    client
+        .send_json(&json!({"type": "history", "channel": "orders", "before": page["payload"]["next"]}))
+        .await;
+    assert_eq!(ns(&client.next_json().await["payload"]), [1]);
+    client.send_json(&json!({"type": "history", "channel": "billing"})).await;
+    assert_eq!(client.next_json().await["payload"]["code"], "forbidden");
 }
 
 #[tokio::test]

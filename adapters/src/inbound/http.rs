@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use application::ports::Headers;
+use application::ports::{Headers, HistoryQuery};
 use application::use_cases::ingest_webhook::TENANT_HEADER;
-use application::{Realtime, ServerApiError, WebhookError, WebhookRequest};
+use application::{HistoryError, Realtime, ServerApiError, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use domain::{Channel, ChannelError, TenantId, TopicName, UserId};
+use domain::{Channel, ChannelError, StreamPosition, TenantId, TopicName, UserId};
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::server::conn::http1;
@@ -184,6 +184,12 @@ pub fn routes(
         warp::path!("api" / "disconnect").and(warp::post()).and(api_call(app.clone(), ApiCall::Disconnect));
     let api_unsubscribe =
         warp::path!("api" / "unsubscribe").and(warp::post()).and(api_call(app.clone(), ApiCall::Unsubscribe));
+    let api_history = warp::path!("api" / "channels" / String / "history")
+        .and(warp::get())
+        .and(with(app.clone()))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::raw().map(Some).or(warp::any().map(|| None)).unify())
+        .and_then(api_history);
     let presence_of_channel = warp::path!("api" / "channels" / String / "presence").and(warp::get());
     let presence_of_tenant = warp::path!("api" / "tenants" / String / "presence")
         .and(warp::get())
@@ -212,6 +218,8 @@ pub fn routes(
         .or(api_unsubscribe)
         .unify()
         .or(api_presence)
+        .unify()
+        .or(api_history)
         .unify()
         .or(console::routes(app, http.console))
         .unify()
@@ -325,8 +333,96 @@ fn api_rejection(error: &ServerApiError) -> Rejection {
     warp::reject::custom(match error {
         ServerApiError::Unauthorized => ApiError::unauthorized(error.to_string()),
         ServerApiError::BadRequest(message) => ApiError::bad_request(message.clone()),
-        ServerApiError::Broker(_) => ApiError::unavailable(error.to_string()),
+        ServerApiError::Broker(_) | ServerApiError::History(HistoryError::Unavailable(_)) => {
+            ApiError::unavailable(error.to_string())
+        }
+        ServerApiError::History(HistoryError::NoHistory | HistoryError::Limit(_)) => {
+            ApiError::bad_request(error.to_string())
+        }
+        ServerApiError::History(HistoryError::PersistenceOff) => {
+            ApiError::new(StatusCode::NOT_FOUND, "persistence_off", error.to_string())
+        }
+        ServerApiError::History(HistoryError::UnknownPosition(message)) => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_position", message.clone())
+        }
     })
+}
+
+/// `GET /api/channels/{channel}/history`'s query.
+#[derive(Debug, Default)]
+struct HistoryParams {
+    since: Option<String>,
+    before: Option<String>,
+    limit: Option<usize>,
+    order: Option<String>,
+}
+
+/// `GET /api/channels/{channel}/history?since=&before=&limit=&order=`: a page of the channel's
+/// kept history.
+async fn api_history(
+    channel: String,
+    app: Arc<Realtime>,
+    authorization: Option<String>,
+    raw_query: Option<String>,
+) -> Result<Response, Rejection> {
+    app.api().authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
+    let channel = parse_channel(&percent_decoded(&channel))?;
+    let params: HistoryParams = history_params(raw_query.as_deref().unwrap_or_default())?;
+    let position = |name: &str, raw: Option<String>| {
+        raw.map(|raw| {
+            StreamPosition::parse(&raw).map_err(|e| {
+                warp::reject::custom(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_position",
+                    format!("invalid {name}: {e}"),
+                ))
+            })
+        })
+        .transpose()
+    };
+    let (after, before) = (position("since", params.since)?, position("before", params.before)?);
+    let newest_first = match params.order.as_deref() {
+        None => after.is_none(),
+        Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => return Err(bad_body(format!("order is asc or desc, not {other:?}"))),
+    };
+    let query = HistoryQuery { after, before, limit: params.limit.unwrap_or(100), newest_first };
+    let page = app.api().history(&channel, query).await.map_err(|e| api_rejection(&e))?;
+    let messages = page
+        .messages
+        .iter()
+        .map(|m| serde_json::from_slice::<&RawValue>(m).map(|v| v.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            warp::reject::custom(ApiError::unavailable(format!("a kept message is not JSON: {e}")))
+        })?;
+    let next = page.next.map(|p| format!("{}:{}", p.epoch, p.offset));
+    Ok(warp::reply::json(&json!({"messages": messages, "next": next})).into_response())
+}
+
+/// The parameters of a query string, or 400 naming the problem.
+fn history_params(query: &str) -> Result<HistoryParams, Rejection> {
+    let mut params = HistoryParams::default();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = value.into_owned();
+        match &*key {
+            "since" => params.since = Some(value),
+            "before" => params.before = Some(value),
+            "order" => params.order = Some(value),
+            "limit" => {
+                params.limit = Some(
+                    value.parse().map_err(|_| bad_body(format!("limit is a whole number, not {value:?}")))?,
+                );
+            }
+            other => {
+                return Err(bad_body(format!(
+                    "unknown parameter {other:?}: expected since, before, limit or order"
+                )));
+            }
+        }
+    }
+    Ok(params)
 }
 
 /// `GET /api/channels/{channel}/presence` (`tenant:…` or `topic:…`) and

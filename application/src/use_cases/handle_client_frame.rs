@@ -14,10 +14,13 @@ use serde::Serialize;
 
 use crate::Settings;
 use crate::frames::{FrameFactory, encode};
-use crate::ports::{DropReason, MessageBroker, MessageSource, Metrics, NoMetrics, TokenVerifier};
+use crate::ports::{
+    DropReason, HistoryQuery, MessageBroker, MessageSource, Metrics, NoMetrics, TokenVerifier,
+};
 use crate::use_cases::connect_client::{Session, token_deadline};
 use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
+use crate::use_cases::read_history::{HistoryError, ReadHistory};
 use crate::use_cases::subscribe_topic::{SubscribeRequest, SubscribeTopic};
 
 /// What the connection does after a client frame.
@@ -50,6 +53,16 @@ pub struct HandleClientFrame {
     metrics: Arc<dyn Metrics>,
     presence: Option<Arc<TrackPresence>>,
     topics: Option<Arc<SubscribeTopic>>,
+    history: ReadHistory,
+}
+
+/// Most messages one `history` frame is answered with.
+pub const MAX_CLIENT_HISTORY_PAGE: usize = 100;
+
+#[derive(Serialize)]
+struct HistoryPayload<'a> {
+    messages: Vec<&'a serde_json::value::RawValue>,
+    next: Option<String>,
 }
 
 impl std::fmt::Debug for HandleClientFrame {
@@ -73,7 +86,14 @@ impl HandleClientFrame {
             metrics: Arc::new(NoMetrics),
             presence: None,
             topics: None,
+            history: ReadHistory::default(),
         }
+    }
+
+    /// Answers `history` frames with `history`.
+    pub fn with_history(mut self, history: ReadHistory) -> Self {
+        self.history = history;
+        self
     }
 
     /// Answers `subscribe`, `unsubscribe` and topic frames with `topics`.
@@ -166,6 +186,17 @@ impl HandleClientFrame {
                     }
                 }
             }
+            Ok(ClientCommand::History { channel: topic, since, before, limit }) => {
+                if let Some(refused) =
+                    self.refused(session, &topic, Capability::History, "read the history of")
+                {
+                    return refused;
+                }
+                let channel = Channel::Topic(session.info().tenant_id.clone(), topic);
+                let limit = limit.map_or(50, |l| usize::try_from(l).unwrap_or(usize::MAX));
+                let query = HistoryQuery { newest_first: since.is_none(), after: since, before, limit };
+                self.history_page(channel, query).await
+            }
             Ok(ClientCommand::Unsubscribe { channel: topic }) => {
                 let Some(topics) = &self.topics else { return self.no_topics() };
                 topics.unsubscribe(session, &topic, UnsubscribeReason::Requested).await;
@@ -219,6 +250,31 @@ impl HandleClientFrame {
         let channel = Channel::Topic(session.info().tenant_id.clone(), topic.clone());
         let message = format!("the token does not allow this connection to {doing} {topic}");
         Some(FrameOutcome::Reply(self.frames.error_on(ErrorCode::Forbidden, &message, Some(&channel))))
+    }
+
+    /// Answers a `history` frame with a page of `channel`'s kept history.
+    async fn history_page(&self, channel: Channel, query: HistoryQuery) -> FrameOutcome {
+        let page = match self.history.page(&channel, query, MAX_CLIENT_HISTORY_PAGE).await {
+            Ok(page) => page,
+            Err(error) => {
+                let code = match error {
+                    HistoryError::PersistenceOff => ErrorCode::Unsupported,
+                    HistoryError::Unavailable(_) => ErrorCode::Unavailable,
+                    HistoryError::NoHistory | HistoryError::Limit(_) | HistoryError::UnknownPosition(_) => {
+                        ErrorCode::BadRequest
+                    }
+                };
+                return FrameOutcome::Reply(self.frames.error_on(code, &error.to_string(), Some(&channel)));
+            }
+        };
+        let messages: Vec<_> = page
+            .messages
+            .iter()
+            .filter_map(|m| serde_json::from_slice::<&serde_json::value::RawValue>(m).ok())
+            .collect();
+        let next = page.next.map(|p| format!("{}:{}", p.epoch, p.offset));
+        let payload = raw_payload(&HistoryPayload { messages, next });
+        FrameOutcome::Reply(encode(&self.frames.envelope(kind::HISTORY, payload, None, Some(channel))))
     }
 
     fn no_topics(&self) -> FrameOutcome {

@@ -6,6 +6,7 @@ pub mod disconnect_client;
 pub mod handle_client_frame;
 pub mod ingest_webhook;
 pub mod presence;
+pub mod read_history;
 pub mod server_api;
 pub mod subscribe_topic;
 pub mod sweep_inactive;

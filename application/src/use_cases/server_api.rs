@@ -9,9 +9,12 @@ use domain::{Channel, MessageId, PresenceScope, TenantId, TopicName, UserId};
 use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
-use crate::ports::{BrokerError, ControlCommand, MessageBroker, MessageSource, Metrics, NoMetrics};
+use crate::ports::{
+    BrokerError, ControlCommand, HistoryQuery, MessageBroker, MessageSource, Metrics, NoMetrics,
+};
 use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
+use crate::use_cases::read_history::{HistoryError, HistoryPage, MAX_HISTORY_PAGE, ReadHistory};
 
 /// The keys that open the server API. Their `Debug` output never shows them.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -59,11 +62,16 @@ pub enum ServerApiError {
     /// The broker did not take the message. HTTP 503.
     #[error(transparent)]
     Broker(BrokerError),
+    /// A history page cannot be read: 400 (`NoHistory`, `Limit`), 404 (`PersistenceOff`,
+    /// `UnknownPosition`) or 503 (`Unavailable`).
+    #[error(transparent)]
+    History(HistoryError),
 }
 
 /// Frame types only the server produces: a backend may not forge them.
-const RESERVED_KINDS: [&str; 9] = [
+const RESERVED_KINDS: [&str; 10] = [
     kind::WELCOME,
+    kind::HISTORY,
     kind::SUBSCRIBED,
     kind::UNSUBSCRIBED,
     kind::PONG,
@@ -81,6 +89,7 @@ pub struct ServerApi {
     frames: FrameFactory,
     metrics: Arc<dyn Metrics>,
     presence: Option<Arc<TrackPresence>>,
+    history: ReadHistory,
 }
 
 impl std::fmt::Debug for ServerApi {
@@ -91,7 +100,33 @@ impl std::fmt::Debug for ServerApi {
 
 impl ServerApi {
     pub fn new(keys: ApiKeys, broker: Arc<dyn MessageBroker>, frames: FrameFactory) -> Self {
-        Self { keys, broker, frames, metrics: Arc::new(NoMetrics), presence: None }
+        Self {
+            keys,
+            broker,
+            frames,
+            metrics: Arc::new(NoMetrics),
+            presence: None,
+            history: ReadHistory::default(),
+        }
+    }
+
+    /// Answers history calls with `history`.
+    pub fn with_history(mut self, history: ReadHistory) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// A page of `channel`'s history (see [`ReadHistory::page`]), at most
+    /// [`MAX_HISTORY_PAGE`] messages.
+    ///
+    /// # Errors
+    /// [`ServerApiError::History`].
+    pub async fn history(
+        &self,
+        channel: &Channel,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, ServerApiError> {
+        self.history.page(channel, query, MAX_HISTORY_PAGE).await.map_err(ServerApiError::History)
     }
 
     /// Reports to `metrics` instead of nowhere.
