@@ -33,13 +33,14 @@ pub use use_cases::connect_client::{ConnectError, Resume};
 pub use use_cases::handle_client_frame::FrameOutcome;
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
 pub use use_cases::read_history::{HistoryError, HistoryPage};
-pub use use_cases::server_api::{ApiKeys, ServerApi, ServerApiError};
+pub use use_cases::server_api::{ApiKeys, Published, ServerApi, ServerApiError};
 pub use use_cases::sweep_inactive::SweepReport;
 
 use hub::Hub;
 use ports::{Clock, DeliveryLog, IdGenerator, MessageBroker, Metrics, TokenVerifier, WebhookVerifier};
 use session::SessionParts;
 use use_cases::connect_client::ConnectClient;
+use use_cases::consume_outbox::ConsumeOutbox;
 use use_cases::deliver_message::DeliverBrokerMessage;
 use use_cases::disconnect_client::DisconnectClient;
 use use_cases::handle_client_frame::HandleClientFrame;
@@ -63,6 +64,8 @@ pub struct Ports {
     pub deliveries: Option<Arc<dyn DeliveryLog>>,
     /// Where every message with a position is kept durably; `None`: only the broker's history.
     pub store: Option<Arc<dyn ports::MessageStore>>,
+    /// The outbox table backends write into; `None`: no outbox consumed.
+    pub outbox: Option<Arc<dyn ports::Outbox>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -130,7 +133,9 @@ pub struct Realtime {
     broker: Arc<dyn MessageBroker>,
     sessions: ClientSessions,
     webhooks: IngestWebhook,
-    api: ServerApi,
+    api: Arc<ServerApi>,
+    /// The outbox consumer, with an outbox table configured.
+    outbox: Option<ConsumeOutbox>,
     presence: Arc<TrackPresence>,
     sweep: SweepInactiveConnections,
     /// The broker's inbound handler; the broker only holds it weakly.
@@ -203,18 +208,26 @@ impl Realtime {
         };
         let mut webhooks = IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
             .with_metrics(metrics.clone());
+        let idempotency = ports.deliveries.clone();
         if let Some(deliveries) = ports.deliveries {
             webhooks = webhooks.with_delivery_log(deliveries, settings.webhook_dedup_secs);
         }
+        let api = Arc::new(
+            ServerApi::new(settings.api_keys.clone(), ports.broker.clone(), frames.clone())
+                .with_metrics(metrics.clone())
+                .with_presence(presence.clone())
+                .with_history(ReadHistory::new(ports.store.clone()))
+                .with_idempotency(idempotency, settings.webhook_dedup_secs),
+        );
+        let outbox =
+            ports.outbox.map(|outbox| ConsumeOutbox::new(outbox, api.clone()).with_metrics(metrics.clone()));
         Self {
             draining: AtomicBool::new(false),
             deliver,
             sessions: ClientSessions::new(parts, settings.opening.clone()),
             webhooks,
-            api: ServerApi::new(settings.api_keys.clone(), ports.broker.clone(), frames.clone())
-                .with_metrics(metrics.clone())
-                .with_presence(presence.clone())
-                .with_history(ReadHistory::new(ports.store.clone())),
+            api,
+            outbox,
             presence,
             sweep: SweepInactiveConnections::new(hub.clone(), ports.clock, settings).with_metrics(metrics),
             broker: ports.broker,
@@ -235,6 +248,12 @@ impl Realtime {
     /// The server API for backends.
     pub fn api(&self) -> &ServerApi {
         &self.api
+    }
+
+    /// The outbox consumer, when an outbox table is configured: run
+    /// [`ConsumeOutbox::run`] for as long as the instance serves.
+    pub fn outbox(&self) -> Option<&ConsumeOutbox> {
+        self.outbox.as_ref()
     }
 
     /// One pass over every connection: time limits and heartbeats. Run it every fraction of a

@@ -426,6 +426,10 @@ pub trait Metrics: Send + Sync {
     fn subscriptions(&self, count: usize);
     /// A reconnecting client asked for what it missed; `recovered` tells whether it got it.
     fn recovery(&self, recovered: bool);
+    /// An outbox row was removed: `published` or `rejected`.
+    fn outbox_row(&self, result: &'static str);
+    /// Outbox rows waiting, and the age of the oldest in seconds.
+    fn outbox_pending(&self, rows: u64, oldest_seconds: f64);
 }
 
 /// Metrics that go nowhere.
@@ -446,6 +450,8 @@ impl Metrics for NoMetrics {
     fn subscribed_channels(&self, _: usize) {}
     fn subscriptions(&self, _: usize) {}
     fn recovery(&self, _: bool) {}
+    fn outbox_row(&self, _: &'static str) {}
+    fn outbox_pending(&self, _: u64, _: f64) {}
 }
 
 /// A webhook delivery that became a message, as recorded by [`DeliveryLog::complete`] or
@@ -586,6 +592,60 @@ pub trait MessageStore: Send + Sync {
 
     /// Whether appends currently succeed (and none waits to be retried beyond the bound).
     fn is_ready(&self) -> bool;
+}
+
+/// A row a backend wrote into the outbox table, in its own transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    /// The channel's wire name, as written.
+    pub channel: String,
+    /// The frame type clients receive.
+    pub kind: String,
+    /// The payload, as JSON text.
+    pub payload: String,
+    /// The backend's key: a row whose key was already published is not published again.
+    pub idempotency_key: Option<String>,
+}
+
+/// What became of an outbox row handed to the publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowOutcome {
+    /// Published (or found published already): the row is removed.
+    Published,
+    /// It can never be published (a bad channel, type or payload): the row is removed, and
+    /// the reason reported.
+    Rejected(String),
+    /// Not now (the broker or another publish of the same key is busy): the row stays, and
+    /// the rows of its channel after it wait too.
+    Retry,
+}
+
+/// Publishes one outbox row; see [`Outbox::consume`].
+pub type RowPublisher<'a> =
+    dyn Fn(OutboxRow) -> Pin<Box<dyn Future<Output = RowOutcome> + Send + 'a>> + Send + Sync + 'a;
+
+/// The outbox table backends write into, consumed by every instance together.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Resolves when rows may be waiting: a notification of an insert, or the poll period.
+    async fn wait(&self);
+
+    /// Takes the oldest waiting rows of channels no other instance is consuming (at most
+    /// `max`), hands each to `publish` in insertion order per channel, removes those published
+    /// or rejected, and commits; returns how many rows it removed. A channel's rows stop at the
+    /// first one to retry, so they are published in order.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the table cannot be read or changed; nothing is
+    /// removed then, and what was published is found published again by its key.
+    async fn consume(&self, max: usize, publish: &RowPublisher<'_>) -> Result<usize, StoreError>;
+
+    /// Rows waiting, and the age in seconds of the oldest (0 when none).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the table cannot be read.
+    async fn pending(&self) -> Result<(u64, f64), StoreError>;
 }
 
 /// What a [`DeliveryLog`] knows about a webhook delivery id.

@@ -14,6 +14,7 @@ use adapters::outbound::delivery_log::InMemoryDeliveryLog;
 use adapters::outbound::jwt::{JwtIssuer, JwtRules, JwtVerifier, TokenRequest};
 use adapters::outbound::memory::InMemoryBroker;
 use adapters::outbound::postgres::PostgresStore;
+use adapters::outbound::postgres::outbox::PostgresOutbox;
 use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
@@ -135,12 +136,18 @@ impl Application {
             verifier = verifier.with_endpoint(tenant, provider, endpoint);
         }
         let console = config.console.then(|| ConsoleSettings { demo });
-        let store: Option<Arc<dyn application::ports::MessageStore>> = match &config.database {
+        let postgres = match &config.database {
             Some(settings) => Some(Arc::new(PostgresStore::connect(settings.clone()).await?)),
             None => None,
         };
+        let outbox: Option<Arc<dyn application::ports::Outbox>> = match (&postgres, &config.outbox_table) {
+            (Some(store), Some(table)) => Some(Arc::new(PostgresOutbox::new(store, table)?)),
+            _ => None,
+        };
+        let store = postgres.map(|store| store as Arc<dyn application::ports::MessageStore>);
         let ports = Ports {
             store,
+            outbox,
             broker,
             tokens: Arc::new(tokens),
             webhooks: Arc::new(verifier),
@@ -240,6 +247,15 @@ impl Application {
         let position_checker = every(POSITION_CHECK_PERIOD, &realtime, |realtime| async move {
             realtime.check_positions().await;
         });
+        let outbox_consumer = tokio::spawn({
+            let realtime = realtime.clone();
+            async move {
+                match realtime.outbox() {
+                    Some(outbox) => outbox.run().await,
+                    None => std::future::pending().await,
+                }
+            }
+        });
         let broker = match &config.broker {
             BrokerConfig::InProcess => "in-process (single instance)",
             BrokerConfig::Redis { target: adapters::outbound::redis::RedisTarget::Url(_), .. } => "redis",
@@ -263,6 +279,7 @@ impl Application {
         drain(&realtime, config.drain).await;
         sweeper.abort();
         position_checker.abort();
+        outbox_consumer.abort();
         presence_refresher.abort();
         upkeep.abort();
         let _ = stop_metrics.send(());

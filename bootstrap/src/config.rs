@@ -37,6 +37,9 @@ pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 /// Connections to PostgreSQL per instance.
 pub const ENV_DATABASE_POOL_SIZE: &str = "DATABASE_POOL_SIZE";
 pub const DEFAULT_DATABASE_POOL_SIZE: usize = 16;
+/// The outbox table backends write into (`lq_outbox`, created by the migrations, or a table of
+/// the same columns); unset: no outbox consumed.
+pub const ENV_OUTBOX_TABLE: &str = "OUTBOX_TABLE";
 /// Days a kept message stays in PostgreSQL.
 pub const ENV_PERSIST_RETENTION_DAYS: &str = "PERSIST_RETENTION_DAYS";
 pub const DEFAULT_PERSIST_RETENTION_DAYS: u64 = 7;
@@ -210,6 +213,8 @@ pub struct Config {
     pub console: bool,
     /// Where messages are kept durably (`DATABASE_URL`); `None`: no persistence.
     pub database: Option<PostgresSettings>,
+    /// The outbox table consumed (`OUTBOX_TABLE`, with `DATABASE_URL` only).
+    pub outbox_table: Option<String>,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -512,6 +517,25 @@ impl Config {
             settings.retention = Duration::from_secs(retention_days.saturating_mul(86_400));
             Some(settings)
         });
+        let outbox_table = r.get(ENV_OUTBOX_TABLE).map(|t| t.trim().to_owned()).filter(|table| {
+            if !adapters::outbound::postgres::outbox::valid_table(table) {
+                r.fail(
+                    ENV_OUTBOX_TABLE,
+                    format!(
+                        "expected a table name of a-z, 0-9 and _ (optionally schema.table), got {table:?}"
+                    ),
+                );
+                return false;
+            }
+            if database.is_none() {
+                r.fail(
+                    ENV_OUTBOX_TABLE,
+                    format!("needs {ENV_DATABASE_URL}: the outbox is a PostgreSQL table"),
+                );
+                return false;
+            }
+            true
+        });
         let presence_ttl = r.parse(ENV_PRESENCE_TTL_SECS, DEFAULT_PRESENCE_TTL_SECS, |raw| {
             positive::<u64>(raw)
                 .ok()
@@ -662,6 +686,7 @@ impl Config {
             presence_ttl: Duration::from_secs(presence_ttl),
             console,
             database,
+            outbox_table,
             log_filter,
             log_format,
         })

@@ -230,6 +230,120 @@ async fn instances_starting_together_apply_the_migrations_once() {
     let url = postgres.url();
     let vars = [("DATABASE_URL", url.as_str())];
     let (a, b) = tokio::join!(spawn_ready(&vars), spawn_ready(&vars));
-    assert_eq!(postgres.query("SELECT version FROM lq_schema_migrations").await, ["1"]);
+    assert_eq!(postgres.query("SELECT version FROM lq_schema_migrations ORDER BY version").await, ["1", "2"]);
     drop((a, b));
+}
+
+/// Inserts rows `from..to` numbered `n` into `lq_outbox`, `per_transaction` at a time, each on
+/// `channel_of(n)`.
+async fn insert_outbox(
+    postgres: &PostgresServer,
+    range: std::ops::Range<u64>,
+    channel_of: fn(u64) -> String,
+) {
+    let (client, connection) =
+        tokio_postgres::connect(&postgres.url(), tokio_postgres::NoTls).await.expect("connects");
+    tokio::spawn(connection);
+    let rows: Vec<u64> = range.collect();
+    for chunk in rows.chunks(50) {
+        let values: Vec<String> =
+            chunk.iter().map(|n| format!("('{}', 'order', '{{\"n\":{n}}}')", channel_of(*n))).collect();
+        // As a backend does: in its own transaction.
+        client
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO lq_outbox (channel, type, payload) VALUES {}; COMMIT;",
+                values.join(",")
+            ))
+            .await
+            .expect("inserted");
+    }
+}
+
+/// The `n` of every `order` frame `client` receives until it has `count` of them.
+async fn orders(client: &mut WsClient, count: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let frame = client.next_json().await;
+        if frame["type"] == "order" {
+            got.push(n_of(&frame));
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn two_instances_publish_the_outbox_once_each_row_in_order_per_channel() {
+    let (postgres, redis) = (PostgresServer::start(), RedisServer::start());
+    let vars = [("OUTBOX_TABLE", "lq_outbox")];
+    let (a, b) = (on(&postgres, Some(&redis), &vars).await, on(&postgres, Some(&redis), &vars).await);
+    let mut acme = a.connect("bob", "acme").await;
+    let caps = json!({"caps": [{"channels": ["*"], "allow": ["sub"]}]});
+    let mut subscriber = b.try_connect(&token_with("eve", "globex", &caps)).await.expect("connected");
+    subscriber.next_json().await;
+    subscriber.send_json(&json!({"type": "subscribe", "channel": "orders"})).await;
+    assert_eq!(subscriber.next_json().await["type"], "subscribed");
+    insert_outbox(&postgres, 0..300, |n| {
+        if n % 3 == 0 { "topic:globex:orders".to_owned() } else { "tenant:acme".to_owned() }
+    })
+    .await;
+    let to_acme: Vec<u64> = (0..300).filter(|n| n % 3 != 0).collect();
+    let to_topic: Vec<u64> = (0..300).filter(|n| n % 3 == 0).collect();
+    acme.patience = Duration::from_secs(20);
+    subscriber.patience = Duration::from_secs(20);
+    assert_eq!(orders(&mut acme, to_acme.len()).await, to_acme, "every row once, in insertion order");
+    assert_eq!(orders(&mut subscriber, to_topic.len()).await, to_topic);
+    eventually(Duration::from_secs(10), "the outbox empty", async || {
+        postgres.query("SELECT count(*) FROM lq_outbox").await == ["0"]
+    })
+    .await;
+    acme.expect_nothing_pending().await;
+    eventually(Duration::from_secs(5), "the gauges", async || {
+        value(&scrape(&a).await, "lq_outbox_pending") == 0.0
+    })
+    .await;
+    let published = value(&scrape(&a).await, r#"lq_outbox_rows_total{result="published"}"#)
+        + value(&scrape(&b).await, r#"lq_outbox_rows_total{result="published"}"#);
+    assert!(published >= 300.0, "every row counted by the instance that removed it: {published}");
+}
+
+#[tokio::test]
+async fn a_row_that_can_never_be_published_is_removed_and_counted_and_the_rest_goes_on() {
+    let postgres = PostgresServer::start();
+    let app = on(&postgres, None, &[("OUTBOX_TABLE", "lq_outbox")]).await;
+    let mut client = app.connect("bob", "acme").await;
+    insert_outbox(&postgres, 0..1, |_| "nowhere:at-all".to_owned()).await;
+    insert_outbox(&postgres, 1..3, |_| "tenant:acme".to_owned()).await;
+    assert_eq!(orders(&mut client, 2).await, [1, 2]);
+    eventually(Duration::from_secs(5), "the rejection counted", async || {
+        value(&scrape(&app).await, r#"lq_outbox_rows_total{result="rejected"}"#) == 1.0
+    })
+    .await;
+    assert_eq!(postgres.query("SELECT count(*) FROM lq_outbox").await, ["0"]);
+}
+
+#[tokio::test]
+async fn an_instance_killed_while_it_consumes_the_outbox_makes_no_row_published_twice() {
+    let (postgres, redis) = (PostgresServer::start(), RedisServer::start());
+    let (database, redis_url) = (postgres.url(), redis.url());
+    let env = [
+        ("DATABASE_URL", database.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("OUTBOX_TABLE", "lq_outbox"),
+    ];
+    let doomed = crate::process::start(&env).await;
+    let survivor = on(&postgres, Some(&redis), &[("OUTBOX_TABLE", "lq_outbox")]).await;
+    let mut client = survivor.connect("bob", "acme").await;
+    client.patience = Duration::from_secs(30);
+    insert_outbox(&postgres, 0..2000, |_| "tenant:acme".to_owned()).await;
+    let mut got = orders(&mut client, 200).await;
+    doomed.signal("KILL");
+    got.extend(orders(&mut client, 1800).await);
+    assert_eq!(got, (0..2000).collect::<Vec<_>>(), "every row once and in order across the kill");
+    // The rows the killed instance published but did not remove are found published by their
+    // key, and removed without a second publish.
+    eventually(Duration::from_secs(20), "the outbox empty", async || {
+        postgres.query("SELECT count(*) FROM lq_outbox").await == ["0"]
+    })
+    .await;
+    client.expect_nothing_pending().await;
 }

@@ -333,6 +333,7 @@ fn api_rejection(error: &ServerApiError) -> Rejection {
     warp::reject::custom(match error {
         ServerApiError::Unauthorized => ApiError::unauthorized(error.to_string()),
         ServerApiError::BadRequest(message) => ApiError::bad_request(message.clone()),
+        ServerApiError::InProgress => ApiError::new(StatusCode::CONFLICT, "in_progress", error.to_string()),
         ServerApiError::Broker(_) | ServerApiError::History(HistoryError::Unavailable(_)) => {
             ApiError::unavailable(error.to_string())
         }
@@ -463,16 +464,17 @@ fn api_call(
     with(app)
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::optional::<String>("idempotency-key"))
         .and(warp::body::stream())
-        .and_then(move |app, authorization, content_length, body| {
-            answer_api_call(app, authorization, content_length, body, call)
+        .and_then(move |app, authorization, content_length, key, body| {
+            answer_api_call(app, (authorization, key), content_length, body, call)
         })
 }
 
 /// A server API call: the key is checked before the body is read.
 async fn answer_api_call<S, B>(
     app: Arc<Realtime>,
-    authorization: Option<String>,
+    (authorization, idempotency_key): (Option<String>, Option<String>),
     content_length: Option<u64>,
     body: S,
     call: ApiCall,
@@ -488,8 +490,24 @@ where
         ApiCall::Publish => {
             let body: PublishBody<'_> = parse_body(&body, "{\"channel\",\"type\",\"payload\"}")?;
             let channel = parse_channel(&body.channel)?;
-            let published = app.api().publish(channel, &body.kind, body.payload).await;
-            json!({"message_id": published.map_err(|e| api_rejection(&e))?.as_str()})
+            match idempotency_key {
+                None => {
+                    let published = app.api().publish(channel, &body.kind, body.payload).await;
+                    json!({"message_id": published.map_err(|e| api_rejection(&e))?.as_str()})
+                }
+                Some(key) => {
+                    let key = key.trim();
+                    if domain::MessageId::parse(key).is_err() {
+                        return Err(bad_body(
+                            "invalid Idempotency-Key: expected 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+                                .to_owned(),
+                        ));
+                    }
+                    let published = app.api().publish_once(channel, &body.kind, body.payload, key).await;
+                    let published = published.map_err(|e| api_rejection(&e))?;
+                    json!({"message_id": published.message_id.as_str(), "duplicate": published.duplicate})
+                }
+            }
         }
         ApiCall::Disconnect => {
             let body: DisconnectBody = parse_body(&body, "{\"tenant_id\",\"user_id\"}")?;

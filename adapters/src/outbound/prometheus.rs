@@ -82,6 +82,10 @@ pub struct PrometheusMetrics {
     broker_up: Gauge,
     subscribed: Gauge,
     subscriptions: Gauge,
+    /// Outbox rows removed: published (0) and rejected (1).
+    outbox_rows: [Counter; 2],
+    outbox_pending: Gauge,
+    outbox_lag: Gauge,
     /// `result="not_recovered"`, then `result="recovered"`.
     recoveries: [Counter; 2],
 }
@@ -127,6 +131,13 @@ impl PrometheusMetrics {
             None,
             "Reconnecting clients that asked for missed messages, by result (recovered or not).",
         );
+        r.describe_gauge("lq_outbox_pending".into(), None, "Outbox rows waiting to be published.".into());
+        r.describe_gauge(
+            "lq_outbox_lag_seconds".into(),
+            Some(Unit::Seconds),
+            "Age of the oldest outbox row waiting.".into(),
+        );
+        describe("lq_outbox_rows_total", None, "Outbox rows removed, by result (published or rejected).");
         r.describe_gauge("lq_connections".into(), None, "Open client connections, by transport.".into());
         r.describe_gauge("lq_broker_up".into(), None, "1 when the broker can publish and receive.".into());
         r.describe_gauge(
@@ -176,6 +187,11 @@ impl PrometheusMetrics {
             broker_up: r.register_gauge(&key("lq_broker_up", &[]), &METADATA),
             subscribed: r.register_gauge(&key("lq_subscribed_channels", &[]), &METADATA),
             subscriptions: r.register_gauge(&key("lq_subscriptions", &[]), &METADATA),
+            outbox_rows: ["published", "rejected"].map(|result| {
+                r.register_counter(&key("lq_outbox_rows_total", &[("result", result)]), &METADATA)
+            }),
+            outbox_pending: r.register_gauge(&key("lq_outbox_pending", &[]), &METADATA),
+            outbox_lag: r.register_gauge(&key("lq_outbox_lag_seconds", &[]), &METADATA),
             recoveries: ["not_recovered", "recovered"].map(|result| {
                 r.register_counter(&key("lq_recoveries_total", &[("result", result)]), &METADATA)
             }),
@@ -272,6 +288,15 @@ impl Metrics for PrometheusMetrics {
 
     fn subscriptions(&self, count: usize) {
         self.subscriptions.set(count as f64);
+    }
+
+    fn outbox_row(&self, result: &'static str) {
+        self.outbox_rows[usize::from(result != "published")].increment(1);
+    }
+
+    fn outbox_pending(&self, rows: u64, oldest_seconds: f64) {
+        self.outbox_pending.set(rows as f64);
+        self.outbox_lag.set(oldest_seconds);
     }
 
     fn recovery(&self, recovered: bool) {

@@ -1,6 +1,7 @@
 //! The use-cases, one module each.
 
 pub mod connect_client;
+pub mod consume_outbox;
 pub mod deliver_message;
 pub mod disconnect_client;
 pub mod handle_client_frame;

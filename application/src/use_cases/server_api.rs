@@ -5,12 +5,13 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use domain::envelope::{MAX_KIND_LEN, kind};
-use domain::{Channel, MessageId, PresenceScope, TenantId, TopicName, UserId};
+use domain::{Channel, Envelope, MessageId, PresenceScope, TenantId, TopicName, UserId};
 use serde_json::value::RawValue;
 
 use crate::frames::FrameFactory;
 use crate::ports::{
-    BrokerError, ControlCommand, HistoryQuery, MessageBroker, MessageSource, Metrics, NoMetrics,
+    BrokerError, ControlCommand, DeliveryClaim, DeliveryLog, DeliveryRecord, HistoryQuery, MessageBroker,
+    MessageSource, Metrics, NoMetrics,
 };
 use crate::use_cases::presence::TrackPresence;
 use crate::use_cases::publish_timed;
@@ -62,6 +63,9 @@ pub enum ServerApiError {
     /// The broker did not take the message. HTTP 503.
     #[error(transparent)]
     Broker(BrokerError),
+    /// Another call with the same idempotency key is being published. HTTP 409.
+    #[error("a message with this idempotency key is being published; retry later")]
+    InProgress,
     /// A history page cannot be read: 400 (`NoHistory`, `Limit`), 404 (`PersistenceOff`,
     /// `UnknownPosition`) or 503 (`Unavailable`).
     #[error(transparent)]
@@ -90,7 +94,20 @@ pub struct ServerApi {
     metrics: Arc<dyn Metrics>,
     presence: Option<Arc<TrackPresence>>,
     history: ReadHistory,
+    /// Which keys were published, and how long they are remembered.
+    deliveries: Option<(Arc<dyn DeliveryLog>, u64)>,
 }
+
+/// A message published once per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub message_id: MessageId,
+    /// The key was published before: nothing was published now.
+    pub duplicate: bool,
+}
+
+/// How long a claimed key blocks a second call while its publish is under way.
+const PENDING_SECS: u64 = 10;
 
 impl std::fmt::Debug for ServerApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -107,7 +124,14 @@ impl ServerApi {
             metrics: Arc::new(NoMetrics),
             presence: None,
             history: ReadHistory::default(),
+            deliveries: None,
         }
+    }
+
+    /// Remembers the keys of [`ServerApi::publish_once`] in `log` for `keep_secs`.
+    pub fn with_idempotency(mut self, log: Option<Arc<dyn DeliveryLog>>, keep_secs: u64) -> Self {
+        self.deliveries = log.map(|log| (log, keep_secs));
+        self
     }
 
     /// Answers history calls with `history`.
@@ -190,6 +214,72 @@ impl ServerApi {
         kind: &str,
         payload: &RawValue,
     ) -> Result<MessageId, ServerApiError> {
+        let envelope = self.envelope(&channel, kind, payload)?;
+        self.metrics.message_received(MessageSource::Api);
+        publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, None)
+            .await
+            .map_err(ServerApiError::Broker)?;
+        Ok(envelope.message_id)
+    }
+
+    /// Publishes like [`ServerApi::publish`] once per `key`: a second call with a key already
+    /// published (within the delivery log's memory) publishes nothing and answers the first
+    /// message's id as a duplicate. Without a delivery log, it publishes as `publish` does.
+    ///
+    /// # Errors
+    /// As [`ServerApi::publish`], and [`ServerApiError::InProgress`] while another call with
+    /// the same key is being published.
+    pub async fn publish_once(
+        &self,
+        channel: Channel,
+        kind: &str,
+        payload: &RawValue,
+        key: &str,
+    ) -> Result<Published, ServerApiError> {
+        let envelope = self.envelope(&channel, kind, payload)?;
+        let Some((log, keep_secs)) = &self.deliveries else {
+            let message_id = self.publish(channel, kind, payload).await?;
+            return Ok(Published { message_id, duplicate: false });
+        };
+        // Keys of broadcasts are kept apart from every tenant's.
+        let tenant = channel
+            .tenant()
+            .cloned()
+            .unwrap_or_else(|| TenantId::parse("_broadcast").unwrap_or_else(|_| unreachable!("a valid id")));
+        match log.claim(&tenant, key, PENDING_SECS).await.map_err(ServerApiError::Broker)? {
+            DeliveryClaim::Delivered(message_id) => return Ok(Published { message_id, duplicate: true }),
+            DeliveryClaim::InProgress => return Err(ServerApiError::InProgress),
+            DeliveryClaim::Claimed => {}
+        }
+        let record = DeliveryRecord {
+            tenant: tenant.clone(),
+            delivery_id: key.to_owned(),
+            message_id: envelope.message_id.clone(),
+            keep_secs: *keep_secs,
+        };
+        self.metrics.message_received(MessageSource::Api);
+        match publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, Some(&record)).await {
+            Ok(()) => {
+                if let Err(error) = log.complete(&record).await {
+                    tracing::warn!(%error, "published but its key not recorded");
+                }
+                Ok(Published { message_id: envelope.message_id, duplicate: false })
+            }
+            Err(error) => {
+                log.release(&tenant, key).await;
+                Err(ServerApiError::Broker(error))
+            }
+        }
+    }
+
+    /// The envelope a backend's message becomes, once its channel, type and payload are
+    /// checked.
+    fn envelope(
+        &self,
+        channel: &Channel,
+        kind: &str,
+        payload: &RawValue,
+    ) -> Result<Envelope, ServerApiError> {
         if kind.is_empty() || kind.len() > MAX_KIND_LEN {
             return Err(ServerApiError::BadRequest(format!("\"type\" must be 1 to {MAX_KIND_LEN} bytes")));
         }
@@ -207,11 +297,7 @@ impl ServerApi {
         let mut envelope =
             self.frames.envelope(kind::MESSAGE, payload.to_owned(), None, Some(channel.clone()));
         envelope.kind = Cow::Owned(kind.to_owned());
-        self.metrics.message_received(MessageSource::Api);
-        publish_timed(&*self.broker, &*self.metrics, &channel, &envelope, None)
-            .await
-            .map_err(ServerApiError::Broker)?;
-        Ok(envelope.message_id)
+        Ok(envelope)
     }
 
     /// Closes every connection of `user` of `tenant` on every instance with 4003 (after a ban

@@ -5,8 +5,10 @@
 //! # Layout
 //! - this module: connecting (the migrations applied first), reading, pruning, readiness.
 //! - `schema`: the tables and the migrations that create them.
+//! - [`outbox`]: the outbox table, consumed by every instance together.
 //! - `writer`: the batching writer behind [`PostgresStore::append`](application::ports::MessageStore::append).
 
+pub mod outbox;
 mod schema;
 mod writer;
 

@@ -8,6 +8,8 @@
 //!   was kept (what the retention prunes by).
 //! - `lq_epochs`: per channel, the order in which its epochs began, so a history page can run
 //!   across epochs in publication order.
+//! - `lq_outbox`: the rows backends insert in their own transactions (`channel`, `type`,
+//!   `payload`, `idempotency_key`), with a trigger that notifies `lq_outbox` after each insert.
 
 use deadpool_postgres::Client;
 
@@ -18,9 +20,10 @@ const MIGRATION_LOCK: i64 = 0x6c71_7363_6865_6d61;
 
 /// Each migration's version and statements, in order. Never edit one that was released: add
 /// the next.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE lq_messages (
     seq bigserial PRIMARY KEY,
     channel text NOT NULL,
@@ -39,7 +42,29 @@ CREATE TABLE lq_epochs (
     PRIMARY KEY (channel, epoch)
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE lq_outbox (
+    id bigserial PRIMARY KEY,
+    channel text NOT NULL,
+    type text NOT NULL,
+    payload json NOT NULL,
+    idempotency_key text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX lq_outbox_channel_id ON lq_outbox (channel, id);
+CREATE FUNCTION lq_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('lq_outbox', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER lq_outbox_notify AFTER INSERT ON lq_outbox FOR EACH STATEMENT EXECUTE FUNCTION lq_outbox_notify();
+"#,
+    ),
+];
 
 /// Applies the migrations `client`'s database has not run yet; returns how many it applied.
 ///
