@@ -146,26 +146,25 @@ impl DurableBroker {
             return self.range(channel, &since.epoch, since.offset + 1, position.offset).await;
         }
         // The epoch changed: the old one's tail, which must start with `since` itself (proof
-        // that the store holds that epoch up to there), then the new epoch from its start.
-        if since.offset == 0 {
-            return Ok(None);
-        }
+        // that the store holds that epoch up to there; at offset 0 the client saw nothing of it,
+        // and whatever the store holds of it is its tail), then the new epoch from its start.
+        let first = since.offset.max(1);
         let rows = self
             .store
-            .read_from(channel, &since.epoch, since.offset, MAX_RECOVERED_MESSAGES + 1)
+            .read_from(channel, &since.epoch, first, MAX_RECOVERED_MESSAGES + 1)
             .await
             .map_err(unavailable)?;
         if rows.len() > MAX_RECOVERED_MESSAGES
-            || rows.first().is_none_or(|(offset, _)| *offset != since.offset)
+            || (since.offset > 0 && rows.first().is_none_or(|(o, _)| *o != first))
         {
             return Ok(None);
         }
         let mut messages = Vec::with_capacity(rows.len());
         for (n, (offset, message)) in rows.into_iter().enumerate() {
-            if offset != since.offset + n as u64 {
+            if offset != first + n as u64 {
                 return Ok(None);
             }
-            if n > 0 {
+            if since.offset == 0 || n > 0 {
                 messages.push(message);
             }
         }
@@ -368,6 +367,17 @@ mod tests {
         let read = durable.history(&acme(), Some(at("e1", 2))).await.expect("read");
         assert_eq!(payloads(&read), Some(vec!["e1:3".into(), "e2:1".into(), "e2:2".into()]));
         assert_eq!(read.position, Some(at("e2", 2)));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_saw_nothing_of_the_old_epoch_gets_all_the_store_holds_of_it_then_the_new_one() {
+        let rows = vec![("e1", 1), ("e2", 1)];
+        let durable = DurableBroker::new(Arc::new(broker(at("e2", 1), 1..=1)), Arc::new(store(rows, true)));
+        let read = durable.history(&acme(), Some(at("e1", 0))).await.expect("read");
+        assert_eq!(payloads(&read), Some(vec!["e1:1".into(), "e2:1".into()]));
+        let durable = DurableBroker::new(Arc::new(broker(at("e2", 0), 1..=1)), Arc::new(store(vec![], true)));
+        let read = durable.history(&acme(), Some(at("e1", 0))).await.expect("read");
+        assert_eq!(payloads(&read), Some(vec![]), "nothing in either epoch: nothing missed");
     }
 
     #[tokio::test]

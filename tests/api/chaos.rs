@@ -5,6 +5,11 @@
 //! client must end up with every message of its tenant and of its topic exactly once and in
 //! order, and every frame of either channel at the offset after the previous one. Presence is on,
 //! as by default, and a third of the clients ask for the tenant's announcements.
+//!
+//! The same run is made a second time with the instances keeping every message in PostgreSQL
+//! and Redis, instead of an instance, killed and restarted empty: every client is told its
+//! instance missed messages (the channels start new epochs), reconnects, and recovers the old
+//! epoch's tail from PostgreSQL and then the new epoch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,13 +76,22 @@ struct Stand {
 }
 
 impl Stand {
-    /// Takes the position of a frame: counts a fault unless its offset follows the last one.
+    /// Takes the position of a frame: counts a fault unless its offset follows the last one,
+    /// or starts a new epoch at 1 (after Redis lost its data).
     fn advance(&mut self, frame: &Value, faults: &mut u32) {
         let offset = frame["offset"].as_u64().expect("an offset");
-        if self.last.is_some_and(|last| offset != last + 1) {
+        let epoch = frame["epoch"].as_str().expect("epoch");
+        let same_epoch =
+            self.position.as_ref().is_some_and(|p| p.rsplit_once(':').is_some_and(|(e, _)| e == epoch));
+        let follows = match self.last {
+            None => true,
+            Some(last) if same_epoch => offset == last + 1,
+            Some(_) => offset == 1,
+        };
+        if !follows {
             *faults += 1;
         }
-        self.at(frame["epoch"].as_str().expect("epoch"), offset);
+        self.at(epoch, offset);
     }
 
     fn at(&mut self, epoch: &str, offset: u64) {
@@ -345,19 +359,43 @@ fn count_faults(sequence: &[u64], expected: u64) -> (u64, u64, u64) {
     (lost, duplicated, out_of_order)
 }
 
+/// What the chaos kills halfway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// The first instance, with SIGKILL.
+    Instance,
+    /// Redis, with SIGKILL, restarted empty a second later; the instances keep every message
+    /// in PostgreSQL.
+    RedisWithPostgres,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
-    let redis = RedisServer::start();
+    chaos(Kill::Instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_under_load_loses_and_duplicates_no_message_kept_in_postgresql() {
+    chaos(Kill::RedisWithPostgres).await;
+}
+
+async fn chaos(kill: Kill) {
+    let mut redis = RedisServer::start();
+    let postgres = (kill == Kill::RedisWithPostgres).then(crate::postgres_support::PostgresServer::start);
+    let database = postgres.as_ref().map(|p| p.url()).unwrap_or_default();
     let secrets: serde_json::Map<String, Value> =
         (0..TENANTS).map(|t| (tenant(t), Value::String(secret(&tenant(t))))).collect();
     let secrets = Value::Object(secrets).to_string();
     let url = redis.url();
-    let env = [
+    let mut env = vec![
         ("REDIS_URL", url.as_str()),
         ("WEBHOOK_SECRETS", secrets.as_str()),
         ("PRESENCE", "on"),
         ("API_KEYS", API_KEY),
     ];
+    if postgres.is_some() {
+        env.push(("DATABASE_URL", database.as_str()));
+    }
     let mut processes: Vec<Process> = Vec::new();
     for _ in 0..INSTANCES {
         processes.push(start(&env).await);
@@ -410,12 +448,19 @@ async fn an_instance_killed_under_load_loses_and_duplicates_no_message() {
         })
     }));
 
-    // Halfway, the first instance dies without a chance to say goodbye.
+    // Halfway, the first instance (or Redis) dies without a chance to say goodbye.
     let total = TENANTS * MESSAGES_PER_TENANT as usize;
     while published.load(Ordering::Relaxed) < total / 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    processes[0].signal("KILL");
+    match kill {
+        Kill::Instance => processes[0].signal("KILL"),
+        Kill::RedisWithPostgres => {
+            redis.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            redis.restart();
+        }
+    }
     for publisher in publishers {
         publisher.await.expect("publisher");
     }
