@@ -84,7 +84,7 @@ fn docker_compose_runs_redis_three_instances_and_nginx_as_the_only_entry_point()
     let compose = compose();
     let services = compose["services"].as_hash().expect("services");
     let names: HashSet<&str> = services.keys().filter_map(Yaml::as_str).collect();
-    for expected in ["redis", "nginx"].iter().chain(INSTANCES.iter()) {
+    for expected in ["redis", "postgres", "nginx"].iter().chain(INSTANCES.iter()) {
         assert!(names.contains(expected), "service {expected} missing: {names:?}");
     }
     for instance in INSTANCES {
@@ -92,6 +92,12 @@ fn docker_compose_runs_redis_three_instances_and_nginx_as_the_only_entry_point()
         let env = environment(service);
         let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
         assert_eq!(get("REDIS_URL"), Some("redis://redis:6379"), "{instance}");
+        assert!(
+            get("DATABASE_URL")
+                .is_some_and(|v| v.starts_with("postgres://lq:") && v.ends_with("@postgres:5432/lq")),
+            "{instance}"
+        );
+        assert_eq!(get("OUTBOX_TABLE"), Some("lq_outbox"), "{instance}");
         assert!(get("JWT_SECRET_KEY").is_some_and(|v| v.contains("JWT_SECRET_KEY")), "{instance}");
         assert!(
             service["ports"].is_badvalue() || service["ports"].is_null(),
@@ -103,6 +109,11 @@ fn docker_compose_runs_redis_three_instances_and_nginx_as_the_only_entry_point()
         );
         let depends = format!("{:?}", service["depends_on"]);
         assert!(depends.contains("redis"), "{instance} depends on redis: {depends}");
+        assert_eq!(
+            service["depends_on"]["postgres"]["condition"].as_str(),
+            Some("service_healthy"),
+            "{instance}"
+        );
     }
     let nginx = &compose["services"]["nginx"];
     let ports: Vec<&str> =
