@@ -78,3 +78,25 @@ start_instance() {
 machine() {
   echo "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), open files $(ulimit -n)"
 }
+
+# start_postgres: an initialised PostgreSQL on a free port, as user postgres when root (it
+# refuses root); sets DATABASE_URL and PG_PORT.
+start_postgres() {
+  local bin
+  if command -v initdb >/dev/null; then bin=$(dirname "$(command -v initdb)")
+  else bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1); fi
+  [[ -x "$bin/initdb" ]] || { echo "PostgreSQL's server binaries are needed: apt-get install -y postgresql" >&2; exit 1; }
+  local as=()
+  [[ $(id -u) == 0 ]] && as=(setpriv --reuid=postgres --regid=postgres --init-groups)
+  PG_PORT=$(free_port)
+  local dir="$WORK/pg-$PG_PORT"
+  mkdir -p "$dir"
+  if [[ $(id -u) == 0 ]]; then chmod 755 "$WORK"; chown -R postgres:postgres "$dir"; fi
+  "${as[@]}" "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$WORK/initdb.log" 2>&1
+  "${as[@]}" "$bin/postgres" -D "$dir/data" -p "$PG_PORT" -k "$dir" -c listen_addresses=127.0.0.1 \
+    -c max_connections=200 >"$WORK/postgres.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$PG_PORT") 2>/dev/null && break; sleep 0.05; done
+  DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+  log "postgres on $DATABASE_URL"
+}

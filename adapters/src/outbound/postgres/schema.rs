@@ -33,7 +33,6 @@ CREATE TABLE lq_messages (
     kept_at timestamptz NOT NULL DEFAULT now(),
     UNIQUE (channel, epoch, "offset")
 );
-CREATE INDEX lq_messages_kept_at ON lq_messages (kept_at);
 CREATE SEQUENCE lq_epoch_order;
 CREATE TABLE lq_epochs (
     channel text NOT NULL,
