@@ -631,10 +631,11 @@ pub trait Outbox: Send + Sync {
     /// Resolves when rows may be waiting: a notification of an insert, or the poll period.
     async fn wait(&self);
 
-    /// Takes the oldest waiting rows of channels no other instance is consuming (at most
-    /// `max`), hands each to `publish` in insertion order per channel, removes those published
-    /// or rejected, and commits; returns how many rows it removed. A channel's rows stop at the
-    /// first one to retry, so they are published in order.
+    /// Takes the oldest waiting rows (at most `max` per channel) of the channels no other
+    /// instance is consuming, hands each to `publish` in insertion order per channel (the
+    /// channels side by side), removes those published or rejected, and commits; returns how
+    /// many rows it removed. A channel's rows stop at the first one to retry, so they are
+    /// published in order.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the table cannot be read or changed; nothing is

@@ -6,6 +6,7 @@
 # takes to publish them all.
 #   tests/bench/persist.sh
 #   RUNS=1 OUTBOX_ROWS=5000 tests/bench/persist.sh
+#   RUNS=0 tests/bench/persist.sh      the outbox only
 source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-3}
 OUTBOX_ROWS=${OUTBOX_ROWS:-20000}

@@ -129,8 +129,10 @@ impl Outbox for PostgresOutbox {
             )
             .await
             .map_err(|e| unavailable("the outbox", &e))?;
-        let mut removed = Vec::new();
+        // The rows of each channel this instance holds, taken first; then the channels are
+        // published side by side, each in its rows' order.
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut held: Vec<Vec<OutboxRow>> = Vec::new();
         for channel in channels {
             let channel: String = channel.get(0);
             let locked: bool = transaction
@@ -151,25 +153,32 @@ impl Outbox for PostgresOutbox {
                 )
                 .await
                 .map_err(|e| unavailable("the outbox", &e))?;
+            held.push(
+                rows.iter()
+                    .map(|row| OutboxRow {
+                        id: row.get(0),
+                        channel: row.get(1),
+                        kind: row.get(2),
+                        payload: row.get(3),
+                        idempotency_key: row.get(4),
+                    })
+                    .collect(),
+            );
+        }
+        let channels = held.into_iter().map(|rows| async move {
+            let mut done = Vec::with_capacity(rows.len());
             for row in rows {
-                let row = OutboxRow {
-                    id: row.get(0),
-                    channel: row.get(1),
-                    kind: row.get(2),
-                    payload: row.get(3),
-                    idempotency_key: row.get(4),
-                };
                 let id = row.id;
                 match publish(row).await {
-                    RowOutcome::Published | RowOutcome::Rejected(_) => removed.push(id),
+                    RowOutcome::Published | RowOutcome::Rejected(_) => done.push(id),
                     // Its channel's next rows wait behind it.
                     RowOutcome::Retry => break,
                 }
             }
-            if removed.len() >= max {
-                break;
-            }
-        }
+            done
+        });
+        let removed: Vec<i64> =
+            futures_util::future::join_all(channels).await.into_iter().flatten().collect();
         if !removed.is_empty() {
             transaction
                 .execute(&format!("DELETE FROM {table} WHERE id = ANY($1)"), &[&removed])
