@@ -347,3 +347,55 @@ async fn an_instance_killed_while_it_consumes_the_outbox_makes_no_row_published_
     .await;
     client.expect_nothing_pending().await;
 }
+
+#[tokio::test]
+async fn messages_older_than_the_retention_are_pruned() {
+    use adapters::outbound::postgres::{PostgresSettings, PostgresStore};
+    use application::ports::{MessageStore, StoredMessage};
+    let postgres = PostgresServer::start();
+    let mut settings = PostgresSettings::new(postgres.url());
+    settings.retention = Duration::from_secs(1);
+    settings.prune_period = Duration::from_millis(200);
+    let store = PostgresStore::connect(settings).await.expect("connected");
+    let channel = domain::Channel::parse("tenant:acme").expect("valid");
+    let message = |offset| StoredMessage {
+        channel: channel.clone(),
+        position: domain::StreamPosition::new("e1", offset),
+        message: bytes::Bytes::from_static(br#"{"type":"n"}"#),
+    };
+    store.append(message(1)).await.expect("kept");
+    store.append(message(1)).await.expect("a second append of one position keeps the first");
+    assert_eq!(store.read_from(&channel, "e1", 1, 10).await.expect("read").len(), 1);
+    eventually(Duration::from_secs(5), "the message pruned", async || {
+        store.read_from(&channel, "e1", 1, 10).await.expect("read").is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_api_publish_with_an_idempotency_key_is_published_once() {
+    let postgres = PostgresServer::start();
+    let app = on(&postgres, None, &[]).await;
+    let mut client = app.connect("bob", "acme").await;
+    let send = async |key: &str| {
+        let answer = app
+            .http
+            .post(app.url("/api/publish"))
+            .bearer_auth(KEY)
+            .header("idempotency-key", key)
+            .json(&json!({"channel": "tenant:acme", "type": "note", "payload": {"n": 1}}))
+            .send()
+            .await
+            .expect("sent");
+        Answer::from_response(answer).await
+    };
+    let first = send("order-1-shipped").await;
+    assert_eq!((first.status, first.body["duplicate"].clone()), (200, json!(false)), "{:?}", first.body);
+    let again = send("order-1-shipped").await;
+    assert_eq!((again.status, again.body["duplicate"].clone()), (200, json!(true)));
+    assert_eq!(again.body["message_id"], first.body["message_id"]);
+    assert_eq!(n_of(&client.next_json().await), 1);
+    client.expect_nothing_pending().await;
+    let bad = send("not a key").await;
+    assert_eq!((bad.status, bad.body["code"].as_str()), (400, Some("bad_request")));
+}

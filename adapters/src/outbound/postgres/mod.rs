@@ -42,6 +42,8 @@ pub struct PostgresSettings {
     pub append_timeout: Duration,
     /// Longest one statement may take.
     pub statement_timeout: Duration,
+    /// How often messages older than the retention are pruned.
+    pub prune_period: Duration,
 }
 
 impl PostgresSettings {
@@ -53,6 +55,7 @@ impl PostgresSettings {
             buffer: 10_000,
             append_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(5),
+            prune_period: Duration::from_secs(60),
         }
     }
 }
@@ -112,8 +115,6 @@ impl Drop for PostgresStore {
 
 /// Probes an idle store this often, so readiness follows PostgreSQL without traffic.
 const PROBE_PERIOD: Duration = Duration::from_secs(1);
-/// Prunes this often.
-const PRUNE_PERIOD: Duration = Duration::from_secs(60);
 /// Rows one prune statement deletes at most: short statements, no long lock.
 const PRUNE_BATCH: i64 = 5000;
 
@@ -215,11 +216,11 @@ async fn probe(shared: Arc<Shared>, healthy: Arc<AtomicBool>) {
     }
 }
 
-/// Deletes the messages older than the retention, a batch at a time, every [`PRUNE_PERIOD`]:
+/// Deletes the messages older than the retention, a batch at a time, every `prune_period`:
 /// the oldest rows by `seq` (kept in insertion order, so no index on `kept_at` is needed and
 /// every insert maintains one index less).
 async fn prune(shared: Arc<Shared>) {
-    let mut ticks = tokio::time::interval(PRUNE_PERIOD);
+    let mut ticks = tokio::time::interval(shared.settings.prune_period);
     let seconds = shared.settings.retention.as_secs_f64();
     loop {
         ticks.tick().await;
