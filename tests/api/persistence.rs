@@ -399,3 +399,27 @@ async fn a_server_api_publish_with_an_idempotency_key_is_published_once() {
     let bad = send("not a key").await;
     assert_eq!((bad.status, bad.body["code"].as_str()), (400, Some("bad_request")));
 }
+
+#[tokio::test]
+async fn a_client_back_after_the_redis_history_expired_recovers_from_postgresql() {
+    let (postgres, redis) = (PostgresServer::start(), RedisServer::start());
+    let app = on(&postgres, Some(&redis), &[("HISTORY_TTL_SECS", "1")]).await;
+    let (mut client, _) = app.connect_with_welcome("bob", "acme").await;
+    published(&app, "tenant:acme", 1).await;
+    let seen = client.next_json().await;
+    client.close().await;
+    for n in 2..=3 {
+        published(&app, "tenant:acme", n).await;
+    }
+    // Longer than HISTORY_TTL_SECS without a publish or a read: Redis forgot the messages and
+    // the channel's position; the next publish starts a new epoch.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    published(&app, "tenant:acme", 4).await;
+    let (mut client, welcome) =
+        app.connect_with_query("bob", "acme", &format!("&since={}", since_of(&seen))).await;
+    assert_eq!(welcome["payload"]["recovered"], true, "{welcome}");
+    for n in 2..=4 {
+        assert_eq!(n_of(&client.next_json().await), n);
+    }
+    client.expect_nothing_pending().await;
+}
