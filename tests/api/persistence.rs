@@ -44,6 +44,19 @@ fn n_of(frame: &Value) -> u64 {
     frame["payload"]["n"].as_u64().unwrap_or_else(|| panic!("a numbered note, got {frame}"))
 }
 
+/// A client of `bob` of `acme` that saw message 1 of the tenant channel, then went away while
+/// messages `2..=last` were published; returns the frame of 1, whose position it resumes from.
+async fn away_after_one(app: &TestApp, last: u64) -> Value {
+    let (mut client, _) = app.connect_with_welcome("bob", "acme").await;
+    published(app, "tenant:acme", 1).await;
+    let seen = client.next_json().await;
+    client.close().await;
+    for n in 2..=last {
+        published(app, "tenant:acme", n).await;
+    }
+    seen
+}
+
 #[tokio::test]
 async fn a_message_is_kept_in_postgresql_before_its_publish_is_answered() {
     let postgres = PostgresServer::start();
@@ -67,13 +80,7 @@ async fn a_message_is_kept_in_postgresql_before_its_publish_is_answered() {
 async fn a_client_further_behind_than_the_redis_history_recovers_from_postgresql() {
     let (postgres, redis) = (PostgresServer::start(), RedisServer::start());
     let app = on(&postgres, Some(&redis), &[("HISTORY_SIZE", "3")]).await;
-    let (mut client, _) = app.connect_with_welcome("bob", "acme").await;
-    published(&app, "tenant:acme", 1).await;
-    let first = client.next_json().await;
-    client.close().await;
-    for n in 2..=10 {
-        published(&app, "tenant:acme", n).await;
-    }
+    let first = away_after_one(&app, 10).await;
     // Redis keeps 8, 9 and 10 only.
     let (mut client, welcome) =
         app.connect_with_query("bob", "acme", &format!("&since={}", since_of(&first))).await;
@@ -90,13 +97,7 @@ async fn a_client_further_behind_than_the_redis_history_recovers_from_postgresql
 async fn after_redis_lost_everything_a_client_recovers_the_old_epoch_from_postgresql_then_the_new_one() {
     let (postgres, mut redis) = (PostgresServer::start(), RedisServer::start());
     let app = on(&postgres, Some(&redis), &[]).await;
-    let (mut client, _) = app.connect_with_welcome("bob", "acme").await;
-    published(&app, "tenant:acme", 1).await;
-    let seen = client.next_json().await;
-    client.close().await;
-    for n in 2..=3 {
-        published(&app, "tenant:acme", n).await;
-    }
+    let seen = away_after_one(&app, 3).await;
     // Redis restarts without persistence: positions and history gone, a new epoch begins.
     redis.kill();
     redis.restart();
@@ -404,13 +405,7 @@ async fn a_server_api_publish_with_an_idempotency_key_is_published_once() {
 async fn a_client_back_after_the_redis_history_expired_recovers_from_postgresql() {
     let (postgres, redis) = (PostgresServer::start(), RedisServer::start());
     let app = on(&postgres, Some(&redis), &[("HISTORY_TTL_SECS", "1")]).await;
-    let (mut client, _) = app.connect_with_welcome("bob", "acme").await;
-    published(&app, "tenant:acme", 1).await;
-    let seen = client.next_json().await;
-    client.close().await;
-    for n in 2..=3 {
-        published(&app, "tenant:acme", n).await;
-    }
+    let seen = away_after_one(&app, 3).await;
     // Longer than HISTORY_TTL_SECS without a publish or a read: Redis forgot the messages and
     // the channel's position; the next publish starts a new epoch.
     tokio::time::sleep(Duration::from_millis(2500)).await;

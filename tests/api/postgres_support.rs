@@ -8,25 +8,25 @@ use std::time::{Duration, Instant};
 
 use crate::redis_support::free_port;
 
-/// The directory of PostgreSQL's server binaries: where `initdb` is on the `PATH`, else the
-/// newest of Debian's `/usr/lib/postgresql/<version>/bin`.
+/// The directory of PostgreSQL's server binaries (`initdb`, `postgres`, `pg_isready`): the first
+/// directory of the `PATH` that holds them all, else the newest of Debian's
+/// `/usr/lib/postgresql/<version>/bin`.
 fn bin_dir() -> PathBuf {
+    let complete = |dir: &Path| ["initdb", "postgres", "pg_isready"].iter().all(|b| dir.join(b).is_file());
     if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
-                return dir;
-            }
+        if let Some(dir) = std::env::split_paths(&path).find(|dir| complete(dir)) {
+            return dir;
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
-    versions.retain(|dir| dir.join("initdb").is_file());
+    versions.retain(|dir| complete(dir));
     versions.sort_by_key(|dir| {
         dir.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
     });
     versions.pop().unwrap_or_else(|| {
-        panic!("no PostgreSQL server binaries (initdb, postgres); install them with `apt-get install -y postgresql`")
+        panic!("no PostgreSQL server binaries (initdb, postgres, pg_isready); install them with `apt-get install -y postgresql`")
     })
 }
 
@@ -101,14 +101,19 @@ impl PostgresServer {
         .spawn()
         .expect("postgres starts");
         self.child = Some(child);
+        // Listening is not accepting: it answers "starting up" until its recovery is done.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect_timeout(
-            &([127, 0, 0, 1], self.port).into(),
-            Duration::from_millis(200),
-        )
-        .is_err()
+        let port = self.port.to_string();
+        while !Command::new(bin_dir().join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+            .status()
+            .is_ok_and(|status| status.success())
         {
-            assert!(Instant::now() < deadline, "PostgreSQL did not listen on {} within 30 s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not accept connections on {} within 30 s",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

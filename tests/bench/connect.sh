@@ -19,10 +19,7 @@ for run in $(seq "$RUNS"); do
       --sources 2 --server-pid "$INSTANCE_PID" >"$WORK/run$n.json"
     echo "$presence" >"$WORK/run$n.presence"
     n=$((n + 1))
-    # A fresh instance and Redis for the next run.
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    PIDS=()
+    stop_all  # a fresh instance and Redis for the next run
   done
 done
 python3 - "$WORK" "$n" <<'PY' | tee "$OUT/connect.json"

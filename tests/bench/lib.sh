@@ -13,9 +13,15 @@ mkdir -p "$OUT"
 PIDS=()
 WORK="$(mktemp -d)"
 
-cleanup() {
+# stop_all: stops every process started so far.
+stop_all() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  PIDS=()
+}
+
+cleanup() {
+  stop_all
   rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -27,9 +27,7 @@ for run in $(seq "$RUNS"); do
     "$LOADGEN" "${common[@]}" --messages 20000 --publish-rate 20000 >"$WORK/saturated$n.json"
     echo "$persist" >"$WORK/run$n.persist"
     n=$((n + 1))
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    PIDS=()
+    stop_all
   done
 done
 # The outbox.

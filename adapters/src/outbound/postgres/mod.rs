@@ -113,6 +113,9 @@ impl Drop for PostgresStore {
     }
 }
 
+/// Tries to reach PostgreSQL at start this many times, half a second apart.
+const CONNECT_ATTEMPTS: u32 = 10;
+
 /// Probes an idle store this often, so readiness follows PostgreSQL without traffic.
 const PROBE_PERIOD: Duration = Duration::from_secs(1);
 /// Rows one prune statement deletes at most: short statements, no long lock.
@@ -143,12 +146,24 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| PostgresError::Connect(e.to_string()))?;
-        let mut client = tokio::time::timeout(settings.statement_timeout, pool.get())
-            .await
-            .map_err(|_| {
-                PostgresError::Connect(format!("no answer within {:?}", settings.statement_timeout))
-            })?
-            .map_err(|e| PostgresError::Connect(e.to_string()))?;
+        // A PostgreSQL that was just started answers "starting up" for a moment: a few tries.
+        let mut attempt = 0;
+        let mut client = loop {
+            attempt += 1;
+            match tokio::time::timeout(settings.statement_timeout, pool.get()).await {
+                Ok(Ok(client)) => break client,
+                Ok(Err(error)) if attempt >= CONNECT_ATTEMPTS => {
+                    return Err(PostgresError::Connect(error.to_string()));
+                }
+                Err(_) if attempt >= CONNECT_ATTEMPTS => {
+                    return Err(PostgresError::Connect(format!(
+                        "no answer within {:?}",
+                        settings.statement_timeout
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
         let applied = schema::migrate(&mut client).await?;
         drop(client);
         if applied > 0 {
