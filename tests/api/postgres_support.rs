@@ -13,10 +13,10 @@ use crate::redis_support::free_port;
 /// `/usr/lib/postgresql/<version>/bin`.
 fn bin_dir() -> PathBuf {
     let complete = |dir: &Path| ["initdb", "postgres", "pg_isready"].iter().all(|b| dir.join(b).is_file());
-    if let Ok(path) = std::env::var("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|dir| complete(dir)) {
-            return dir;
-        }
+    if let Ok(path) = std::env::var("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|dir| complete(dir))
+    {
+        return dir;
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin")).collect())
