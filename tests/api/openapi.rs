@@ -34,7 +34,7 @@ fn spec_operations() -> BTreeSet<(String, String)> {
 fn code_routes() -> BTreeSet<(String, String)> {
     let inbound = workspace().join("adapters/src/inbound");
     let mut routes = BTreeSet::new();
-    for file in ["http.rs", "ws/mod.rs", "sse/mod.rs", "console/mod.rs"] {
+    for file in ["http.rs", "server_api.rs", "ws/mod.rs", "sse/mod.rs", "console/mod.rs"] {
         let source = std::fs::read_to_string(inbound.join(file)).expect("source");
         let mut rest = source.as_str();
         while let Some(at) = rest.find("warp::path!(") {

@@ -5,5 +5,6 @@ pub mod console;
 pub mod error;
 pub(crate) mod handshake;
 pub mod http;
+mod server_api;
 pub mod sse;
 pub mod ws;
