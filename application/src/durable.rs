@@ -16,9 +16,11 @@
 //!                       then the new epoch from its first offset
 //! ```
 //!
-//! The end of an old epoch is the last message the store holds of it: every acknowledged
-//! message is there, so only a message published by an instance that died between the broker's
-//! publish and the store's commit — never acknowledged — can be missing at its end.
+//! The end of an old epoch is the last message the store holds of it. Every acknowledged message
+//! is there; a recovery across epochs first waits for this instance's appends to land and a
+//! moment for other instances' batches in flight. A message published by an instance that died
+//! between the broker's publish and the store's commit (never acknowledged), or one whose append
+//! is still being retried while PostgreSQL is unreachable, can be missing at an epoch's end.
 
 use std::sync::{Arc, Weak};
 
@@ -33,6 +35,47 @@ use crate::ports::{
 
 /// Most messages read back from the store for one recovery; beyond, it is not recovered.
 pub const MAX_RECOVERED_MESSAGES: usize = 10_000;
+
+/// Most bytes read back from the store for one recovery; beyond, it is not recovered.
+pub const MAX_RECOVERED_BYTES: usize = 8 * 1024 * 1024;
+
+/// How long a recovery across epochs waits for other instances' appends still in flight.
+const OTHERS_IN_FLIGHT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What one recovery read so far, against its bounds.
+#[derive(Default)]
+struct Budget {
+    messages: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Appends `rows` to `into`, skipping the first `skip`, when their offsets run from
+    /// `first` without a hole and the recovery stays within its bounds.
+    fn take_contiguous(
+        &mut self,
+        rows: Vec<(u64, Bytes)>,
+        first: u64,
+        skip: usize,
+        into: &mut Vec<Bytes>,
+    ) -> bool {
+        for (n, (offset, message)) in rows.into_iter().enumerate() {
+            if offset != first + n as u64 {
+                return false;
+            }
+            if n < skip {
+                continue;
+            }
+            self.messages += 1;
+            self.bytes += message.len();
+            if self.messages > MAX_RECOVERED_MESSAGES || self.bytes > MAX_RECOVERED_BYTES {
+                return false;
+            }
+            into.push(message);
+        }
+        true
+    }
+}
 
 /// A [`MessageBroker`] that keeps every positioned message in a [`MessageStore`].
 pub struct DurableBroker {
@@ -145,27 +188,52 @@ impl DurableBroker {
             }
             return self.range(channel, &since.epoch, since.offset + 1, position.offset).await;
         }
-        // The epoch changed: the old one's tail, which must start with `since` itself (proof
-        // that the store holds that epoch up to there; at offset 0 the client saw nothing of it,
-        // and whatever the store holds of it is its tail), then the new epoch from its start.
-        let first = since.offset.max(1);
-        let rows = self
-            .store
-            .read_from(channel, &since.epoch, first, MAX_RECOVERED_MESSAGES + 1)
-            .await
-            .map_err(unavailable)?;
-        if rows.len() > MAX_RECOVERED_MESSAGES
-            || (since.offset > 0 && rows.first().is_none_or(|(o, _)| *o != first))
-        {
-            return Ok(None);
-        }
-        let mut messages = Vec::with_capacity(rows.len());
-        for (n, (offset, message)) in rows.into_iter().enumerate() {
-            if offset != first + n as u64 {
+        // The epoch changed. Let the appends still on their way land first: this instance's,
+        // then (a short pause) other instances' batches in flight.
+        self.store.settle().await;
+        tokio::time::sleep(OTHERS_IN_FLIGHT).await;
+        let epochs = self.store.epochs(channel).await.map_err(unavailable)?;
+        let (since_at, now_at) =
+            (epochs.iter().position(|e| *e == since.epoch), epochs.iter().position(|e| *e == position.epoch));
+        let between = match (since_at, now_at) {
+            (Some(s), Some(n)) if n > s => &epochs[s + 1..n],
+            // The current epoch began before the client's (a lagging replica): nothing to replay.
+            (Some(_), Some(_)) => return Ok(None),
+            // Nothing of the current epoch kept yet.
+            (Some(s), None) => &epochs[s + 1..],
+            // An epoch the store never held a message of, seen from its start: only when the
+            // store holds no other epoch of the channel can nothing have been missed.
+            (None, _) if since.offset == 0 && epochs.iter().all(|e| *e == position.epoch) => &[][..],
+            (None, _) => return Ok(None),
+        };
+        let mut budget = Budget::default();
+        let mut messages = Vec::new();
+        if since_at.is_some() {
+            // The old epoch's tail, which must start with `since` itself (proof that the store
+            // holds that epoch up to there); at offset 0 everything it holds of it.
+            let first = since.offset.max(1);
+            let rows = self
+                .store
+                .read_from(channel, &since.epoch, first, MAX_RECOVERED_MESSAGES + 1)
+                .await
+                .map_err(unavailable)?;
+            if since.offset > 0 && rows.first().is_none_or(|(o, _)| *o != first) {
                 return Ok(None);
             }
-            if since.offset == 0 || n > 0 {
-                messages.push(message);
+            let skip = usize::from(since.offset > 0);
+            if !budget.take_contiguous(rows, first, skip, &mut messages) {
+                return Ok(None);
+            }
+        }
+        // The epochs that began and ended in between, each whole from its first offset.
+        for epoch in between {
+            let rows = self
+                .store
+                .read_from(channel, epoch, 1, MAX_RECOVERED_MESSAGES + 1)
+                .await
+                .map_err(unavailable)?;
+            if !budget.take_contiguous(rows, 1, 0, &mut messages) {
+                return Ok(None);
             }
         }
         match self.range(channel, &position.epoch, 1, position.offset).await? {
@@ -269,6 +337,14 @@ mod tests {
     fn store(rows: Vec<(&'static str, u64)>, ready: bool) -> MockMessageStore {
         let mut store = MockMessageStore::new();
         store.expect_is_ready().return_const(ready);
+        store.expect_settle().returning(|| ());
+        let mut epochs: Vec<String> = Vec::new();
+        for (e, _) in &rows {
+            if !epochs.iter().any(|k| k == e) {
+                epochs.push((*e).to_owned());
+            }
+        }
+        store.expect_epochs().returning(move |_| Ok(epochs.clone()));
         store.expect_read_from().returning(move |_, epoch, from, limit| {
             Ok(rows
                 .iter()
@@ -378,6 +454,22 @@ mod tests {
         let durable = DurableBroker::new(Arc::new(broker(at("e2", 0), 1..=1)), Arc::new(store(vec![], true)));
         let read = durable.history(&acme(), Some(at("e1", 0))).await.expect("read");
         assert_eq!(payloads(&read), Some(vec![]), "nothing in either epoch: nothing missed");
+    }
+
+    #[tokio::test]
+    async fn the_epochs_in_between_are_recovered_whole_and_an_older_current_epoch_is_refused() {
+        let rows = vec![("e1", 1), ("e1", 2), ("e2", 1), ("e2", 2), ("e3", 1)];
+        let durable = DurableBroker::new(Arc::new(broker(at("e3", 1), 1..=1)), Arc::new(store(rows, true)));
+        let read = durable.history(&acme(), Some(at("e1", 1))).await.expect("read");
+        assert_eq!(payloads(&read), Some(vec!["e1:2".into(), "e2:1".into(), "e2:2".into(), "e3:1".into()]));
+        // The client's epoch began after the broker's current one.
+        let rows = vec![("e1", 1), ("e2", 1)];
+        let durable = DurableBroker::new(Arc::new(broker(at("e1", 1), 1..=1)), Arc::new(store(rows, true)));
+        assert_eq!(durable.history(&acme(), Some(at("e2", 1))).await.expect("read").missed, None);
+        // An epoch never kept, seen from its start, while another epoch is kept: unprovable.
+        let rows = vec![("e1", 1), ("e2", 1)];
+        let durable = DurableBroker::new(Arc::new(broker(at("e2", 1), 1..=1)), Arc::new(store(rows, true)));
+        assert_eq!(durable.history(&acme(), Some(at("bogus", 0))).await.expect("read").missed, None);
     }
 
     #[tokio::test]

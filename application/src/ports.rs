@@ -579,6 +579,16 @@ pub trait MessageStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<(u64, Bytes)>, StoreError>;
 
+    /// The epochs of `channel` the store holds messages of, in the order they began.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be read.
+    async fn epochs(&self, channel: &Channel) -> Result<Vec<String>, StoreError>;
+
+    /// Resolves once the appends this instance made so far are committed (or a bound passed):
+    /// what it published is then readable.
+    async fn settle(&self);
+
     /// A page of `channel`'s history, across epochs, with each message's position.
     ///
     /// # Errors

@@ -13,7 +13,7 @@ mod schema;
 mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use application::ports::{HistoryQuery, MessageStore, StoreError, StoredMessage};
@@ -24,7 +24,7 @@ use domain::{Channel, StreamPosition};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::NoTls;
 
-use writer::Pending;
+use writer::{InFlight, Pending};
 
 /// How the store connects and keeps messages.
 #[derive(Debug, Clone)]
@@ -96,6 +96,8 @@ pub struct PostgresStore {
     queue: mpsc::Sender<Pending>,
     /// The last insert or probe succeeded.
     healthy: Arc<AtomicBool>,
+    /// Appends queued or being inserted.
+    in_flight: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -118,6 +120,8 @@ const CONNECT_ATTEMPTS: u32 = 10;
 
 /// Probes an idle store this often, so readiness follows PostgreSQL without traffic.
 const PROBE_PERIOD: Duration = Duration::from_secs(1);
+/// How long [`MessageStore::settle`] waits for this instance's appends at most.
+const SETTLE_BOUND: Duration = Duration::from_secs(1);
 /// Rows one prune statement deletes at most: short statements, no long lock.
 const PRUNE_BATCH: i64 = 5000;
 
@@ -178,7 +182,7 @@ impl PostgresStore {
             .collect();
         tasks.push(tokio::spawn(probe(shared.clone(), healthy.clone())));
         tasks.push(tokio::spawn(prune(shared.clone())));
-        Ok(Self { shared, queue, healthy, tasks })
+        Ok(Self { shared, queue, healthy, in_flight: Arc::new(AtomicUsize::new(0)), tasks })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -268,7 +272,8 @@ async fn prune(shared: Arc<Shared>) {
 impl MessageStore for PostgresStore {
     async fn append(&self, message: StoredMessage) -> Result<(), StoreError> {
         let (done, committed) = oneshot::channel();
-        self.queue.try_send(Pending { message, done }).map_err(|_| {
+        let _in_flight = InFlight::new(&self.in_flight);
+        self.queue.try_send(Pending { message, done, _in_flight }).map_err(|_| {
             StoreError::Unavailable(format!(
                 "{} messages already wait for PostgreSQL",
                 self.shared.settings.buffer
@@ -310,6 +315,26 @@ impl MessageStore for PostgresStore {
                 (u64::try_from(offset).unwrap_or(0), Bytes::from(message))
             })
             .collect())
+    }
+
+    async fn epochs(&self, channel: &Channel) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT epoch FROM lq_epochs WHERE channel = $1 ORDER BY began, epoch", &[&channel.name()])
+            .await
+            .map_err(|e| StoreError::from(PostgresError::query("an epoch read", &e)))?;
+        rows.iter()
+            .map(|row| {
+                row.try_get(0).map_err(|e| StoreError::from(PostgresError::query("an epoch read", &e)))
+            })
+            .collect()
+    }
+
+    async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + SETTLE_BOUND;
+        while self.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     async fn page(

@@ -5,7 +5,7 @@
 //! not ready, so no new publish is made that could not be kept.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use application::ports::{StoreError, StoredMessage};
@@ -23,6 +23,24 @@ pub(super) const WRITERS: usize = 4;
 pub(super) struct Pending {
     pub(super) message: StoredMessage,
     pub(super) done: oneshot::Sender<Result<(), StoreError>>,
+    /// Counts the append as in flight until the writer answers it (and drops it).
+    pub(super) _in_flight: InFlight,
+}
+
+/// One append not answered yet; [`super::PostgresStore::settle`] waits for none to be left.
+pub(super) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub(super) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Inserts the batch in one statement, its epochs first.
@@ -31,7 +49,7 @@ WITH batch AS (
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bytea[]) AS b(channel, epoch, "offset", message)
 ), epochs AS (
     INSERT INTO lq_epochs (channel, epoch)
-    SELECT DISTINCT channel, epoch FROM batch
+    SELECT DISTINCT channel, epoch FROM batch ORDER BY channel, epoch
     ON CONFLICT DO NOTHING
 )
 INSERT INTO lq_messages (channel, epoch, "offset", message)
