@@ -132,7 +132,7 @@ impl PostgresStore {
     /// [`PostgresError`] when the URL is invalid, PostgreSQL cannot be reached, or a migration
     /// fails.
     pub async fn connect(settings: PostgresSettings) -> Result<Self, PostgresError> {
-        let config: tokio_postgres::Config = settings
+        let mut config: tokio_postgres::Config = settings
             .url
             .parse()
             .map_err(|e: tokio_postgres::Error| PostgresError::InvalidUrl(e.to_string()))?;
@@ -141,6 +141,10 @@ impl PostgresStore {
                 "sslmode=require: this build speaks to PostgreSQL without TLS; keep it on a private network"
                     .to_owned(),
             ));
+        }
+        if config.get_options().is_none() {
+            // Reads (history pages, the outbox) are bounded by the server too.
+            config.options(format!("-c statement_timeout={}", settings.statement_timeout.as_millis()));
         }
         let manager =
             Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });

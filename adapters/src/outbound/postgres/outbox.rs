@@ -134,12 +134,12 @@ impl Outbox for PostgresOutbox {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let mut held: Vec<Vec<OutboxRow>> = Vec::new();
         for channel in channels {
-            let channel: String = channel.get(0);
-            let locked: bool = transaction
+            let channel: String = column(&channel, 0)?;
+            let lock = transaction
                 .query_one("SELECT pg_try_advisory_xact_lock($1, hashtext($2))", &[&LOCK_CLASS, &channel])
                 .await
-                .map_err(|e| unavailable("the outbox's lock", &e))?
-                .get(0);
+                .map_err(|e| unavailable("the outbox's lock", &e))?;
+            let locked: bool = column(&lock, 0)?;
             if !locked {
                 continue;
             }
@@ -155,14 +155,16 @@ impl Outbox for PostgresOutbox {
                 .map_err(|e| unavailable("the outbox", &e))?;
             held.push(
                 rows.iter()
-                    .map(|row| OutboxRow {
-                        id: row.get(0),
-                        channel: row.get(1),
-                        kind: row.get(2),
-                        payload: row.get(3),
-                        idempotency_key: row.get(4),
+                    .map(|row| {
+                        Ok(OutboxRow {
+                            id: column(row, 0)?,
+                            channel: column(row, 1)?,
+                            kind: column(row, 2)?,
+                            payload: column(row, 3)?,
+                            idempotency_key: column(row, 4)?,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_, StoreError>>()?,
             );
         }
         let channels = held.into_iter().map(|rows| async move {
@@ -201,9 +203,17 @@ impl Outbox for PostgresOutbox {
             )
             .await
             .map_err(|e| unavailable("the outbox", &e))?;
-        let (rows, oldest): (i64, f64) = (row.get(0), row.get(1));
+        let (rows, oldest): (i64, f64) = (column(&row, 0)?, column(&row, 1)?);
         Ok((u64::try_from(rows).unwrap_or(0), oldest.max(0.0)))
     }
+}
+
+/// Column `index` of `row`, or why the outbox table does not have the expected shape.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index).map_err(|e| unavailable("an outbox column", &e))
 }
 
 #[cfg(test)]
