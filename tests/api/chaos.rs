@@ -155,8 +155,6 @@ impl Follow {
                     if payload["recovered"] != true {
                         received.not_recovered += 1;
                     }
-                } else {
-                    connected.fetch_add(1, Ordering::Relaxed);
                 }
                 // Recovered: the replay follows and moves the position on. Not recovered
                 // (counted above): the client would resync; it carries on from here.
@@ -176,6 +174,9 @@ impl Follow {
                     if payload["recovered"] != true {
                         received.topic_not_recovered += 1;
                     }
+                } else {
+                    // Ready once subscribed: a message published before would not be its to get.
+                    connected.fetch_add(1, Ordering::Relaxed);
                 }
                 if self.topic.position.is_none() || payload["recovered"] != true {
                     self.topic.reset(&payload["position"]);
@@ -413,7 +414,7 @@ async fn chaos(kill: Kill) {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     while connected.load(Ordering::Relaxed) < CLIENTS {
-        assert!(Instant::now() < deadline, "only {} clients connected", connected.load(Ordering::Relaxed));
+        assert!(Instant::now() < deadline, "only {} clients subscribed", connected.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -488,6 +489,15 @@ async fn chaos(kill: Kill) {
     let topic_not_recovered: u32 = reports.iter().map(|r| r.topic_not_recovered).sum();
     let topic_delivered: usize = reports.iter().map(|r| r.topic_sequence.len()).sum();
     for (n, report) in reports.iter().enumerate() {
+        let (l, _, _) = count_faults(&report.topic_sequence, MESSAGES_PER_TOPIC);
+        if l > 0 {
+            let missing: Vec<u64> =
+                (0..MESSAGES_PER_TOPIC).filter(|seq| !report.topic_sequence.contains(seq)).collect();
+            println!(
+                "client {n}: {} reconnections, {} subscriptions again, topic messages missing: {missing:?}",
+                report.reconnects, report.resubscribes
+            );
+        }
         let (l, d, o) = count_faults(&report.sequence, MESSAGES_PER_TENANT);
         if l + d + o > 0 {
             // What a failure looks like, to tell where it comes from.
