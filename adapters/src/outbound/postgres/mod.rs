@@ -216,6 +216,15 @@ impl PostgresStore {
 /// The pool's size is at least the writers plus a reader and the probe.
 const WRITERS_MIN: usize = writer::WRITERS + 2;
 
+/// Column `index` of `row`, or what was being read when its type did not match.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+    what: &str,
+) -> Result<T, StoreError> {
+    row.try_get(index).map_err(|e| StoreError::from(PostgresError::query(what, &e)))
+}
+
 /// Marks the store healthy or not from `SELECT 1`, every [`PROBE_PERIOD`].
 async fn probe(shared: Arc<Shared>, healthy: Arc<AtomicBool>) {
     let mut ticks = tokio::time::interval(PROBE_PERIOD);
@@ -327,11 +336,7 @@ impl MessageStore for PostgresStore {
             .query("SELECT epoch FROM lq_epochs WHERE channel = $1 ORDER BY began, epoch", &[&channel.name()])
             .await
             .map_err(|e| StoreError::from(PostgresError::query("an epoch read", &e)))?;
-        rows.iter()
-            .map(|row| {
-                row.try_get(0).map_err(|e| StoreError::from(PostgresError::query("an epoch read", &e)))
-            })
-            .collect()
+        rows.iter().map(|row| column(row, 0, "an epoch read")).collect()
     }
 
     async fn settle(&self) {

@@ -16,7 +16,10 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::{PostgresError, Shared};
+use super::{PostgresError, Shared, column};
+
+/// What is named when an outbox table's column does not have the expected type.
+const COLUMN: &str = "an outbox column";
 
 /// Rounds run at least this often, notification or not.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -134,12 +137,12 @@ impl Outbox for PostgresOutbox {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let mut held: Vec<Vec<OutboxRow>> = Vec::new();
         for channel in channels {
-            let channel: String = column(&channel, 0)?;
+            let channel: String = column(&channel, 0, COLUMN)?;
             let lock = transaction
                 .query_one("SELECT pg_try_advisory_xact_lock($1, hashtext($2))", &[&LOCK_CLASS, &channel])
                 .await
                 .map_err(|e| unavailable("the outbox's lock", &e))?;
-            let locked: bool = column(&lock, 0)?;
+            let locked: bool = column(&lock, 0, COLUMN)?;
             if !locked {
                 continue;
             }
@@ -157,11 +160,11 @@ impl Outbox for PostgresOutbox {
                 rows.iter()
                     .map(|row| {
                         Ok(OutboxRow {
-                            id: column(row, 0)?,
-                            channel: column(row, 1)?,
-                            kind: column(row, 2)?,
-                            payload: column(row, 3)?,
-                            idempotency_key: column(row, 4)?,
+                            id: column(row, 0, COLUMN)?,
+                            channel: column(row, 1, COLUMN)?,
+                            kind: column(row, 2, COLUMN)?,
+                            payload: column(row, 3, COLUMN)?,
+                            idempotency_key: column(row, 4, COLUMN)?,
                         })
                     })
                     .collect::<Result<_, StoreError>>()?,
@@ -203,17 +206,9 @@ impl Outbox for PostgresOutbox {
             )
             .await
             .map_err(|e| unavailable("the outbox", &e))?;
-        let (rows, oldest): (i64, f64) = (column(&row, 0)?, column(&row, 1)?);
+        let (rows, oldest): (i64, f64) = (column(&row, 0, COLUMN)?, column(&row, 1, COLUMN)?);
         Ok((u64::try_from(rows).unwrap_or(0), oldest.max(0.0)))
     }
-}
-
-/// Column `index` of `row`, or why the outbox table does not have the expected shape.
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a tokio_postgres::Row,
-    index: usize,
-) -> Result<T, StoreError> {
-    row.try_get(index).map_err(|e| unavailable("an outbox column", &e))
 }
 
 #[cfg(test)]
