@@ -30,7 +30,7 @@ pub const MIN_JWT_SECRET_BYTES: usize = 32;
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
 /// Connections in the Redis publish pool.
 pub const ENV_REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
-pub const DEFAULT_REDIS_POOL_SIZE: usize = 200;
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
 /// PostgreSQL where every message with a position is kept (`postgres://…`); unset: no
 /// persistence.
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
@@ -761,7 +761,7 @@ mod tests {
         assert_eq!(config.jwt_secret.map(|s| s.as_bytes().len()), Some(32));
         assert!(matches!(
             config.broker,
-            BrokerConfig::Redis { target: RedisTarget::Url(url), pool_size: 200 } if url == "redis://127.0.0.1:6380/0"
+            BrokerConfig::Redis { target: RedisTarget::Url(url), pool_size: 4 } if url == "redis://127.0.0.1:6380/0"
         ));
         assert_eq!(config.webhook_secrets.len(), 2);
         assert_eq!(config.settings.max_connections, 5);

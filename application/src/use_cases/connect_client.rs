@@ -360,12 +360,17 @@ impl ConnectClient {
             (Channel::Tenant(info.tenant_id.clone()), resume.since),
             (Channel::User(info.tenant_id.clone(), info.user_id.clone()), resume.user_since),
         ];
+        // Both read at once: an opening waits for one round trip, not two.
+        let broker = self.hub.broker();
+        let [(tenant, since), (user, user_since)] = &channels;
+        let (tenant, user) =
+            tokio::join!(broker.history(tenant, since.clone()), broker.history(user, user_since.clone()));
+        let reads = [tenant?, user?];
         let mut positions = Vec::with_capacity(2);
         let mut replay = Vec::new();
         let mut recovered = true;
-        for (channel, since) in channels {
+        for ((channel, since), read) in channels.into_iter().zip(reads) {
             let wanted = since.is_some();
-            let read = self.hub.broker().history(&channel, since).await?;
             if wanted {
                 match read.missed {
                     Some(missed) => replay.extend(missed),

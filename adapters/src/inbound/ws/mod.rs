@@ -17,7 +17,7 @@
 //! # Layout
 //! - [`mod@self`]: the route, the handshake checks and the `101` answer.
 //! - `frame`: the frame codec.
-//! - `outbox`: the write side: direct writes and the queue, bounded in bytes.
+//! - `outbox`: the write side: the queue, bounded in bytes, and its `writev`.
 //! - `connection`: the task of an upgraded socket, and what its messages go to (a `Peer`).
 //! - [`echo`]: the same transport answering every message with itself, for conformance runs.
 

@@ -42,6 +42,7 @@ mod error;
 mod history;
 mod presence;
 mod probe;
+mod shared;
 mod single;
 mod subscriber;
 mod target;
@@ -77,7 +78,7 @@ const CONTROL_CHANNEL: &str = "lq-realtime:control";
 #[derive(Debug, Clone)]
 pub struct RedisBrokerSettings {
     pub target: RedisTarget,
-    /// Connections in the publish pool.
+    /// Connections every command is pipelined over (to each master, on a cluster).
     pub pool_size: usize,
     /// Longest wait for one Redis operation (pool checkout, connect, command).
     pub op_timeout: Duration,
@@ -95,7 +96,7 @@ impl RedisBrokerSettings {
     pub fn new(target: RedisTarget) -> Self {
         Self {
             target,
-            pool_size: 200,
+            pool_size: 4,
             op_timeout: Duration::from_secs(1),
             probe_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(1),
@@ -177,9 +178,15 @@ impl Shared {
         operation: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, RedisError> {
         let after = self.settings.op_timeout;
-        tokio::time::timeout(after, operation)
-            .await
-            .unwrap_or(Err(RedisError::Timeout { what: "no answer from Redis", after }))
+        match tokio::time::timeout(after, operation).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A connection Redis no longer answers on (a master gone without a reset) is
+                // not used again.
+                self.pool.forget_connections(after);
+                Err(RedisError::Timeout { what: "no answer from Redis", after })
+            }
+        }
     }
 
     /// Runs one Redis operation within `op_timeout`, recording whether Redis answered.

@@ -8,6 +8,7 @@ use deadpool_redis::redis::{self, aio::PubSub};
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 
 use super::cluster::routing::{ClusterPools, Op};
+use super::shared::{Lease, SharedConnections};
 use super::{RedisBrokerSettings, RedisError};
 
 /// How to reach Redis.
@@ -41,10 +42,10 @@ fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
     sentinels.iter().map(|s| format!("redis://{s}")).collect()
 }
 
-/// The pool PUBLISH goes through.
+/// Where commands go: a few shared connections the pool creates (see [`SharedConnections`]).
 pub(super) enum PublishPool {
-    Direct(deadpool_redis::Pool),
-    Sentinel(deadpool_redis::sentinel::Pool),
+    Direct(deadpool_redis::Pool, SharedConnections),
+    Sentinel(deadpool_redis::sentinel::Pool, SharedConnections),
     /// A pool per master, each command routed by the slot of its key or channel.
     Cluster(Box<ClusterPools>),
 }
@@ -60,12 +61,13 @@ impl PublishPool {
     pub(super) fn new(settings: &RedisBrokerSettings) -> Result<Self, RedisError> {
         let runtime = Some(Runtime::Tokio1);
         let creation = |error| RedisError::PoolCreation(Box::new(error));
+        let shared = SharedConnections::new(settings.pool_size);
         match &settings.target {
             RedisTarget::Url(url) => {
                 redis::Client::open(url.as_str()).map_err(RedisError::InvalidUrl)?;
                 let mut config = deadpool_redis::Config::from_url(url.clone());
                 config.pool = Some(pool_config(settings));
-                config.create_pool(runtime).map(Self::Direct).map_err(creation)
+                config.create_pool(runtime).map(|pool| Self::Direct(pool, shared)).map_err(creation)
             }
             RedisTarget::Sentinel { sentinels, master } => {
                 let mut config = deadpool_redis::sentinel::Config::from_urls(
@@ -76,7 +78,7 @@ impl PublishPool {
                 config.pool = Some(pool_config(settings));
                 config
                     .create_pool(runtime)
-                    .map(Self::Sentinel)
+                    .map(|pool| Self::Sentinel(pool, shared))
                     .map_err(|error| RedisError::PoolCreation(Box::new(error)))
             }
             RedisTarget::Cluster { nodes } => {
@@ -111,40 +113,78 @@ impl PublishPool {
         self.query(channel, command).await.map(|_| ())
     }
 
-    /// Runs one script (EVALSHA, loading it first when Redis does not know it) on a pooled
+    /// A shared connection, with the set it belongs to; `None` on a cluster, whose commands
+    /// are routed per master.
+    async fn lease(&self) -> Option<Result<(Lease, &SharedConnections), RedisError>> {
+        Some(match self {
+            Self::Direct(pool, shared) => shared
+                .lease(|| async { Ok(deadpool_redis::Connection::take(pool.get().await?)) })
+                .await
+                .map(|lease| (lease, shared)),
+            Self::Sentinel(pool, shared) => shared
+                .lease(|| async { Ok(deadpool_redis::sentinel::Connection::take(pool.get().await?)) })
+                .await
+                .map(|lease| (lease, shared)),
+            Self::Cluster(_) => return None,
+        })
+    }
+
+    /// Runs one script (EVALSHA, loading it first when Redis does not know it) on a shared
     /// connection; on a cluster, on the master owning the slot of `route` (its first key).
     pub(super) async fn invoke(
         &self,
         route: &str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<redis::Value, RedisError> {
-        let result = match self {
-            Self::Direct(pool) => invocation.invoke_async(&mut pool.get().await?).await,
-            Self::Sentinel(pool) => invocation.invoke_async(&mut pool.get().await?).await,
-            Self::Cluster(pools) => return pools.run(route, Op::Script(invocation)).await,
+        let (mut lease, shared) = match self.lease().await {
+            Some(lease) => lease?,
+            None => return self.cluster_run(route, Op::Script(invocation)).await,
         };
-        result.map_err(RedisError::script)
+        invocation.invoke_async(&mut lease.connection).await.map_err(|error| {
+            shared.failed(&lease, &error);
+            RedisError::script(error)
+        })
     }
 
-    /// Runs one command on a pooled connection; on a cluster, on the master owning the slot of
-    /// `route` (its key or sharded channel).
+    /// Runs one command on a shared connection; on a cluster, on the master owning the slot
+    /// of `route` (its key or sharded channel).
     pub(super) async fn query(&self, route: &str, command: redis::Cmd) -> Result<redis::Value, RedisError> {
-        let result = match self {
-            Self::Direct(pool) => command.query_async(&mut pool.get().await?).await,
-            Self::Sentinel(pool) => command.query_async(&mut pool.get().await?).await,
-            Self::Cluster(pools) => return pools.run(route, Op::Command(&command)).await,
+        let (mut lease, shared) = match self.lease().await {
+            Some(lease) => lease?,
+            None => return self.cluster_run(route, Op::Command(&command)).await,
         };
-        result.map_err(RedisError::command)
+        command.query_async(&mut lease.connection).await.map_err(|error| {
+            shared.failed(&lease, &error);
+            RedisError::command(error)
+        })
+    }
+
+    async fn cluster_run(&self, route: &str, op: Op<'_>) -> Result<redis::Value, RedisError> {
+        match self {
+            Self::Cluster(pools) => pools.run(route, op).await,
+            _ => Err(RedisError::NoClusterNode),
+        }
+    }
+
+    /// Forgets the shared connections, at most once per `period`: Redis did not answer on
+    /// them in time.
+    pub(super) fn forget_connections(&self, period: Duration) {
+        match self {
+            Self::Direct(_, shared) | Self::Sentinel(_, shared) => shared.clear_at_most_every(period),
+            Self::Cluster(pools) => pools.forget_connections(period),
+        }
     }
 
     /// Drops every idle pooled connection, so the next publish connects afresh (after a
     /// failover, to the new master).
     pub(super) fn reset(&self) {
         match self {
-            Self::Direct(pool) => {
+            Self::Direct(pool, shared) => {
+                shared.clear();
                 pool.retain(|_, _| false);
             }
-            Self::Sentinel(pool) => {
+            Self::Sentinel(pool, shared) => {
+                shared.clear();
                 pool.retain(|_, _| false);
             }
             // Each master's pool is dropped once a topology refresh no longer lists it.

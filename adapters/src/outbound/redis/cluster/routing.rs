@@ -1,12 +1,13 @@
-//! Commands on a Redis Cluster: one `deadpool-redis` pool per master, each command sent to the
-//! master that owns the hash slot of its key or sharded channel.
+//! Commands on a Redis Cluster: shared connections to each master (see `shared`), created by a
+//! `deadpool-redis` pool per master, each command sent to the master that owns the hash slot of
+//! its key or sharded channel.
 //!
 //! The topology (which master owns which slots) comes from `CLUSTER SLOTS`, asked of any master
 //! or seed that answers. A `MOVED` answer sends the command again to the named node and
 //! refreshes the topology; an `ASK` answer sends it once to the named node after `ASKING`. A
 //! master that cannot be reached refreshes the topology: when its slots moved (a replica was
 //! promoted) the command goes to the new owner, otherwise it fails at once. A failing master
-//! never delays commands for the others: each has its own pool, and nothing waits on a shared
+//! never delays commands for the others: each has its own connections, and nothing waits on a shared
 //! lock while a node is down.
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use deadpool_redis::{Pool, PoolConfig, Runtime};
 use tokio::time::Instant;
 
 use super::super::RedisError;
+use super::super::shared::SharedConnections;
 
 /// Number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
@@ -104,7 +106,7 @@ pub(in crate::outbound::redis) enum Op<'a> {
 impl Op<'_> {
     async fn send(
         self,
-        connection: &mut deadpool_redis::Connection,
+        connection: &mut impl redis::aio::ConnectionLike,
         asking: bool,
     ) -> redis::RedisResult<Value> {
         if asking {
@@ -125,13 +127,20 @@ impl Op<'_> {
     }
 }
 
-/// The pools of the masters, and the topology that routes to them.
+/// One master's pool and the connections shared by its commands.
+#[derive(Clone)]
+struct Master {
+    pool: Pool,
+    shared: Arc<SharedConnections>,
+}
+
+/// The connections of the masters, and the topology that routes to them.
 pub(in crate::outbound::redis) struct ClusterPools {
     seeds: Vec<String>,
     config: PoolConfig,
     timeout: Duration,
     topology: RwLock<Arc<Topology>>,
-    pools: Mutex<HashMap<String, Pool>>,
+    pools: Mutex<HashMap<String, Master>>,
     /// When the topology was last refreshed; held while one refresh runs.
     refreshed: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -152,18 +161,28 @@ impl ClusterPools {
         self.topology.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    fn pool(&self, node: &str) -> Result<Pool, RedisError> {
+    fn master(&self, node: &str) -> Result<Master, RedisError> {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(pool) = pools.get(node) {
-            return Ok(pool.clone());
+        if let Some(master) = pools.get(node) {
+            return Ok(master.clone());
         }
         let mut config = deadpool_redis::Config::from_url(format!("redis://{node}"));
         config.pool = Some(self.config);
         let pool = config
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|error| RedisError::PoolCreation(Box::new(error)).at(node))?;
-        pools.insert(node.to_owned(), pool.clone());
-        Ok(pool)
+        let master = Master { pool, shared: Arc::new(SharedConnections::new(self.config.max_size)) };
+        pools.insert(node.to_owned(), master.clone());
+        Ok(master)
+    }
+
+    /// Forgets every master's shared connections, at most once per `period` each.
+    pub(in crate::outbound::redis) fn forget_connections(&self, period: Duration) {
+        let masters: Vec<Master> =
+            self.pools.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        for master in masters {
+            master.shared.clear_at_most_every(period);
+        }
     }
 
     /// Asks the masters, then the seeds, for the topology; the first answer wins.
@@ -199,7 +218,7 @@ impl ClusterPools {
 
     async fn ask_topology(&self, node: &str) -> Result<Topology, RedisError> {
         let ask = async {
-            let mut connection = self.pool(node)?.get().await?;
+            let mut connection = self.master(node)?.pool.get().await?;
             let reply: Value = redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut connection)
@@ -235,18 +254,39 @@ impl ClusterPools {
                     },
                 },
             };
-            let mut connection = match self.pool(&node)?.get().await {
-                Ok(connection) => connection,
+            let master = self.master(&node)?;
+            let sent = if std::mem::take(&mut asking) {
+                // `ASKING` holds for the next command of its connection only: one not shared.
+                match master.pool.get().await {
+                    Ok(mut connection) => Ok(op.send(&mut connection, true).await),
+                    Err(error) => Err(RedisError::from(error)),
+                }
+            } else {
+                let pool = &master.pool;
+                match master
+                    .shared
+                    .lease(|| async { Ok(deadpool_redis::Connection::take(pool.get().await?)) })
+                    .await
+                {
+                    Ok(mut lease) => {
+                        let result = op.send(&mut lease.connection, false).await;
+                        if let Err(error) = &result {
+                            master.shared.failed(&lease, error);
+                        }
+                        Ok(result)
+                    }
+                    Err(error) => Err(error),
+                }
+            };
+            let error = match sent {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
                 Err(error) => {
                     if self.moved_away(slot, &node).await {
                         continue;
                     }
-                    return Err(RedisError::from(error).at(&node));
+                    return Err(error.at(&node));
                 }
-            };
-            let error = match op.send(&mut connection, std::mem::take(&mut asking)).await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
             };
             match error.kind() {
                 ErrorKind::Server(kind @ (ServerErrorKind::Moved | ServerErrorKind::Ask)) => {
