@@ -113,6 +113,8 @@ impl<H: Clone, S> ConnectionRegistry<H, S> {
         let user = self.users.entry(user_key).or_default();
         if user.is_empty() {
             needed.push(Channel::User(info.tenant_id.clone(), info.user_id.clone()));
+            // Most users hold one connection: room for one, not the four of a first push.
+            user.reserve_exact(1);
         }
         user.push((info.id.clone(), handle.clone()));
         slot.insert(Registered { info, handle, subscribed: Vec::new() });
