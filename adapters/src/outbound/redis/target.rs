@@ -118,11 +118,13 @@ impl PublishPool {
     async fn lease(&self) -> Option<Result<(Lease, &SharedConnections), RedisError>> {
         Some(match self {
             Self::Direct(pool, shared) => shared
-                .lease(|| async { Ok(deadpool_redis::Connection::take(pool.get().await?)) })
+                .lease(|| async { Ok(deadpool_redis::Connection::take(Box::pin(pool.get()).await?)) })
                 .await
                 .map(|lease| (lease, shared)),
             Self::Sentinel(pool, shared) => shared
-                .lease(|| async { Ok(deadpool_redis::sentinel::Connection::take(pool.get().await?)) })
+                .lease(|| async {
+                    Ok(deadpool_redis::sentinel::Connection::take(Box::pin(pool.get()).await?))
+                })
                 .await
                 .map(|lease| (lease, shared)),
             Self::Cluster(_) => return None,
@@ -140,7 +142,9 @@ impl PublishPool {
             Some(lease) => lease?,
             None => return self.cluster_run(route, Op::Script(invocation)).await,
         };
-        invocation.invoke_async(&mut lease.connection).await.map_err(|error| {
+        // Boxed, here and below: `redis-rs`'s futures are kilobytes large, and every layer
+        // around them (the timeout, the broker's call) would otherwise copy them whole.
+        Box::pin(invocation.invoke_async(&mut lease.connection)).await.map_err(|error| {
             shared.failed(&lease, &error);
             RedisError::script(error)
         })
@@ -153,7 +157,7 @@ impl PublishPool {
             Some(lease) => lease?,
             None => return self.cluster_run(route, Op::Command(&command)).await,
         };
-        command.query_async(&mut lease.connection).await.map_err(|error| {
+        Box::pin(command.query_async(&mut lease.connection)).await.map_err(|error| {
             shared.failed(&lease, &error);
             RedisError::command(error)
         })
@@ -161,7 +165,7 @@ impl PublishPool {
 
     async fn cluster_run(&self, route: &str, op: Op<'_>) -> Result<redis::Value, RedisError> {
         match self {
-            Self::Cluster(pools) => pools.run(route, op).await,
+            Self::Cluster(pools) => Box::pin(pools.run(route, op)).await,
             _ => Err(RedisError::NoClusterNode),
         }
     }
