@@ -212,18 +212,29 @@ impl Outbox {
     }
 }
 
+/// Writes the first `N` frames of `state.queue` (fewer if it holds fewer) in one `writev`.
+fn write_frames<const N: usize>(stream: &TcpStream, state: &State) -> std::io::Result<usize> {
+    let mut slices = [[IoSlice::new(&[]); 2]; N];
+    let mut count = 0;
+    for (i, frame) in state.queue.iter().take(N).enumerate() {
+        let [header, payload] = frame.slices(if i == 0 { state.written } else { 0 });
+        slices[i] = [IoSlice::new(header), IoSlice::new(payload)];
+        count += 1;
+    }
+    stream.try_write_vectored(slices[..count].as_flattened())
+}
+
 /// Writes `state.queue` to `stream` until it is empty or the socket is full.
 fn write_queue(stream: &TcpStream, state: &mut State) -> Flush {
     while !state.queue.is_empty() {
-        let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
-        let mut count = 0;
-        for (i, frame) in state.queue.iter().take(WRITE_BATCH).enumerate() {
-            let [header, payload] = frame.slices(if i == 0 { state.written } else { 0 });
-            slices[count] = IoSlice::new(header);
-            slices[count + 1] = IoSlice::new(payload);
-            count += 2;
-        }
-        match stream.try_write_vectored(&slices[..count]) {
+        // A connection that is not busy has one frame to write: it does not fill the slices
+        // of a whole batch.
+        let written = if state.queue.len() == 1 {
+            write_frames::<1>(stream, state)
+        } else {
+            write_frames::<WRITE_BATCH>(stream, state)
+        };
+        match written {
             Ok(0) => {
                 state.finished = true;
                 return Flush::Failed;
