@@ -125,6 +125,52 @@ async fn a_tenant_channel_is_subscribed_exactly_while_a_local_client_of_the_tena
 }
 
 #[tokio::test]
+async fn an_instance_sends_every_redis_command_over_its_four_shared_connections() {
+    let redis = RedisServer::start();
+    let app = instance(&redis.url()).await;
+    let app = &app;
+    // Sixty clients open at once (each opening reads two positions), then sixty webhooks go at
+    // once (each claims its delivery id and runs the publish script).
+    let mut clients = futures_util::future::join_all((0..60).map(|n| async move {
+        let user = format!("user{n}");
+        app.connect(&user, "acme").await
+    }))
+    .await;
+    let answers = futures_util::future::join_all((0..60).map(|n| async move {
+        app.post_signed_webhook("github", "acme", ACME_SECRET, &json!({"n": n})).await
+    }))
+    .await;
+    assert!(answers.iter().all(|answer| answer.status == 200), "every webhook was relayed");
+    let mut received: Vec<i64> = Vec::new();
+    for _ in 0..60 {
+        received.push(clients[59].next_json().await["payload"]["data"]["n"].as_i64().expect("n"));
+    }
+    received.sort_unstable();
+    assert_eq!(received, (0..60).collect::<Vec<_>>());
+
+    let mut connection = redis.client().await;
+    let list: String =
+        redis::cmd("CLIENT").arg("LIST").query_async(&mut connection).await.expect("CLIENT LIST");
+    // Every client but this test's own: REDIS_POOL_SIZE (4) for commands, one subscriber.
+    let instance_clients = list.lines().count() - 1;
+    assert!(
+        (2..=5).contains(&instance_clients),
+        "the instance holds {instance_clients} Redis connections:\n{list}"
+    );
+    // And it opened no more than those: Redis numbers its clients in order.
+    let opened: u64 = redis::cmd("INFO")
+        .arg("stats")
+        .query_async::<String>(&mut connection)
+        .await
+        .expect("INFO")
+        .lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_connections_received");
+    assert!(opened <= 5 + 2, "the instance opened {opened} Redis connections in all (this test: 2)");
+}
+
+#[tokio::test]
 async fn a_redis_outage_keeps_clients_connected_fails_fast_and_heals_within_two_seconds() {
     let mut redis = RedisServer::start();
     let app = instance(&redis.url()).await;

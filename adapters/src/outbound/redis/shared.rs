@@ -28,6 +28,9 @@ pub(super) struct Lease {
 /// the answers are read on more than one worker thread.
 pub(super) struct SharedConnections {
     slots: Box<[Mutex<Option<MultiplexedConnection>>]>,
+    /// Held while a slot's connection is opened, so that a burst of commands finding the slot
+    /// empty opens one connection, not one each.
+    opening: Box<[tokio::sync::Mutex<()>]>,
     next: AtomicUsize,
     /// When [`SharedConnections::clear_at_most_every`] last cleared them.
     cleared: Mutex<Option<Instant>>,
@@ -38,6 +41,7 @@ impl SharedConnections {
     pub(super) fn new(size: usize) -> Self {
         Self {
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
+            opening: (0..size.max(1)).map(|_| tokio::sync::Mutex::new(())).collect(),
             next: AtomicUsize::new(0),
             cleared: Mutex::new(None),
         }
@@ -57,9 +61,13 @@ impl SharedConnections {
         if let Some(connection) = self.slot(slot).clone() {
             return Ok(Lease { connection, slot });
         }
+        let _opening = self.opening[slot].lock().await;
+        // Opened by the command that held the lock before.
+        if let Some(connection) = self.slot(slot).clone() {
+            return Ok(Lease { connection, slot });
+        }
         let connection = fresh().await?;
-        // Another command may have filled the slot meanwhile: the first connection stays.
-        let connection = self.slot(slot).get_or_insert(connection).clone();
+        *self.slot(slot) = Some(connection.clone());
         Ok(Lease { connection, slot })
     }
 
