@@ -73,7 +73,8 @@ pub(super) enum Violation {
 pub(super) struct Decoder {
     max_message: usize,
     /// The opcode and payload so far of a fragmented message.
-    fragments: Option<(u8, Vec<u8>)>,
+    /// Boxed: rare, and the idle connection's task keeps a pointer rather than the whole.
+    fragments: Option<Box<(u8, Vec<u8>)>>,
 }
 
 /// A parsed frame header.
@@ -154,7 +155,7 @@ impl Decoder {
         loop {
             let rest = &buf[used..];
             let Some(header) = parse_header(rest, self.max_message)? else { return Ok(used) };
-            let fragmented = self.fragments.as_ref().map_or(0, |(_, f)| f.len());
+            let fragmented = self.fragments.as_deref().map_or(0, |(_, f)| f.len());
             if header.opcode < opcode::CLOSE && fragmented + header.len > self.max_message {
                 return Err(Violation::TooBig);
             }
@@ -169,12 +170,12 @@ impl Decoder {
                     return Ok(used);
                 }
                 opcode::CONTINUATION => {
-                    let Some((_, fragments)) = self.fragments.as_mut() else {
+                    let Some((_, fragments)) = self.fragments.as_deref_mut() else {
                         return Err(Violation::Protocol);
                     };
                     fragments.extend_from_slice(&payload);
                     if header.fin
-                        && let Some((kind, message)) = self.fragments.take()
+                        && let Some((kind, message)) = self.fragments.take().map(|f| *f)
                     {
                         events.push(message_event(kind, message)?);
                     }
@@ -187,7 +188,7 @@ impl Decoder {
                     if header.fin {
                         events.push(message_event(kind, payload)?);
                     } else {
-                        self.fragments = Some((kind, payload));
+                        self.fragments = Some(Box::new((kind, payload)));
                     }
                 }
             }

@@ -178,7 +178,12 @@ async fn upgrade(
         tracing::debug!("connection closed");
         session.close();
     };
-    tokio::spawn(tracing::Instrument::instrument(task, span));
+    // Without a subscriber for the span, the task does without it: 40 bytes less per connection.
+    if span.is_disabled() {
+        tokio::spawn(task);
+    } else {
+        tokio::spawn(tracing::Instrument::instrument(task, span));
+    }
     Ok(switching_protocols(accept).into_response())
 }
 
