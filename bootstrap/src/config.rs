@@ -28,7 +28,7 @@ pub const MIN_JWT_SECRET_BYTES: usize = 32;
 /// Redis URL of the broker (`redis+cluster://host:port,…` for a Redis Cluster); unset (and no
 /// Sentinel nor cluster) means the in-process broker.
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
-/// Connections in the Redis publish pool.
+/// Redis connections every command is pipelined over (to each master, on a cluster).
 pub const ENV_REDIS_POOL_SIZE: &str = "REDIS_POOL_SIZE";
 pub const DEFAULT_REDIS_POOL_SIZE: usize = 4;
 /// PostgreSQL where every message with a position is kept (`postgres://…`); unset: no

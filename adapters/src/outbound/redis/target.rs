@@ -8,7 +8,7 @@ use deadpool_redis::redis::{self, aio::PubSub};
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 
 use super::cluster::routing::{ClusterPools, Op};
-use super::shared::{Lease, SharedConnections};
+use super::shared::{Opener, SharedConnections};
 use super::{RedisBrokerSettings, RedisError};
 
 /// How to reach Redis.
@@ -42,10 +42,10 @@ fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
     sentinels.iter().map(|s| format!("redis://{s}")).collect()
 }
 
-/// Where commands go: a few shared connections the pool creates (see [`SharedConnections`]).
+/// Where commands go.
 pub(super) enum PublishPool {
-    Direct(deadpool_redis::Pool, SharedConnections),
-    Sentinel(deadpool_redis::sentinel::Pool, SharedConnections),
+    /// One Redis, or the master Sentinel names: a few shared connections.
+    Single(SharedConnections),
     /// A pool per master, each command routed by the slot of its key or channel.
     Cluster(Box<ClusterPools>),
 }
@@ -61,13 +61,13 @@ impl PublishPool {
     pub(super) fn new(settings: &RedisBrokerSettings) -> Result<Self, RedisError> {
         let runtime = Some(Runtime::Tokio1);
         let creation = |error| RedisError::PoolCreation(Box::new(error));
-        let shared = SharedConnections::new(settings.pool_size);
+        let shared = |opener| Self::Single(SharedConnections::new(opener, settings.pool_size));
         match &settings.target {
             RedisTarget::Url(url) => {
                 redis::Client::open(url.as_str()).map_err(RedisError::InvalidUrl)?;
                 let mut config = deadpool_redis::Config::from_url(url.clone());
                 config.pool = Some(pool_config(settings));
-                config.create_pool(runtime).map(|pool| Self::Direct(pool, shared)).map_err(creation)
+                config.create_pool(runtime).map(|pool| shared(Opener::Direct(pool))).map_err(creation)
             }
             RedisTarget::Sentinel { sentinels, master } => {
                 let mut config = deadpool_redis::sentinel::Config::from_urls(
@@ -78,7 +78,7 @@ impl PublishPool {
                 config.pool = Some(pool_config(settings));
                 config
                     .create_pool(runtime)
-                    .map(|pool| Self::Sentinel(pool, shared))
+                    .map(|pool| shared(Opener::Sentinel(pool)))
                     .map_err(|error| RedisError::PoolCreation(Box::new(error)))
             }
             RedisTarget::Cluster { nodes } => {
@@ -113,24 +113,6 @@ impl PublishPool {
         self.query(channel, command).await.map(|_| ())
     }
 
-    /// A shared connection, with the set it belongs to; `None` on a cluster, whose commands
-    /// are routed per master.
-    async fn lease(&self) -> Option<Result<(Lease, &SharedConnections), RedisError>> {
-        Some(match self {
-            Self::Direct(pool, shared) => shared
-                .lease(|| async { Ok(deadpool_redis::Connection::take(Box::pin(pool.get()).await?)) })
-                .await
-                .map(|lease| (lease, shared)),
-            Self::Sentinel(pool, shared) => shared
-                .lease(|| async {
-                    Ok(deadpool_redis::sentinel::Connection::take(Box::pin(pool.get()).await?))
-                })
-                .await
-                .map(|lease| (lease, shared)),
-            Self::Cluster(_) => return None,
-        })
-    }
-
     /// Runs one script (EVALSHA, loading it first when Redis does not know it) on a shared
     /// connection; on a cluster, on the master owning the slot of `route` (its first key).
     pub(super) async fn invoke(
@@ -138,35 +120,24 @@ impl PublishPool {
         route: &str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<redis::Value, RedisError> {
-        let (mut lease, shared) = match self.lease().await {
-            Some(lease) => lease?,
-            None => return self.cluster_run(route, Op::Script(invocation)).await,
-        };
-        // Boxed, here and below: `redis-rs`'s futures are kilobytes large, and every layer
-        // around them (the timeout, the broker's call) would otherwise copy them whole.
-        Box::pin(invocation.invoke_async(&mut lease.connection)).await.map_err(|error| {
-            shared.failed(&lease, &error);
-            RedisError::script(error)
-        })
+        match self {
+            Self::Single(shared) => shared
+                .run(async |connection| invocation.invoke_async(connection).await)
+                .await?
+                .map_err(RedisError::script),
+            Self::Cluster(pools) => Box::pin(pools.run(route, Op::Script(invocation))).await,
+        }
     }
 
     /// Runs one command on a shared connection; on a cluster, on the master owning the slot
     /// of `route` (its key or sharded channel).
     pub(super) async fn query(&self, route: &str, command: redis::Cmd) -> Result<redis::Value, RedisError> {
-        let (mut lease, shared) = match self.lease().await {
-            Some(lease) => lease?,
-            None => return self.cluster_run(route, Op::Command(&command)).await,
-        };
-        Box::pin(command.query_async(&mut lease.connection)).await.map_err(|error| {
-            shared.failed(&lease, &error);
-            RedisError::command(error)
-        })
-    }
-
-    async fn cluster_run(&self, route: &str, op: Op<'_>) -> Result<redis::Value, RedisError> {
         match self {
-            Self::Cluster(pools) => Box::pin(pools.run(route, op)).await,
-            _ => Err(RedisError::NoClusterNode),
+            Self::Single(shared) => shared
+                .run(async |connection| command.query_async(connection).await)
+                .await?
+                .map_err(RedisError::command),
+            Self::Cluster(pools) => Box::pin(pools.run(route, Op::Command(&command))).await,
         }
     }
 
@@ -174,23 +145,16 @@ impl PublishPool {
     /// them in time.
     pub(super) fn forget_connections(&self, period: Duration) {
         match self {
-            Self::Direct(_, shared) | Self::Sentinel(_, shared) => shared.clear_at_most_every(period),
+            Self::Single(shared) => shared.clear_at_most_every(period),
             Self::Cluster(pools) => pools.forget_connections(period),
         }
     }
 
-    /// Drops every idle pooled connection, so the next publish connects afresh (after a
-    /// failover, to the new master).
+    /// Drops every connection, so the next command connects afresh (after a failover, to the
+    /// new master).
     pub(super) fn reset(&self) {
         match self {
-            Self::Direct(pool, shared) => {
-                shared.clear();
-                pool.retain(|_, _| false);
-            }
-            Self::Sentinel(pool, shared) => {
-                shared.clear();
-                pool.retain(|_, _| false);
-            }
+            Self::Single(shared) => shared.reset(),
             // Each master's pool is dropped once a topology refresh no longer lists it.
             Self::Cluster(_) => {}
         }

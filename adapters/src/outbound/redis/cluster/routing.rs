@@ -19,7 +19,7 @@ use deadpool_redis::{Pool, PoolConfig, Runtime};
 use tokio::time::Instant;
 
 use super::super::RedisError;
-use super::super::shared::SharedConnections;
+use super::super::shared::{Opener, SharedConnections};
 
 /// Number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
@@ -171,7 +171,8 @@ impl ClusterPools {
         let pool = config
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|error| RedisError::PoolCreation(Box::new(error)).at(node))?;
-        let master = Master { pool, shared: Arc::new(SharedConnections::new(self.config.max_size)) };
+        let shared = Arc::new(SharedConnections::new(Opener::Direct(pool.clone()), self.config.max_size));
+        let master = Master { pool, shared };
         pools.insert(node.to_owned(), master.clone());
         Ok(master)
     }
@@ -262,21 +263,7 @@ impl ClusterPools {
                     Err(error) => Err(RedisError::from(error)),
                 }
             } else {
-                let pool = &master.pool;
-                match master
-                    .shared
-                    .lease(|| async { Ok(deadpool_redis::Connection::take(pool.get().await?)) })
-                    .await
-                {
-                    Ok(mut lease) => {
-                        let result = op.send(&mut lease.connection, false).await;
-                        if let Err(error) = &result {
-                            master.shared.failed(&lease, error);
-                        }
-                        Ok(result)
-                    }
-                    Err(error) => Err(error),
-                }
+                master.shared.run(async |connection| op.send(connection, false).await).await
             };
             let error = match sent {
                 Ok(Ok(value)) => return Ok(value),
