@@ -12,8 +12,10 @@
 //! - [`durable`]: the broker wrapped so every positioned message is kept in a `MessageStore`.
 //! - [`hub`]: the instance's live connections, sharded by tenant, and the fan-out.
 //! - [`frames`]: the server→client frames the use-cases produce, serialized once.
+//! - [`stats`]: the instance's recent activity and the cluster-wide figures merged from every
+//!   instance's reports.
 //! - [`use_cases`]: connect, disconnect, handle a client frame, ingest a webhook, deliver a
-//!   broker message, presence, the server API, sweep inactive connections.
+//!   broker message, presence, the server API, sweep inactive connections, report statistics.
 //! - [`Realtime`]: every use-case wired to one set of ports, for the inbound adapters.
 
 pub mod durable;
@@ -21,6 +23,7 @@ pub mod frames;
 pub mod hub;
 pub mod ports;
 pub mod session;
+pub mod stats;
 pub mod use_cases;
 
 use std::sync::Arc;
@@ -33,6 +36,7 @@ pub use use_cases::connect_client::{ConnectError, Resume};
 pub use use_cases::handle_client_frame::FrameOutcome;
 pub use use_cases::ingest_webhook::{IngestWebhook, WebhookError, WebhookRequest};
 pub use use_cases::read_history::{HistoryError, HistoryPage};
+pub use use_cases::report_stats::InstanceInfo;
 pub use use_cases::server_api::{ApiKeys, Published, ServerApi, ServerApiError};
 pub use use_cases::sweep_inactive::SweepReport;
 
@@ -46,6 +50,7 @@ use use_cases::disconnect_client::DisconnectClient;
 use use_cases::handle_client_frame::HandleClientFrame;
 use use_cases::presence::TrackPresence;
 use use_cases::read_history::ReadHistory;
+use use_cases::report_stats::ReportStats;
 use use_cases::subscribe_topic::SubscribeTopic;
 use use_cases::sweep_inactive::SweepInactiveConnections;
 
@@ -104,6 +109,8 @@ pub struct Settings {
     pub opening: OpeningLimits,
     /// Topic subscriptions one connection may hold; 0 for no limit.
     pub max_subscriptions_per_connection: usize,
+    /// Who this instance is in the cluster-wide statistics.
+    pub instance: InstanceInfo,
 }
 
 impl Default for Settings {
@@ -122,6 +129,7 @@ impl Default for Settings {
             webhook_dedup_secs: 86_400,
             opening: OpeningLimits::default(),
             max_subscriptions_per_connection: 128,
+            instance: InstanceInfo::default(),
         }
     }
 }
@@ -140,6 +148,7 @@ pub struct Realtime {
     sweep: SweepInactiveConnections,
     /// The broker's inbound handler; the broker only holds it weakly.
     deliver: Arc<DeliverBrokerMessage>,
+    stats: ReportStats,
     draining: AtomicBool,
 }
 
@@ -156,6 +165,9 @@ impl Realtime {
         if let Some(store) = &ports.store {
             ports.broker = Arc::new(durable::DurableBroker::new(ports.broker.clone(), store.clone()));
         }
+        let activity = Arc::new(stats::Activity::new(ports.clock.clone()));
+        let cluster = Arc::new(stats::ClusterView::new(ports.clock.clone()));
+        ports.broker = Arc::new(stats::CountingBroker::new(ports.broker.clone(), activity.clone()));
         let frames = frames::FrameFactory::new(ports.clock.clone(), ports.ids.clone());
         let hub = Arc::new(
             Hub::with_user_limit(
@@ -185,7 +197,8 @@ impl Realtime {
         let deliver = Arc::new(
             DeliverBrokerMessage::new(hub.clone(), frames.clone())
                 .with_metrics(metrics.clone())
-                .with_topics(topics.clone()),
+                .with_topics(topics.clone())
+                .with_stats(activity.clone(), cluster.clone()),
         );
         let handler: Arc<dyn ports::InboundHandler> = deliver.clone();
         ports.broker.start(Arc::downgrade(&handler));
@@ -207,7 +220,8 @@ impl Realtime {
             tokens: ports.tokens,
         };
         let mut webhooks = IngestWebhook::new(ports.webhooks, ports.broker.clone(), frames.clone())
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_activity(activity.clone());
         let idempotency = ports.deliveries.clone();
         if let Some(deliveries) = ports.deliveries {
             webhooks = webhooks.with_delivery_log(deliveries, settings.webhook_dedup_secs);
@@ -221,9 +235,12 @@ impl Realtime {
         );
         let outbox =
             ports.outbox.map(|outbox| ConsumeOutbox::new(outbox, api.clone()).with_metrics(metrics.clone()));
+        let stats =
+            ReportStats::new(settings.instance.clone(), hub.clone(), ports.clock.clone(), activity, cluster);
         Self {
             draining: AtomicBool::new(false),
             deliver,
+            stats,
             sessions: ClientSessions::new(parts, settings.opening.clone()),
             webhooks,
             api,
@@ -283,6 +300,17 @@ impl Realtime {
     /// every second or so (see [`DeliverBrokerMessage::check_positions`]).
     pub async fn check_positions(&self) {
         self.deliver.check_positions().await;
+    }
+
+    /// Sends this instance's figures to every instance and takes the second's sample of the
+    /// cluster's: run it every second.
+    pub async fn report_stats(&self) {
+        self.stats.report(self.is_draining()).await;
+    }
+
+    /// The cluster-wide statistics, from every instance's latest report.
+    pub fn cluster(&self) -> &stats::ClusterView {
+        self.stats.cluster()
     }
 
     /// Registered connections.

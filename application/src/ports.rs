@@ -25,8 +25,8 @@ pub enum BrokerError {
     Unavailable(String),
 }
 
-/// An order for every instance, carried by the broker beside the channels (never delivered to
-/// clients, never kept in a history).
+/// An order (or a report) for every instance, carried by the broker beside the channels (never
+/// delivered to clients, never kept in a history).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlCommand {
@@ -34,6 +34,9 @@ pub enum ControlCommand {
     Disconnect { tenant_id: TenantId, user_id: UserId },
     /// End every subscription of this user to this topic, wherever it is.
     Unsubscribe { tenant_id: TenantId, user_id: UserId, channel: TopicName },
+    /// Not an order: an instance's figures, sent every second, that every instance keeps for
+    /// the cluster-wide statistics.
+    Report(Box<crate::stats::InstanceReport>),
 }
 
 /// What a broker's history holds for one channel, as read by [`MessageBroker::history`].

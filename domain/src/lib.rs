@@ -4,6 +4,7 @@
 //! `serde_json` and `thiserror` only. Everything else in the workspace depends on it.
 //!
 //! # Layout
+//! - [`activity`]: counts over a sliding minute and the heaviest keys, in bounded memory.
 //! - [`id`]: validated identifiers (`TenantId`, `UserId`, `ConnectionId`, `MessageId`, `Provider`).
 //! - [`channel`]: the channels a message travels on and their wire names.
 //! - [`time`]: `Timestamp` and its RFC 3339 form.
@@ -17,6 +18,7 @@
 //! - [`continuity`]: whether a received message follows the one before it on its channel.
 //! - [`registry`]: the connection registry and its first/last-connection events.
 
+pub mod activity;
 pub mod channel;
 pub mod continuity;
 pub mod envelope;

@@ -380,6 +380,22 @@ impl Hub {
             .collect()
     }
 
+    /// Per tenant with a connection on this instance: its connections and distinct users.
+    pub fn tenants(&self) -> HashMap<TenantId, (usize, usize)> {
+        let mut tenants: HashMap<TenantId, (usize, usize)> = HashMap::new();
+        for shard in &self.shards {
+            for (tenant, _, connections) in Self::read(shard).users() {
+                let entry = match tenants.get_mut(tenant) {
+                    Some(entry) => entry,
+                    None => tenants.entry(tenant.clone()).or_default(),
+                };
+                entry.0 += connections;
+                entry.1 += 1;
+            }
+        }
+        tenants
+    }
+
     /// Topic subscriptions held by the local connections.
     pub fn topic_subscriptions(&self) -> usize {
         self.shards.iter().map(|shard| Self::read(shard).topic_subscriptions()).sum()

@@ -11,6 +11,7 @@ use crate::hub::Hub;
 use crate::ports::{
     ControlCommand, DropReason, HistoryRead, InboundHandler, MessageSource, Metrics, NoMetrics,
 };
+use crate::stats::{Activity, ClusterView};
 use crate::use_cases::subscribe_topic::SubscribeTopic;
 
 /// At most one warning about invalid broker messages per this many milliseconds.
@@ -33,6 +34,8 @@ pub struct DeliverBrokerMessage {
     expected: Mutex<Option<Vec<(Channel, StreamPosition)>>>,
     /// Ends topic subscriptions that missed messages, or that a backend ended.
     topics: Option<Arc<SubscribeTopic>>,
+    /// Counts deliveries per tenant, and keeps the reports of every instance.
+    stats: Option<(Arc<Activity>, Arc<ClusterView>)>,
 }
 
 impl std::fmt::Debug for DeliverBrokerMessage {
@@ -52,7 +55,14 @@ impl DeliverBrokerMessage {
             interrupted: AtomicBool::new(false),
             expected: Mutex::new(None),
             topics: None,
+            stats: None,
         }
+    }
+
+    /// Counts deliveries in `activity`, and keeps the instances' reports in `cluster`.
+    pub fn with_stats(mut self, activity: Arc<Activity>, cluster: Arc<ClusterView>) -> Self {
+        self.stats = Some((activity, cluster));
+        self
     }
 
     /// Ends topic subscriptions through `topics`.
@@ -147,7 +157,8 @@ impl DeliverBrokerMessage {
 
 impl InboundHandler for DeliverBrokerMessage {
     /// `Disconnect` closes every local connection of the user with 4003; `Unsubscribe` ends
-    /// the user's local subscriptions to the topic.
+    /// the user's local subscriptions to the topic; a `Report` is kept for the cluster-wide
+    /// statistics.
     fn on_control(&self, command: ControlCommand) {
         match command {
             ControlCommand::Unsubscribe { tenant_id, user_id, channel: topic } => {
@@ -165,6 +176,11 @@ impl InboundHandler for DeliverBrokerMessage {
                 let closed = self.hub.close_channel(&channel, CloseReason::Inactive);
                 if closed > 0 {
                     tracing::info!(%channel, closed, "connections of a user disconnected by the server API");
+                }
+            }
+            ControlCommand::Report(report) => {
+                if let Some((_, cluster)) = &self.stats {
+                    cluster.receive(*report);
                 }
             }
         }
@@ -207,6 +223,9 @@ impl InboundHandler for DeliverBrokerMessage {
         }
         let outcome = self.hub.fan_out(&channel, &frame, position);
         self.metrics.messages_sent(outcome.delivered);
+        if let Some((activity, _)) = &self.stats {
+            activity.delivered(&channel, outcome.delivered);
+        }
         if outcome.overflowed > 0 {
             self.metrics.messages_dropped(DropReason::SlowConsumer, outcome.overflowed);
         }

@@ -13,6 +13,7 @@ use crate::ports::{
     BrokerError, DeliveryClaim, DeliveryLog, DeliveryRecord, Headers, MessageBroker, MessageSource, Metrics,
     NoMetrics, SignatureError, SignedWebhook, WebhookVerifier,
 };
+use crate::stats::{Activity, WebhookTarget, WebhookVerdict};
 use crate::use_cases::publish_timed;
 
 /// A webhook as the HTTP adapter received it. The service-wide body size limit is the
@@ -99,6 +100,15 @@ pub struct IngestWebhook {
     frames: FrameFactory,
     metrics: Arc<dyn Metrics>,
     deliveries: Option<(Arc<dyn DeliveryLog>, u64)>,
+    activity: Option<Arc<Activity>>,
+}
+
+/// Whom a webhook was addressed to, once its provider and tenant are valid names.
+struct Addressed {
+    tenant: TenantId,
+    provider: Provider,
+    /// Its signature was verified.
+    verified: bool,
 }
 
 impl std::fmt::Debug for IngestWebhook {
@@ -113,7 +123,7 @@ impl IngestWebhook {
         broker: Arc<dyn MessageBroker>,
         frames: FrameFactory,
     ) -> Self {
-        Self { verifier, broker, frames, metrics: Arc::new(NoMetrics), deliveries: None }
+        Self { verifier, broker, frames, metrics: Arc::new(NoMetrics), deliveries: None, activity: None }
     }
 
     /// Relays each delivery id at most once within `keep_secs` (0: no deduplication).
@@ -128,6 +138,12 @@ impl IngestWebhook {
         self
     }
 
+    /// Counts every webhook, and keeps the latest refusals, in `activity`.
+    pub fn with_activity(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+
     /// Verifies the webhook and publishes `{"provider":…,"event":…,"data":<body>}` as a
     /// `webhook` message to `tenant:<tenant>`. Returns the message id once the broker accepted
     /// it.
@@ -137,8 +153,8 @@ impl IngestWebhook {
     /// name, JSON, delivery id (when deduplication is on), broker.
     pub async fn ingest(&self, request: WebhookRequest<'_>) -> Result<Accepted, WebhookError> {
         let started = Instant::now();
-        let mut authenticated = None;
-        let result = self.process(request, &mut authenticated).await;
+        let mut addressed = None;
+        let result = self.process(request, &mut addressed).await;
         let label = match &result {
             Ok(Accepted { duplicate: true, .. }) => "duplicate",
             Ok(_) => "accepted",
@@ -158,18 +174,23 @@ impl IngestWebhook {
         };
         // Only a verified sender names a provider in the metrics, so nobody else can create
         // label values.
-        let provider = authenticated.as_ref().map_or("unverified", Provider::as_str);
+        let verified = addressed.as_ref().filter(|a| a.verified).map(|a| &a.provider);
+        let provider = verified.map_or("unverified", Provider::as_str);
         self.metrics.webhook(provider, label, started.elapsed().as_secs_f64());
+        if let Some(activity) = &self.activity {
+            record(activity, &request, addressed.as_ref(), &result, label);
+        }
         result
     }
 
     async fn process(
         &self,
         request: WebhookRequest<'_>,
-        authenticated: &mut Option<Provider>,
+        addressed: &mut Option<Addressed>,
     ) -> Result<Accepted, WebhookError> {
         let provider = Provider::parse(request.provider).map_err(WebhookError::InvalidProvider)?;
         let tenant = tenant(&request)?;
+        *addressed = Some(Addressed { tenant: tenant.clone(), provider: provider.clone(), verified: false });
         let webhook = SignedWebhook {
             tenant: &tenant,
             provider: &provider,
@@ -177,7 +198,9 @@ impl IngestWebhook {
             body: request.body,
         };
         let verified = self.verifier.verify(&webhook).await.map_err(WebhookError::Unauthorized)?;
-        *authenticated = Some(provider.clone());
+        if let Some(addressed) = addressed {
+            addressed.verified = true;
+        }
         if let Some(limit) = verified.max_body_bytes.filter(|limit| request.body.len() > *limit) {
             return Err(WebhookError::TooLarge(limit));
         }
@@ -247,6 +270,35 @@ impl IngestWebhook {
 }
 
 /// The tenant a webhook is addressed to: the path's, or the `x-tenant-id` header's.
+/// Counts a webhook in `activity`: per tenant and provider when both are configured, and as a
+/// failure (with the names the request gave, when they are valid) when it was refused.
+fn record(
+    activity: &Activity,
+    request: &WebhookRequest<'_>,
+    addressed: Option<&Addressed>,
+    result: &Result<Accepted, WebhookError>,
+    label: &'static str,
+) {
+    let unknown = matches!(result, Err(WebhookError::Unauthorized(SignatureError::UnknownTenant)));
+    let named_tenant = request.path_tenant.or_else(|| request.headers.get(TENANT_HEADER));
+    let target = WebhookTarget {
+        configured: addressed.filter(|_| !unknown).map(|a| (&a.tenant, &a.provider)),
+        tenant: named_tenant.filter(|t| TenantId::parse(t).is_ok()),
+        provider: Some(request.provider).filter(|p| Provider::parse(p).is_ok()),
+    };
+    match result {
+        Ok(_) => activity.webhook(target, WebhookVerdict::Accepted),
+        Err(WebhookError::Unauthorized(why)) => {
+            let reason = format!("invalid signature: {why}");
+            activity.webhook(target, WebhookVerdict::Refused { result: label, reason: &reason });
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            activity.webhook(target, WebhookVerdict::Refused { result: label, reason: &reason });
+        }
+    }
+}
+
 fn tenant(request: &WebhookRequest<'_>) -> Result<TenantId, WebhookError> {
     let header = request.headers.get(TENANT_HEADER);
     let name = match (request.path_tenant, header) {

@@ -8,6 +8,7 @@ pub mod handle_client_frame;
 pub mod ingest_webhook;
 pub mod presence;
 pub mod read_history;
+pub mod report_stats;
 pub mod server_api;
 pub mod subscribe_topic;
 pub mod sweep_inactive;
