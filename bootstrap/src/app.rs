@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adapters::inbound::admin::AdminSettings;
 use adapters::inbound::console::{CONSOLE_PROVIDER, ConsoleSettings, DEMO_TENANT, Demo};
 use adapters::inbound::http::{HttpSettings, serve, serve_metrics};
 use adapters::inbound::sse::{self, SseSettings};
@@ -19,7 +20,7 @@ use adapters::outbound::presence::InMemoryPresence;
 use adapters::outbound::prometheus::PrometheusMetrics;
 use adapters::outbound::redis::{RedisBroker, RedisBrokerSettings};
 use adapters::outbound::signatures::{Endpoint, Secret, SignatureVerifier};
-use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes};
+use adapters::outbound::system::{RandomIdGenerator, SystemClock, random_bytes, random_hex};
 use application::ports::{Clock, DeliveryLog, MessageBroker, Presence};
 use application::{Ports, Realtime};
 use domain::{CloseReason, Provider, SCOPE_WS_CONNECT, TenantId};
@@ -59,6 +60,8 @@ pub struct Application {
     ephemeral_secret: Option<JwtSecret>,
     /// The browser console, when `CONSOLE` is on.
     console: Option<ConsoleSettings>,
+    /// The dashboard, when `ADMIN` is on.
+    admin: Option<AdminSettings>,
 }
 
 impl std::fmt::Debug for Application {
@@ -72,7 +75,7 @@ impl Application {
     ///
     /// # Errors
     /// [`StartError`] when the address cannot be bound or a configured part is unavailable.
-    pub async fn build(config: Config) -> Result<Self, StartError> {
+    pub async fn build(mut config: Config) -> Result<Self, StartError> {
         let rules = JwtRules {
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
@@ -136,6 +139,19 @@ impl Application {
             verifier = verifier.with_endpoint(tenant, provider, endpoint);
         }
         let console = config.console.then(|| ConsoleSettings { demo });
+        // In demo mode without API_KEYS, the dashboard signs in with a key of this process.
+        let mut demo_key = None;
+        if config.admin && ephemeral_secret.is_some() && config.settings.api_keys.is_empty() {
+            let key = random_hex(24).map_err(|e| StartError::Randomness(e.to_string()))?;
+            config.settings.api_keys = application::ApiKeys::new([key.clone()]);
+            demo_key = Some(key);
+        }
+        let admin = config.admin.then_some(AdminSettings { demo_key });
+        config.settings.instance = application::InstanceInfo {
+            id: random_hex(4).map_err(|e| StartError::Randomness(e.to_string()))?,
+            host: std::env::var("HOSTNAME").ok().filter(|host| !host.trim().is_empty()),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
         let postgres = match &config.database {
             Some(settings) => Some(Arc::new(PostgresStore::connect(settings.clone()).await?)),
             None => None,
@@ -168,7 +184,17 @@ impl Application {
             listen(config.bind_addr).map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
         let addr =
             listener.local_addr().map_err(|source| StartError::Bind { addr: config.bind_addr, source })?;
-        Ok(Self { listener, metrics_listener, addr, realtime, metrics, config, ephemeral_secret, console })
+        Ok(Self {
+            listener,
+            metrics_listener,
+            addr,
+            realtime,
+            metrics,
+            config,
+            ephemeral_secret,
+            console,
+            admin,
+        })
     }
 
     /// The address actually bound.
@@ -191,7 +217,7 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, closes every WebSocket with
     /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
-        let Self { listener, metrics_listener, addr, realtime, metrics, config, console, .. } = self;
+        let Self { listener, metrics_listener, addr, realtime, metrics, config, console, admin, .. } = self;
         let websocket = WsSettings {
             outbound_queue_bytes: config.outbound_queue_bytes,
             max_message_bytes: config.max_message_bytes,
@@ -207,6 +233,7 @@ impl Application {
             metrics: Some(metrics.clone()),
             separate_metrics_listener: metrics_listener.is_some(),
             console,
+            admin,
             websocket,
             sse,
         };
@@ -247,6 +274,8 @@ impl Application {
         let position_checker = every(POSITION_CHECK_PERIOD, &realtime, |realtime| async move {
             realtime.check_positions().await;
         });
+        let stats_reporter =
+            every(STATS_PERIOD, &realtime, |realtime| async move { realtime.report_stats().await });
         let outbox_consumer = tokio::spawn({
             let realtime = realtime.clone();
             async move {
@@ -279,6 +308,7 @@ impl Application {
         drain(&realtime, config.drain).await;
         sweeper.abort();
         position_checker.abort();
+        stats_reporter.abort();
         outbox_consumer.abort();
         presence_refresher.abort();
         upkeep.abort();
@@ -366,6 +396,9 @@ async fn drain(realtime: &Realtime, over: Duration) {
 /// How often channel positions are checked after the broker link was interrupted; also the
 /// time messages in flight get to arrive before a channel counts as having missed them.
 const POSITION_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often the instance sends its figures to every instance for the cluster-wide statistics.
+const STATS_PERIOD: Duration = Duration::from_secs(1);
 
 /// How often every connection's time limits are checked and heartbeats sent when due.
 const SWEEP_PERIOD: Duration = Duration::from_millis(250);

@@ -116,6 +116,9 @@ pub const DEFAULT_PRESENCE_TTL_SECS: u64 = 30;
 /// `on` or `off`: the browser console at `/`. Default: `on` in demo mode (no
 /// `JWT_SECRET_KEY` nor `JWT_PUBLIC_KEY_FILE`), `off` otherwise.
 pub const ENV_CONSOLE: &str = "CONSOLE";
+/// `on` or `off`: the operators' dashboard at `/admin`. Default: `on` in demo mode, `off`
+/// otherwise; `on` outside demo mode needs `API_KEYS`.
+pub const ENV_ADMIN: &str = "ADMIN";
 /// Messages kept per `tenant:` and `user:` channel for reconnecting clients; 0 turns history
 /// and message offsets off.
 pub const ENV_HISTORY_SIZE: &str = "HISTORY_SIZE";
@@ -211,6 +214,8 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// The browser console at `/` (`CONSOLE`).
     pub console: bool,
+    /// The operators' dashboard at `/admin` (`ADMIN`).
+    pub admin: bool,
     /// Where messages are kept durably (`DATABASE_URL`); `None`: no persistence.
     pub database: Option<PostgresSettings>,
     /// The outbox table consumed (`OUTBOX_TABLE`, with `DATABASE_URL` only).
@@ -499,6 +504,14 @@ impl Config {
             "off" => Ok(false),
             other => Err(format!("expected on or off, got {other:?}")),
         });
+        let admin = r.parse(ENV_ADMIN, demo_mode, |raw| match raw {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(format!("expected on or off, got {other:?}")),
+        });
+        if admin && !demo_mode && api_keys.is_empty() {
+            r.fail(ENV_ADMIN, format!("needs {ENV_API_KEYS}: the dashboard signs in with a server API key"));
+        }
         let database_pool = r.parse(ENV_DATABASE_POOL_SIZE, DEFAULT_DATABASE_POOL_SIZE, positive::<usize>);
         let retention_days = r.parse(ENV_PERSIST_RETENTION_DAYS, DEFAULT_PERSIST_RETENTION_DAYS, |raw| {
             positive::<u64>(raw)
@@ -674,6 +687,8 @@ impl Config {
                     concurrent: max_opening,
                     timeout: Duration::from_millis(opening_ms),
                 },
+                // Drawn when the application is built.
+                instance: application::InstanceInfo::default(),
             },
             max_message_bytes,
             outbound_queue_bytes,
@@ -685,6 +700,7 @@ impl Config {
             presence,
             presence_ttl: Duration::from_secs(presence_ttl),
             console,
+            admin,
             database,
             outbox_table,
             log_filter,
@@ -842,6 +858,12 @@ mod tests {
         assert!(!parse(&[secret]).expect("valid").console, "a secret turns the demo off");
         assert!(parse(&[secret, (ENV_CONSOLE, "on")]).expect("valid").console);
         assert!(!parse(&[(ENV_CONSOLE, "off")]).expect("valid").console);
+        assert!(parse(&[]).expect("valid").admin, "the dashboard is on in demo mode");
+        assert!(!parse(&[secret]).expect("valid").admin);
+        let errors = parse(&[secret, (ENV_ADMIN, "on")]).expect_err("no key to sign in with");
+        assert!(errors.to_string().contains("ADMIN: needs API_KEYS"), "{errors}");
+        let key = (ENV_API_KEYS, "an-api-key-of-16-bytes-or-more");
+        assert!(parse(&[secret, key, (ENV_ADMIN, "on")]).expect("valid").admin);
         let errors = parse(&[(ENV_CONSOLE, "yes")]).expect_err("refused");
         assert_eq!(errors.0[0].to_string(), "CONSOLE: expected on or off, got \"yes\"");
     }

@@ -1,5 +1,5 @@
 //! The HTTP surface: the server, health, readiness and webhooks, with the server API, the client
-//! transports (WebSocket, Server-Sent Events) and the console mounted beside.
+//! transports (WebSocket, Server-Sent Events), the console and the dashboard mounted beside.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use serde_json::json;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::inbound::admin::{self, AdminSettings};
 use crate::inbound::console::{self, ConsoleSettings};
 use crate::inbound::error::{ApiError, recover};
 use crate::inbound::server_api;
@@ -49,6 +50,8 @@ pub struct HttpSettings {
     pub separate_metrics_listener: bool,
     /// The browser console at `/`, when served.
     pub console: Option<ConsoleSettings>,
+    /// The operators' dashboard at `/admin`, when served.
+    pub admin: Option<AdminSettings>,
     /// The WebSocket transport at `/ws`.
     pub websocket: WsSettings,
     /// The Server-Sent Events transport at `/sse`.
@@ -62,6 +65,7 @@ impl Default for HttpSettings {
             metrics: None,
             separate_metrics_listener: false,
             console: None,
+            admin: None,
             websocket: WsSettings::default(),
             sse: SseSettings::default(),
         }
@@ -187,6 +191,8 @@ pub fn routes(
         .or(webhooks)
         .unify()
         .or(server_api::routes(app.clone()))
+        .unify()
+        .or(admin::routes(http.admin))
         .unify()
         .or(console::routes(app, http.console))
         .unify()

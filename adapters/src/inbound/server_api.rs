@@ -1,7 +1,8 @@
 //! The server API for backends: `POST /api/publish`, `POST /api/disconnect`,
 //! `POST /api/unsubscribe`, `GET /api/channels/{channel}/presence` (and
-//! `GET /api/tenants/{tenant}/presence`), `GET /api/channels/{channel}/history`, each behind an
-//! `Authorization: Bearer <key>` checked before anything else is read.
+//! `GET /api/tenants/{tenant}/presence`), `GET /api/channels/{channel}/history`, and the
+//! statistics of [`crate::inbound::stats`], each behind an `Authorization: Bearer <key>` checked
+//! before anything else is read.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -44,9 +45,10 @@ pub(crate) fn routes(
     let api_presence = presence_of_channel
         .or(presence_of_tenant)
         .unify()
-        .and(with(app))
+        .and(with(app.clone()))
         .and(warp::header::optional::<String>("authorization"))
         .and_then(api_presence);
+    let app_for_stats = app;
     api_publish
         .or(api_disconnect)
         .unify()
@@ -56,15 +58,17 @@ pub(crate) fn routes(
         .unify()
         .or(api_history)
         .unify()
+        .or(crate::inbound::stats::routes(app_for_stats))
+        .unify()
 }
 
 /// The key of an `Authorization: Bearer <key>` header.
-fn bearer(authorization: Option<&str>) -> Option<&str> {
+pub(crate) fn bearer(authorization: Option<&str>) -> Option<&str> {
     let (scheme, key) = authorization?.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-fn api_rejection(error: &ServerApiError) -> Rejection {
+pub(crate) fn api_rejection(error: &ServerApiError) -> Rejection {
     warp::reject::custom(match error {
         ServerApiError::Unauthorized => ApiError::unauthorized(error.to_string()),
         ServerApiError::BadRequest(message) => ApiError::bad_request(message.clone()),

@@ -51,7 +51,7 @@ impl Default for Epochs {
                 SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
             nanos.to_le_bytes()[..6].to_vec()
         });
-        Self { prefix: bytes.iter().map(|b| format!("{b:02x}")).collect(), counter: AtomicU64::new(0) }
+        Self { prefix: crate::outbound::system::hex(&bytes), counter: AtomicU64::new(0) }
     }
 }
 

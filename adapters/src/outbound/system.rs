@@ -40,11 +40,24 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>, RandomnessError> {
     Ok(buf)
 }
 
+/// `n` random bytes as lower-case hexadecimal (`2 n` characters).
+///
+/// # Errors
+/// [`RandomnessError`] when the operating system has no randomness to give.
+pub fn random_hex(n: usize) -> Result<String, RandomnessError> {
+    Ok(hex(&random_bytes(n)?))
+}
+
+/// Lower-case hexadecimal of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl RandomIdGenerator {
     /// # Errors
     /// [`RandomnessError`] when the instance prefix cannot be drawn.
     pub fn new() -> Result<Self, RandomnessError> {
-        let prefix = random_bytes(8)?.iter().map(|b| format!("{b:02x}")).collect();
+        let prefix = random_hex(8)?;
         Ok(Self { prefix, counter: AtomicU64::new(0) })
     }
 

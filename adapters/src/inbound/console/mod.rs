@@ -53,7 +53,9 @@ pub struct ConsoleSettings {
     pub demo: Option<Demo>,
 }
 
-fn asset(body: &'static str, content_type: &'static str) -> Response {
+/// A static resource of the console or the dashboard, with the headers that keep it to its
+/// own origin.
+pub(crate) fn asset(body: &'static str, content_type: &'static str) -> Response {
     let mut response = Response::new(body.into());
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

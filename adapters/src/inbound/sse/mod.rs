@@ -171,7 +171,7 @@ async fn run(session: &ClientSession, sink: &SseSink, close_timeout: Duration) {
 }
 
 /// The `200 text/event-stream` answer over `body`.
-fn event_stream(
+pub(crate) fn event_stream(
     body: impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + Sync + 'static,
 ) -> Response {
     let mut response = warp::reply::stream(body).into_response();

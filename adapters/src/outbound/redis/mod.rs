@@ -67,7 +67,7 @@ use tokio::sync::{Notify, watch};
 pub use target::RedisTarget;
 
 use crate::outbound::history::{Epochs, HistorySettings};
-use crate::outbound::system::random_bytes;
+use crate::outbound::system::random_hex;
 use target::PublishPool;
 
 /// The channel every instance subscribes for [`ControlCommand`]s; never a valid application
@@ -223,7 +223,7 @@ impl RedisBroker {
     /// [`RedisError`] when the URL, the Sentinel settings or the cluster's nodes are invalid.
     pub fn new(settings: RedisBrokerSettings) -> Result<Self, RedisError> {
         let pool = PublishPool::new(&settings)?;
-        let instance: String = random_bytes(8)?.iter().map(|b| format!("{b:02x}")).collect();
+        let instance = random_hex(8)?;
         let shared = Arc::new(Shared {
             settings,
             pool,
