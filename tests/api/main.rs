@@ -28,6 +28,7 @@ mod recovery;
 mod scale_out;
 mod security;
 mod server_api;
+mod stats;
 mod topics;
 mod webhook_providers;
 mod webhooks;
