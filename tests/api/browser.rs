@@ -17,7 +17,7 @@ use crate::redis_support::{RedisServer, free_port};
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A headless Chromium session; the browser and its driver end with it.
-struct Browser {
+pub(crate) struct Browser {
     driver: tokio::process::Child,
     base: String,
     http: reqwest::Client,
@@ -33,7 +33,7 @@ impl Drop for TempDir {
 }
 
 impl Browser {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let port = free_port();
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -91,7 +91,7 @@ impl Browser {
         answer["value"].clone()
     }
 
-    async fn goto(&self, url: &str) {
+    pub(crate) async fn goto(&self, url: &str) {
         self.command(reqwest::Method::POST, "/url", json!({"url": url})).await;
     }
 
@@ -102,19 +102,19 @@ impl Browser {
         found[ELEMENT].as_str().expect("element id").to_owned()
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         let id = self.element(css).await;
         self.command(reqwest::Method::POST, &format!("/element/{id}/click"), json!({})).await;
     }
 
-    async fn fill(&self, css: &str, text: &str) {
+    pub(crate) async fn fill(&self, css: &str, text: &str) {
         let id = self.element(css).await;
         self.command(reqwest::Method::POST, &format!("/element/{id}/clear"), json!({})).await;
         self.command(reqwest::Method::POST, &format!("/element/{id}/value"), json!({"text": text})).await;
     }
 
     /// Runs `script` (a function body) in the page and returns what it returns.
-    async fn eval(&self, script: &str) -> Value {
+    pub(crate) async fn eval(&self, script: &str) -> Value {
         self.command(reqwest::Method::POST, "/execute/sync", json!({"script": script, "args": []})).await
     }
 
@@ -126,7 +126,7 @@ impl Browser {
     }
 
     /// Waits until `script` returns something truthy, and returns it.
-    async fn until(&self, what: &str, script: &str, within: Duration) -> Value {
+    pub(crate) async fn until(&self, what: &str, script: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let value = self.eval(script).await;
@@ -189,7 +189,7 @@ impl Browser {
         self.eval("return document.getElementById('transport').textContent;").await
     }
 
-    async fn screenshot(&self, name: &str) -> PathBuf {
+    pub(crate) async fn screenshot(&self, name: &str) -> PathBuf {
         let png = self.command(reqwest::Method::GET, "/screenshot", Value::Null).await;
         let bytes = b64_decode(png.as_str().expect("base64 PNG"));
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/browser");
@@ -228,7 +228,7 @@ fn b64_decode(text: &str) -> Vec<u8> {
     out
 }
 
-const PATIENCE_IN_PAGE: Duration = Duration::from_secs(10);
+pub(crate) const PATIENCE_IN_PAGE: Duration = Duration::from_secs(10);
 
 /// The newest log entry of `kind`, as the page shows it.
 fn newest(kind: &str) -> String {

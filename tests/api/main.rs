@@ -13,6 +13,7 @@ mod browser;
 mod chaos;
 mod cluster;
 mod contract;
+mod dashboard;
 mod deployment;
 mod direct;
 mod framing;

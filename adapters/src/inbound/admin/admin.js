@@ -215,10 +215,23 @@
     return tenantColors.get(tenant);
   }
 
+  // The span drawn: the last 15 minutes, or less while the samples cover less (a minute at
+  // least), so a young cluster's lines are not squeezed against the right edge.
+  function span() {
+    if (!samples.length) return 60 * 1000;
+    const covered = samples[samples.length - 1].at_ms - samples[0].at_ms;
+    return Math.min(WINDOW_MS, Math.max(60 * 1000, covered));
+  }
+
+  function ago(ms) {
+    return ms >= 60 * 1000 ? `−${Math.round(ms / 60000)} min` : `−${Math.round(ms / 1000)} s`;
+  }
+
   function drawChart(svgId, field, total) {
     const svg = $(svgId);
     const now = samples.length ? samples[samples.length - 1].at_ms : Date.now();
-    const from = now - WINDOW_MS;
+    const width = span();
+    const from = now - width;
     const series = new Map();
     if (total) series.set("all tenants", samples.map((s) => [s.at_ms, s[total]]));
     for (const s of samples) {
@@ -227,20 +240,21 @@
         series.get(t.tenant).push([s.at_ms, t[field]]);
       }
     }
-    let max = 0;
-    for (const points of series.values()) for (const [, v] of points) max = Math.max(max, v);
-    max = max > 0 ? max * 1.1 : 1;
-    const x = (t) => LEFT + ((t - from) / WINDOW_MS) * (W - LEFT - 4);
-    const y = (v) => H - BOTTOM - (v / max) * (H - BOTTOM - TOP);
+    let top = 0;
+    for (const points of series.values()) for (const [t, v] of points) if (t >= from) top = Math.max(top, v);
+    if (top === 0) top = 1;
+    const x = (t) => LEFT + ((t - from) / width) * (W - LEFT - 4);
+    const y = (v) => H - BOTTOM - (v / (top * 1.1)) * (H - BOTTOM - TOP);
     const children = [
       svgElement("line", { class: "axis", x1: LEFT, y1: H - BOTTOM, x2: W - 4, y2: H - BOTTOM }),
       svgElement("line", { class: "axis", x1: LEFT, y1: TOP, x2: LEFT, y2: H - BOTTOM }),
-      svgElement("text", { x: LEFT - 4, y: TOP + 8, "text-anchor": "end" }, rate(max / 1.1)),
+      svgElement("text", { x: LEFT - 4, y: y(top) + 4, "text-anchor": "end" }, rate(top)),
       svgElement("text", { x: LEFT - 4, y: H - BOTTOM, "text-anchor": "end" }, "0"),
-      svgElement("text", { x: LEFT, y: H - 2 }, "−15 min"),
+      svgElement("text", { x: LEFT, y: H - 2 }, ago(width)),
       svgElement("text", { x: W - 4, y: H - 2, "text-anchor": "end" }, "now"),
     ];
-    for (const [name, points] of series) {
+    for (const [name, all] of series) {
+      const points = all.filter(([t]) => t >= from);
       if (!points.length) continue;
       const line = svgElement("polyline", {
         points: points.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" "),
