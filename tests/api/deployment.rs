@@ -99,6 +99,10 @@ fn docker_compose_runs_redis_three_instances_and_nginx_as_the_only_entry_point()
         );
         assert_eq!(get("OUTBOX_TABLE"), Some("lq_outbox"), "{instance}");
         assert!(get("JWT_SECRET_KEY").is_some_and(|v| v.contains("JWT_SECRET_KEY")), "{instance}");
+        // The dashboard, with the key it signs in with, is one variable away.
+        for passed_on in ["API_KEYS", "ADMIN"] {
+            assert_eq!(get(passed_on), Some(format!("${{{passed_on}:-}}").as_str()), "{instance}");
+        }
         assert!(
             service["ports"].is_badvalue() || service["ports"].is_null(),
             "{instance} must only be reached through nginx"
@@ -228,6 +232,8 @@ async fn websockets_and_webhooks_work_through_the_compose_load_balancer_configur
         let url = url.clone();
         let app = spawn_app_with(test_config(|vars| {
             vars.insert("REDIS_URL".into(), url);
+            vars.insert("API_KEYS".into(), crate::stats::KEY.into());
+            vars.insert("ADMIN".into(), "on".into());
         }))
         .await;
         app.wait_ready(Duration::from_secs(10)).await;
@@ -274,6 +280,19 @@ async fn websockets_and_webhooks_work_through_the_compose_load_balancer_configur
         assert_eq!(client.next_json().await["payload"]["data"]["via"], "nginx");
     }
     assert_eq!(stream.next_json().await["payload"]["data"]["via"], "nginx");
+
+    // The dashboard through nginx, its statistics streamed unbuffered with every instance's
+    // connections: six WebSockets and one SSE stream.
+    assert_eq!(http.get(format!("http://{front}/admin")).send().await.expect("GET /admin").status(), 200);
+    let response = http
+        .get(format!("http://{front}/api/stats/stream"))
+        .bearer_auth(crate::stats::KEY)
+        .send()
+        .await
+        .expect("the statistics stream through nginx");
+    assert_eq!(response.status(), 200);
+    let mut events = crate::stats::EventReader::new(response);
+    events.until("stats", |s| s["totals"]["instances"] == 3 && s["totals"]["connections"] == 7).await;
 }
 
 /// An inline config of the compose file, as its container receives it.

@@ -34,7 +34,9 @@ fn spec_operations() -> BTreeSet<(String, String)> {
 fn code_routes() -> BTreeSet<(String, String)> {
     let inbound = workspace().join("adapters/src/inbound");
     let mut routes = BTreeSet::new();
-    for file in ["http.rs", "server_api.rs", "ws/mod.rs", "sse/mod.rs", "console/mod.rs"] {
+    for file in
+        ["http.rs", "server_api.rs", "stats.rs", "ws/mod.rs", "sse/mod.rs", "console/mod.rs", "admin/mod.rs"]
+    {
         let source = std::fs::read_to_string(inbound.join(file)).expect("source");
         let mut rest = source.as_str();
         while let Some(at) = rest.find("warp::path!(") {
@@ -99,6 +101,8 @@ fn every_route_in_the_code_is_in_the_spec_and_every_operation_of_the_spec_is_in_
 async fn every_operation_of_the_spec_answers_something_other_than_no_such_route() {
     let app = spawn_app_with(test_config(|vars| {
         vars.insert("CONSOLE".to_owned(), "on".to_owned());
+        vars.insert("ADMIN".to_owned(), "on".to_owned());
+        vars.insert("API_KEYS".to_owned(), "openapi-test-key-0123456789".to_owned());
     }))
     .await;
     let http = reqwest::Client::new();

@@ -35,12 +35,16 @@ fn tenant<'a>(stats: &'a Value, name: &str) -> &'a Value {
 }
 
 /// The events of a statistics stream.
-struct EventReader {
+pub(crate) struct EventReader {
     response: reqwest::Response,
     buffer: String,
 }
 
 impl EventReader {
+    pub(crate) fn new(response: reqwest::Response) -> Self {
+        Self { response, buffer: String::new() }
+    }
+
     /// The next event's name and data (comments skipped).
     async fn next(&mut self) -> (String, Value) {
         loop {
@@ -70,7 +74,7 @@ impl EventReader {
     }
 
     /// The first `name` event for which `expected` holds.
-    async fn until(&mut self, name: &str, expected: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn until(&mut self, name: &str, expected: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let (event, data) = self.next().await;
@@ -183,7 +187,7 @@ async fn the_stream_sends_the_history_then_each_change_and_a_stopped_instance_fa
         a.http.get(a.url("/api/stats/stream")).bearer_auth(KEY).send().await.expect("GET /api/stats/stream");
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let mut events = EventReader { response, buffer: String::new() };
+    let mut events = EventReader::new(response);
     let (name, history) = events.next().await;
     assert_eq!(name, "history");
     assert!(
