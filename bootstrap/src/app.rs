@@ -197,6 +197,11 @@ impl Application {
         })
     }
 
+    /// Whether the console (`/`) and the dashboard (`/admin`) are served.
+    pub fn pages(&self) -> (bool, bool) {
+        (self.console.is_some(), self.admin.is_some())
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

@@ -84,6 +84,13 @@ fn serve(lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
             );
             println!("demo token (user demo, tenant demo, valid 1 h): {token}");
             println!("connect:    ws://127.0.0.1:{port}/ws?token={token}");
+            let (console, dashboard) = app.pages();
+            if console {
+                println!("console:    http://127.0.0.1:{port}/");
+            }
+            if dashboard {
+                println!("dashboard:  http://127.0.0.1:{port}/admin");
+            }
         }
         app.run_until(shutdown_signal()).await;
         ExitCode::SUCCESS

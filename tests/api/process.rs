@@ -253,13 +253,19 @@ async fn with_no_configuration_at_all_it_prints_a_demo_token_that_works() {
         .spawn()
         .expect("starts");
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = tokio::time::timeout(Duration::from_secs(30), async {
+    let (url, console, dashboard) = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut printed = std::collections::HashMap::new();
         while let Ok(Some(line)) = stdout.next_line().await {
-            if let Some(url) = line.strip_prefix("connect:") {
-                return url.trim().to_owned();
+            if let Some((name, value)) = line.split_once(": ") {
+                printed.insert(name.trim().to_owned(), value.trim().to_owned());
+            }
+            if let (Some(url), Some(console), Some(dashboard)) =
+                (printed.get("connect"), printed.get("console"), printed.get("dashboard"))
+            {
+                return (url.clone(), console.clone(), dashboard.clone());
             }
         }
-        panic!("no connect line");
+        panic!("no connect, console and dashboard lines: {printed:?}");
     })
     .await
     .expect("printed in time");
@@ -267,6 +273,10 @@ async fn with_no_configuration_at_all_it_prints_a_demo_token_that_works() {
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).expect("request");
     let mut client = WsClient::connect(request).await.expect("the demo URL connects");
     assert_eq!(client.next_json().await["payload"]["tenant_id"], "demo");
+    for page in [console, dashboard] {
+        let answer = reqwest::get(&page).await.expect("the printed page answers");
+        assert_eq!(answer.status(), 200, "{page}");
+    }
 }
 
 #[tokio::test]
