@@ -339,26 +339,17 @@ impl MessageBroker for CountingBroker {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    use domain::{Timestamp, UserId};
+    use domain::UserId;
 
     use super::*;
-
-    struct FixedClock(AtomicU64);
-
-    impl Clock for FixedClock {
-        fn now(&self) -> Timestamp {
-            Timestamp::from_unix_millis(self.0.load(Ordering::Relaxed))
-        }
-    }
+    use crate::use_cases::test_support::SettableClock;
 
     fn tenant(name: &str) -> TenantId {
         TenantId::parse(name).expect("valid")
     }
 
-    fn activity() -> (Activity, Arc<FixedClock>) {
-        let clock = Arc::new(FixedClock(AtomicU64::new(1_000_000)));
+    fn activity() -> (Activity, Arc<SettableClock>) {
+        let clock = SettableClock::at(1_000_000);
         (Activity::new(clock.clone()), clock)
     }
 
@@ -385,7 +376,7 @@ mod tests {
             ChannelFigures { channel: "tenant:acme".to_owned(), messages: 3 }
         );
 
-        clock.0.fetch_add(61_000, Ordering::Relaxed);
+        clock.advance(61_000);
         let figures = activity.figures(&Presence::new());
         assert_eq!(figures.totals, Flow::default());
         assert!(figures.tenants.is_empty(), "idle tenants without connections are forgotten");

@@ -105,19 +105,8 @@ impl ClusterView {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    use domain::Timestamp;
-
     use super::*;
-
-    struct FixedClock(AtomicU64);
-
-    impl Clock for FixedClock {
-        fn now(&self) -> Timestamp {
-            Timestamp::from_unix_millis(self.0.load(Ordering::Relaxed))
-        }
-    }
+    use crate::use_cases::test_support::SettableClock;
 
     fn report(id: &str, connections: usize) -> InstanceReport {
         InstanceReport { id: id.to_owned(), connections, ..InstanceReport::default() }
@@ -125,7 +114,7 @@ mod tests {
 
     #[test]
     fn the_latest_report_of_each_instance_counts_until_it_falls_silent_then_it_is_forgotten() {
-        let clock = Arc::new(FixedClock(AtomicU64::new(100_000)));
+        let clock = SettableClock::at(100_000);
         let view = ClusterView::new(clock.clone());
         let changes = view.changes();
         view.receive(report("a", 3));
@@ -134,25 +123,25 @@ mod tests {
         assert!(changes.has_changed().expect("open"));
         assert_eq!(view.stats().totals.connections, 9);
 
-        clock.0.fetch_add(2_000, Ordering::Relaxed);
+        clock.advance(2_000);
         view.receive(report("b", 4));
-        clock.0.fetch_add(2_000, Ordering::Relaxed);
+        clock.advance(2_000);
         let stats = view.stats();
         assert_eq!(stats.totals.connections, 4, "a fell silent: {stats:?}");
         assert_eq!(stats.instances.len(), 2);
 
-        clock.0.fetch_add(FORGET_AFTER_MS, Ordering::Relaxed);
+        clock.advance(FORGET_AFTER_MS);
         view.receive(report("c", 1));
         assert_eq!(view.stats().instances.len(), 1, "a and b are forgotten");
     }
 
     #[test]
     fn samples_cover_the_last_fifteen_minutes() {
-        let clock = Arc::new(FixedClock(AtomicU64::new(0)));
+        let clock = SettableClock::at(0);
         let view = ClusterView::new(clock.clone());
         view.receive(report("a", 2));
         for _ in 0..HISTORY_SAMPLES + 10 {
-            clock.0.fetch_add(1_000, Ordering::Relaxed);
+            clock.advance(1_000);
             view.receive(report("a", 2));
             view.take_sample();
         }

@@ -14,6 +14,26 @@ use crate::use_cases::connect_client::{ConnectClient, Session};
 /// The instant every test clock reports by default: 2025-01-01T00:00:00.000Z.
 pub(crate) const NOW: u64 = 1_735_689_600_000;
 
+/// A clock a test moves by hand.
+#[derive(Debug)]
+pub(crate) struct SettableClock(AtomicU64);
+
+impl SettableClock {
+    pub(crate) fn at(millis: u64) -> Arc<Self> {
+        Arc::new(Self(AtomicU64::new(millis)))
+    }
+
+    pub(crate) fn advance(&self, millis: u64) {
+        self.0.fetch_add(millis, Ordering::Relaxed);
+    }
+}
+
+impl crate::ports::Clock for SettableClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_unix_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
 pub(crate) fn clock_at(millis: u64) -> MockClock {
     let mut clock = MockClock::new();
     clock.expect_now().returning(move || Timestamp::from_unix_millis(millis));
