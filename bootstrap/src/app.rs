@@ -148,8 +148,8 @@ impl Application {
         }
         let admin = config.admin.then_some(AdminSettings { demo_key });
         config.settings.instance = application::InstanceInfo {
-            id: random_hex(4).map_err(|e| StartError::Randomness(e.to_string()))?,
-            host: std::env::var("HOSTNAME").ok().filter(|host| !host.trim().is_empty()),
+            id: random_hex(6).map_err(|e| StartError::Randomness(e.to_string()))?,
+            host: config.hostname.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let postgres = match &config.database {

@@ -116,6 +116,8 @@ pub const DEFAULT_PRESENCE_TTL_SECS: u64 = 30;
 /// `on` or `off`: the browser console at `/`. Default: `on` in demo mode (no
 /// `JWT_SECRET_KEY` nor `JWT_PUBLIC_KEY_FILE`), `off` otherwise.
 pub const ENV_CONSOLE: &str = "CONSOLE";
+/// The instance's host name in the cluster statistics; container runtimes set it.
+pub const ENV_HOSTNAME: &str = "HOSTNAME";
 /// `on` or `off`: the operators' dashboard at `/admin`. Default: `on` in demo mode, `off`
 /// otherwise; `on` outside demo mode needs `API_KEYS`.
 pub const ENV_ADMIN: &str = "ADMIN";
@@ -216,6 +218,8 @@ pub struct Config {
     pub console: bool,
     /// The operators' dashboard at `/admin` (`ADMIN`).
     pub admin: bool,
+    /// The host name the statistics show for this instance (`HOSTNAME`).
+    pub hostname: Option<String>,
     /// Where messages are kept durably (`DATABASE_URL`); `None`: no persistence.
     pub database: Option<PostgresSettings>,
     /// The outbox table consumed (`OUTBOX_TABLE`, with `DATABASE_URL` only).
@@ -512,6 +516,7 @@ impl Config {
         if admin && !demo_mode && api_keys.is_empty() {
             r.fail(ENV_ADMIN, format!("needs {ENV_API_KEYS}: the dashboard signs in with a server API key"));
         }
+        let hostname = r.get(ENV_HOSTNAME).map(|host| host.trim().to_owned());
         let database_pool = r.parse(ENV_DATABASE_POOL_SIZE, DEFAULT_DATABASE_POOL_SIZE, positive::<usize>);
         let retention_days = r.parse(ENV_PERSIST_RETENTION_DAYS, DEFAULT_PERSIST_RETENTION_DAYS, |raw| {
             positive::<u64>(raw)
@@ -701,6 +706,7 @@ impl Config {
             presence_ttl: Duration::from_secs(presence_ttl),
             console,
             admin,
+            hostname,
             database,
             outbox_table,
             log_filter,

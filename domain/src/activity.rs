@@ -9,8 +9,9 @@ use std::hash::Hash;
 /// The span every sliding count covers, in seconds.
 pub const WINDOW_SECS: u64 = 60;
 
-/// How many seconds each slot of a [`SlidingTop`] covers.
-const TOP_SLOT_SECS: u64 = 10;
+/// How many seconds each slot of a [`SlidingTop`] covers: the window it ranks is the last 55
+/// to 60 seconds, the current slot being partly over.
+const TOP_SLOT_SECS: u64 = 5;
 const TOP_SLOTS: usize = (WINDOW_SECS / TOP_SLOT_SECS) as usize;
 
 /// A ring of `N` slots, each covering `span` seconds, the newest at `newest`: what both
@@ -131,7 +132,7 @@ impl<K: Clone + Eq + Hash> HeavyKeys<K> {
     }
 }
 
-/// The heaviest keys of the last [`WINDOW_SECS`] seconds, in slots of 10 seconds with
+/// The heaviest keys of the last [`WINDOW_SECS`] seconds, in slots of 5 seconds with
 /// `capacity` counters each.
 #[derive(Debug, Clone)]
 pub struct SlidingTop<K> {
@@ -225,7 +226,7 @@ mod tests {
         top.add(155, &"b", 5);
         top.add(158, &"a", 4);
         assert_eq!(top.top(159, 2), vec![("old", 50), ("a", 7)]);
-        assert_eq!(top.top(170, 3), vec![("a", 7), ("b", 5)], "second 100 left the window");
+        assert_eq!(top.top(160, 3), vec![("a", 7), ("b", 5)], "second 100 left the window");
         assert!(top.top(400, 3).is_empty());
     }
 }

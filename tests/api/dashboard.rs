@@ -61,6 +61,8 @@ async fn the_dashboard_shows_both_instances_live_then_a_failing_webhook_and_its_
         )
         .await;
     assert_eq!(connections, "2");
+    let spread = browser.eval(&text_of("#tenants tr[data-tenant=acme] .per-instance")).await;
+    assert!(spread.as_str().is_some_and(|t| t.matches(" 1").count() == 2), "one on each instance: {spread}");
     browser.until("the total", &text_equals("#total-connections", "2"), PATIENCE_IN_PAGE).await;
 
     // A webhook refused by instance b appears on the page served by instance a.

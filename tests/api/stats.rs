@@ -140,6 +140,14 @@ async fn either_instance_reports_the_connections_messages_and_webhooks_of_both()
         assert_eq!(acme["connections"], 3);
         assert_eq!(acme["users"], 2, "alice on a, bob on b");
         assert_eq!(acme["instances"], 2);
+        let mut by_instance: Vec<u64> = acme["connections_by_instance"]
+            .as_object()
+            .expect("by instance")
+            .values()
+            .filter_map(Value::as_u64)
+            .collect();
+        by_instance.sort_unstable();
+        assert_eq!(by_instance, [1, 2]);
         assert_eq!(acme["messages_in_last_minute"], 4, "three client messages and a webhook: {acme}");
         assert_eq!(acme["messages_in_per_sec"], 0.07, "4 over the last 60 s");
         assert_eq!(acme["webhooks"]["github"], json!({"accepted": 1, "refused": 1}));
@@ -260,4 +268,13 @@ async fn in_demo_mode_the_dashboard_is_on_and_hands_its_page_the_key_of_the_proc
     let key = demo.get("/admin/config").await.body["demo_key"].as_str().expect("a demo key").to_owned();
     let response = demo.http.get(demo.url("/api/stats")).bearer_auth(&key).send().await.expect("GET");
     assert_eq!(response.status(), 200, "the demo key opens the server API");
+    // A page whose name merely resolves to this machine (DNS rebinding) gets no key.
+    let rebound = demo
+        .http
+        .get(demo.url("/admin/config"))
+        .header("host", format!("lq.example.com:{}", demo.addr.port()))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(rebound.json::<Value>().await.expect("JSON"), json!({"demo_key": null}));
 }

@@ -107,8 +107,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = &mut stop => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors, typically: back off instead of spinning.
                 tracing::warn!(%error, "accept failed");
@@ -120,7 +120,7 @@ pub async fn serve(
         // Bounds the kernel's buffering towards a client that stops reading, so a slow
         // consumer fills its (bounded) outbound queue instead of server memory.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
-        let service = TowerToHyperService::new(service.clone());
+        let service = TowerToHyperService::new(WithPeer { inner: service.clone(), peer: PeerAddr(peer) });
         // Served as `TokioIo<TcpStream>`, so the WebSocket upgrade gets the socket itself back.
         let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let (alive, mut shutdown) = (alive.clone(), shutdown.clone());
@@ -144,6 +144,36 @@ pub async fn serve(
     let _ = shutting_down.send(true);
     drop(alive);
     let _ = all_done.recv().await;
+}
+
+/// The address of the client that sent a request, in the request's extensions (routes read it
+/// with `warp::ext::optional::<PeerAddr>()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// A service that puts the connection's [`PeerAddr`] into every request before `inner` sees it.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: PeerAddr,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for WithPeer<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        self.inner.call(request)
+    }
 }
 
 /// Every route of the service, errors answered as JSON.

@@ -49,7 +49,7 @@ pub(crate) fn routes(
 
 async fn stats(app: Arc<Realtime>, authorization: Option<String>) -> Result<Response, Rejection> {
     app.api().authorize(bearer(authorization.as_deref())).map_err(|e| api_rejection(&e))?;
-    Ok(warp::reply::json(&app.cluster().stats()).into_response())
+    Ok(warp::reply::json(&*app.cluster().stats()).into_response())
 }
 
 async fn stream(
@@ -95,7 +95,7 @@ impl StreamState {
             self.sent_until_ms = newest.at_ms;
         }
         self.sent_until_ms = self.sent_until_ms.max(1);
-        chunk.extend_from_slice(&event("stats", &self.app.cluster().stats()));
+        chunk.extend_from_slice(&event("stats", &*self.app.cluster().stats()));
         self.quiet_since = tokio::time::Instant::now();
         Bytes::from(chunk)
     }

@@ -2,7 +2,7 @@
 //! the [`Activity`] the use-cases record into, and the [`CountingBroker`] that records every
 //! message published.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use async_trait::async_trait;
@@ -23,7 +23,15 @@ use crate::ports::{
 /// only (until idle tenants are forgotten).
 pub const MAX_TRACKED_TENANTS: usize = 10_000;
 
-/// Channels counted per 10-second slot to find the busiest.
+/// Providers counted one by one per tenant; beyond, they count together as [`OTHER_PROVIDERS`].
+/// With `WEBHOOK_SECRETS` every provider name is configured for its tenant, so senders could
+/// otherwise make up names.
+pub const MAX_PROVIDERS_PER_TENANT: usize = 16;
+
+/// The name the providers beyond [`MAX_PROVIDERS_PER_TENANT`] are reported under.
+pub const OTHER_PROVIDERS: &str = "(other)";
+
+/// Channels counted per slot to find the busiest.
 const CHANNEL_COUNTERS: usize = 64;
 
 #[derive(Debug, Default)]
@@ -48,8 +56,9 @@ impl Counts {
 #[derive(Debug, Default)]
 struct TenantActivity {
     counts: Counts,
-    /// Accepted and refused, per provider configured for the tenant.
-    providers: HashMap<Provider, (SlidingCount, SlidingCount)>,
+    /// Accepted and refused, per provider configured for the tenant (`None`: the providers
+    /// beyond [`MAX_PROVIDERS_PER_TENANT`]).
+    providers: HashMap<Option<Provider>, (SlidingCount, SlidingCount)>,
 }
 
 #[derive(Debug)]
@@ -163,7 +172,7 @@ impl Activity {
                 let counts = &mut activity.counts;
                 if accepted { &mut counts.webhooks_accepted } else { &mut counts.webhooks_refused }
                     .add(second, 1);
-                let (ok, refused) = activity.providers.entry(provider.clone()).or_default();
+                let (ok, refused) = activity.provider(provider);
                 if accepted { ok } else { refused }.add(second, 1);
             }
             if let WebhookVerdict::Refused { result, reason } = verdict {
@@ -182,50 +191,50 @@ impl Activity {
     }
 
     /// The figures of the last minute, with each tenant's connections and users from
-    /// `presence`, and forgets the tenants that have neither connections nor activity.
+    /// `presence`, and forgets the tenants (and providers) without connections nor activity.
+    /// Each tenant's counts are summed once; figures are built for the named tenants only.
     pub fn figures(&self, presence: &Presence) -> ActivityFigures {
         let second = self.now_ms() / 1000;
         self.with_state(|state| {
+            let mut flows: HashMap<TenantId, Flow> = HashMap::with_capacity(state.tenants.len());
             state.tenants.retain(|tenant, activity| {
-                presence.contains_key(tenant) || activity.counts.flow(second) != Flow::default()
+                let flow = activity.counts.flow(second);
+                let keep = flow != Flow::default() || presence.contains_key(tenant);
+                if keep {
+                    activity
+                        .providers
+                        .retain(|_, (ok, refused)| ok.total(second) + refused.total(second) > 0);
+                    flows.insert(tenant.clone(), flow);
+                }
+                keep
             });
-            let mut tenants: Vec<TenantFigures> = presence
+            let mut ranked: Vec<(&TenantId, (usize, usize), Flow)> = presence
                 .iter()
-                .filter(|(tenant, _)| !state.tenants.contains_key(*tenant))
-                .map(|(tenant, (connections, users))| TenantFigures {
-                    tenant: tenant.to_string(),
-                    connections: *connections,
-                    users: *users,
-                    ..TenantFigures::default()
-                })
+                .map(|(tenant, presence)| (tenant, *presence, flows.get(tenant).copied().unwrap_or_default()))
                 .collect();
-            tenants.extend(state.tenants.iter().map(|(tenant, activity)| {
-                let (connections, users) = presence.get(tenant).copied().unwrap_or_default();
-                let webhooks = activity
-                    .providers
+            ranked.extend(
+                flows
                     .iter()
-                    .map(|(provider, (ok, refused))| {
-                        let verdicts =
-                            Verdicts { accepted: ok.total(second), refused: refused.total(second) };
-                        (provider.to_string(), verdicts)
-                    })
-                    .filter(|(_, verdicts)| *verdicts != Verdicts::default())
-                    .collect();
-                TenantFigures {
+                    .filter(|(tenant, _)| !presence.contains_key(*tenant))
+                    .map(|(t, f)| (t, (0, 0), *f)),
+            );
+            let listed = ranked.len();
+            if listed > MAX_REPORTED_TENANTS {
+                ranked.select_nth_unstable_by(MAX_REPORTED_TENANTS - 1, |a, b| {
+                    (b.1.0, b.2.traffic()).cmp(&(a.1.0, a.2.traffic()))
+                });
+                ranked.truncate(MAX_REPORTED_TENANTS);
+            }
+            let tenants: Vec<TenantFigures> = ranked
+                .into_iter()
+                .map(|(tenant, (connections, users), flow)| TenantFigures {
                     tenant: tenant.to_string(),
                     connections,
                     users,
-                    flow: activity.counts.flow(second),
-                    webhooks,
-                }
-            }));
-            let listed = tenants.len();
-            if listed > MAX_REPORTED_TENANTS {
-                tenants.select_nth_unstable_by(MAX_REPORTED_TENANTS - 1, |a, b| {
-                    (b.connections, b.flow.traffic()).cmp(&(a.connections, a.flow.traffic()))
-                });
-                tenants.truncate(MAX_REPORTED_TENANTS);
-            }
+                    flow,
+                    webhooks: state.tenants.get(tenant).map(|a| a.verdicts(second)).unwrap_or_default(),
+                })
+                .collect();
             ActivityFigures {
                 totals: state.totals.flow(second),
                 tenants_left_out: listed - tenants.len(),
@@ -242,11 +251,41 @@ impl Activity {
     }
 }
 
+impl TenantActivity {
+    /// Webhooks accepted and refused per provider, the providers beyond
+    /// [`MAX_PROVIDERS_PER_TENANT`] together as `(other)`.
+    fn verdicts(&self, second: u64) -> BTreeMap<String, Verdicts> {
+        self.providers
+            .iter()
+            .map(|(provider, (ok, refused))| {
+                let name = provider.as_ref().map_or_else(|| OTHER_PROVIDERS.to_owned(), Provider::to_string);
+                (name, Verdicts { accepted: ok.total(second), refused: refused.total(second) })
+            })
+            .filter(|(_, verdicts)| *verdicts != Verdicts::default())
+            .collect()
+    }
+
+    /// The counts of `provider`, or of the other providers once the tenant has
+    /// [`MAX_PROVIDERS_PER_TENANT`].
+    fn provider(&mut self, provider: &Provider) -> &mut (SlidingCount, SlidingCount) {
+        let key = Some(provider.clone());
+        let named = self.providers.keys().filter(|p| p.is_some()).count();
+        if self.providers.contains_key(&key) || named < MAX_PROVIDERS_PER_TENANT {
+            self.providers.entry(key).or_default()
+        } else {
+            self.providers.entry(None).or_default()
+        }
+    }
+}
+
 impl State {
     /// The activity of `tenant`, created unless [`MAX_TRACKED_TENANTS`] are tracked already.
     fn tenant(&mut self, tenant: Option<&TenantId>) -> Option<&mut TenantActivity> {
         let tenant = tenant?;
-        if !self.tenants.contains_key(tenant) && self.tenants.len() >= MAX_TRACKED_TENANTS {
+        if self.tenants.contains_key(tenant) {
+            return self.tenants.get_mut(tenant);
+        }
+        if self.tenants.len() >= MAX_TRACKED_TENANTS {
             return None;
         }
         Some(self.tenants.entry(tenant.clone()).or_default())
@@ -413,6 +452,22 @@ mod tests {
         assert_eq!(figures.tenants[0].webhooks["github"], Verdicts { accepted: 1, refused: 1 });
         assert_eq!(figures.webhook_failures.len(), FAILURES_KEPT);
         assert_eq!(figures.webhook_failures[0].tenant.as_deref(), Some("nobody"));
+    }
+
+    #[test]
+    fn made_up_provider_names_share_one_counter_beyond_the_limit() {
+        let (activity, _) = activity();
+        let acme = tenant("acme");
+        for n in 0..MAX_PROVIDERS_PER_TENANT + 10 {
+            let provider = Provider::parse(&format!("p{n}")).expect("valid");
+            let target =
+                WebhookTarget { configured: Some((&acme, &provider)), tenant: Some("acme"), provider: None };
+            activity.webhook(target, WebhookVerdict::Refused { result: "unauthorized", reason: "missing" });
+        }
+        let figures = activity.figures(&Presence::new());
+        let webhooks = &figures.tenants[0].webhooks;
+        assert_eq!(webhooks.len(), MAX_PROVIDERS_PER_TENANT + 1);
+        assert_eq!(webhooks[OTHER_PROVIDERS], Verdicts { accepted: 0, refused: 10 });
     }
 
     #[test]

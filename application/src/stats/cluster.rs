@@ -13,6 +13,8 @@ use crate::ports::Clock;
 pub const HISTORY_SAMPLES: usize = 900;
 /// An instance silent for this long is forgotten.
 pub const FORGET_AFTER_MS: u64 = 60_000;
+/// How long merged figures are reused while nothing changes.
+const MERGED_FOR_MS: u64 = 1_000;
 /// Instances listed at most; the reports of more are ignored.
 pub const MAX_INSTANCES: usize = 1024;
 
@@ -30,6 +32,9 @@ pub struct ClusterView {
     state: Mutex<ViewState>,
     /// Bumped whenever a report arrives or a sample is taken.
     changed: watch::Sender<u64>,
+    /// The figures merged at a version of `changed`, for every reader until the next change
+    /// or for [`MERGED_FOR_MS`] at most.
+    merged: Mutex<Option<(u64, Arc<ClusterStats>)>>,
 }
 
 impl std::fmt::Debug for ClusterView {
@@ -40,7 +45,12 @@ impl std::fmt::Debug for ClusterView {
 
 impl ClusterView {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
-        Self { clock, state: Mutex::new(ViewState::default()), changed: watch::Sender::new(0) }
+        Self {
+            clock,
+            state: Mutex::new(ViewState::default()),
+            changed: watch::Sender::new(0),
+            merged: Mutex::new(None),
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -68,20 +78,29 @@ impl ClusterView {
         }
     }
 
-    /// The cluster-wide figures now.
-    pub fn stats(&self) -> ClusterStats {
+    /// The cluster-wide figures, merged once per change (a report, a sample) however many
+    /// readers ask, so that their merging never holds up the reports arriving.
+    pub fn stats(&self) -> Arc<ClusterStats> {
+        let version = *self.changed.borrow();
         let now = self.now_ms();
-        self.with_state(|state| {
-            ClusterStats::merge(
-                state.reports.values().map(|(report, at)| (report, now.saturating_sub(*at))),
-                now,
-            )
-        })
+        let mut merged = self.merged.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, stats)) = merged.as_ref()
+            && *at == version
+            && now.saturating_sub(stats.generated_at_ms) < MERGED_FOR_MS
+        {
+            return stats.clone();
+        }
+        let reports: Vec<(InstanceReport, u64)> = self.with_state(|state| {
+            state.reports.values().map(|(report, at)| (report.clone(), now.saturating_sub(*at))).collect()
+        });
+        let stats = Arc::new(ClusterStats::merge(reports.iter().map(|(r, age)| (r, *age)), now));
+        *merged = Some((version, stats.clone()));
+        stats
     }
 
     /// Takes a sample of the figures now for the charts, and returns it.
     pub fn take_sample(&self) -> Sample {
-        let sample = Sample::of(&self.stats());
+        let sample = Sample::of(&self.merge_now());
         self.with_state(|state| {
             if state.samples.len() == HISTORY_SAMPLES {
                 state.samples.pop_front();
@@ -90,6 +109,17 @@ impl ClusterView {
         });
         self.changed.send_modify(|version| *version = version.wrapping_add(1));
         sample
+    }
+
+    /// The figures merged now, whatever the cache holds.
+    fn merge_now(&self) -> ClusterStats {
+        let now = self.now_ms();
+        self.with_state(|state| {
+            ClusterStats::merge(
+                state.reports.values().map(|(report, at)| (report, now.saturating_sub(*at))),
+                now,
+            )
+        })
     }
 
     /// The samples taken after `after_ms` (Unix ms), oldest first.

@@ -175,6 +175,8 @@ pub struct TenantStats {
     pub users: usize,
     /// Instances the tenant has connections on.
     pub instances: usize,
+    /// The tenant's connections on each instance that has some, by instance id.
+    pub connections_by_instance: BTreeMap<String, usize>,
     #[serde(flatten)]
     pub flow: FlowStats,
     pub webhooks: BTreeMap<String, Verdicts>,
@@ -195,6 +197,7 @@ pub struct Totals {
     pub instances: usize,
     pub connections: usize,
     pub subscriptions: usize,
+    /// Tenants the reports name (each instance names its busiest).
     pub tenants: usize,
     #[serde(flatten)]
     pub flow: FlowStats,
@@ -211,7 +214,8 @@ pub struct ClusterStats {
     pub totals: Totals,
     /// Busiest first: by connections, then by messages.
     pub tenants: Vec<TenantStats>,
-    /// Tenants some instance left out of its report (it names its busiest only).
+    /// Tenants left out of `tenants`: by an instance's report (it names its busiest only; a
+    /// tenant left out by two instances counts twice), or beyond [`MAX_REPORTED_TENANTS`] here.
     pub tenants_left_out: usize,
     pub top_channels: Vec<ChannelStats>,
     pub webhook_failures: Vec<WebhookFailure>,
@@ -241,10 +245,10 @@ impl ClusterStats {
                 report_age_ms: age_ms,
                 silent,
             });
-            failures.extend(&report.webhook_failures);
             if silent {
                 continue;
             }
+            failures.extend(&report.webhook_failures);
             live += 1;
             connections += report.connections;
             subscriptions += report.subscriptions;
@@ -254,7 +258,10 @@ impl ClusterStats {
                 let sum = tenants.entry(&figures.tenant).or_default();
                 sum.connections += figures.connections;
                 sum.users += figures.users;
-                sum.instances += usize::from(figures.connections > 0);
+                if figures.connections > 0 {
+                    sum.instances += 1;
+                    sum.by_instance.insert(report.id.clone(), figures.connections);
+                }
                 sum.flow.add(&figures.flow);
                 for (provider, verdicts) in &figures.webhooks {
                     let entry = sum.webhooks.entry(provider.clone()).or_default();
@@ -275,6 +282,7 @@ impl ClusterStats {
                 connections: sum.connections,
                 users: sum.users,
                 instances: sum.instances,
+                connections_by_instance: sum.by_instance,
                 flow: sum.flow.into(),
                 webhooks: sum.webhooks,
             })
@@ -285,6 +293,7 @@ impl ClusterStats {
                 .cmp(&(a.connections, traffic(a)))
                 .then_with(|| a.tenant.cmp(&b.tenant))
         });
+        left_out += tenants.len().saturating_sub(MAX_REPORTED_TENANTS);
         tenants.truncate(MAX_REPORTED_TENANTS);
         let mut top_channels: Vec<ChannelStats> = channels
             .into_iter()
@@ -324,6 +333,7 @@ struct TenantStatsSum {
     connections: usize,
     users: usize,
     instances: usize,
+    by_instance: BTreeMap<String, usize>,
     flow: Flow,
     webhooks: BTreeMap<String, Verdicts>,
 }
@@ -416,6 +426,9 @@ mod tests {
         assert_eq!(stats.totals.flow.messages_in_per_sec, 3.0);
         let acme = &stats.tenants[0];
         assert_eq!((acme.tenant.as_str(), acme.connections, acme.instances), ("acme", 5, 2));
+        let by_instance: Vec<(&str, usize)> =
+            acme.connections_by_instance.iter().map(|(id, n)| (id.as_str(), *n)).collect();
+        assert_eq!(by_instance, [("a", 3), ("b", 2)]);
         assert_eq!(acme.flow.messages_in_per_sec, 3.0);
         assert_eq!(stats.tenants[1].tenant, "globex");
         assert_eq!(stats.top_channels[0].messages_last_minute, 120, "summed over live instances");

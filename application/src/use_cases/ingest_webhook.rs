@@ -269,7 +269,6 @@ impl IngestWebhook {
     }
 }
 
-/// The tenant a webhook is addressed to: the path's, or the `x-tenant-id` header's.
 /// Counts a webhook in `activity`: per tenant and provider when both are configured, and as a
 /// failure (with the names the request gave, when they are valid) when it was refused.
 fn record(
@@ -299,6 +298,7 @@ fn record(
     }
 }
 
+/// The tenant a webhook is addressed to: the path's, or the `x-tenant-id` header's.
 fn tenant(request: &WebhookRequest<'_>) -> Result<TenantId, WebhookError> {
     let header = request.headers.get(TENANT_HEADER);
     let name = match (request.path_tenant, header) {

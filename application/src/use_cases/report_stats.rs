@@ -85,15 +85,16 @@ impl ReportStats {
         }
     }
 
-    /// Keeps this instance's figures, sends them to every other instance (when the broker
-    /// takes them), and takes the second's sample for the charts.
+    /// Keeps this instance's figures, takes the second's sample for the charts, then sends the
+    /// figures to every other instance (when the broker takes them: a broker that hangs delays
+    /// the next round, never the sample).
     pub async fn report(&self, draining: bool) {
         let report = self.own_report(draining);
         self.cluster.receive(report.clone());
+        self.cluster.take_sample();
         if let Err(error) = self.broker.publish_control(&ControlCommand::Report(Box::new(report))).await {
             tracing::debug!(%error, "statistics not sent to the other instances");
         }
-        self.cluster.take_sample();
     }
 }
 

@@ -176,6 +176,8 @@
       cell(row, number(t.connections), "n connections");
       cell(row, number(t.users), "n");
       cell(row, number(t.instances), "n");
+      const spread = Object.entries(t.connections_by_instance).map(([id, n]) => `${id} ${n}`);
+      cell(row, spread.join(", ") || "–", "mono per-instance");
       cell(row, rate(t.messages_in_per_sec), "n messages-in");
       cell(row, rate(t.messages_out_per_sec), "n");
       const hooks = Object.entries(t.webhooks).map(([p, v]) => `${p} ${v.accepted} / ${v.refused}`);

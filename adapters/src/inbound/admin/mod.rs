@@ -1,13 +1,14 @@
 //! The operators' dashboard at `GET /admin`: one page, its script and style, embedded in the
 //! binary. The page signs in with a server API key typed into it (kept in the tab's session
 //! storage, never in a URL), reads `GET /api/stats/stream` and acts through `POST
-//! /api/disconnect` and `POST /api/publish`. In demo mode, `GET /admin/config` hands the page
-//! the demo's key.
+//! /api/disconnect` and `POST /api/publish`. In demo mode, `GET /admin/config` hands the demo's
+//! key to a page of this machine (a loopback peer naming a loopback host), and to nobody else.
 
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::console::asset;
+use crate::inbound::http::PeerAddr;
 
 const PAGE: &str = include_str!("admin.html");
 const SCRIPT: &str = include_str!("admin.js");
@@ -43,12 +44,57 @@ pub fn routes(
         .map(|| asset(SCRIPT, "text/javascript; charset=utf-8"));
     let style =
         warp::path!("admin" / "admin.css").and(warp::get()).map(|| asset(STYLE, "text/css; charset=utf-8"));
-    let config = warp::path!("admin" / "config").and(warp::get()).map(move || {
-        let mut response = warp::reply::json(&serde_json::json!({"demo_key": demo_key})).into_response();
-        response
-            .headers_mut()
-            .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
-        response
-    });
+    let config = warp::path!("admin" / "config")
+        .and(warp::get())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::header::optional::<String>("host"))
+        .map(move |peer: Option<PeerAddr>, host: Option<String>| {
+            // The demo key opens the whole server API: only a page of this machine gets it.
+            let local = peer.is_some_and(|peer| peer.0.ip().is_loopback())
+                && host.as_deref().is_some_and(names_this_machine);
+            let key = demo_key.as_ref().filter(|_| local);
+            let mut response = warp::reply::json(&serde_json::json!({"demo_key": key})).into_response();
+            response
+                .headers_mut()
+                .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            response
+        });
     on.and(page.or(script).unify().or(style).unify().or(config).unify())
+}
+
+/// Whether a `Host` header names this machine by a loopback name (`localhost`, `127.x.y.z`,
+/// `[::1]`, with or without a port), rather than a name that merely resolves to it (a DNS
+/// rebinding page's).
+fn names_this_machine(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_this_machine;
+
+    #[test]
+    fn only_loopback_names_name_this_machine() {
+        for local in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST:1",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(names_this_machine(local), "{local}");
+        }
+        for other in
+            ["example.com", "evil.localhost.example:8080", "10.0.0.1:8080", "[::2]:80", "", "0.0.0.0:8080"]
+        {
+            assert!(!names_this_machine(other), "{other}");
+        }
+    }
 }
