@@ -212,18 +212,23 @@ pub trait TokenVerifier: Send + Sync {
     async fn verify(&self, token: &str) -> Result<Claims, TokenError>;
 }
 
-/// Why a webhook signature was refused. Every variant means the same HTTP 401.
+/// Why a webhook signature was refused, in words that tell the sender what to fix (never a
+/// secret, nor what the right signature would be).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
-    #[error("signature header is missing")]
-    Missing,
-    #[error("signature header is malformed")]
-    Malformed,
-    #[error("signature does not match")]
+    /// The scheme's signature header (or one of its headers) is absent or empty.
+    #[error("the {header} header is missing")]
+    Missing { header: &'static str },
+    /// The header is there but not in the scheme's format.
+    #[error("the signature header is malformed: expected {expected}")]
+    Malformed { expected: &'static str },
+    #[error("the signature does not match: signed with another secret, or the body changed on the way")]
     Mismatch,
-    #[error("signature timestamp is outside the tolerance")]
-    Expired,
-    #[error("tenant has no webhook secret for this provider")]
+    /// The signed timestamp is further from the server's clock than the scheme tolerates.
+    #[error("the signature's timestamp is more than {tolerance_secs} s away from the server's clock")]
+    Expired { tolerance_secs: u64 },
+    /// No secret is configured for this tenant and provider.
+    #[error("no webhook secret is configured for this tenant and provider")]
     UnknownTenant,
 }
 

@@ -295,9 +295,28 @@ async fn tokens_and_secrets_never_appear_in_the_logs() {
         .expect("request");
     assert!(WsClient::connect(request).await.is_err());
     client.close().await;
+    // A refused webhook: its reason is logged at INFO with the id its answer carries.
+    let body = br#"{"n":1}"#.to_vec();
+    let refused = reqwest::Client::new()
+        .post(format!("http://{}/webhooks/github/acme", process.addr))
+        .header("x-signature", signature("not-the-webhook-secret", &body))
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(refused.status(), 401);
+    let request_id = refused.headers()["x-request-id"].to_str().expect("ASCII").to_owned();
     process.signal("TERM");
     let (code, output) = process.exit(Duration::from_secs(10)).await;
     assert_eq!(code, Some(0));
+    let refusal = output
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["message"] == "request refused" && line["request_id"] == request_id.as_str())
+        .unwrap_or_else(|| panic!("no refusal logged for {request_id}: {output:?}"));
+    assert_eq!(refusal["level"], "INFO");
+    assert_eq!(refusal["code"], "signature_mismatch");
+    assert!(refusal["reason"].as_str().is_some_and(|r| r.contains("does not match")), "{refusal}");
     for line in &output {
         assert!(
             serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),

@@ -27,7 +27,7 @@ async fn publish(app: &TestApp, key: Option<&str>, body: &Value) -> Answer {
 }
 
 #[tokio::test]
-async fn without_a_valid_key_every_call_is_refused_with_401() {
+async fn without_keys_the_api_says_it_is_off_and_without_a_valid_key_every_call_is_refused_with_401() {
     let body = json!({"channel": "tenant:acme", "type": "notice", "payload": 1});
     let kick = json!({"tenant_id": "acme", "user_id": "bob"});
     // Every call of the API, with `key` as its bearer when given.
@@ -42,16 +42,20 @@ async fn without_a_valid_key_every_call_is_refused_with_401() {
             Answer::from_response(presence.send().await.expect("request")).await,
         ]
     }
-    // No keys configured: the API is off, whatever key is sent.
+    // No keys configured: the API is off, whatever key is sent, and says so.
     let closed = spawn_app().await;
     let mut client = closed.connect("bob", "acme").await;
     for key in [Some(KEY), None] {
         for answer in every_call(&closed, key, &body, &kick).await {
             assert_eq!(
                 (answer.status, answer.body["code"].as_str()),
-                (401, Some("unauthorized")),
+                (404, Some("api_disabled")),
                 "no keys: API off ({key:?}): {}",
                 answer.body
+            );
+            assert_eq!(
+                answer.body["message"],
+                "the server API is off on this deployment: no API_KEYS are configured"
             );
         }
     }

@@ -110,7 +110,7 @@ async fn either_instance_reports_the_connections_messages_and_webhooks_of_both()
     let wrong = a.post_signed_webhook("github", "acme", "not-the-secret", &json!({})).await;
     assert_eq!(wrong.status, 401);
     let stranger = a.post_signed_webhook("github", "nobody", ACME_SECRET, &json!({})).await;
-    assert_eq!(stranger.status, 401);
+    assert_eq!(stranger.status, 404);
 
     for (name, app) in [("a", &a), ("b", &b)] {
         let seen = until(app, &format!("instance {name} sees both instances' figures"), |s| {
@@ -166,14 +166,15 @@ async fn either_instance_reports_the_connections_messages_and_webhooks_of_both()
         );
         let failures = seen["webhook_failures"].as_array().expect("failures");
         assert_eq!(failures[0]["tenant"], "nobody", "newest first");
-        assert_eq!(
-            failures[0]["reason"],
-            "invalid signature: tenant has no webhook secret for this provider"
-        );
+        assert_eq!(failures[0]["result"], "not_found");
+        assert_eq!(failures[0]["reason"], "no webhook secret is configured for this tenant and provider");
         assert_eq!(failures[1]["tenant"], "acme");
         assert_eq!(failures[1]["provider"], "github");
         assert_eq!(failures[1]["result"], "unauthorized");
-        assert_eq!(failures[1]["reason"], "invalid signature: signature does not match");
+        assert_eq!(
+            failures[1]["reason"],
+            "the signature does not match: signed with another secret, or the body changed on the way"
+        );
         let text = seen.to_string();
         for secret in ["not-the-secret", ACME_SECRET, KEY] {
             assert!(!text.contains(secret), "no secret in the statistics");

@@ -64,9 +64,15 @@ async fn next_webhook(client: &mut WsClient, message_id: &Value) -> Value {
     frame["payload"].clone()
 }
 
-fn assert_unauthorized(answer: &Answer) {
-    assert_eq!(answer.status, 401, "{:?}", answer.body);
-    assert_eq!(answer.body, json!({"code": "unauthorized", "message": "invalid signature"}));
+/// The answer is `status` with `code`, and its message holds `says`.
+fn assert_refused(answer: &Answer, status: u16, code: &str, says: &str) {
+    assert_eq!((answer.status, answer.body["code"].as_str()), (status, Some(code)), "{:?}", answer.body);
+    let message = answer.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "{message:?} should say {says:?}");
+}
+
+fn assert_mismatch(answer: &Answer) {
+    assert_refused(answer, 401, "signature_mismatch", "the signature does not match");
 }
 
 #[tokio::test]
@@ -121,12 +127,17 @@ async fn during_a_rotation_both_secrets_are_accepted_and_any_other_is_refused() 
     // provider's own entry replaces.
     for secret in ["gh-removed-secret", ACME_SECRET] {
         let signature = sign::sha256_header(secret.as_bytes(), b"{}");
-        assert_unauthorized(
+        assert_mismatch(
             &app.post_with("/webhooks/github/acme", &[("x-hub-signature-256", &signature)], b"{}").await,
         );
     }
     let legacy = sign::sha256_header(ACME_SECRET.as_bytes(), b"{}");
-    assert_unauthorized(&app.post_with("/webhooks/github/acme", &[("x-signature", &legacy)], b"{}").await);
+    assert_refused(
+        &app.post_with("/webhooks/github/acme", &[("x-signature", &legacy)], b"{}").await,
+        401,
+        "signature_missing",
+        "the X-Hub-Signature-256 header is missing",
+    );
     // Providers without an entry keep the tenant's WEBHOOK_SECRETS secret, without an event.
     let answer = app.post_with("/webhooks/shop/acme", &[("x-signature", &legacy)], b"{}").await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
@@ -170,7 +181,7 @@ async fn a_stripe_event_arrives_with_its_type_inside_the_tolerance_and_is_refuse
             assert_eq!(answer.status, 200, "{offset}: {:?}", answer.body);
             assert_eq!(next_webhook(&mut client, &answer.body["message_id"]).await["event"], "invoice.paid");
         } else {
-            assert_unauthorized(&answer);
+            assert_refused(&answer, 401, "signature_expired", "more than 60 s away from the server's clock");
         }
     }
     client.expect_nothing_pending().await;
@@ -214,7 +225,7 @@ async fn a_standard_webhooks_message_arrives_once_per_webhook_id_within_five_min
             assert_eq!(answer.status, 200, "{offset}: {:?}", answer.body);
             next_webhook(&mut client, &answer.body["message_id"]).await;
         } else {
-            assert_unauthorized(&answer);
+            assert_refused(&answer, 401, "signature_expired", "more than 300 s away from the server's clock");
         }
     }
     // The signature covers the id: the same signature and timestamp under another id are refused,
@@ -222,7 +233,7 @@ async fn a_standard_webhooks_message_arrives_once_per_webhook_id_within_five_min
     let at = now();
     let t = at.to_string();
     let signature = sign::standard_webhooks(STANDARD_SECRET, "msg_own", at, body).expect("secret");
-    assert_unauthorized(
+    assert_mismatch(
         &app.post_with("/webhooks/billing/acme", &standard_headers("msg_other", &t, &signature), body).await,
     );
     let own =
@@ -233,26 +244,70 @@ async fn a_standard_webhooks_message_arrives_once_per_webhook_id_within_five_min
 }
 
 #[tokio::test]
-async fn unknown_tenants_and_providers_wrong_schemes_and_wrong_signatures_get_the_same_401() {
+async fn unknown_endpoints_wrong_schemes_and_wrong_signatures_each_get_an_answer_that_says_what_to_fix() {
     let (app, _file) = spawn().await;
     let body = stripe_event("evt_probe");
     let stripe = sign::stripe(STRIPE_SECRET, now(), &body);
     let github = sign::sha256_header(b"gh-new-secret", &body);
-    let cases: [(&str, (&str, &str)); 6] = [
+    let stripe_format = "expected Stripe-Signature: t=<Unix seconds>,v1=<64 hex digits";
+    // Path, header, then the status, code and words of the answer.
+    type Case<'a> = (&'a str, (&'a str, &'a str), u16, &'a str, &'a str);
+    let cases: [Case<'_>; 7] = [
         // A tenant nobody configured.
-        ("/webhooks/stripe/initech", ("stripe-signature", &stripe)),
+        (
+            "/webhooks/stripe/initech",
+            ("stripe-signature", &stripe),
+            404,
+            "unknown_webhook_endpoint",
+            "no webhook secret is configured for this tenant and provider",
+        ),
         // A tenant with only its WEBHOOK_SECRETS secret, under the hmac-sha256 scheme.
-        ("/webhooks/stripe/globex", ("stripe-signature", &stripe)),
+        (
+            "/webhooks/stripe/globex",
+            ("stripe-signature", &stripe),
+            401,
+            "signature_missing",
+            "the x-signature header is missing",
+        ),
         // Stripe's signature sent to the GitHub endpoint, and GitHub's to Stripe's.
-        ("/webhooks/github/acme", ("stripe-signature", &stripe)),
-        ("/webhooks/stripe/acme", ("x-hub-signature-256", &github)),
-        // A wrong signature, and none.
-        ("/webhooks/stripe/acme", ("stripe-signature", "t=1,v1=00")),
-        ("/webhooks/stripe/acme", ("x-nothing", "")),
+        (
+            "/webhooks/github/acme",
+            ("stripe-signature", &stripe),
+            401,
+            "signature_missing",
+            "the X-Hub-Signature-256 header is missing",
+        ),
+        (
+            "/webhooks/stripe/acme",
+            ("x-hub-signature-256", &github),
+            401,
+            "signature_missing",
+            "the Stripe-Signature header is missing",
+        ),
+        // A signature in the wrong format, a wrong one, and none.
+        ("/webhooks/stripe/acme", ("stripe-signature", "v1=00"), 401, "signature_malformed", stripe_format),
+        (
+            "/webhooks/github/acme",
+            ("x-hub-signature-256", &github[7..]),
+            401,
+            "signature_malformed",
+            "expected X-Hub-Signature-256: sha256=<64 hex digits",
+        ),
+        (
+            "/webhooks/stripe/acme",
+            ("x-nothing", ""),
+            401,
+            "signature_missing",
+            "the Stripe-Signature header is missing",
+        ),
     ];
-    for (path, header) in cases {
-        assert_unauthorized(&app.post_with(path, &[header], &body).await);
+    for (path, header, status, code, says) in cases {
+        let answer = app.post_with(path, &[header], &body).await;
+        assert_refused(&answer, status, code, says);
+        assert!(answer.headers.contains_key("x-request-id"), "{path}: every answer names its request");
     }
+    let wrong = sign::stripe("whsec_not_this_one", now(), &body);
+    assert_mismatch(&app.post_with("/webhooks/stripe/acme", &[("stripe-signature", &wrong)], &body).await);
 }
 
 #[tokio::test]
@@ -271,14 +326,14 @@ async fn the_tenant_in_the_path_must_agree_with_the_header_and_a_providers_body_
     let answer =
         app.post_with("/webhooks/github/not%20valid", &[("x-hub-signature-256", &signature)], b"{}").await;
     assert_eq!(answer.status, 400, "{:?}", answer.body);
-    // `tiny` accepts 64 bytes: a larger signed body is 413, an unsigned one 401 as any other.
+    // `tiny` accepts 64 bytes: a larger signed body is 413, a wrongly signed one 401 as any other.
     let big = format!(r#"{{"padding":"{}"}}"#, "x".repeat(80));
     let signed = sign::sha256_header(b"tiny-secret", big.as_bytes());
     let answer =
         app.post_with("/webhooks/tiny/acme", &[("x-hub-signature-256", &signed)], big.as_bytes()).await;
     assert_eq!(answer.status, 413, "{:?}", answer.body);
     assert_eq!(answer.body["code"], "payload_too_large");
-    assert_unauthorized(
+    assert_mismatch(
         &app.post_with("/webhooks/tiny/acme", &[("x-hub-signature-256", &signature)], big.as_bytes()).await,
     );
     let small = sign::sha256_header(b"tiny-secret", b"{}");

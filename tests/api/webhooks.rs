@@ -49,25 +49,79 @@ async fn a_webhook_without_a_tenant_header_is_refused_with_400() {
 }
 
 #[tokio::test]
-async fn every_signature_failure_gets_the_same_401_so_tenants_cannot_be_probed() {
+async fn each_signature_failure_gets_its_own_answer_naming_the_request() {
     let app = spawn_app().await;
     let body = br#"{"a":1}"#.to_vec();
+    let hex = &signature(ACME_SECRET, &body)["sha256=".len()..];
     let cases = [
-        ("missing signature", "acme", None),
-        ("wrong secret", "acme", Some(signature(GLOBEX_SECRET, &body))),
-        ("signature of another body", "acme", Some(signature(ACME_SECRET, b"{\"a\":2}"))),
-        ("not sha256=", "acme", Some("sha1=0123".to_owned())),
-        ("tenant without a secret", "nosecret", Some(signature(ACME_SECRET, &body))),
-        ("unknown tenant", "initech", Some(signature("anything", &body))),
+        ("missing signature", "acme", None, 401, "signature_missing", "the x-signature header is missing"),
+        (
+            "wrong secret",
+            "acme",
+            Some(signature(GLOBEX_SECRET, &body)),
+            401,
+            "signature_mismatch",
+            "the signature does not match",
+        ),
+        (
+            "signature of another body",
+            "acme",
+            Some(signature(ACME_SECRET, b"{\"a\":2}")),
+            401,
+            "signature_mismatch",
+            "the signature does not match",
+        ),
+        (
+            "not sha256=",
+            "acme",
+            Some("sha1=0123".to_owned()),
+            401,
+            "signature_malformed",
+            "expected x-signature: sha256=<64 hex digits",
+        ),
+        (
+            "the hex without sha256=",
+            "acme",
+            Some(hex.to_owned()),
+            401,
+            "signature_malformed",
+            "expected x-signature: sha256=<64 hex digits",
+        ),
+        (
+            "tenant without a secret",
+            "nosecret",
+            Some(signature(ACME_SECRET, &body)),
+            404,
+            "unknown_webhook_endpoint",
+            "no webhook secret is configured for this tenant and provider",
+        ),
     ];
-    let mut bodies = Vec::new();
-    for (case, tenant, signature) in cases {
+    for (case, tenant, signature, status, code, says) in cases {
         let answer = app.post_webhook("github", Some(tenant), signature.as_deref(), body.clone()).await;
-        assert_eq!(answer.status, 401, "{case}");
-        bodies.push(answer.body);
+        assert_eq!(
+            (answer.status, answer.body["code"].as_str()),
+            (status, Some(code)),
+            "{case}: {}",
+            answer.body
+        );
+        let message = answer.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{case}: {message}");
+        for secret in [ACME_SECRET, GLOBEX_SECRET] {
+            assert!(!message.contains(secret), "{case}: no secret in the answer");
+        }
+        assert!(answer.headers.contains_key("x-request-id"), "{case}");
     }
-    assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "{bodies:?}");
-    assert_eq!(bodies[0]["code"], "unauthorized");
+    // A sender's own request id comes back, so that it can quote it to the operator.
+    let response = app
+        .http
+        .post(app.url("/webhooks/github"))
+        .header("x-tenant-id", "acme")
+        .header("x-request-id", "delivery-42.retry_1")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.headers()["x-request-id"], "delivery-42.retry_1");
 }
 
 #[tokio::test]

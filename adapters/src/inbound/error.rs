@@ -53,10 +53,19 @@ impl ApiError {
     }
 }
 
+/// What an error answer said, kept in the response's extensions so that the refusal is logged
+/// once, with the request's id, where every answer passes.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
 impl Reply for ApiError {
     fn into_response(self) -> Response {
         let body = Body { code: self.code, message: &self.message };
         let mut response = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        response.extensions_mut().insert(Refusal { code: self.code, message: self.message.clone() });
         if let Some(secs) = self.retry_after_secs {
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use application::ports::Headers;
+use application::ports::{Headers, SignatureError};
 use application::use_cases::ingest_webhook::TENANT_HEADER;
 use application::{Realtime, WebhookError, WebhookRequest};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -19,7 +19,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::admin::{self, AdminSettings};
 use crate::inbound::console::{self, ConsoleSettings};
-use crate::inbound::error::{ApiError, recover};
+use crate::inbound::error::{ApiError, Refusal, recover};
 use crate::inbound::server_api;
 use crate::inbound::sse::{self, SseSettings};
 use crate::inbound::ws::{self, WsSettings};
@@ -95,6 +95,7 @@ pub async fn serve(
 ) {
     let header_read_timeout = http.header_read_timeout;
     let service = warp::service(routes(app, http));
+    let ids = Arc::new(RequestIds::new());
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     // Every connection task holds a sender; the receiver sees the channel close once the last
@@ -120,7 +121,11 @@ pub async fn serve(
         // Bounds the kernel's buffering towards a client that stops reading, so a slow
         // consumer fills its (bounded) outbound queue instead of server memory.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
-        let service = TowerToHyperService::new(WithPeer { inner: service.clone(), peer: PeerAddr(peer) });
+        let service = TowerToHyperService::new(WithPeer {
+            inner: service.clone(),
+            peer: PeerAddr(peer),
+            ids: ids.clone(),
+        });
         // Served as `TokioIo<TcpStream>`, so the WebSocket upgrade gets the socket itself back.
         let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let (alive, mut shutdown) = (alive.clone(), shutdown.clone());
@@ -156,6 +161,38 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 struct WithPeer<S> {
     inner: S,
     peer: PeerAddr,
+    ids: Arc<RequestIds>,
+}
+
+/// The id of a request: the client's `x-request-id` when it is 1 to 64 characters of
+/// `A-Z a-z 0-9 . _ -`, otherwise one drawn here. Refusals are logged with it, and every answer
+/// carries it back in `x-request-id`, so a sender can quote it to the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub Arc<str>);
+
+/// Draws request ids: a per-process random prefix and a counter.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let prefix = crate::outbound::system::random_hex(4).unwrap_or_else(|_| "00000000".to_owned());
+        Self { prefix, next: std::sync::atomic::AtomicU64::new(1) }
+    }
+
+    fn of<B>(&self, request: &http::Request<B>) -> RequestId {
+        let given = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::trim);
+        match given.filter(|id| domain::MessageId::parse(id).is_ok() && id.len() <= 64) {
+            Some(id) => RequestId(id.into()),
+            None => {
+                let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                RequestId(format!("{}-{n}", self.prefix).into())
+            }
+        }
+    }
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for WithPeer<S>
@@ -171,7 +208,9 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let id = self.ids.of(&request);
         request.extensions_mut().insert(self.peer);
+        request.extensions_mut().insert(id);
         self.inner.call(request)
     }
 }
@@ -205,11 +244,12 @@ pub fn routes(
         .or(by_path)
         .unify()
         .and(with((app.clone(), bodies)))
+        .and(warp::ext::optional::<RequestId>())
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(webhook);
-    health
+    let routes = health
         .or(ready)
         .unify()
         .or(metrics_route(metrics))
@@ -227,7 +267,26 @@ pub fn routes(
         .or(console::routes(app, http.console))
         .unify()
         .recover(recover)
-        .unify()
+        .unify();
+    warp::ext::optional::<RequestId>()
+        .and(routes)
+        .map(|id: Option<RequestId>, mut response: Response| {
+            let id = id.map_or_else(|| Arc::from("-"), |id| id.0);
+            if let Some(refusal) = response.extensions().get::<Refusal>() {
+                tracing::info!(
+                    target: "lq_realtime::http",
+                    request_id = %id,
+                    status = response.status().as_u16(),
+                    code = refusal.code,
+                    reason = %refusal.message,
+                    "request refused"
+                );
+            }
+            if let Ok(value) = http::HeaderValue::from_str(&id) {
+                response.headers_mut().insert("x-request-id", value);
+            }
+            response
+        })
         .with(warp::log::custom(log_request))
 }
 
@@ -329,6 +388,7 @@ pub(crate) fn refuse_announced_too_large(content_length: Option<u64>) -> Result<
 async fn webhook<S, B>(
     (provider, path_tenant): (String, Option<String>),
     (app, bodies): (Arc<Realtime>, Arc<tokio::sync::Semaphore>),
+    request_id: Option<RequestId>,
     content_length: Option<u64>,
     headers: HeaderMap,
     body: S,
@@ -359,6 +419,7 @@ where
         "webhook",
         provider = domain::Provider::parse(&provider).ok().map(|p| p.to_string()),
         tenant = tenant.and_then(|t| domain::TenantId::parse(t).ok()).map(|t| t.to_string()),
+        request_id = request_id.as_ref().map(|id| id.0.to_string()),
     );
     let outcome = tracing::Instrument::instrument(app.webhooks().ingest(request), span.clone()).await;
     let _entered = span.enter();
@@ -373,6 +434,7 @@ where
             Ok(warp::reply::json(&body).into_response())
         }
         Err(error) => {
+            // Logged at INFO with the request id where every answer passes (see `routes`).
             tracing::debug!(%error, "webhook refused");
             Err(warp::reject::custom(webhook_error(&error)))
         }
@@ -389,8 +451,22 @@ pub(crate) fn webhook_error(error: &WebhookError) -> ApiError {
         WebhookError::TooLarge(_) => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", error.to_string())
         }
-        // One answer for every signature problem, so tenants cannot be probed.
-        WebhookError::Unauthorized(_) => ApiError::unauthorized("invalid signature"),
+        WebhookError::Unauthorized(why) => {
+            let code = match why {
+                SignatureError::UnknownTenant => {
+                    return ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "unknown_webhook_endpoint",
+                        format!("{why} (WEBHOOK_SECRETS or WEBHOOK_CONFIG)"),
+                    );
+                }
+                SignatureError::Missing { .. } => "signature_missing",
+                SignatureError::Malformed { .. } => "signature_malformed",
+                SignatureError::Mismatch => "signature_mismatch",
+                SignatureError::Expired { .. } => "signature_expired",
+            };
+            ApiError::new(StatusCode::UNAUTHORIZED, code, why.to_string())
+        }
         WebhookError::InvalidJson(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", error.to_string())
         }

@@ -71,6 +71,7 @@ pub(crate) fn bearer(authorization: Option<&str>) -> Option<&str> {
 pub(crate) fn api_rejection(error: &ServerApiError) -> Rejection {
     warp::reject::custom(match error {
         ServerApiError::Unauthorized => ApiError::unauthorized(error.to_string()),
+        ServerApiError::Disabled => ApiError::new(StatusCode::NOT_FOUND, "api_disabled", error.to_string()),
         ServerApiError::BadRequest(message) => ApiError::bad_request(message.clone()),
         ServerApiError::InProgress => ApiError::new(StatusCode::CONFLICT, "in_progress", error.to_string()),
         ServerApiError::Broker(_) | ServerApiError::History(HistoryError::Unavailable(_)) => {

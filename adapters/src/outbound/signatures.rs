@@ -242,12 +242,12 @@ impl WebhookVerifier for SignatureVerifier {
         let headers = webhook.headers;
         let mut verified = match endpoint.scheme {
             Scheme::HmacSha256 => {
-                check_sha256_header(endpoint, headers.get("x-signature"), webhook.body)?;
+                check_sha256_header(endpoint, HMAC_HEADER, headers.get(HMAC_HEADER.1), webhook.body)?;
                 let delivery_id = DELIVERY_ID_HEADERS.iter().find_map(|name| headers.get(name));
                 Verified { delivery_id: delivery_id.map(str::to_owned), ..Verified::default() }
             }
             Scheme::GitHub => {
-                check_sha256_header(endpoint, headers.get("x-hub-signature-256"), webhook.body)?;
+                check_sha256_header(endpoint, GITHUB_HEADER, headers.get(GITHUB_HEADER.1), webhook.body)?;
                 Verified {
                     event: headers.get("x-github-event").map(str::to_owned),
                     delivery_id: headers.get("x-github-delivery").map(str::to_owned),
@@ -255,7 +255,7 @@ impl WebhookVerifier for SignatureVerifier {
                 }
             }
             Scheme::Stripe => {
-                check_stripe(endpoint, headers.get("stripe-signature"), webhook.body, now)?;
+                check_stripe(endpoint, headers.get(STRIPE_HEADER.1), webhook.body, now)?;
                 let fields = body_fields(webhook.body);
                 Verified { event: fields.kind, delivery_id: fields.id, max_body_bytes: None }
             }
@@ -302,15 +302,44 @@ fn sha256_header(value: &str) -> Option<Vec<u8>> {
     value.strip_prefix(SHA256_PREFIX).and_then(decode_hex).filter(|bytes| bytes.len() == 32)
 }
 
-fn check_sha256_header(endpoint: &Endpoint, header: Option<&str>, body: &[u8]) -> Result<(), SignatureError> {
-    let provided = sha256_header(header.ok_or(SignatureError::Missing)?).ok_or(SignatureError::Malformed)?;
+/// A scheme's signature header: how errors name it, how it is looked up, and its format.
+type SignatureHeader = (&'static str, &'static str, &'static str);
+
+const HMAC_HEADER: SignatureHeader =
+    ("x-signature", "x-signature", "x-signature: sha256=<64 hex digits of the HMAC-SHA256 of the raw body>");
+const GITHUB_HEADER: SignatureHeader = (
+    "X-Hub-Signature-256",
+    "x-hub-signature-256",
+    "X-Hub-Signature-256: sha256=<64 hex digits of the HMAC-SHA256 of the raw body>",
+);
+const STRIPE_HEADER: SignatureHeader = (
+    "Stripe-Signature",
+    "stripe-signature",
+    "Stripe-Signature: t=<Unix seconds>,v1=<64 hex digits of the HMAC-SHA256 of \"<t>.<raw body>\">",
+);
+/// Standard Webhooks' three headers, and their formats.
+const STANDARD_HEADERS: &str = "webhook-id, webhook-timestamp and webhook-signature";
+const STANDARD_FORMAT: &str = "webhook-timestamp: <Unix seconds>, webhook-signature: v1,<base64 HMAC-SHA256 of \"<id>.<timestamp>.<raw body>\"> (several separated by spaces)";
+
+fn check_sha256_header(
+    endpoint: &Endpoint,
+    (name, _, expected): SignatureHeader,
+    header: Option<&str>,
+    body: &[u8],
+) -> Result<(), SignatureError> {
+    let header = header.ok_or(SignatureError::Missing { header: name })?;
+    let provided = sha256_header(header).ok_or(SignatureError::Malformed { expected })?;
     if any_matches(endpoint, &[body], &[provided]) { Ok(()) } else { Err(SignatureError::Mismatch) }
 }
 
 /// Refuses a timestamp more than the endpoint's tolerance away from `now`, either way.
 fn check_timestamp(endpoint: &Endpoint, timestamp: i64, now: u64) -> Result<(), SignatureError> {
     let distance = (i128::from(timestamp) - i128::from(now)).unsigned_abs();
-    if distance > u128::from(endpoint.tolerance_secs) { Err(SignatureError::Expired) } else { Ok(()) }
+    if distance > u128::from(endpoint.tolerance_secs) {
+        Err(SignatureError::Expired { tolerance_secs: endpoint.tolerance_secs })
+    } else {
+        Ok(())
+    }
 }
 
 /// `Stripe-Signature: t=<seconds>,v1=<hex>[,v1=<hex>…]` (other schemes such as `v0` ignored).
@@ -320,7 +349,9 @@ fn check_stripe(
     body: &[u8],
     now: u64,
 ) -> Result<(), SignatureError> {
-    let header = header.ok_or(SignatureError::Missing)?;
+    let (name, _, expected) = STRIPE_HEADER;
+    let malformed = SignatureError::Malformed { expected };
+    let header = header.ok_or(SignatureError::Missing { header: name })?;
     let mut timestamp = None;
     let mut signatures = Vec::new();
     for (key, value) in header.split(',').filter_map(|item| item.trim().split_once('=')) {
@@ -330,10 +361,10 @@ fn check_stripe(
             _ => {}
         }
     }
-    let raw_timestamp = timestamp.ok_or(SignatureError::Malformed)?;
-    let seconds = parse_seconds(raw_timestamp)?;
+    let raw_timestamp = timestamp.ok_or(malformed.clone())?;
+    let seconds = parse_seconds(raw_timestamp).ok_or(malformed.clone())?;
     if signatures.is_empty() {
-        return Err(SignatureError::Malformed);
+        return Err(malformed);
     }
     if !any_matches(endpoint, &[raw_timestamp.as_bytes(), b".", body], &signatures) {
         return Err(SignatureError::Mismatch);
@@ -351,16 +382,17 @@ fn check_standard<'a>(
     let (Some(id), Some(timestamp), Some(header)) =
         (headers.get("webhook-id"), headers.get("webhook-timestamp"), headers.get("webhook-signature"))
     else {
-        return Err(SignatureError::Missing);
+        return Err(SignatureError::Missing { header: STANDARD_HEADERS });
     };
-    let seconds = parse_seconds(timestamp)?;
+    let malformed = SignatureError::Malformed { expected: STANDARD_FORMAT };
+    let seconds = parse_seconds(timestamp).ok_or(malformed.clone())?;
     let signatures: Vec<Vec<u8>> = header
         .split_whitespace()
         .filter_map(|entry| entry.strip_prefix("v1,"))
         .filter_map(|encoded| BASE64.decode(encoded).ok())
         .collect();
     if signatures.is_empty() {
-        return Err(SignatureError::Malformed);
+        return Err(malformed);
     }
     let parts: [&[u8]; 5] = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body];
     if !any_matches(endpoint, &parts, &signatures) {
@@ -371,11 +403,11 @@ fn check_standard<'a>(
 }
 
 /// Unix seconds as decimal digits.
-fn parse_seconds(raw: &str) -> Result<i64, SignatureError> {
+fn parse_seconds(raw: &str) -> Option<i64> {
     if raw.is_empty() || raw.len() > 18 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(SignatureError::Malformed);
+        return None;
     }
-    raw.parse().map_err(|_| SignatureError::Malformed)
+    raw.parse().ok()
 }
 
 /// The `id` and `type` of a JSON body, when they are strings.
@@ -519,18 +551,18 @@ mod tests {
         let upper = format!("sha256={}", GITHUB_SIGNATURE[7..].to_uppercase());
         assert!(check(&github, "github", &[("x-hub-signature-256", &upper)], b"Hello, World!").await.is_ok());
         // The legacy header is not GitHub's.
-        assert_eq!(
+        assert!(matches!(
             check(&github, "github", &[("x-signature", GITHUB_SIGNATURE)], b"Hello, World!").await,
-            Err(SignatureError::Missing)
-        );
+            Err(SignatureError::Missing { .. })
+        ));
         assert_eq!(
             check(&github, "github", &[("x-hub-signature-256", GITHUB_SIGNATURE)], b"Hello, World?").await,
             Err(SignatureError::Mismatch)
         );
-        assert_eq!(
+        assert!(matches!(
             check(&github, "github", &[("x-hub-signature-256", "sha1=0123")], b"Hello, World!").await,
-            Err(SignatureError::Malformed)
-        );
+            Err(SignatureError::Malformed { .. })
+        ));
     }
 
     const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -563,18 +595,18 @@ mod tests {
             check(&standard, "billing", &sw_headers(&t, "v1,bm9wZQ=="), SW_BODY).await,
             Err(SignatureError::Mismatch)
         );
-        assert_eq!(
+        assert!(matches!(
             check(&standard, "billing", &sw_headers(&t, "v2,abc"), SW_BODY).await,
-            Err(SignatureError::Malformed)
-        );
-        assert_eq!(
+            Err(SignatureError::Malformed { .. })
+        ));
+        assert!(matches!(
             check(&standard, "billing", &sw_headers("1614265330.0", SW_SIGNATURE), SW_BODY).await,
-            Err(SignatureError::Malformed)
-        );
-        assert_eq!(
+            Err(SignatureError::Malformed { .. })
+        ));
+        assert!(matches!(
             check(&standard, "billing", &sw_headers(&t, SW_SIGNATURE)[..2], SW_BODY).await,
-            Err(SignatureError::Missing)
-        );
+            Err(SignatureError::Missing { .. })
+        ));
     }
 
     #[tokio::test]
@@ -594,7 +626,7 @@ mod tests {
                 let result = check(&standard, "billing", &sw_headers(&t, SW_SIGNATURE), SW_BODY).await;
                 assert_eq!(result.is_ok(), accepted, "now {now}, tolerance {tolerance}: {result:?}");
                 if !accepted {
-                    assert_eq!(result, Err(SignatureError::Expired));
+                    assert_eq!(result, Err(SignatureError::Expired { tolerance_secs: tolerance }));
                 }
             }
         }
@@ -628,13 +660,15 @@ mod tests {
         let (t, v1) = header.split_once(',').expect("t and v1");
         let several = format!("{t},v1={},{v1},v0=00", "ab".repeat(32));
         assert!(check(&stripe, "stripe", &[("stripe-signature", &several)], STRIPE_BODY).await.is_ok());
+        let malformed = SignatureError::Malformed { expected: STRIPE_HEADER.2 };
+        let expired = SignatureError::Expired { tolerance_secs: DEFAULT_TOLERANCE_SECS };
         for (header, expected) in [
-            (format!("{t},v0=00"), SignatureError::Malformed),
-            (v1.to_owned(), SignatureError::Malformed),
-            (format!("t=-5,{v1}"), SignatureError::Malformed),
+            (format!("{t},v0=00"), malformed.clone()),
+            (v1.to_owned(), malformed.clone()),
+            (format!("t=-5,{v1}"), malformed.clone()),
             (format!("t=1700000001,{v1}"), SignatureError::Mismatch),
-            (sign::stripe(STRIPE_SECRET, 1_700_000_301, STRIPE_BODY), SignatureError::Expired),
-            (sign::stripe(STRIPE_SECRET, 1_699_999_699, STRIPE_BODY), SignatureError::Expired),
+            (sign::stripe(STRIPE_SECRET, 1_700_000_301, STRIPE_BODY), expired.clone()),
+            (sign::stripe(STRIPE_SECRET, 1_699_999_699, STRIPE_BODY), expired),
             (sign::stripe("whsec_other", 1_700_000_000, STRIPE_BODY), SignatureError::Mismatch),
         ] {
             assert_eq!(
@@ -672,7 +706,10 @@ mod tests {
         let verified = check(&verifier, "shop", &headers, b"{}").await.expect("verified");
         assert_eq!(verified, Verified { delivery_id: Some("d-1".into()), ..Verified::default() });
         // GitHub has its own entry: the tenant secret no longer opens it.
-        assert_eq!(check(&verifier, "github", &headers, b"{}").await, Err(SignatureError::Missing));
+        assert!(matches!(
+            check(&verifier, "github", &headers, b"{}").await,
+            Err(SignatureError::Missing { .. })
+        ));
         let github = sign::sha256_header(b"github-secret", b"{}");
         assert!(check(&verifier, "github", &[("x-hub-signature-256", &github)], b"{}").await.is_ok());
         let globex = id(TenantId::parse, "globex");

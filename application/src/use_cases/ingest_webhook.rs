@@ -67,9 +67,9 @@ pub enum WebhookError {
     /// The provider's event name is not 1 to 128 visible ASCII characters. HTTP 400.
     #[error("invalid event name: expected 1 to 128 visible ASCII characters")]
     InvalidEvent,
-    /// Missing or wrong signature, or a tenant without a secret. HTTP 401, the same answer in
-    /// every case so that tenants cannot be probed.
-    #[error("invalid signature")]
+    /// No secret for this tenant and provider (HTTP 404), or a missing, malformed, wrong or
+    /// expired signature (HTTP 401), each with its own answer.
+    #[error("{0}")]
     Unauthorized(SignatureError),
     /// The body is not JSON. HTTP 400.
     #[error("body is not valid JSON: {0}")]
@@ -168,6 +168,7 @@ impl IngestWebhook {
                 | WebhookError::InvalidEvent,
             ) => "bad_request",
             Err(WebhookError::TooLarge(_)) => "too_large",
+            Err(WebhookError::Unauthorized(SignatureError::UnknownTenant)) => "not_found",
             Err(WebhookError::Unauthorized(_)) => "unauthorized",
             Err(WebhookError::InvalidJson(_)) => "invalid_json",
             Err(WebhookError::Broker(_)) => "unavailable",
@@ -287,10 +288,6 @@ fn record(
     };
     match result {
         Ok(_) => activity.webhook(target, WebhookVerdict::Accepted),
-        Err(WebhookError::Unauthorized(why)) => {
-            let reason = format!("invalid signature: {why}");
-            activity.webhook(target, WebhookVerdict::Refused { result: label, reason: &reason });
-        }
         Err(error) => {
             let reason = error.to_string();
             activity.webhook(target, WebhookVerdict::Refused { result: label, reason: &reason });

@@ -54,9 +54,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Why a server API call was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServerApiError {
-    /// No `Authorization: Bearer` key, a wrong one, or no keys configured. HTTP 401.
+    /// No `Authorization: Bearer` key, or a wrong one. HTTP 401.
     #[error("a valid API key is required: Authorization: Bearer <key>")]
     Unauthorized,
+    /// No key is configured: the server API is off. HTTP 404.
+    #[error("the server API is off on this deployment: no API_KEYS are configured")]
+    Disabled,
     /// The body is not what the call takes. HTTP 400.
     #[error("{0}")]
     BadRequest(String),
@@ -193,10 +196,14 @@ impl ServerApi {
     /// Checks the key of an `Authorization: Bearer <key>` header.
     ///
     /// # Errors
-    /// [`ServerApiError::Unauthorized`] when there is no key, a wrong one, or no keys at all.
+    /// [`ServerApiError::Disabled`] when no key is configured, [`ServerApiError::Unauthorized`]
+    /// when there is no key or a wrong one.
     pub fn authorize(&self, bearer: Option<&str>) -> Result<(), ServerApiError> {
+        if self.keys.is_empty() {
+            return Err(ServerApiError::Disabled);
+        }
         match bearer {
-            Some(key) if !self.keys.is_empty() && self.keys.accepts(key.as_bytes()) => Ok(()),
+            Some(key) if self.keys.accepts(key.as_bytes()) => Ok(()),
             _ => Err(ServerApiError::Unauthorized),
         }
     }
@@ -351,7 +358,7 @@ mod tests {
             assert_eq!(api.authorize(wrong), Err(ServerApiError::Unauthorized), "{wrong:?}");
         }
         let closed = ServerApi::new(ApiKeys::default(), Arc::new(MockMessageBroker::new()), frames());
-        assert_eq!(closed.authorize(Some("")), Err(ServerApiError::Unauthorized));
+        assert_eq!(closed.authorize(Some("")), Err(ServerApiError::Disabled));
         assert!(!format!("{:?}", api).contains("first-key"), "keys never show in debug output");
     }
 
