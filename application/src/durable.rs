@@ -313,6 +313,12 @@ impl MessageBroker for DurableBroker {
     fn is_ready(&self) -> bool {
         self.inner.is_ready() && self.store.is_ready()
     }
+
+    fn unavailable_reason(&self) -> Option<String> {
+        self.inner.unavailable_reason().or_else(|| {
+            (!self.store.is_ready()).then(|| "PostgreSQL does not take the messages to keep".to_owned())
+        })
+    }
 }
 
 #[cfg(test)]

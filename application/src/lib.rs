@@ -339,6 +339,15 @@ impl Realtime {
         !self.is_draining() && self.broker.is_ready()
     }
 
+    /// Why the instance should not receive new clients, for `/ready`'s answer; `None` when
+    /// it should.
+    pub fn unready_reason(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("instance is draining".to_owned());
+        }
+        self.broker.unavailable_reason()
+    }
+
     /// From now on the instance reports itself not ready, so load balancers send new clients
     /// elsewhere.
     pub fn start_draining(&self) {

@@ -141,6 +141,12 @@ pub trait MessageBroker: Send + Sync {
 
     /// Whether publishing and receiving currently work.
     fn is_ready(&self) -> bool;
+
+    /// Why the broker is not ready, in words for an operator (where it is, what failed); `None`
+    /// when it is ready. Never a password.
+    fn unavailable_reason(&self) -> Option<String> {
+        (!self.is_ready()).then(|| "message broker unavailable".to_owned())
+    }
 }
 
 /// Receives every message the broker delivers to this instance.

@@ -171,6 +171,31 @@ async fn an_instance_sends_every_redis_command_over_its_four_shared_connections(
 }
 
 #[tokio::test]
+async fn with_redis_unreachable_at_start_ready_says_where_redis_is_and_why_never_its_password() {
+    let port = crate::redis_support::free_port();
+    let app = spawn_app_with(test_config(|vars| {
+        vars.insert("REDIS_URL".into(), format!("redis://lq:pw-in-url@127.0.0.1:{port}"));
+    }))
+    .await;
+    let expected = format!("Redis at redis://127.0.0.1:{port} cannot be reached");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answer = loop {
+        let answer = app.get("/ready").await;
+        assert_eq!(answer.status, 503, "{:?}", answer.body);
+        if answer.body["message"].as_str().is_some_and(|m| m.starts_with(&expected))
+            || Instant::now() > deadline
+        {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let message = answer.body["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with(&expected) && message.ends_with("; retrying"), "{message}");
+    assert!(!message.contains("pw-in-url"), "no password in the answer: {message}");
+    assert_eq!(answer.body["code"], "unavailable");
+}
+
+#[tokio::test]
 async fn a_redis_outage_keeps_clients_connected_fails_fast_and_heals_within_two_seconds() {
     let mut redis = RedisServer::start();
     let app = instance(&redis.url()).await;

@@ -225,12 +225,9 @@ pub fn routes(
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
     let ready = warp::path!("ready").and(warp::get()).and(with(app.clone())).map(|app: Arc<Realtime>| {
-        if app.is_draining() {
-            ApiError::unavailable("instance is draining").into_response()
-        } else if app.is_ready() {
-            warp::reply::json(&json!({"status": "ready"})).into_response()
-        } else {
-            ApiError::unavailable("message broker unavailable").into_response()
+        match app.unready_reason() {
+            None => warp::reply::json(&json!({"status": "ready"})).into_response(),
+            Some(reason) => ApiError::unavailable(reason).into_response(),
         }
     });
     let bodies = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WEBHOOK_BODIES));

@@ -374,6 +374,10 @@ impl MessageBroker for CountingBroker {
     fn is_ready(&self) -> bool {
         self.inner.is_ready()
     }
+
+    fn unavailable_reason(&self) -> Option<String> {
+        self.inner.unavailable_reason()
+    }
 }
 
 #[cfg(test)]

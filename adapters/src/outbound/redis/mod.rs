@@ -150,9 +150,16 @@ struct Shared {
     probe_sequence: AtomicU64,
     invalid_channels: AtomicU64,
     epochs: Epochs,
+    /// Why the subscriber's last attempt failed, for `/ready`.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Remembers why reaching Redis failed.
+    fn failed(&self, reason: &RedisError) {
+        *self.last_failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.to_string());
+    }
+
     fn subscriptions(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
         self.subscriptions.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -241,6 +248,7 @@ impl RedisBroker {
             probe_sequence: AtomicU64::new(0),
             invalid_channels: AtomicU64::new(0),
             epochs: Epochs::default(),
+            last_failure: Mutex::new(None),
         });
         Ok(Self { shared })
     }
@@ -373,5 +381,24 @@ impl MessageBroker for RedisBroker {
         self.shared.subscriber_up.load(Ordering::Acquire)
             && self.shared.publisher_up.load(Ordering::Acquire)
             && !self.shared.probe_missing.load(Ordering::Acquire)
+    }
+
+    fn unavailable_reason(&self) -> Option<String> {
+        let shared = &self.shared;
+        let location = shared.settings.target.location();
+        if !shared.subscriber_up.load(Ordering::Acquire) {
+            let failure = shared.last_failure.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            return Some(match failure {
+                Some(failure) => format!("Redis at {location} cannot be reached ({failure}); retrying"),
+                None => format!("connecting to Redis at {location}"),
+            });
+        }
+        if !shared.publisher_up.load(Ordering::Acquire) {
+            return Some(format!("Redis at {location} does not take commands"));
+        }
+        if shared.probe_missing.load(Ordering::Acquire) {
+            return Some(format!("Redis at {location} does not deliver this instance's probe messages"));
+        }
+        None
     }
 }

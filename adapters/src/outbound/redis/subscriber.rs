@@ -65,7 +65,8 @@ where
                 match end {
                     End::Stopped => return,
                     End::Lost(reason) => {
-                        tracing::warn!(%reason, "{lost}");
+                        shared.failed(&reason);
+                        tracing::warn!(redis = %shared.settings.target.location(), %reason, "{lost}");
                         reported_down = true;
                         // A failover may have left pooled connections on the old master.
                         shared.pool.reset();
@@ -73,8 +74,15 @@ where
                 }
             }
             Err(reason) => {
+                shared.failed(&reason);
                 if !reported_down {
-                    tracing::warn!(%reason, "{unreachable}");
+                    let location = shared.settings.target.location();
+                    let retry = format!(
+                        "retrying after {} ms, then twice as long each time up to every {} ms",
+                        INITIAL_BACKOFF.as_millis(),
+                        shared.settings.max_backoff.as_millis()
+                    );
+                    tracing::warn!(redis = %location, %reason, %retry, "{unreachable}");
                     reported_down = true;
                 }
             }

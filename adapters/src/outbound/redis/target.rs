@@ -38,6 +38,24 @@ impl std::fmt::Debug for RedisTarget {
     }
 }
 
+impl RedisTarget {
+    /// Where Redis is, for the logs and `/ready`: the URL without its user and password, the
+    /// sentinels and master name, or the cluster's nodes.
+    pub fn location(&self) -> String {
+        match self {
+            Self::Url(url) => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://{host}")
+            }
+            Self::Sentinel { sentinels, master } => {
+                format!("master {master} via sentinels {}", sentinels.join(","))
+            }
+            Self::Cluster { nodes } => format!("cluster nodes {}", nodes.join(",")),
+        }
+    }
+}
+
 fn sentinel_urls(sentinels: &[String]) -> Vec<String> {
     sentinels.iter().map(|s| format!("redis://{s}")).collect()
 }
@@ -206,4 +224,22 @@ pub(super) async fn connect_pubsub(master: &Master<'_>, timeout: Duration) -> Re
 pub(super) enum Master<'a> {
     Url(&'a str),
     Sentinel { sentinels: &'a [String], master: &'a str },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisTarget;
+
+    #[test]
+    fn a_location_never_shows_a_password() {
+        let url = RedisTarget::Url("redis://user:s3cret@redis.internal:6380/2".to_owned());
+        assert_eq!(url.location(), "redis://redis.internal:6380/2");
+        assert_eq!(
+            RedisTarget::Url("redis://127.0.0.1:6379".to_owned()).location(),
+            "redis://127.0.0.1:6379"
+        );
+        let sentinel =
+            RedisTarget::Sentinel { sentinels: vec!["a:26379".into(), "b:26379".into()], master: "m".into() };
+        assert_eq!(sentinel.location(), "master m via sentinels a:26379,b:26379");
+    }
 }
