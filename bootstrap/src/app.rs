@@ -219,9 +219,21 @@ impl Application {
         mint_demo_token(secret, self.config.jwt_issuer.clone(), self.config.jwt_audience.clone())
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, closes every WebSocket with
-    /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed.
+    /// Serves until `shutdown` resolves, then drains (see [`Application::run_until_hurried`]),
+    /// taking the whole drain.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) {
+        self.run_until_hurried(shutdown, std::future::pending()).await;
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, closes every connection with
+    /// 1001 and returns once they are gone or [`SHUTDOWN_DEADLINE`] has passed. The drain
+    /// (`DRAIN_GRACE_SECS`, then `DRAIN_SECS`) is skipped when no connection is open, and cut
+    /// short when `hurry` resolves (a second signal): every connection is then closed at once.
+    pub async fn run_until_hurried(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+        hurry: impl Future<Output = ()> + Send,
+    ) {
         let Self { listener, metrics_listener, addr, realtime, metrics, config, console, admin, .. } = self;
         let websocket = WsSettings {
             outbound_queue_bytes: config.outbound_queue_bytes,
@@ -302,15 +314,27 @@ impl Application {
 
         shutdown.await;
         realtime.start_draining();
-        tracing::info!(
-            connections = realtime.connections(),
-            grace_secs = config.drain_grace.as_secs(),
-            drain_secs = config.drain.as_secs(),
-            "draining: /ready now answers 503"
-        );
-        tokio::time::sleep(config.drain_grace).await;
-        let _ = stop_accepting.send(());
-        drain(&realtime, config.drain).await;
+        let mut hurry = std::pin::pin!(hurry);
+        if realtime.admitted() == 0 {
+            tracing::info!("no connection open: stopping at once");
+            let _ = stop_accepting.send(());
+        } else {
+            tracing::info!(
+                connections = realtime.connections(),
+                grace_secs = config.drain_grace.as_secs(),
+                drain_secs = config.drain.as_secs(),
+                "draining: /ready now answers 503; a second signal closes every connection at once"
+            );
+            let drained = async {
+                tokio::time::sleep(config.drain_grace).await;
+                let _ = stop_accepting.send(());
+                drain(&realtime, config.drain).await;
+            };
+            tokio::select! {
+                () = drained => {}
+                () = &mut hurry => tracing::warn!(connections = realtime.connections(), "second signal: closing every connection now"),
+            }
+        }
         sweeper.abort();
         position_checker.abort();
         stats_reporter.abort();

@@ -92,7 +92,26 @@ fn serve(lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
                 println!("dashboard:  http://127.0.0.1:{port}/admin");
             }
         }
-        app.run_until(shutdown_signal()).await;
+        let (first, second) = (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
+        let (first_sent, first_received) = first;
+        let (second_sent, second_received) = second;
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = first_sent.send(());
+            shutdown_signal().await;
+            let _ = second_sent.send(());
+        });
+        app.run_until_hurried(
+            async {
+                let _ = first_received.await;
+            },
+            async {
+                if second_received.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            },
+        )
+        .await;
         ExitCode::SUCCESS
     })
 }

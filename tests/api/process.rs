@@ -121,6 +121,39 @@ async fn sigterm_or_sigint_closes_clients_with_1001_and_exits_0(signal: &str) {
 }
 
 #[tokio::test]
+async fn with_no_connection_open_a_signal_stops_the_process_at_once_whatever_the_drain() {
+    let process = start(&[("DRAIN_GRACE_SECS", "60"), ("DRAIN_SECS", "60")]).await;
+    process.signal("INT");
+    // Well within the two minutes the drain would take.
+    let (code, output) = process.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{output:#?}");
+    assert!(output.iter().any(|line| line.contains("no connection open: stopping at once")), "{output:#?}");
+}
+
+#[tokio::test]
+async fn a_second_signal_during_the_drain_closes_every_connection_at_once() {
+    let process = start(&[("DRAIN_GRACE_SECS", "60"), ("DRAIN_SECS", "60")]).await;
+    let mut client = process.connect("bob", "acme").await;
+    process.signal("TERM");
+    let ready = format!("http://{}/ready", process.addr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reqwest::get(&ready).await.map(|r| r.status().as_u16()).unwrap_or(0) != 503 {
+        assert!(std::time::Instant::now() < deadline, "/ready did not turn 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.expect_nothing_pending().await;
+    process.signal("TERM");
+    let frame = client.expect_close().await.expect("a close frame with a code");
+    assert_eq!(frame.code, CloseCode::Away);
+    let (code, output) = process.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{output:#?}");
+    assert!(
+        output.iter().any(|line| line.contains("second signal: closing every connection now")),
+        "{output:#?}"
+    );
+}
+
+#[tokio::test]
 async fn sigterm_closes_every_client_with_1001_and_exits_0_within_10_s() {
     sigterm_or_sigint_closes_clients_with_1001_and_exits_0("TERM").await;
 }
