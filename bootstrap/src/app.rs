@@ -245,6 +245,7 @@ impl Application {
             max_message_bytes: config.max_message_bytes,
             ..SseSettings::default()
         };
+        let http_pages = (console.is_some(), admin.is_some());
         let http = HttpSettings {
             header_read_timeout: config.header_read_timeout,
             metrics: Some(metrics.clone()),
@@ -302,15 +303,20 @@ impl Application {
                 }
             }
         });
-        let broker = match &config.broker {
-            BrokerConfig::InProcess => "in-process (single instance)",
-            BrokerConfig::Redis { target: adapters::outbound::redis::RedisTarget::Url(_), .. } => "redis",
-            BrokerConfig::Redis {
-                target: adapters::outbound::redis::RedisTarget::Cluster { .. }, ..
-            } => "redis cluster (sharded pub/sub)",
-            BrokerConfig::Redis { .. } => "redis via sentinel",
-        };
-        tracing::info!(%addr, max_connections = config.settings.max_connections, broker, "lq-realtime listening");
+        let summary = Summary::of(&config, addr, http_pages);
+        tracing::info!(
+            %addr,
+            console = %summary.console,
+            dashboard = %summary.dashboard,
+            broker = %summary.broker,
+            server_api = %summary.server_api,
+            webhooks = %summary.webhooks,
+            history = %summary.history,
+            presence = config.presence,
+            persistence = config.database.is_some(),
+            max_connections = config.settings.max_connections,
+            "lq-realtime listening"
+        );
 
         shutdown.await;
         realtime.start_draining();
@@ -357,6 +363,55 @@ impl Application {
             tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");
         }
         tracing::info!(connections_left = realtime.connections(), "stopped");
+    }
+}
+
+/// What the start-up line says of the instance, in words.
+struct Summary {
+    console: String,
+    dashboard: String,
+    broker: String,
+    server_api: String,
+    webhooks: String,
+    history: String,
+}
+
+impl Summary {
+    fn of(config: &Config, addr: SocketAddr, (console, dashboard): (bool, bool)) -> Self {
+        // An address that listens everywhere is reached, from this machine, on loopback.
+        let host =
+            if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
+        let page = |on: bool, path: &str| if on { format!("http://{host}{path}") } else { "off".to_owned() };
+        let broker = match &config.broker {
+            BrokerConfig::InProcess => "in-process (single instance)".to_owned(),
+            BrokerConfig::Redis { target, .. } => format!("redis: {}", target.location()),
+        };
+        let keys = config.settings.api_keys.len();
+        let server_api = match keys {
+            0 => "off (no API_KEYS)".to_owned(),
+            1 => "on (1 key)".to_owned(),
+            keys => format!("on ({keys} keys)"),
+        };
+        let tenants: std::collections::HashSet<&TenantId> =
+            config.webhook_secrets.keys().chain(config.webhook_endpoints.iter().map(|e| &e.tenant)).collect();
+        let webhooks = format!(
+            "{} tenants ({} with WEBHOOK_SECRETS, {} provider entries in WEBHOOK_CONFIG)",
+            tenants.len(),
+            config.webhook_secrets.len(),
+            config.webhook_endpoints.len()
+        );
+        let history = match config.history.size {
+            0 => "off".to_owned(),
+            size => format!("{size} messages per channel for {} s", config.history.ttl.as_secs()),
+        };
+        Self {
+            console: page(console, "/"),
+            dashboard: page(dashboard, "/admin"),
+            broker,
+            server_api,
+            webhooks,
+            history,
+        }
     }
 }
 

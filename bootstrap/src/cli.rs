@@ -67,6 +67,10 @@ fn serve(lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
         }
     };
     telemetry::init(&config.log_filter, config.log_format);
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for miss in crate::environment::near_misses(names) {
+        tracing::warn!("{miss}");
+    }
     runtime.block_on(async {
         let app = match Application::build(config).await {
             Ok(app) => app,

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: environment variables, their defaults and validation.
+//! - [`environment`]: variables that look meant for the service but that it does not read.
 //! - [`webhook_config`]: the webhook configuration file (`WEBHOOK_CONFIG`).
 //! - [`app`]: `Application::build` (wire and bind) and `run_until` (serve, then shut down).
 //! - [`telemetry`]: `tracing` set-up (text or JSON).
@@ -12,6 +13,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod environment;
 pub mod telemetry;
 pub mod webhook_config;
 

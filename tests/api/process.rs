@@ -121,6 +121,42 @@ async fn sigterm_or_sigint_closes_clients_with_1001_and_exits_0(signal: &str) {
 }
 
 #[tokio::test]
+async fn the_start_sums_the_instance_up_in_one_line_and_warns_of_a_near_miss_variable() {
+    let process = start(&[
+        ("API_KEYS", "summary-api-key-0123456789"),
+        ("WEBHOOK_SECRETS", r#"{"acme":"s1","globex":"s2"}"#),
+        ("JWT_SECRET", "meant-to-be-the-jwt-secret-key"),
+        ("REDIS_ULR", "redis://127.0.0.1:1"),
+    ])
+    .await;
+    process.signal("TERM");
+    let (code, output) = process.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{output:#?}");
+    let lines: Vec<Value> = output.iter().filter_map(|line| serde_json::from_str(line).ok()).collect();
+    let summary = lines.iter().find(|l| l["message"] == "lq-realtime listening").expect("the start-up line");
+    assert_eq!(summary["console"], "off");
+    assert_eq!(summary["dashboard"], "off");
+    assert_eq!(summary["broker"], "in-process (single instance)");
+    assert_eq!(summary["server_api"], "on (1 key)");
+    assert_eq!(
+        summary["webhooks"],
+        "2 tenants (2 with WEBHOOK_SECRETS, 0 provider entries in WEBHOOK_CONFIG)"
+    );
+    assert_eq!(summary["history"], "100 messages per channel for 3600 s");
+    assert_eq!((summary["presence"].as_bool(), summary["persistence"].as_bool()), (Some(false), Some(false)));
+    let warnings: Vec<&str> =
+        lines.iter().filter(|l| l["level"] == "WARN").filter_map(|l| l["message"].as_str()).collect();
+    for expected in [
+        "JWT_SECRET is not a variable lq-realtime reads; did you mean JWT_SECRET_KEY?",
+        "REDIS_ULR is not a variable lq-realtime reads; did you mean REDIS_URL?",
+    ] {
+        assert!(warnings.contains(&expected), "{expected:?} in {warnings:#?}");
+    }
+    let all = output.join("\n");
+    assert!(!all.contains("meant-to-be-the-jwt-secret-key"), "a value never reaches the logs");
+}
+
+#[tokio::test]
 async fn with_no_connection_open_a_signal_stops_the_process_at_once_whatever_the_drain() {
     let process = start(&[("DRAIN_GRACE_SECS", "60"), ("DRAIN_SECS", "60")]).await;
     process.signal("INT");

@@ -37,6 +37,11 @@ impl ApiKeys {
         self.0.is_empty()
     }
 
+    /// How many keys open the API.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Whether `presented` is one of the keys. Every key is compared, each in time that depends
     /// only on the lengths, so the answer's timing tells nothing about the keys' contents.
     pub fn accepts(&self, presented: &[u8]) -> bool {
