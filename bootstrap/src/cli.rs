@@ -22,7 +22,7 @@ usage:
                                    '[{\"channels\":[\"chat.*\"],\"allow\":[\"sub\",\"pub\"]}]' lets it use topics
   lq-realtime token --user U --tenant T --channel TOPIC [--allow sub,pub,presence,history] [--ttl SECS]
                                    print a subscription token for one topic (default --allow sub)
-  lq-realtime --help | --version";
+  lq-realtime --help | --version   (also: lq-realtime token --help)";
 
 /// Exit code for bad configuration or usage.
 const EXIT_CONFIG: u8 = 2;
@@ -216,11 +216,29 @@ fn parse_token_args(args: &[String]) -> Result<TokenArgs, String> {
     })
 }
 
+const TOKEN_USAGE: &str = "\
+usage:
+  lq-realtime token --user U --tenant T [--ttl SECS] [--scope \"ws:connect\"] [--caps JSON]
+      a connection token, signed with JWT_SECRET_KEY (and JWT_ISSUER, JWT_AUDIENCE when set),
+      valid --ttl seconds (3600); --caps '[{\"channels\":[\"chat.*\"],\"allow\":[\"sub\",\"pub\"]}]'
+      lets it use topics
+  lq-realtime token --user U --tenant T --channel TOPIC [--allow sub,pub,presence,history] [--ttl SECS]
+      a subscription token for one topic (default --allow sub)
+  lq-realtime token --help | --version";
+
 fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
+    if args.iter().any(|arg| matches!(arg.as_str(), "--help" | "-h")) {
+        println!("{TOKEN_USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|arg| matches!(arg.as_str(), "--version" | "-V")) {
+        println!("lq-realtime {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let args = match parse_token_args(args) {
         Ok(args) => args,
         Err(problem) => {
-            eprintln!("error: {problem}\n{USAGE}");
+            eprintln!("error: {problem}\n{TOKEN_USAGE}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };

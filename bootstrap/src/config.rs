@@ -498,6 +498,15 @@ fn webhook_endpoints(path: &str) -> Result<Vec<WebhookEndpoint>, Vec<String>> {
         .map_err(|problems| problems.into_iter().map(|p| format!("{path} {p}")).collect())
 }
 
+/// An address to listen on: `IP:port`, or `localhost:port` for 127.0.0.1 (no other host name is
+/// resolved).
+fn listen_addr(raw: &str) -> Option<SocketAddr> {
+    match raw.strip_prefix("localhost:") {
+        Some(port) => port.parse::<u16>().ok().map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
+        None => raw.parse().ok(),
+    }
+}
+
 /// Parses `JWT_SECRET_KEY` alone, for commands that need nothing else.
 ///
 /// # Errors
@@ -527,7 +536,9 @@ impl Config {
         let mut r = Reader { lookup, errors: Vec::new() };
         let fallback_addr = SocketAddr::from(([0, 0, 0, 0], 8080));
         let bind_addr = r.parse(ENV_BIND_ADDR, fallback_addr, |raw| {
-            raw.parse().map_err(|_| format!("expected host:port such as {DEFAULT_BIND_ADDR}, got {raw:?}"))
+            listen_addr(raw).ok_or_else(|| {
+                format!("expected IP:port such as {DEFAULT_BIND_ADDR} or 127.0.0.1:8080 (or localhost:8080), got {raw:?}")
+            })
         });
         // An empty secret is refused, not taken as unset: it is almost always a missing
         // variable in a deployment template.
@@ -667,10 +678,13 @@ impl Config {
         });
         let header_secs =
             r.parse(ENV_HEADER_READ_TIMEOUT_SECS, DEFAULT_HEADER_READ_TIMEOUT_SECS, positive::<u64>);
-        let metrics_addr = r.get(ENV_METRICS_ADDR).and_then(|raw| match raw.trim().parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                r.fail(ENV_METRICS_ADDR, format!("expected host:port such as 0.0.0.0:9090, got {raw:?}"));
+        let metrics_addr = r.get(ENV_METRICS_ADDR).and_then(|raw| match listen_addr(raw.trim()) {
+            Some(addr) => Some(addr),
+            None => {
+                r.fail(
+                    ENV_METRICS_ADDR,
+                    format!("expected IP:port such as 0.0.0.0:9090 (or localhost:9090), got {raw:?}"),
+                );
                 None
             }
         });
@@ -877,6 +891,16 @@ mod tests {
             assert!(line.starts_with(&format!("{variable}: ")), "{line}");
         }
         assert!(!text.contains("short\""), "the secret itself is not echoed: {text}");
+    }
+
+    #[test]
+    fn listen_addresses_are_ips_or_localhost() {
+        let config =
+            parse(&[(ENV_BIND_ADDR, "localhost:8181"), (ENV_METRICS_ADDR, "localhost:9191")]).expect("valid");
+        assert_eq!(config.bind_addr, SocketAddr::from(([127, 0, 0, 1], 8181)));
+        assert_eq!(config.metrics_addr, Some(SocketAddr::from(([127, 0, 0, 1], 9191))));
+        let errors = parse(&[(ENV_BIND_ADDR, "example.com:8080")]).expect_err("not resolved");
+        assert!(errors.to_string().contains("expected IP:port such as 0.0.0.0:8080"), "{errors}");
     }
 
     #[test]

@@ -42,14 +42,14 @@ async fn the_load_generator_reports_every_connection_delivery_and_the_servers_me
         "2",
         "--sources",
         "2",
-        "--secret",
+        "--jwt-secret-key",
         JWT_SECRET,
         "--load",
         "webhook",
         "--webhook",
         &http,
-        "--webhook-secret",
-        WEBHOOK_SECRET,
+        "--webhook-secrets",
+        &secrets,
         "--messages",
         "40",
         "--publish-rate",
@@ -102,7 +102,7 @@ async fn messages_that_never_arrive_are_reported_lost_and_refused_connections_wi
         "4",
         "--tenants",
         "1",
-        "--secret",
+        "--jwt-secret-key",
         JWT_SECRET,
         "--load",
         "redis",
@@ -133,7 +133,7 @@ async fn messages_that_never_arrive_are_reported_lost_and_refused_connections_wi
         "3",
         "--tenants",
         "1",
-        "--secret",
+        "--jwt-secret-key",
         "another-secret-0123456789",
     ])
     .await;
@@ -159,7 +159,7 @@ async fn with_topics_each_connection_subscribes_and_receives_exactly_its_topics_
         "20",
         "--tenants",
         "2",
-        "--secret",
+        "--jwt-secret-key",
         JWT_SECRET,
         "--topics",
         "5",
@@ -199,10 +199,80 @@ async fn with_topics_each_connection_subscribes_and_receives_exactly_its_topics_
 }
 
 #[tokio::test]
-async fn bad_options_are_named_with_the_usage_and_exit_2() {
+async fn bad_options_are_named_with_a_pointer_to_the_help_and_exit_2() {
     let (code, report, stderr) = loadgen(&["--connections", "many", "--load", "carrier-pigeon"]).await;
     assert_eq!(code, Some(2), "{stderr}");
     assert!(report.is_null(), "no report on stdout: {report}");
     assert!(stderr.contains("--connections: expected a number, got \"many\""), "{stderr}");
-    assert!(stderr.contains("lq-loadgen: load for lq-realtime"), "the usage follows: {stderr}");
+    assert!(stderr.contains("lq-loadgen --help lists the options"), "{stderr}");
+    let (code, _, stderr) = loadgen(&[
+        "--ws",
+        "ws://127.0.0.1:1",
+        "--jwt-secret-key",
+        "k",
+        "--load",
+        "webhook",
+        "--webhook",
+        "http://127.0.0.1:1",
+        "--messages",
+        "1",
+    ])
+    .await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("missing: bench0, bench1"), "the secrets it lacks are named: {stderr}");
+}
+
+#[tokio::test]
+async fn help_and_version_go_to_stdout_and_exit_0() {
+    for flag in ["--help", "-h"] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lq-loadgen"))
+            .arg(flag)
+            .output()
+            .await
+            .expect("runs");
+        assert_eq!(output.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("--webhook-secrets J"), "{flag}");
+    }
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lq-loadgen"))
+        .arg("--version")
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("lq-loadgen "));
+}
+
+#[tokio::test]
+async fn when_every_message_is_refused_it_says_why_and_exits_1() {
+    let secrets = json!({"bench0": "a-secret-the-server-does-not-have", "bench1": "another"}).to_string();
+    let server = process::start(&[("WEBHOOK_SECRETS", r#"{"bench0":"s0","bench1":"s1"}"#)]).await;
+    let (ws, http) = (format!("ws://{}", server.addr), format!("http://{}", server.addr));
+    let (code, report, stderr) = loadgen(&[
+        "--ws",
+        &ws,
+        "--connections",
+        "4",
+        "--tenants",
+        "2",
+        "--jwt-secret-key",
+        JWT_SECRET,
+        "--load",
+        "webhook",
+        "--webhook",
+        &http,
+        "--webhook-secrets",
+        &secrets,
+        "--messages",
+        "4",
+        "--publish-rate",
+        "100",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(report.is_null(), "{report}");
+    assert!(
+        stderr.contains("every message published was refused; the first answer: 401")
+            && stderr.contains("signature_mismatch"),
+        "{stderr}"
+    );
 }

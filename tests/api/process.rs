@@ -157,6 +157,28 @@ async fn the_start_sums_the_instance_up_in_one_line_and_warns_of_a_near_miss_var
 }
 
 #[tokio::test]
+async fn every_command_answers_help_and_version_on_stdout_with_0() {
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["token", "--help"],
+        &["token", "-h"],
+        &["token", "--user", "x", "--help"],
+    ] {
+        let output = command(&[]).args(args).output().await.expect("runs");
+        assert_eq!(output.status.code(), Some(0), "{args:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("usage:") && stdout.contains("lq-realtime token"), "{args:?}: {stdout}");
+        assert!(output.stderr.is_empty(), "{args:?}");
+    }
+    for args in [&["--version"][..], &["-V"], &["token", "--version"]] {
+        let output = command(&[]).args(args).output().await.expect("runs");
+        assert_eq!(output.status.code(), Some(0), "{args:?}");
+        assert!(String::from_utf8_lossy(&output.stdout).starts_with("lq-realtime "), "{args:?}");
+    }
+}
+
+#[tokio::test]
 async fn with_no_connection_open_a_signal_stops_the_process_at_once_whatever_the_drain() {
     let process = start(&[("DRAIN_GRACE_SECS", "60"), ("DRAIN_SECS", "60")]).await;
     process.signal("INT");

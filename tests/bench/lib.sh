@@ -48,6 +48,10 @@ bench_secrets() {
     "$1" "$WEBHOOK_SECRET"
 }
 
+# The instances' WEBHOOK_SECRETS, which lq-loadgen reads too.
+WEBHOOK_SECRETS="$(bench_secrets 64)"
+export WEBHOOK_SECRETS
+
 # start_redis: sets REDIS_URL.
 start_redis() {
   if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
@@ -68,7 +72,7 @@ start_instance() {
   local name=$1; shift
   local port; port=$(free_port)
   env -i PATH="$PATH" BIND_ADDR="127.0.0.1:$port" JWT_SECRET_KEY="$JWT_SECRET_KEY" \
-    WEBHOOK_SECRETS="$(bench_secrets 64)" MAX_CONNECTIONS=20000 RUST_LOG=warn PRESENCE=off "$@" \
+    WEBHOOK_SECRETS="$WEBHOOK_SECRETS" MAX_CONNECTIONS=20000 RUST_LOG=warn PRESENCE=off "$@" \
     "$SERVER" >"$WORK/$name.log" 2>&1 &
   INSTANCE_PID=$!
   PIDS+=("$INSTANCE_PID")

@@ -21,7 +21,7 @@ for run in $(seq "$RUNS"); do
     if [[ $persist == on ]]; then start_postgres; config+=(DATABASE_URL="$DATABASE_URL"); fi
     start_instance "persist-$persist-$run" "${config[@]}"
     common=(--ws "ws://$INSTANCE_URL" --connections 1000 --connect-rate 5000 --tenants 10 --load webhook
-            --webhook "http://$INSTANCE_URL" --webhook-secret "$WEBHOOK_SECRET" --server-pid "$INSTANCE_PID" --drain 10)
+            --webhook "http://$INSTANCE_URL" --webhook-secrets "$WEBHOOK_SECRETS" --server-pid "$INSTANCE_PID" --drain 10)
     log "run $run, persistence $persist: 1,000 webhooks/s for 10 s, then 20,000 as fast as they go"
     "$LOADGEN" "${common[@]}" --messages 10000 --publish-rate 1000 >"$WORK/moderate$n.json"
     "$LOADGEN" "${common[@]}" --messages 20000 --publish-rate 20000 >"$WORK/saturated$n.json"

@@ -29,13 +29,18 @@ use stats::{ProcSample, Received, sample_all};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", options::USAGE);
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == "--version" || a == "-V") {
+        println!("lq-loadgen {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let options = match Options::parse(&args, |key| std::env::var(key).ok()) {
         Ok(options) => options,
         Err(problem) => {
-            if !problem.is_empty() {
-                eprintln!("{problem}\n");
-            }
-            eprint!("{}", options::USAGE);
+            eprintln!("{problem}\n\nlq-loadgen --help lists the options.");
             return ExitCode::from(2);
         }
     };
@@ -178,7 +183,18 @@ async fn run(options: Options) -> Result<Value, String> {
 
     if !options.hold.is_zero() {
         eprintln!("holding the connections for {:?}", options.hold);
+        let ticker = {
+            let (counters, started) = (counters.clone(), Instant::now());
+            progress(move || {
+                format!(
+                    "holding: {:.0} s, {} open",
+                    started.elapsed().as_secs_f64(),
+                    counters.open.load(Ordering::Relaxed)
+                )
+            })
+        };
         tokio::time::sleep(options.hold).await;
+        ticker.abort();
     }
     let open_after_hold = counters.open.load(Ordering::Relaxed);
     let connected = sample_all(&options.server_pids);
@@ -208,6 +224,11 @@ async fn run(options: Options) -> Result<Value, String> {
         let delivered_before = counters.deliveries.load(Ordering::Relaxed);
         let load_started = Instant::now();
         published = publishers::publish(&options, &senders, &sent).await;
+        if published.ok() == 0 {
+            ticker.abort();
+            let answer = published.first_failure.clone().unwrap_or_else(|| "no answer".to_owned());
+            return Err(format!("every message published was refused; the first answer: {answer}"));
+        }
         let mut per_tenant = vec![0u64; options.tenants];
         for ((tenant, _), _) in &handles {
             per_tenant[*tenant] += 1;

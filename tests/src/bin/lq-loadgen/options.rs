@@ -3,7 +3,11 @@
 use std::time::Duration;
 
 pub(crate) const USAGE: &str = "\
-lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
+lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout. Exits 0,
+1 when it could not run or every message it published was refused (the first answer on
+stderr), 2 for bad options.
+
+  --help, --version     this text, or the version, on stdout
 
   --ws URL              WebSocket endpoint, e.g. ws://127.0.0.1:8080 (repeat: connections are
                         spread round-robin over every endpoint)
@@ -12,7 +16,7 @@ lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
   --tenants T           tenants bench0..bench{T-1} the connections are spread over (default 10)
   --sources K           client source addresses 127.0.0.1..127.0.0.K (default 1; ~28k
                         connections per source address and server port)
-  --secret S            JWT_SECRET_KEY of the instances (default: $JWT_SECRET_KEY)
+  --jwt-secret-key S    JWT_SECRET_KEY of the instances (default: $JWT_SECRET_KEY)
   --hold SECS           keep the connections idle this long before any load, and again after
                         subscribing when there are subscriptions (default 0)
   --topics N            topics t0..t{N-1} per tenant (default 0: no topic)
@@ -24,7 +28,8 @@ lq-loadgen: load for lq-realtime; progress on stderr, one JSON report on stdout
   --publish-rate P      messages published per second (default 1000)
   --payload-bytes B     padding added to every message (default 0)
   --webhook URL         webhook base URL, e.g. http://127.0.0.1:8080 (repeat to spread)
-  --webhook-secret S    webhook secret of every bench tenant (default: $WEBHOOK_SECRET)
+  --webhook-secrets J   WEBHOOK_SECRETS of the instances: a JSON object of every bench
+                        tenant's secret (default: $WEBHOOK_SECRETS)
   --redis URL           Redis the instances use, for --load redis: redis://host:port, or
                         redis+cluster://host:port,host:port… for a Redis Cluster (SPUBLISH)
   --drain SECS          wait at most this long after the last publish for deliveries (default 5)
@@ -61,12 +66,19 @@ pub(crate) struct Options {
     pub(crate) publish_rate: f64,
     pub(crate) payload_bytes: usize,
     pub(crate) webhook: Vec<String>,
-    pub(crate) webhook_secret: String,
+    /// Per tenant name, its webhook secret.
+    pub(crate) webhook_secrets: std::collections::HashMap<String, String>,
     pub(crate) redis: Option<String>,
     pub(crate) drain: Duration,
     pub(crate) churn: Option<Duration>,
     pub(crate) server_pids: Vec<u32>,
     pub(crate) metrics: Vec<String>,
+}
+
+/// A `WEBHOOK_SECRETS` value: a JSON object of tenant to secret.
+fn secrets(raw: &str) -> Result<std::collections::HashMap<String, String>, String> {
+    serde_json::from_str(raw)
+        .map_err(|e| format!("expected a JSON object of tenant to secret, e.g. {{\"bench0\":\"s\"}}: {e}"))
 }
 
 fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
@@ -91,7 +103,10 @@ impl Options {
             publish_rate: 1000.0,
             payload_bytes: 0,
             webhook: Vec::new(),
-            webhook_secret: env("WEBHOOK_SECRET").unwrap_or_default(),
+            webhook_secrets: match env("WEBHOOK_SECRETS") {
+                Some(raw) => secrets(&raw).map_err(|e| format!("$WEBHOOK_SECRETS: {e}"))?,
+                None => std::collections::HashMap::new(),
+            },
             redis: None,
             drain: Duration::from_secs(5),
             churn: None,
@@ -100,9 +115,6 @@ impl Options {
         };
         let mut rest = args.iter();
         while let Some(flag) = rest.next() {
-            if flag == "--help" || flag == "-h" {
-                return Err(String::new());
-            }
             let value = rest.next().ok_or_else(|| format!("{flag}: missing value"))?;
             let secs = |v: &str| number::<f64>(flag, v).map(Duration::from_secs_f64);
             match flag.as_str() {
@@ -113,7 +125,7 @@ impl Options {
                 "--sources" => options.sources = number(flag, value)?,
                 "--topics" => options.topics = number(flag, value)?,
                 "--subscriptions" => options.subscriptions = number(flag, value)?,
-                "--secret" => options.secret.clone_from(value),
+                "--jwt-secret-key" => options.secret.clone_from(value),
                 "--hold" => options.hold = secs(value)?,
                 "--load" => {
                     options.load = match value.as_str() {
@@ -133,7 +145,10 @@ impl Options {
                 "--publish-rate" => options.publish_rate = number(flag, value)?,
                 "--payload-bytes" => options.payload_bytes = number(flag, value)?,
                 "--webhook" => options.webhook.push(value.trim_end_matches('/').to_owned()),
-                "--webhook-secret" => options.webhook_secret.clone_from(value),
+                "--webhook-secrets" => {
+                    options.webhook_secrets =
+                        secrets(value).map_err(|e| format!("--webhook-secrets: {e}"))?;
+                }
                 "--redis" => options.redis = Some(value.clone()),
                 "--drain" => options.drain = secs(value)?,
                 "--churn" => options.churn = Some(secs(value)?),
@@ -152,7 +167,8 @@ impl Options {
             problems.push("--ws: at least one WebSocket endpoint is needed".to_owned());
         }
         if self.secret.is_empty() {
-            problems.push("--secret: the instances' JWT_SECRET_KEY is needed to mint tokens".to_owned());
+            problems
+                .push("--jwt-secret-key: the instances' JWT_SECRET_KEY is needed to mint tokens".to_owned());
         }
         if self.tenants == 0 || self.connections == 0 || self.sources == 0 {
             problems.push("--tenants, --connections and --sources must be at least 1".to_owned());
@@ -161,8 +177,20 @@ impl Options {
             problems.push("--connect-rate and --publish-rate must be positive".to_owned());
         }
         match self.load {
-            Load::Webhook if self.webhook.is_empty() || self.webhook_secret.is_empty() => {
-                problems.push("--load webhook needs --webhook and --webhook-secret".to_owned());
+            Load::Webhook => {
+                if self.webhook.is_empty() {
+                    problems.push("--load webhook needs --webhook".to_owned());
+                }
+                let missing: Vec<String> = (0..self.tenants)
+                    .map(tenant_name)
+                    .filter(|t| !self.webhook_secrets.contains_key(t))
+                    .collect();
+                if !missing.is_empty() {
+                    problems.push(format!(
+                        "--load webhook needs every tenant's secret in --webhook-secrets (or $WEBHOOK_SECRETS); missing: {}",
+                        missing.join(", ")
+                    ));
+                }
             }
             Load::Redis if self.redis.is_none() => problems.push("--load redis needs --redis".to_owned()),
             Load::Topic if self.redis.is_none() || self.subscriptions == 0 => {

@@ -21,6 +21,8 @@ pub(crate) struct Published {
     pub(crate) topic_of: Vec<Vec<usize>>,
     /// Per tenant: the numbers whose publish failed (not expected anywhere).
     pub(crate) failed: Vec<Vec<u64>>,
+    /// What the first failed publish was answered, when one failed.
+    pub(crate) first_failure: Option<String>,
     pub(crate) seconds: f64,
 }
 
@@ -84,6 +86,7 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
     let tenants = options.tenants;
     let pad = "x".repeat(options.payload_bytes);
     let failed = Arc::new(Mutex::new(vec![Vec::new(); tenants]));
+    let first_failure: Arc<std::sync::OnceLock<String>> = Arc::default();
     let mut attempted = vec![0u64; tenants];
     let mut topic_of = vec![Vec::new(); tenants];
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap_or_default();
@@ -108,16 +111,26 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
             Load::Webhook => {
                 let url = format!("{}/webhooks/bench", options.webhook[i as usize % options.webhook.len()]);
                 let body = body(seq, &pad);
-                let signature = sign::sha256_header(options.webhook_secret.as_bytes(), body.as_bytes());
+                let secret = options.webhook_secrets.get(&tenant_name(tenant)).map_or("", String::as_str);
+                let signature = sign::sha256_header(secret.as_bytes(), body.as_bytes());
                 let request = http
                     .post(url)
                     .header("x-tenant-id", tenant_name(tenant))
                     .header("x-signature", signature)
                     .header("content-type", "application/json")
                     .body(body);
+                let first_failure = first_failure.clone();
                 tasks.push(tokio::spawn(async move {
-                    let ok = request.send().await.is_ok_and(|r| r.status().is_success());
-                    if !ok {
+                    let refusal = match request.send().await {
+                        Ok(response) if response.status().is_success() => None,
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            Some(format!("{status} {}", response.text().await.unwrap_or_default()))
+                        }
+                        Err(error) => Some(format!("the request failed: {error}")),
+                    };
+                    if let Some(refusal) = refusal {
+                        let _ = first_failure.set(refusal);
                         failed.lock().await[tenant].push(seq);
                     }
                     drop(permit);
@@ -137,9 +150,11 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
                     r#"{{"type":"bench","payload":{},"timestamp":"{timestamp}","from_user":null,"message_id":"bench-{tenant}-{seq}","channel":"{channel}"}}"#,
                     body(seq, &pad)
                 );
+                let first_failure = first_failure.clone();
                 tasks.push(tokio::spawn(async move {
                     let ok = redis.publish(&channel, envelope).await;
                     if !ok {
+                        let _ = first_failure.set(format!("Redis did not take the PUBLISH to {channel}"));
                         failed.lock().await[tenant].push(seq);
                     }
                     drop(permit);
@@ -153,6 +168,7 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
                     None => false,
                 };
                 if !sent {
+                    let _ = first_failure.set("the sending connection is closed".to_owned());
                     failed.lock().await[tenant].push(seq);
                 }
                 drop(permit);
@@ -165,5 +181,6 @@ pub(crate) async fn publish(options: &Options, senders: &Senders, progress: &Ato
     }
     let seconds = started.elapsed().as_secs_f64();
     let failed = std::mem::take(&mut *failed.lock().await);
-    Published { attempted, topic_of, failed, seconds }
+    let first_failure = first_failure.get().cloned();
+    Published { attempted, topic_of, failed, first_failure, seconds }
 }
