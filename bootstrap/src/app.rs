@@ -125,7 +125,9 @@ impl Application {
                 let webhook_secret = random_bytes(32).map_err(|e| StartError::Randomness(e.to_string()))?;
                 let (secret, iss, aud) =
                     (secret.clone(), config.jwt_issuer.clone(), config.jwt_audience.clone());
-                let token = move || mint_demo_token(&secret, iss.clone(), aud.clone());
+                let token = move |user: &domain::UserId, tenant: &TenantId| {
+                    mint_demo_token(&secret, user.as_str(), tenant.as_str(), iss.clone(), aud.clone())
+                };
                 Some(Demo { token: Arc::new(token), webhook_secret: Arc::from(webhook_secret) })
             }
             _ => None,
@@ -216,7 +218,13 @@ impl Application {
     /// valid for an hour, signed with this process's ephemeral secret.
     pub fn demo_token(&self) -> Option<String> {
         let secret = self.ephemeral_secret.as_ref()?;
-        mint_demo_token(secret, self.config.jwt_issuer.clone(), self.config.jwt_audience.clone())
+        mint_demo_token(
+            secret,
+            DEMO_TENANT,
+            DEMO_TENANT,
+            self.config.jwt_issuer.clone(),
+            self.config.jwt_audience.clone(),
+        )
     }
 
     /// Serves until `shutdown` resolves, then drains (see [`Application::run_until_hurried`]),
@@ -419,14 +427,20 @@ impl Summary {
 /// for a burst of reconnecting clients, where the usual 128 would refuse them.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// A token for user `demo` of tenant `demo`, valid for an hour, allowing everything on every
-/// topic, signed with `secret`.
-fn mint_demo_token(secret: &JwtSecret, iss: Option<String>, aud: Option<String>) -> Option<String> {
+/// A token for `user` of `tenant`, valid for an hour, allowing everything on every topic, signed
+/// with `secret`.
+fn mint_demo_token(
+    secret: &JwtSecret,
+    user: &str,
+    tenant: &str,
+    iss: Option<String>,
+    aud: Option<String>,
+) -> Option<String> {
     let now = SystemClock.now().unix_seconds();
     JwtIssuer::hs256(secret.as_bytes())
         .issue(&TokenRequest {
-            user_id: DEMO_TENANT.into(),
-            tenant_id: DEMO_TENANT.into(),
+            user_id: user.into(),
+            tenant_id: tenant.into(),
             scope: SCOPE_WS_CONNECT.into(),
             iat: now,
             exp: now + 3600,

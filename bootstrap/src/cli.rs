@@ -9,7 +9,7 @@ use domain::{Allowed, Caps, SCOPE_WS_CONNECT, TenantId, TopicName, UserId};
 
 use crate::app::Application;
 use crate::config::{
-    Config, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_PUBLIC_KEY_FILE, ENV_JWT_SECRET_KEY,
+    Config, ENV_BIND_ADDR, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_PUBLIC_KEY_FILE, ENV_JWT_SECRET_KEY,
     jwt_secret_from_lookup,
 };
 use crate::telemetry;
@@ -118,6 +118,68 @@ fn serve(lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
         .await;
         ExitCode::SUCCESS
     })
+}
+
+/// Without `JWT_SECRET_KEY`: asks the demo instance running on this machine (on `BIND_ADDR`'s
+/// port, 8080 by default) for a token of `--user` and `--tenant`, or says what to do.
+fn token_from_demo(args: &TokenArgs, bind_addr: Option<String>) -> ExitCode {
+    if args.caps.is_some()
+        || args.channel.is_some()
+        || args.ttl_secs != 3600
+        || args.scope != SCOPE_WS_CONNECT
+    {
+        eprintln!(
+            "error: without {ENV_JWT_SECRET_KEY}, tokens come from a running demo instance, for --user and \
+             --tenant only (valid 1 h, every topic allowed); set {ENV_JWT_SECRET_KEY} to the instances' secret \
+             to choose --ttl, --scope, --caps or --channel"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let port = bind_addr
+        .and_then(|raw| raw.trim().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()))
+        .unwrap_or(8080);
+    let path = format!("/console/token?user={}&tenant={}", args.user, args.tenant);
+    match demo_request(port, &path) {
+        Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(answer) if answer["token"].is_string() => {
+                println!("{}", answer["token"].as_str().unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            _ => {
+                eprintln!("error: the instance on 127.0.0.1:{port} answered without a token: {body}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok((status, body)) => {
+            eprintln!(
+                "error: {ENV_JWT_SECRET_KEY} is not set, and the instance on 127.0.0.1:{port} gives no demo token \
+                 ({status} {body}): set {ENV_JWT_SECRET_KEY} to the instances' secret to mint tokens here"
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(error) => {
+            eprintln!(
+                "error: {ENV_JWT_SECRET_KEY} is not set, and no demo instance answers on 127.0.0.1:{port} ({error}). \
+                 Start one with `lq-realtime` (no configuration: demo mode) and run this again, or set \
+                 {ENV_JWT_SECRET_KEY} to the instances' secret (BIND_ADDR names another port)"
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port`, HTTP/1.0: the status and the body.
+fn demo_request(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.take(64 * 1024).read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -251,13 +313,7 @@ fn token(args: &[String], lookup: impl Fn(&str) -> Option<String>) -> ExitCode {
     }
     let secret = match jwt_secret_from_lookup(&lookup) {
         Ok(Some(secret)) => secret,
-        Ok(None) => {
-            eprintln!(
-                "configuration error: {ENV_JWT_SECRET_KEY}: must be set to mint tokens (an instance started \
-                 without it prints its own demo token)"
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Ok(None) => return token_from_demo(&args, lookup(ENV_BIND_ADDR)),
         Err(error) => {
             eprintln!("configuration error: {error}");
             return ExitCode::from(EXIT_CONFIG);

@@ -19,7 +19,7 @@ use domain::{OriginPolicy, TenantId};
 
 use crate::webhook_config::{self, WebhookEndpoint};
 
-/// HTTP + WebSocket listen address.
+/// HTTP + WebSocket listen address; in demo mode, 127.0.0.1:8080 unless set.
 pub const ENV_BIND_ADDR: &str = "BIND_ADDR";
 pub const DEFAULT_BIND_ADDR: &str = "0.0.0.0:8080";
 /// Every variable the configuration reads.
@@ -534,7 +534,9 @@ impl Config {
     /// [`ConfigErrors`] listing every problem, one per variable.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
         let mut r = Reader { lookup, errors: Vec::new() };
-        let fallback_addr = SocketAddr::from(([0, 0, 0, 0], 8080));
+        let demo_mode = r.get(ENV_JWT_SECRET_KEY).is_none() && r.get(ENV_JWT_PUBLIC_KEY_FILE).is_none();
+        // A demo hands out tokens and a server API key: to this machine only, unless asked.
+        let fallback_addr = SocketAddr::from((if demo_mode { [127, 0, 0, 1] } else { [0, 0, 0, 0] }, 8080));
         let bind_addr = r.parse(ENV_BIND_ADDR, fallback_addr, |raw| {
             listen_addr(raw).ok_or_else(|| {
                 format!("expected IP:port such as {DEFAULT_BIND_ADDR} or 127.0.0.1:8080 (or localhost:8080), got {raw:?}")
@@ -562,7 +564,6 @@ impl Config {
             "off" => Ok(false),
             other => Err(format!("expected on or off, got {other:?}")),
         });
-        let demo_mode = r.get(ENV_JWT_SECRET_KEY).is_none() && r.get(ENV_JWT_PUBLIC_KEY_FILE).is_none();
         let console = r.parse(ENV_CONSOLE, demo_mode, |raw| match raw {
             "on" => Ok(true),
             "off" => Ok(false),
@@ -891,6 +892,15 @@ mod tests {
             assert!(line.starts_with(&format!("{variable}: ")), "{line}");
         }
         assert!(!text.contains("short\""), "the secret itself is not echoed: {text}");
+    }
+
+    #[test]
+    fn the_demo_listens_on_this_machine_only_unless_told_otherwise() {
+        assert_eq!(parse(&[]).expect("valid").bind_addr, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let secret = (ENV_JWT_SECRET_KEY, "0123456789abcdef0123456789abcdef");
+        assert_eq!(parse(&[secret]).expect("valid").bind_addr, SocketAddr::from(([0, 0, 0, 0], 8080)));
+        let everywhere = parse(&[(ENV_BIND_ADDR, "0.0.0.0:8080")]).expect("valid");
+        assert_eq!(everywhere.bind_addr, SocketAddr::from(([0, 0, 0, 0], 8080)));
     }
 
     #[test]

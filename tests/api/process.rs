@@ -317,10 +317,22 @@ async fn the_token_command_prints_a_token_the_service_accepts() {
 
 #[tokio::test]
 async fn the_token_command_explains_what_is_missing() {
-    let output =
-        command(&[]).args(["token", "--user", "dana", "--tenant", "acme"]).output().await.expect("runs");
+    // No secret, and no demo instance on the port: it says what to do.
+    let port = crate::redis_support::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let output = command(&[("BIND_ADDR", &bind)])
+        .args(["token", "--user", "dana", "--tenant", "acme"])
+        .output()
+        .await
+        .expect("runs");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_SECRET_KEY"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "JWT_SECRET_KEY is not set, and no demo instance answers on 127.0.0.1:{port}"
+        )) && stderr.contains("Start one with `lq-realtime`"),
+        "{stderr}"
+    );
     let output = command(&[("JWT_SECRET_KEY", JWT_SECRET)])
         .args(["token", "--tenant", "acme"])
         .output()
@@ -335,6 +347,79 @@ async fn the_token_command_explains_what_is_missing() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_PUBLIC_KEY_FILE"));
+}
+
+#[tokio::test]
+async fn in_demo_mode_two_users_get_their_tokens_from_the_instance_and_exchange_a_direct_message() {
+    let mut child = command(&[("BIND_ADDR", "127.0.0.1:0"), ("LOG_FORMAT", "json")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            if let Some(url) = line.strip_prefix("connect:") {
+                return url.trim().to_owned();
+            }
+        }
+        panic!("no connect line");
+    })
+    .await
+    .expect("printed in time");
+    let addr = url.trim_start_matches("ws://").split('/').next().expect("address").to_owned();
+    // Alice's token from the command line, Bob's as the console gets it.
+    let output = command(&[("BIND_ADDR", &addr)])
+        .args(["token", "--user", "alice", "--tenant", "acme"])
+        .output()
+        .await
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let alice_token = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let bob: Value = reqwest::get(format!("http://{addr}/console/token?user=bob&tenant=acme"))
+        .await
+        .expect("GET /console/token")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!((bob["user"].as_str(), bob["tenant"].as_str()), (Some("bob"), Some("acme")));
+    let connect = |token: String| {
+        let url = format!("ws://{addr}/ws?token={token}");
+        async move {
+            let request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .expect("request");
+            let mut client = WsClient::connect(request).await.expect("connected");
+            let welcome = client.next_json().await;
+            assert_eq!(welcome["type"], "welcome");
+            (client, welcome)
+        }
+    };
+    let (mut alice, welcome) = connect(alice_token).await;
+    assert_eq!(
+        (welcome["payload"]["user_id"].as_str(), welcome["payload"]["tenant_id"].as_str()),
+        (Some("alice"), Some("acme"))
+    );
+    let (mut bob, _) = connect(bob["token"].as_str().expect("token").to_owned()).await;
+    alice
+        .send_json(&serde_json::json!({"type": "direct", "to_user": "bob", "payload": {"text": "hi bob"}}))
+        .await;
+    let direct = loop {
+        let frame = bob.next_json().await;
+        if frame["type"] == "direct" {
+            break frame;
+        }
+    };
+    assert_eq!(
+        (direct["from_user"].as_str(), direct["payload"]["text"].as_str()),
+        (Some("alice"), Some("hi bob"))
+    );
+    // A page that merely resolves to this machine gets no token.
+    let rebound = reqwest::Client::new()
+        .get(format!("http://{addr}/console/token?user=mallory&tenant=acme"))
+        .header("host", "lq.example.com")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(rebound.status(), 403);
 }
 
 #[tokio::test]

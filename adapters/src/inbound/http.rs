@@ -156,6 +156,23 @@ pub async fn serve(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// Whether a request comes from this machine: from a loopback address, and naming a loopback
+/// host in its `Host` header (`localhost`, `127.x.y.z`, `[::1]`, with or without a port) rather
+/// than a name that merely resolves to it (a DNS-rebinding page's). What demo mode hands out
+/// (a key of the server API, tokens of any tenant) goes to such requests only.
+pub(crate) fn from_this_machine(peer: Option<PeerAddr>, host: Option<&str>) -> bool {
+    peer.is_some_and(|peer| peer.0.ip().is_loopback()) && host.is_some_and(names_this_machine)
+}
+
+fn names_this_machine(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A service that puts the connection's [`PeerAddr`] into every request before `inner` sees it.
 #[derive(Clone)]
 struct WithPeer<S> {
@@ -471,6 +488,31 @@ pub(crate) fn webhook_error(error: &WebhookError) -> ApiError {
         WebhookError::InvalidDeliveryId => ApiError::bad_request(error.to_string()),
         WebhookError::InProgress => {
             ApiError::new(StatusCode::CONFLICT, "delivery_in_progress", error.to_string()).retry_after(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_this_machine;
+
+    #[test]
+    fn only_loopback_names_name_this_machine() {
+        for local in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST:1",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(names_this_machine(local), "{local}");
+        }
+        for other in
+            ["example.com", "evil.localhost.example:8080", "10.0.0.1:8080", "[::2]:80", "", "0.0.0.0:8080"]
+        {
+            assert!(!names_this_machine(other), "{other}");
         }
     }
 }

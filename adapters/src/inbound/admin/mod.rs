@@ -8,7 +8,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::console::asset;
-use crate::inbound::http::PeerAddr;
+use crate::inbound::http::{PeerAddr, from_this_machine};
 
 const PAGE: &str = include_str!("admin.html");
 const SCRIPT: &str = include_str!("admin.js");
@@ -50,8 +50,7 @@ pub fn routes(
         .and(warp::header::optional::<String>("host"))
         .map(move |peer: Option<PeerAddr>, host: Option<String>| {
             // The demo key opens the whole server API: only a page of this machine gets it.
-            let local = peer.is_some_and(|peer| peer.0.ip().is_loopback())
-                && host.as_deref().is_some_and(names_this_machine);
+            let local = from_this_machine(peer, host.as_deref());
             let key = demo_key.as_ref().filter(|_| local);
             let mut response = warp::reply::json(&serde_json::json!({"demo_key": key})).into_response();
             response
@@ -60,41 +59,4 @@ pub fn routes(
             response
         });
     on.and(page.or(script).unify().or(style).unify().or(config).unify())
-}
-
-/// Whether a `Host` header names this machine by a loopback name (`localhost`, `127.x.y.z`,
-/// `[::1]`, with or without a port), rather than a name that merely resolves to it (a DNS
-/// rebinding page's).
-fn names_this_machine(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::names_this_machine;
-
-    #[test]
-    fn only_loopback_names_name_this_machine() {
-        for local in [
-            "localhost",
-            "localhost:8080",
-            "LOCALHOST:1",
-            "127.0.0.1:8080",
-            "127.1.2.3",
-            "[::1]:8080",
-            "[::1]",
-        ] {
-            assert!(names_this_machine(local), "{local}");
-        }
-        for other in
-            ["example.com", "evil.localhost.example:8080", "10.0.0.1:8080", "[::2]:80", "", "0.0.0.0:8080"]
-        {
-            assert!(!names_this_machine(other), "{other}");
-        }
-    }
 }

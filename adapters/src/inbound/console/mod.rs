@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use application::ports::Headers;
 use application::{Realtime, WebhookRequest};
+use domain::{TenantId, UserId};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::error::ApiError;
+use crate::inbound::http::{PeerAddr, from_this_machine};
 use crate::inbound::http::{read_in_time, refuse_announced_too_large};
 use crate::outbound::signatures::sign;
 
@@ -31,11 +33,14 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
      connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
+/// Mints a demo token for a user of a tenant.
+pub type DemoTokens = Arc<dyn Fn(&UserId, &TenantId) -> Option<String> + Send + Sync>;
+
 /// What the console offers in demo mode.
 #[derive(Clone)]
 pub struct Demo {
-    /// Mints a token for user `demo` of tenant `demo`.
-    pub token: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// Mints a token, valid an hour, for any user of any tenant.
+    pub token: DemoTokens,
     /// The secret the demo tenant's `console` provider verifies with (`hmac-sha256`).
     pub webhook_secret: Arc<[u8]>,
 }
@@ -87,8 +92,9 @@ pub fn routes(
         .and(warp::get())
         .map(|| asset(STYLE, "text/css; charset=utf-8"));
     let config_demo = demo.clone();
+    let tokens_demo = demo.clone();
     let config = warp::path!("console" / "config").and(warp::get()).map(move || {
-        let token = config_demo.as_ref().and_then(|demo| (demo.token)());
+        let token = config_demo.as_ref().and_then(|demo| demo_token(demo, DEMO_TENANT, DEMO_TENANT));
         let body = json!({"demo": token.is_some(), "token": token, "tenant": token.as_ref().map(|_| DEMO_TENANT), "webhook": config_demo.is_some()});
         let mut response = warp::reply::json(&body).into_response();
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -122,9 +128,76 @@ pub fn routes(
                 test_webhook(&app, demo.as_ref(), &body).await
             }
         });
+    let token = warp::path!("console" / "token")
+        .and(warp::get())
+        .and(warp::query::<TokenQuery>())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::header::optional::<String>("host"))
+        .and_then(move |query: TokenQuery, peer: Option<PeerAddr>, host: Option<String>| {
+            let demo = tokens_demo.clone();
+            async move { mint(demo.as_ref(), &query, from_this_machine(peer, host.as_deref())) }
+        });
     on.and(
-        page.or(script).unify().or(client).unify().or(style).unify().or(config).unify().or(webhook).unify(),
+        page.or(script)
+            .unify()
+            .or(client)
+            .unify()
+            .or(style)
+            .unify()
+            .or(config)
+            .unify()
+            .or(token)
+            .unify()
+            .or(webhook)
+            .unify(),
     )
+}
+
+/// `GET /console/token`'s query.
+#[derive(Debug, serde::Deserialize)]
+struct TokenQuery {
+    user: Option<String>,
+    tenant: Option<String>,
+}
+
+fn demo_token(demo: &Demo, user: &str, tenant: &str) -> Option<String> {
+    (demo.token)(&UserId::parse(user).ok()?, &TenantId::parse(tenant).ok()?)
+}
+
+/// Demo mode, from this machine only: a token for `?user=` of `?tenant=` (both `demo` when
+/// absent), so that several users of several tenants can be tried side by side.
+fn mint(demo: Option<&Demo>, query: &TokenQuery, local: bool) -> Result<Response, Rejection> {
+    let refuse =
+        |status, code, message: &str| Err(warp::reject::custom(ApiError::new(status, code, message)));
+    let Some(demo) = demo else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "demo tokens exist in demo mode only (without JWT_SECRET_KEY): ask your backend for a token",
+        );
+    };
+    if !local {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "not_this_machine",
+            "demo tokens are handed to this machine only: open the console at http://localhost:<port>/",
+        );
+    }
+    let (user, tenant) =
+        (query.user.as_deref().unwrap_or(DEMO_TENANT), query.tenant.as_deref().unwrap_or(DEMO_TENANT));
+    if let Err(error) = UserId::parse(user) {
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("user: {error}"));
+    }
+    if let Err(error) = TenantId::parse(tenant) {
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("tenant: {error}"));
+    }
+    let Some(token) = demo_token(demo, user, tenant) else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the token could not be signed");
+    };
+    let mut response =
+        warp::reply::json(&json!({"token": token, "user": user, "tenant": tenant})).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
 }
 
 /// Signs `body` as the demo tenant's `console` provider would and relays it like any webhook.
