@@ -12,6 +12,7 @@ mod broker_contract;
 mod browser;
 mod chaos;
 mod cluster;
+mod console_refusals;
 mod contract;
 mod dashboard;
 mod deployment;

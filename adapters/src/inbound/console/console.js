@@ -20,8 +20,13 @@ function show(state, detail) {
   $("state").dataset.state = state;
   $("transport").textContent = detail && detail.transport ? `over ${TRANSPORT_NAMES[detail.transport]}` : "";
   if (detail && detail.code !== undefined) {
-    $("close-code").textContent = String(detail.code);
+    $("close-code").textContent = detail.refused ? `HTTP ${detail.refused.status}` : detail.code === null ? "—" : String(detail.code);
     $("close-meaning").textContent = `${detail.meaning}${detail.reason ? ` — "${detail.reason}"` : ""}`;
+  }
+  if (state === "closed" && detail && detail.refused && [401, 403].includes(detail.refused.status)) {
+    notice(`refused: ${detail.refused.message}. Paste another token (or get one), then Connect.`);
+  } else if (state === "closed" && detail && detail.code === null) {
+    notice("no token: paste one (or get one in demo mode), then Connect.");
   }
   if (state === "open") {
     $("recovered").textContent = detail && detail.recovered !== null ? String(detail.recovered) : "— (not resuming)";
@@ -43,15 +48,30 @@ function log(frame) {
     typeof frame.offset === "number" ? `offset=${frame.offset}` : null,
     `payload=${JSON.stringify(frame.payload)}`,
   ].filter(Boolean);
-  item.append(type, " ", parts.join(" "));
+  const time = document.createElement("time");
+  const now = new Date();
+  time.dateTime = now.toISOString();
+  time.textContent = now.toLocaleTimeString(undefined, { hour12: false }) + "." + String(now.getMilliseconds()).padStart(3, "0");
+  item.append(time, " ", type, " ", parts.join(" "));
   $("log").prepend(item);
   while ($("log").children.length > LOG_LIMIT) $("log").lastElementChild.remove();
 }
 
+/** The token typed or minted; "" when there is none (the client then stops and says so). */
 async function currentToken() {
-  const typed = $("token").value.trim();
-  if (typed) return typed;
-  throw new Error("enter a token");
+  return $("token").value.trim();
+}
+
+/** Demo mode: a fresh token for the user and tenant of the fields. */
+async function mintToken() {
+  const user = $("demo-user").value.trim() || "demo";
+  const tenant = $("demo-tenant").value.trim() || "demo";
+  const response = await fetch(`/console/token?user=${encodeURIComponent(user)}&tenant=${encodeURIComponent(tenant)}`, { cache: "no-store" });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.message || `HTTP ${response.status}`);
+  $("token").value = $("token").dataset.demo = body.token;
+  $("token").dataset.identity = `${body.user}@${body.tenant}`;
+  return body;
 }
 
 function payload() {
@@ -73,10 +93,9 @@ $("connect").addEventListener("click", () => {
     url: wsUrl(),
     transport: $("transport-choice").value,
     getToken: async () => {
-      // In demo mode a fresh demo token is minted for every connection and refresh.
-      if (config.demo && $("token").dataset.demo === $("token").value) {
-        const fresh = await (await fetch("/console/config")).json();
-        $("token").value = $("token").dataset.demo = fresh.token;
+      // In demo mode a fresh token of the same user is minted for every connection and refresh.
+      if (config.demo && $("token").value && $("token").dataset.demo === $("token").value) {
+        await mintToken();
       }
       return currentToken();
     },
@@ -167,6 +186,14 @@ $("send-direct").addEventListener("click", () => {
   notice(client && client.direct(to, payload()) ? `direct message sent to ${to}` : "not connected");
 });
 $("send-presence").addEventListener("click", () => notice(client && client.presence() ? "presence asked" : "not connected"));
+$("mint").addEventListener("click", async () => {
+  try {
+    const minted = await mintToken();
+    notice(`token for user ${minted.user} of tenant ${minted.tenant}: Connect to use it`);
+  } catch (error) {
+    notice(`no token: ${error.message}`);
+  }
+});
 $("send-webhook").addEventListener("click", async () => {
   const response = await fetch("/console/webhook", {
     method: "POST",
@@ -183,9 +210,13 @@ $("send-webhook").addEventListener("click", async () => {
   } catch {
     // Served without the configuration endpoint: nothing to prefill.
   }
+  const params = new URLSearchParams(location.search);
   if (config.demo && config.token) {
-    $("token").value = $("token").dataset.demo = config.token;
-    $("mode").textContent = "Demo mode: connected as user demo of tenant demo with a token of this process. Set JWT_SECRET_KEY for anything but a trial.";
+    $("demo").hidden = false;
+    $("demo-user").value = params.get("user") || "demo";
+    $("demo-tenant").value = params.get("tenant") || "demo";
+    await mintToken().catch((error) => notice(`no demo token: ${error.message}`));
+    $("mode").textContent = "Demo mode: tokens of this process for any user and tenant; open another tab (?user=bob&tenant=demo) to try a second user. Set JWT_SECRET_KEY for anything but a trial.";
   } else {
     $("mode").textContent = "Paste a token for your tenant and user, then connect.";
   }

@@ -4,6 +4,8 @@
 // Server-Sent Events stream from /sse, whose client frames are POSTed to /sse/{connection_id}.
 // Over either transport it
 // - reconnects after any close it may reconnect after, with exponential backoff and jitter;
+//   a refused handshake is explained (status and the server's message) and, for a 401 or 403,
+//   ends the retries until connect() is called with another token;
 // - resumes where it stopped: every envelope of a tenant or user channel carries its `offset`
 //   and `epoch`, the client remembers the latest of each channel and reconnects with
 //   `since=<epoch>:<offset>` (tenant channel) and `user_since=` (user channel), so the server
@@ -173,7 +175,10 @@ export class LqClient {
    * @param {(state: string, detail?: object) => void} [options.onState] "connecting",
    *        "open" (detail: {recovered: true | false | null when not resuming}), "reconnecting"
    *        (detail: {code, reason, meaning, delayMs}), "closed" (detail: {code, reason, meaning});
-   *        every detail also has `transport`, "websocket" or "sse"
+   *        every detail also has `transport`, "websocket" or "sse". A handshake the server
+   *        refused adds `refused: {status, code, message}` (the client fetches the reason, which
+   *        browsers hide); after a 401 or 403 the client stops until connect() is called again,
+   *        and with no token (getToken gives an empty one) it stops at once
    * @param {boolean} [options.presence]  receive the tenant's presence.join and presence.leave
    *        (presence=1 when connecting)
    * @param {number} [options.minDelayMs]  first reconnection delay (default 500)
@@ -384,6 +389,12 @@ export class LqClient {
       return;
     }
     if (generation !== this.generation || this.stopped) return;
+    if (!token) {
+      // Nothing to connect with: retrying would only loop. connect() again once there is one.
+      this.stopped = true;
+      this.setState("closed", { code: null, reason: "no token: getToken gave none", meaning: "no token to connect with" });
+      return;
+    }
     const exp = tokenExpiry(token);
     if (exp !== null && exp * 1000 <= Date.now()) {
       // The server would refuse it: only a fresh token helps.
@@ -395,6 +406,7 @@ export class LqClient {
     this.connectionId = null;
     this.welcomed = false;
     const query = `?token=${encodeURIComponent(token)}${this.resumeQuery()}`;
+    this.query = query;
     this.link = TRANSPORTS[this.transport](this, query, {
       frame: (data) => {
         if (generation === this.generation) this.receive(data);
@@ -405,10 +417,49 @@ export class LqClient {
     });
   }
 
+  /**
+   * Why the server refused the handshake of `query`, since browsers do not tell: the same URL
+   * fetched without an upgrade is answered with the refusal ({status, code, message}), or is
+   * not refused (null: the network, or the server going away, broke the attempt).
+   */
+  async refusal(query) {
+    const base = this.transport === "sse"
+      ? this.options.sseUrl || sseUrlFor(this.options.url)
+      : this.options.url.replace(/^ws(s?):/, "http$1:");
+    const controller = new AbortController();
+    try {
+      const response = await fetch(`${base}${query}`, { cache: "no-store", signal: controller.signal });
+      // 426: the token passed and only the upgrade is missing; 200: a stream opened.
+      if (response.ok || response.status === 426) {
+        controller.abort();
+        return null;
+      }
+      const body = await response.json().catch(() => ({}));
+      return { status: response.status, code: body.code || null, message: body.message || response.statusText };
+    } catch {
+      return null;
+    }
+  }
+
   /** The connection ended with `code`: reconnect or stop, as CLOSE_CODES says. */
-  closed(generation, code, reason) {
+  async closed(generation, code, reason) {
     this.link = null;
     clearTimeout(this.timers.refresh);
+    if (code === 1006 && !this.welcomed && !this.stopped) {
+      const refused = await this.refusal(this.query || "");
+      if (generation !== this.generation) return;
+      if (refused) {
+        const info = { code, reason: refused.message, meaning: `refused by the server: ${refused.status} ${refused.code || ""}`.trim(), refused };
+        if (refused.status === 401 || refused.status === 403) {
+          // Only another token helps: stop until connect() is called with one.
+          this.stopped = true;
+          this.setState("closed", info);
+        } else {
+          this.scheduleReconnect(generation, info);
+        }
+        return;
+      }
+    }
     if (this.transport === "websocket" && code === 1006 && !this.welcomed) this.websocketFailures += 1;
     const info = { code, reason, meaning: describeClose(code) };
     const rule = CLOSE_CODES[code] || { reconnect: true };
