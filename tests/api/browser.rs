@@ -82,7 +82,7 @@ impl Browser {
         Self { driver, base: format!("{root}/session/{id}"), http, _profile: TempDir(profile) }
     }
 
-    async fn command(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    pub(crate) async fn command(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let request = self.http.request(method, format!("{}{path}", self.base));
         let request = if body.is_null() { request } else { request.json(&body) };
         let answer: Value =

@@ -12,7 +12,7 @@ mod broker_contract;
 mod browser;
 mod chaos;
 mod cluster;
-mod console_refusals;
+mod console;
 mod contract;
 mod dashboard;
 mod deployment;

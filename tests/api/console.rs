@@ -1,5 +1,6 @@
-//! The console in a real browser when a connection is refused: it shows why (the status and the
-//! server's message, which browsers hide from WebSocket pages), and stops instead of retrying.
+//! The console in a real browser, as a newcomer meets it: a refused connection shows why (the
+//! status and the server's message, which browsers hide from WebSocket pages) and stops instead of
+//! retrying; the quick start's two demo users in two tabs.
 
 use std::time::Duration;
 
@@ -78,4 +79,64 @@ async fn a_bad_an_expired_and_a_missing_token_are_explained_and_not_retried() {
         )
         .await;
     assert!(stamped.as_str().is_some_and(|t| t.len() >= 12 && t.contains(':')), "{stamped}");
+}
+
+/// Opens a new tab and makes it the current one; returns the handle of the tab it left.
+async fn new_tab(browser: &Browser) -> String {
+    let left = browser.command(reqwest::Method::GET, "/window", serde_json::Value::Null).await;
+    let tab = browser.command(reqwest::Method::POST, "/window/new", json!({"type": "tab"})).await;
+    switch_to(browser, tab["handle"].as_str().expect("handle")).await;
+    left.as_str().expect("handle").to_owned()
+}
+
+async fn switch_to(browser: &Browser, handle: &str) {
+    browser.command(reqwest::Method::POST, "/window", json!({"handle": handle})).await;
+}
+
+async fn connect_as(browser: &Browser, url: &str) {
+    browser.goto(url).await;
+    browser.until("a demo token", "return document.getElementById('token').value;", PATIENCE_IN_PAGE).await;
+    browser.click("#connect").await;
+    browser
+        .until("open", "return document.getElementById('state').dataset.state === 'open';", PATIENCE_IN_PAGE)
+        .await;
+}
+
+#[tokio::test]
+async fn the_quick_start_two_demo_users_in_two_tabs_exchange_a_direct_message_and_see_a_test_webhook() {
+    let config = bootstrap::config::Config::from_lookup(|name| match name {
+        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "DRAIN_GRACE_SECS" | "DRAIN_SECS" => Some("0".to_owned()),
+        _ => None,
+    })
+    .expect("demo mode");
+    let demo = spawn_app_with(config).await;
+    demo.wait_ready(Duration::from_secs(10)).await;
+    let browser = Browser::start().await;
+    connect_as(&browser, &demo.url("/?user=alice")).await;
+    let alice = new_tab(&browser).await;
+    connect_as(&browser, &demo.url("/?user=bob")).await;
+    let bob = browser.command(reqwest::Method::GET, "/window", serde_json::Value::Null).await;
+    let bob = bob.as_str().expect("handle").to_owned();
+
+    switch_to(&browser, &alice).await;
+    browser.fill("#direct-to", "bob").await;
+    browser.click("#send-direct").await;
+    switch_to(&browser, &bob).await;
+    let direct = browser
+        .until("bob's direct message", "const li = document.querySelector('#log li[data-type=\"direct\"]'); return li && li.textContent;", PATIENCE_IN_PAGE)
+        .await;
+    assert!(direct.as_str().is_some_and(|t| t.contains("from_user=alice")), "{direct}");
+
+    browser.click("#send-webhook").await;
+    for tab in [&bob, &alice] {
+        switch_to(&browser, tab).await;
+        browser
+            .until(
+                "the test webhook",
+                "return document.querySelector('#log li[data-type=\"webhook\"]') !== null;",
+                PATIENCE_IN_PAGE,
+            )
+            .await;
+    }
 }
