@@ -290,6 +290,9 @@ pub enum CloseReason {
     /// 4003: closed on purpose (no message for the inactivity timeout); do not reconnect
     /// automatically.
     Inactive,
+    /// 4003: closed on purpose by a backend (`POST /api/disconnect`, the dashboard); do not
+    /// reconnect automatically.
+    Disconnected,
     /// 4008: the client reads too slowly and its outbound queue overflowed.
     SlowConsumer,
     /// 4009: the instance missed messages of one of the client's channels (its link to the
@@ -305,7 +308,7 @@ impl CloseReason {
             Self::MessageTooBig => 1009,
             Self::InternalError => 1011,
             Self::TokenExpired => 4001,
-            Self::Inactive => 4003,
+            Self::Inactive | Self::Disconnected => 4003,
             Self::SlowConsumer => 4008,
             Self::MissedMessages => 4009,
         }
@@ -320,6 +323,7 @@ impl CloseReason {
             Self::InternalError => "internal error",
             Self::TokenExpired => "token expired",
             Self::Inactive => "inactive",
+            Self::Disconnected => "disconnected by the server",
             Self::SlowConsumer => "slow consumer",
             Self::MissedMessages => "missed messages; reconnect with since to recover",
         }
@@ -553,6 +557,8 @@ mod tests {
         assert_eq!(CloseReason::InternalError.code(), 1011);
         assert_eq!(CloseReason::TokenExpired.code(), 4001);
         assert_eq!(CloseReason::Inactive.code(), 4003);
+        assert_eq!(CloseReason::Disconnected.code(), 4003);
+        assert_eq!(CloseReason::Disconnected.reason(), "disconnected by the server");
         assert_eq!(CloseReason::SlowConsumer.code(), 4008);
         assert_eq!(CloseReason::MissedMessages.code(), 4009);
     }

@@ -173,7 +173,7 @@ impl InboundHandler for DeliverBrokerMessage {
             }
             ControlCommand::Disconnect { tenant_id, user_id } => {
                 let channel = Channel::User(tenant_id, user_id);
-                let closed = self.hub.close_channel(&channel, CloseReason::Inactive);
+                let closed = self.hub.close_channel(&channel, CloseReason::Disconnected);
                 if closed > 0 {
                     tracing::info!(%channel, closed, "connections of a user disconnected by the server API");
                 }
@@ -424,7 +424,7 @@ mod tests {
         });
         assert_eq!(
             (alice.closed(), alice_too.closed()),
-            (Some(CloseReason::Inactive), Some(CloseReason::Inactive))
+            (Some(CloseReason::Disconnected), Some(CloseReason::Disconnected))
         );
         assert_eq!((bob.closed(), other.closed()), (None, None));
     }
