@@ -22,6 +22,8 @@ use crate::webhook_config::{self, WebhookEndpoint};
 /// HTTP + WebSocket listen address; in demo mode, 127.0.0.1:8080 unless set.
 pub const ENV_BIND_ADDR: &str = "BIND_ADDR";
 pub const DEFAULT_BIND_ADDR: &str = "0.0.0.0:8080";
+/// In demo mode (no token key): this machine only.
+pub const DEFAULT_DEMO_BIND_ADDR: &str = "127.0.0.1:8080";
 /// Every variable the configuration reads.
 pub const VARIABLES: &[&str] = &[
     ENV_BIND_ADDR,
@@ -536,7 +538,9 @@ impl Config {
         let mut r = Reader { lookup, errors: Vec::new() };
         let demo_mode = r.get(ENV_JWT_SECRET_KEY).is_none() && r.get(ENV_JWT_PUBLIC_KEY_FILE).is_none();
         // A demo hands out tokens and a server API key: to this machine only, unless asked.
-        let fallback_addr = SocketAddr::from((if demo_mode { [127, 0, 0, 1] } else { [0, 0, 0, 0] }, 8080));
+        let fallback_addr = (if demo_mode { DEFAULT_DEMO_BIND_ADDR } else { DEFAULT_BIND_ADDR })
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080)));
         let bind_addr = r.parse(ENV_BIND_ADDR, fallback_addr, |raw| {
             listen_addr(raw).ok_or_else(|| {
                 format!("expected IP:port such as {DEFAULT_BIND_ADDR} or 127.0.0.1:8080 (or localhost:8080), got {raw:?}")
@@ -792,7 +796,7 @@ mod tests {
     #[test]
     fn no_configuration_at_all_gives_the_documented_defaults() {
         let config = parse(&[]).expect("valid");
-        assert_eq!(config.bind_addr.to_string(), DEFAULT_BIND_ADDR);
+        assert_eq!(config.bind_addr.to_string(), DEFAULT_DEMO_BIND_ADDR, "no token key: demo mode");
         assert_eq!(config.jwt_secret, None);
         assert!(matches!(config.broker, BrokerConfig::InProcess));
         assert!(config.webhook_secrets.is_empty());
