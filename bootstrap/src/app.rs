@@ -329,7 +329,9 @@ impl Application {
         shutdown.await;
         realtime.start_draining();
         let mut hurry = std::pin::pin!(hurry);
-        if realtime.admitted() == 0 {
+        if realtime.admitted() == 0 && !config.drain_grace_set {
+            // Nobody to drain, and no grace asked for: a load balancer that still sends requests
+            // here gets connection errors, which it retries elsewhere.
             tracing::info!("no connection open: stopping at once");
             let _ = stop_accepting.send(());
         } else {
@@ -344,6 +346,8 @@ impl Application {
                 let _ = stop_accepting.send(());
                 drain(&realtime, config.drain).await;
             };
+            // On a second signal `drained` is dropped, and with it `stop_accepting`: the server
+            // stops accepting all the same.
             tokio::select! {
                 () = drained => {}
                 () = &mut hurry => tracing::warn!(connections = realtime.connections(), "second signal: closing every connection now"),

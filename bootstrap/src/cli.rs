@@ -135,31 +135,40 @@ fn token_from_demo(args: &TokenArgs, bind_addr: Option<String>) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    let port = bind_addr
-        .and_then(|raw| raw.trim().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()))
-        .unwrap_or(8080);
+    // Where the demo listens, reached from this machine: an address that listens everywhere is
+    // reached on loopback.
+    let listen = bind_addr.and_then(|raw| {
+        let raw = raw.trim();
+        let raw =
+            raw.strip_prefix("localhost:").map_or_else(|| raw.to_owned(), |port| format!("127.0.0.1:{port}"));
+        raw.parse::<std::net::SocketAddr>().ok()
+    });
+    let mut addr = listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     let path = format!("/console/token?user={}&tenant={}", args.user, args.tenant);
-    match demo_request(port, &path) {
+    match demo_request(addr, &path) {
         Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
             Ok(answer) if answer["token"].is_string() => {
                 println!("{}", answer["token"].as_str().unwrap_or_default());
                 ExitCode::SUCCESS
             }
             _ => {
-                eprintln!("error: the instance on 127.0.0.1:{port} answered without a token: {body}");
+                eprintln!("error: the instance on {addr} answered without a token: {body}");
                 ExitCode::FAILURE
             }
         },
         Ok((status, body)) => {
             eprintln!(
-                "error: {ENV_JWT_SECRET_KEY} is not set, and the instance on 127.0.0.1:{port} gives no demo token \
+                "error: {ENV_JWT_SECRET_KEY} is not set, and the instance on {addr} gives no demo token \
                  ({status} {body}): set {ENV_JWT_SECRET_KEY} to the instances' secret to mint tokens here"
             );
             ExitCode::from(EXIT_CONFIG)
         }
         Err(error) => {
             eprintln!(
-                "error: {ENV_JWT_SECRET_KEY} is not set, and no demo instance answers on 127.0.0.1:{port} ({error}). \
+                "error: {ENV_JWT_SECRET_KEY} is not set, and no demo instance answers on {addr} ({error}). \
                  Start one with `lq-realtime` (no configuration: demo mode) and run this again, or set \
                  {ENV_JWT_SECRET_KEY} to the instances' secret (BIND_ADDR names another port)"
             );
@@ -168,13 +177,12 @@ fn token_from_demo(args: &TokenArgs, bind_addr: Option<String>) -> ExitCode {
     }
 }
 
-/// `GET path` on 127.0.0.1:`port`, HTTP/1.0: the status and the body.
-fn demo_request(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+/// `GET path` on `addr`, HTTP/1.0: the status and the body.
+fn demo_request(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut answer = String::new();
     stream.take(64 * 1024).read_to_string(&mut answer)?;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));

@@ -259,6 +259,8 @@ pub struct Config {
     /// `None`: `/metrics` is served on `bind_addr`.
     pub metrics_addr: Option<SocketAddr>,
     pub drain_grace: Duration,
+    /// `DRAIN_GRACE_SECS` was set: the grace is kept even with no connection open.
+    pub drain_grace_set: bool,
     pub drain: Duration,
     /// History kept per `tenant:` and `user:` channel.
     pub history: HistorySettings,
@@ -694,6 +696,7 @@ impl Config {
             }
         });
         let drain_grace = r.parse(ENV_DRAIN_GRACE_SECS, DEFAULT_DRAIN_GRACE_SECS, whole::<u64>);
+        let drain_grace_set = r.get(ENV_DRAIN_GRACE_SECS).is_some();
         let drain = r.parse(ENV_DRAIN_SECS, DEFAULT_DRAIN_SECS, whole::<u64>);
         let webhook_dedup_secs = r.parse(ENV_WEBHOOK_DEDUP_SECS, DEFAULT_WEBHOOK_DEDUP_SECS, |raw| {
             whole::<u64>(raw)
@@ -768,6 +771,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(header_secs),
             metrics_addr,
             drain_grace: Duration::from_secs(drain_grace),
+            drain_grace_set,
             drain: Duration::from_secs(drain),
             history: HistorySettings { size: history_size, ttl: Duration::from_secs(history_ttl) },
             presence,

@@ -28,12 +28,24 @@ impl std::fmt::Display for NearMiss {
 pub fn near_misses(names: impl IntoIterator<Item = String>) -> Vec<NearMiss> {
     names
         .into_iter()
-        .filter(|name| !VARIABLES.contains(&name.as_str()))
+        .filter(|name| !VARIABLES.contains(&name.as_str()) && !is_service_link(name))
         .filter_map(|name| {
             let meant = resembled(&name);
             (meant.is_some() || name.starts_with("LQ_")).then_some(NearMiss { name, meant })
         })
         .collect()
+}
+
+/// Whether `name` is one of the variables Kubernetes (and Docker links) set for every Service:
+/// `<SERVICE>_SERVICE_HOST`, `<SERVICE>_SERVICE_PORT[_…]`, `<SERVICE>_PORT[_<n>_<PROTO>[_…]]`.
+fn is_service_link(name: &str) -> bool {
+    name.ends_with("_SERVICE_HOST")
+        || name.contains("_SERVICE_PORT")
+        || name.ends_with("_PORT")
+        || ["_TCP", "_UDP", "_SCTP"]
+            .iter()
+            .any(|proto| name.contains(&format!("{proto}_")) || name.ends_with(proto))
+            && name.contains("_PORT_")
 }
 
 /// The variable `name` most resembles: at most two edits away (for names of five characters or
@@ -49,10 +61,12 @@ fn resembled(name: &str) -> Option<&'static str> {
         .copied()
         .filter_map(|known| {
             let distance = edit_distance(bare, known);
-            let extended = bare.len() >= 6
-                && known.len() >= 6
-                && (known.starts_with(bare) || bare.starts_with(known))
-                && bare.len().abs_diff(known.len()) <= 5;
+            let (short, long) = if bare.len() < known.len() { (bare, known) } else { (known, bare) };
+            let added = &long[short.len().min(long.len())..];
+            let extended = short.len() >= 6
+                && long.starts_with(short)
+                && added.len() <= 5
+                && !matches!(added, "_PORT" | "_HOST" | "_ADDR" | "_NAME");
             (extended || (bare.len() >= 5 && distance <= 2)).then_some((distance, known))
         })
         .min()

@@ -171,7 +171,8 @@ async fn an_instance_sends_every_redis_command_over_its_four_shared_connections(
 }
 
 #[tokio::test]
-async fn with_redis_unreachable_at_start_ready_says_where_redis_is_and_why_never_its_password() {
+async fn with_redis_unreachable_at_start_ready_tells_this_machine_where_redis_is_and_why_never_its_password()
+{
     let port = crate::redis_support::free_port();
     let app = spawn_app_with(test_config(|vars| {
         vars.insert("REDIS_URL".into(), format!("redis://lq:pw-in-url@127.0.0.1:{port}"));
@@ -193,6 +194,12 @@ async fn with_redis_unreachable_at_start_ready_says_where_redis_is_and_why_never
     assert!(message.starts_with(&expected) && message.ends_with("; retrying"), "{message}");
     assert!(!message.contains("pw-in-url"), "no password in the answer: {message}");
     assert_eq!(answer.body["code"], "unavailable");
+    // Through a proxy, where Redis is stays on this machine.
+    let relayed =
+        app.http.get(app.url("/ready")).header("x-forwarded-for", "203.0.113.9").send().await.expect("GET");
+    assert_eq!(relayed.status(), 503);
+    let relayed: serde_json::Value = relayed.json().await.expect("JSON");
+    assert_eq!(relayed["message"], "message broker unavailable");
 }
 
 #[tokio::test]

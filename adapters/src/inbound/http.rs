@@ -160,8 +160,26 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 /// host in its `Host` header (`localhost`, `127.x.y.z`, `[::1]`, with or without a port) rather
 /// than a name that merely resolves to it (a DNS-rebinding page's). What demo mode hands out
 /// (a key of the server API, tokens of any tenant) goes to such requests only.
-pub(crate) fn from_this_machine(peer: Option<PeerAddr>, host: Option<&str>) -> bool {
-    peer.is_some_and(|peer| peer.0.ip().is_loopback()) && host.is_some_and(names_this_machine)
+fn from_this_machine(peer: Option<PeerAddr>, host: Option<&str>) -> bool {
+    peer.is_some_and(|peer| peer.0.ip().to_canonical().is_loopback()) && host.is_some_and(names_this_machine)
+}
+
+/// Whether a request comes from this machine ([`from_this_machine`]) and no proxy relayed it: a
+/// proxy on this machine (nginx, `ssh -L`, `kubectl port-forward`) makes any client look local,
+/// and the usual ones say so with `Forwarded` or `X-Forwarded-For`.
+pub(crate) fn this_machine() -> impl Filter<Extract = (bool,), Error = Rejection> + Clone {
+    warp::ext::optional::<PeerAddr>()
+        .and(warp::header::optional::<String>("host"))
+        .and(warp::header::optional::<String>("forwarded"))
+        .and(warp::header::optional::<String>("x-forwarded-for"))
+        .map(
+            |peer: Option<PeerAddr>,
+             host: Option<String>,
+             forwarded: Option<String>,
+             relayed_for: Option<String>| {
+                forwarded.is_none() && relayed_for.is_none() && from_this_machine(peer, host.as_deref())
+            },
+        )
 }
 
 fn names_this_machine(host: &str) -> bool {
@@ -241,12 +259,21 @@ pub fn routes(
     let health = warp::path!("health")
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
-    let ready = warp::path!("ready").and(warp::get()).and(with(app.clone())).map(|app: Arc<Realtime>| {
-        match app.unready_reason() {
+    let ready = warp::path!("ready").and(warp::get()).and(with(app.clone())).and(this_machine()).map(
+        |app: Arc<Realtime>, local: bool| match app.unready_reason() {
             None => warp::reply::json(&json!({"status": "ready"})).into_response(),
-            Some(reason) => ApiError::unavailable(reason).into_response(),
-        }
-    });
+            Some(reason) => {
+                // Where Redis is and why it fails is for this machine (and the logs); the
+                // network is told that the broker is unavailable.
+                let reason =
+                    if local || app.is_draining() { reason } else { "message broker unavailable".to_owned() };
+                let mut response = ApiError::unavailable(reason).into_response();
+                // Probes ask every few seconds: not a refusal worth a log line each.
+                response.extensions_mut().remove::<Refusal>();
+                response
+            }
+        },
+    );
     let bodies = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WEBHOOK_BODIES));
     // `POST /webhooks/{provider}` names the tenant in `x-tenant-id`; senders that cannot add
     // a header name it in the path.
@@ -286,7 +313,9 @@ pub fn routes(
         .and(routes)
         .map(|id: Option<RequestId>, mut response: Response| {
             let id = id.map_or_else(|| Arc::from("-"), |id| id.0);
-            if let Some(refusal) = response.extensions().get::<Refusal>() {
+            let refusal = response.extensions().get::<Refusal>();
+            // A path that does not exist is a scanner's, not a refusal worth an INFO line.
+            if let Some(refusal) = refusal.filter(|refusal| refusal.message != "no such route") {
                 tracing::info!(
                     target: "lq_realtime::http",
                     request_id = %id,

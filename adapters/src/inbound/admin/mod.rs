@@ -8,7 +8,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::console::asset;
-use crate::inbound::http::{PeerAddr, from_this_machine};
+use crate::inbound::http::this_machine;
 
 const PAGE: &str = include_str!("admin.html");
 const SCRIPT: &str = include_str!("admin.js");
@@ -44,13 +44,9 @@ pub fn routes(
         .map(|| asset(SCRIPT, "text/javascript; charset=utf-8"));
     let style =
         warp::path!("admin" / "admin.css").and(warp::get()).map(|| asset(STYLE, "text/css; charset=utf-8"));
-    let config = warp::path!("admin" / "config")
-        .and(warp::get())
-        .and(warp::ext::optional::<PeerAddr>())
-        .and(warp::header::optional::<String>("host"))
-        .map(move |peer: Option<PeerAddr>, host: Option<String>| {
+    let config =
+        warp::path!("admin" / "config").and(warp::get()).and(this_machine()).map(move |local: bool| {
             // The demo key opens the whole server API: only a page of this machine gets it.
-            let local = from_this_machine(peer, host.as_deref());
             let key = demo_key.as_ref().filter(|_| local);
             let mut response = warp::reply::json(&serde_json::json!({"demo_key": key})).into_response();
             response

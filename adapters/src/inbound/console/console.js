@@ -62,12 +62,27 @@ async function currentToken() {
   return $("token").value.trim();
 }
 
-/** Demo mode: a fresh token for the user and tenant of the fields. */
-async function mintToken() {
-  const user = $("demo-user").value.trim() || "demo";
-  const tenant = $("demo-tenant").value.trim() || "demo";
+/**
+ * Demo mode: a fresh token for `identity` ("user@tenant"), by default the user and tenant of the
+ * fields. From another machine, only the demo user's token of /console/config is handed out.
+ */
+async function mintToken(identity) {
+  const [fieldUser, fieldTenant] = [$("demo-user").value.trim() || "demo", $("demo-tenant").value.trim() || "demo"];
+  const [user, tenant] = identity ? identity.split("@") : [fieldUser, fieldTenant];
+  if (config.remote) {
+    const fresh = await (await fetch("/console/config", { cache: "no-store" })).json();
+    $("token").value = $("token").dataset.demo = fresh.token;
+    $("token").dataset.identity = "demo@demo";
+    return { token: fresh.token, user: "demo", tenant: "demo" };
+  }
   const response = await fetch(`/console/token?user=${encodeURIComponent(user)}&tenant=${encodeURIComponent(tenant)}`, { cache: "no-store" });
   const body = await response.json().catch(() => ({}));
+  if (response.status === 403 && body.code === "not_this_machine") {
+    // Opened from another machine: the demo user only.
+    config.remote = true;
+    $("demo").hidden = true;
+    return mintToken();
+  }
   if (!response.ok) throw new Error(body.message || `HTTP ${response.status}`);
   $("token").value = $("token").dataset.demo = body.token;
   $("token").dataset.identity = `${body.user}@${body.tenant}`;
@@ -95,7 +110,8 @@ $("connect").addEventListener("click", () => {
     getToken: async () => {
       // In demo mode a fresh token of the same user is minted for every connection and refresh.
       if (config.demo && $("token").value && $("token").dataset.demo === $("token").value) {
-        await mintToken();
+        // The same user as the token in use, whatever the fields say now.
+        await mintToken($("token").dataset.identity);
       }
       return currentToken();
     },

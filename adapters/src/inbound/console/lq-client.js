@@ -65,6 +65,12 @@ export function tokenExpiry(token) {
 /** Browsers' timers take at most 2^31 - 1 ms. */
 const LONGEST_TIMER_MS = 2147483647;
 
+/** How long the request that asks why a handshake was refused may take. */
+const REFUSAL_TIMEOUT_MS = 5000;
+
+/** Refusals only another token (or origin) can change: the client stops on them. */
+const STOP_ON_REFUSAL = ["unauthorized", "forbidden", "origin_not_allowed"];
+
 /** WebSocket attempts in a row that end with 1006 before a welcome until "auto" uses SSE. */
 const WEBSOCKET_FAILURES_BEFORE_FALLBACK = 2;
 
@@ -427,6 +433,8 @@ export class LqClient {
       ? this.options.sseUrl || sseUrlFor(this.options.url)
       : this.options.url.replace(/^ws(s?):/, "http$1:");
     const controller = new AbortController();
+    // A network that never answers must not hold the reconnection up.
+    const timeout = setTimeout(() => controller.abort(), REFUSAL_TIMEOUT_MS);
     try {
       const response = await fetch(`${base}${query}`, { cache: "no-store", signal: controller.signal });
       // 426: the token passed and only the upgrade is missing; 200: a stream opened.
@@ -435,9 +443,14 @@ export class LqClient {
         return null;
       }
       const body = await response.json().catch(() => ({}));
-      return { status: response.status, code: body.code || null, message: body.message || response.statusText };
+      // Only this service's own answers count: a proxy's error page is a blocked path, not a
+      // refusal of the token.
+      if (typeof body.code !== "string" || typeof body.message !== "string") return null;
+      return { status: response.status, code: body.code, message: body.message };
     } catch {
       return null;
+    } finally {
+      clearTimeout(timeout);
     }
   }
 
@@ -450,7 +463,7 @@ export class LqClient {
       if (generation !== this.generation) return;
       if (refused) {
         const info = { code, reason: refused.message, meaning: `refused by the server: ${refused.status} ${refused.code || ""}`.trim(), refused };
-        if (refused.status === 401 || refused.status === 403) {
+        if (STOP_ON_REFUSAL.includes(refused.code)) {
           // Only another token helps: stop until connect() is called with one.
           this.stopped = true;
           this.setState("closed", info);

@@ -14,7 +14,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::error::ApiError;
-use crate::inbound::http::{PeerAddr, from_this_machine};
+use crate::inbound::http::this_machine;
 use crate::inbound::http::{read_in_time, refuse_announced_too_large};
 use crate::outbound::signatures::sign;
 
@@ -131,11 +131,10 @@ pub fn routes(
     let token = warp::path!("console" / "token")
         .and(warp::get())
         .and(warp::query::<TokenQuery>())
-        .and(warp::ext::optional::<PeerAddr>())
-        .and(warp::header::optional::<String>("host"))
-        .and_then(move |query: TokenQuery, peer: Option<PeerAddr>, host: Option<String>| {
+        .and(this_machine())
+        .and_then(move |query: TokenQuery, local: bool| {
             let demo = tokens_demo.clone();
-            async move { mint(demo.as_ref(), &query, from_this_machine(peer, host.as_deref())) }
+            async move { mint(demo.as_ref(), &query, local) }
         });
     on.and(
         page.or(script)

@@ -45,6 +45,7 @@ impl RedisTarget {
         match self {
             Self::Url(url) => {
                 let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+                let rest = rest.split(['?', '#']).next().unwrap_or_default();
                 let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
                 format!("{scheme}://{host}")
             }
@@ -234,6 +235,8 @@ mod tests {
     fn a_location_never_shows_a_password() {
         let url = RedisTarget::Url("redis://user:s3cret@redis.internal:6380/2".to_owned());
         assert_eq!(url.location(), "redis://redis.internal:6380/2");
+        let no_user = RedisTarget::Url("redis://:p@ss/w@127.0.0.1:6379?password=x#y".to_owned());
+        assert_eq!(no_user.location(), "redis://127.0.0.1:6379");
         assert_eq!(
             RedisTarget::Url("redis://127.0.0.1:6379".to_owned()).location(),
             "redis://127.0.0.1:6379"
