@@ -9,8 +9,8 @@ use domain::{Allowed, Caps, SCOPE_WS_CONNECT, TenantId, TopicName, UserId};
 
 use crate::app::Application;
 use crate::config::{
-    Config, ENV_BIND_ADDR, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_PUBLIC_KEY_FILE, ENV_JWT_SECRET_KEY,
-    jwt_secret_from_lookup,
+    Config, DEFAULT_DEMO_BIND_ADDR, ENV_BIND_ADDR, ENV_JWT_AUDIENCE, ENV_JWT_ISSUER, ENV_JWT_PUBLIC_KEY_FILE,
+    ENV_JWT_SECRET_KEY, jwt_secret_from_lookup, listen_addr,
 };
 use crate::telemetry;
 
@@ -137,13 +137,11 @@ fn token_from_demo(args: &TokenArgs, bind_addr: Option<String>) -> ExitCode {
     }
     // Where the demo listens, reached from this machine: an address that listens everywhere is
     // reached on loopback.
-    let listen = bind_addr.and_then(|raw| {
-        let raw = raw.trim();
-        let raw =
-            raw.strip_prefix("localhost:").map_or_else(|| raw.to_owned(), |port| format!("127.0.0.1:{port}"));
-        raw.parse::<std::net::SocketAddr>().ok()
-    });
-    let mut addr = listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let listen = bind_addr.as_deref().map(str::trim).filter(|raw| !raw.is_empty());
+    let mut addr = listen
+        .or(Some(DEFAULT_DEMO_BIND_ADDR))
+        .and_then(listen_addr)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }

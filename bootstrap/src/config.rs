@@ -502,9 +502,18 @@ fn webhook_endpoints(path: &str) -> Result<Vec<WebhookEndpoint>, Vec<String>> {
         .map_err(|problems| problems.into_iter().map(|p| format!("{path} {p}")).collect())
 }
 
+/// `on` or `off`.
+fn on_off(raw: &str) -> Result<bool, String> {
+    match raw {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
 /// An address to listen on: `IP:port`, or `localhost:port` for 127.0.0.1 (no other host name is
 /// resolved).
-fn listen_addr(raw: &str) -> Option<SocketAddr> {
+pub(crate) fn listen_addr(raw: &str) -> Option<SocketAddr> {
     match raw.strip_prefix("localhost:") {
         Some(port) => port.parse::<u16>().ok().map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
         None => raw.parse().ok(),
@@ -565,21 +574,9 @@ impl Config {
             })
         });
         let api_keys = r.parse(ENV_API_KEYS, ApiKeys::default(), api_keys);
-        let presence = r.parse(ENV_PRESENCE, true, |raw| match raw {
-            "on" => Ok(true),
-            "off" => Ok(false),
-            other => Err(format!("expected on or off, got {other:?}")),
-        });
-        let console = r.parse(ENV_CONSOLE, demo_mode, |raw| match raw {
-            "on" => Ok(true),
-            "off" => Ok(false),
-            other => Err(format!("expected on or off, got {other:?}")),
-        });
-        let admin = r.parse(ENV_ADMIN, demo_mode, |raw| match raw {
-            "on" => Ok(true),
-            "off" => Ok(false),
-            other => Err(format!("expected on or off, got {other:?}")),
-        });
+        let presence = r.parse(ENV_PRESENCE, true, on_off);
+        let console = r.parse(ENV_CONSOLE, demo_mode, on_off);
+        let admin = r.parse(ENV_ADMIN, demo_mode, on_off);
         if admin && !demo_mode && api_keys.is_empty() {
             r.fail(ENV_ADMIN, format!("needs {ENV_API_KEYS}: the dashboard signs in with a server API key"));
         }
