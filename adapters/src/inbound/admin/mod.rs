@@ -7,7 +7,7 @@
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::inbound::console::asset;
+use crate::inbound::console::{asset, served_only_when};
 use crate::inbound::http::this_machine;
 
 const PAGE: &str = include_str!("admin.html");
@@ -35,9 +35,7 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
     let enabled = settings.is_some();
     let demo_key = settings.and_then(|s| s.demo_key);
-    let on = warp::any()
-        .and_then(move || async move { if enabled { Ok(()) } else { Err(warp::reject::not_found()) } })
-        .untuple_one();
+    let on = served_only_when(enabled);
     let page = warp::path!("admin").and(warp::get()).map(|| asset(PAGE, "text/html; charset=utf-8"));
     let script = warp::path!("admin" / "admin.js")
         .and(warp::get())

@@ -71,6 +71,16 @@ pub(crate) fn asset(body: &'static str, content_type: &'static str) -> Response 
     response
 }
 
+/// Passes every request when `on`; otherwise rejects it as a route that does not exist, so that
+/// pages turned off answer like any unknown path.
+pub(crate) fn served_only_when(
+    on: bool,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone + Send + Sync + 'static {
+    warp::any()
+        .and_then(move || async move { if on { Ok(()) } else { Err(warp::reject::not_found()) } })
+        .untuple_one()
+}
+
 /// The console's routes; with `settings` unset none of them exists.
 pub fn routes(
     app: Arc<Realtime>,
@@ -78,9 +88,7 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static {
     let enabled = settings.is_some();
     let demo = settings.and_then(|s| s.demo);
-    let on = warp::any()
-        .and_then(move || async move { if enabled { Ok(()) } else { Err(warp::reject::not_found()) } });
-    let on = on.untuple_one();
+    let on = served_only_when(enabled);
     let page = warp::path::end().and(warp::get()).map(|| asset(INDEX, "text/html; charset=utf-8"));
     let script = warp::path!("console" / "console.js")
         .and(warp::get())
