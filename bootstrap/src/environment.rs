@@ -53,8 +53,8 @@ fn is_service_link(name: &str) -> bool {
 fn resembled(name: &str) -> Option<&'static str> {
     let name_upper = name.to_ascii_uppercase();
     let bare = name_upper.strip_prefix("LQ_").unwrap_or(&name_upper);
-    if VARIABLES.contains(&bare) {
-        return VARIABLES.iter().copied().find(|v| *v == bare);
+    if let Some(same) = VARIABLES.iter().copied().find(|v| *v == bare) {
+        return Some(same);
     }
     VARIABLES
         .iter()

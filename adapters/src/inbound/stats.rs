@@ -72,7 +72,9 @@ fn event(name: &str, data: &impl Serialize) -> Bytes {
 struct StreamState {
     app: Arc<Realtime>,
     changes: watch::Receiver<u64>,
-    /// The newest sample sent (Unix ms); 0 before the history.
+    /// The `history` event was sent.
+    history_sent: bool,
+    /// The newest sample sent (Unix ms).
     sent_until_ms: u64,
     quiet_since: tokio::time::Instant,
     _permit: OwnedSemaphorePermit,
@@ -82,9 +84,9 @@ impl StreamState {
     /// The samples not sent yet (all of them at first, as one `history` event), then `stats`.
     fn update(&mut self) -> Bytes {
         let samples = self.app.cluster().samples_after(self.sent_until_ms);
-        let first = self.sent_until_ms == 0;
         let mut chunk = Vec::new();
-        if first {
+        if !self.history_sent {
+            self.history_sent = true;
             chunk.extend_from_slice(&event("history", &samples));
         } else {
             for sample in &samples {
@@ -94,7 +96,6 @@ impl StreamState {
         if let Some(newest) = samples.last() {
             self.sent_until_ms = newest.at_ms;
         }
-        self.sent_until_ms = self.sent_until_ms.max(1);
         chunk.extend_from_slice(&event("stats", &*self.app.cluster().stats()));
         self.quiet_since = tokio::time::Instant::now();
         Bytes::from(chunk)
@@ -112,12 +113,13 @@ fn events(
     let state = StreamState {
         app,
         changes,
+        history_sent: false,
         sent_until_ms: 0,
         quiet_since: tokio::time::Instant::now(),
         _permit: permit,
     };
     futures_util::stream::unfold(state, |mut state| async move {
-        if state.sent_until_ms == 0 {
+        if !state.history_sent {
             let chunk = state.update();
             return Some((Ok(chunk), state));
         }

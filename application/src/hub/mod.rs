@@ -381,8 +381,8 @@ impl Hub {
     }
 
     /// Per tenant with a connection on this instance: its connections and distinct users.
-    pub fn tenants(&self) -> HashMap<TenantId, (usize, usize)> {
-        let mut tenants: HashMap<TenantId, (usize, usize)> = HashMap::new();
+    pub fn tenants(&self) -> crate::stats::activity::TenantCounts {
+        let mut tenants = crate::stats::activity::TenantCounts::new();
         for shard in &self.shards {
             for (tenant, _, connections) in Self::read(shard).users() {
                 let entry = match tenants.get_mut(tenant) {

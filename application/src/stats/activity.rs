@@ -104,8 +104,9 @@ impl std::fmt::Debug for Activity {
     }
 }
 
-/// The figures of one tenant that only the hub knows: connections and distinct users.
-pub type Presence = HashMap<TenantId, (usize, usize)>;
+/// What only the hub knows of each tenant with connections here: its connections and distinct
+/// users ([`crate::hub::Hub::tenants`]).
+pub type TenantCounts = HashMap<TenantId, (usize, usize)>;
 
 impl Activity {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
@@ -191,15 +192,15 @@ impl Activity {
     }
 
     /// The figures of the last minute, with each tenant's connections and users from
-    /// `presence`, and forgets the tenants (and providers) without connections nor activity.
+    /// `counts`, and forgets the tenants (and providers) without connections nor activity.
     /// Each tenant's counts are summed once; figures are built for the named tenants only.
-    pub fn figures(&self, presence: &Presence) -> ActivityFigures {
+    pub fn figures(&self, counts: &TenantCounts) -> ActivityFigures {
         let second = self.now_ms() / 1000;
         self.with_state(|state| {
             let mut flows: HashMap<TenantId, Flow> = HashMap::with_capacity(state.tenants.len());
             state.tenants.retain(|tenant, activity| {
                 let flow = activity.counts.flow(second);
-                let keep = flow != Flow::default() || presence.contains_key(tenant);
+                let keep = flow != Flow::default() || counts.contains_key(tenant);
                 if keep {
                     activity
                         .providers
@@ -208,14 +209,14 @@ impl Activity {
                 }
                 keep
             });
-            let mut ranked: Vec<(&TenantId, (usize, usize), Flow)> = presence
+            let mut ranked: Vec<(&TenantId, (usize, usize), Flow)> = counts
                 .iter()
-                .map(|(tenant, presence)| (tenant, *presence, flows.get(tenant).copied().unwrap_or_default()))
+                .map(|(tenant, counts)| (tenant, *counts, flows.get(tenant).copied().unwrap_or_default()))
                 .collect();
             ranked.extend(
                 flows
                     .iter()
-                    .filter(|(tenant, _)| !presence.contains_key(*tenant))
+                    .filter(|(tenant, _)| !counts.contains_key(*tenant))
                     .map(|(t, f)| (t, (0, 0), *f)),
             );
             let listed = ranked.len();
@@ -407,7 +408,7 @@ mod tests {
         activity.published(&bob);
         activity.published(&Channel::Global);
         activity.delivered(&acme, 10);
-        let presence = Presence::from([(tenant("acme"), (4, 2)), (tenant("idle"), (1, 1))]);
+        let presence = TenantCounts::from([(tenant("acme"), (4, 2)), (tenant("idle"), (1, 1))]);
         let figures = activity.figures(&presence);
         assert_eq!((figures.totals.messages_in, figures.totals.messages_out), (5, 10));
         let acme_figures = figures.tenants.iter().find(|t| t.tenant == "acme").expect("acme");
@@ -420,7 +421,7 @@ mod tests {
         );
 
         clock.advance(61_000);
-        let figures = activity.figures(&Presence::new());
+        let figures = activity.figures(&TenantCounts::new());
         assert_eq!(figures.totals, Flow::default());
         assert!(figures.tenants.is_empty(), "idle tenants without connections are forgotten");
         assert!(figures.top_channels.is_empty());
@@ -447,7 +448,7 @@ mod tests {
                 WebhookVerdict::Refused { result: "unauthorized", reason: "unknown tenant" },
             );
         }
-        let figures = activity.figures(&Presence::new());
+        let figures = activity.figures(&TenantCounts::new());
         assert_eq!(
             (figures.totals.webhooks_accepted, figures.totals.webhooks_refused),
             (1, 1 + FAILURES_KEPT as u64)
@@ -468,7 +469,7 @@ mod tests {
                 WebhookTarget { configured: Some((&acme, &provider)), tenant: Some("acme"), provider: None };
             activity.webhook(target, WebhookVerdict::Refused { result: "unauthorized", reason: "missing" });
         }
-        let figures = activity.figures(&Presence::new());
+        let figures = activity.figures(&TenantCounts::new());
         let webhooks = &figures.tenants[0].webhooks;
         assert_eq!(webhooks.len(), MAX_PROVIDERS_PER_TENANT + 1);
         assert_eq!(webhooks[OTHER_PROVIDERS], Verdicts { accepted: 0, refused: 10 });
@@ -477,7 +478,7 @@ mod tests {
     #[test]
     fn at_most_the_busiest_tenants_are_named_and_the_rest_are_counted() {
         let (activity, _) = activity();
-        let presence: Presence =
+        let presence: TenantCounts =
             (0..MAX_REPORTED_TENANTS + 5).map(|n| (tenant(&format!("t{n}")), (n + 1, 1))).collect();
         let figures = activity.figures(&presence);
         assert_eq!(figures.tenants.len(), MAX_REPORTED_TENANTS);

@@ -100,7 +100,7 @@ impl ClusterView {
 
     /// Takes a sample of the figures now for the charts, and returns it.
     pub fn take_sample(&self) -> Sample {
-        let sample = Sample::of(&self.merge_now());
+        let sample = Sample::of(&self.stats());
         self.with_state(|state| {
             if state.samples.len() == HISTORY_SAMPLES {
                 state.samples.pop_front();
@@ -109,17 +109,6 @@ impl ClusterView {
         });
         self.changed.send_modify(|version| *version = version.wrapping_add(1));
         sample
-    }
-
-    /// The figures merged now, whatever the cache holds.
-    fn merge_now(&self) -> ClusterStats {
-        let now = self.now_ms();
-        self.with_state(|state| {
-            ClusterStats::merge(
-                state.reports.values().map(|(report, at)| (report, now.saturating_sub(*at))),
-                now,
-            )
-        })
     }
 
     /// The samples taken after `after_ms` (Unix ms), oldest first.

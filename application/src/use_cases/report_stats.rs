@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::hub::Hub;
-use crate::ports::{Clock, ControlCommand, MessageBroker};
+use crate::ports::{Clock, ControlCommand};
 use crate::stats::{Activity, ClusterView, InstanceReport};
 
 /// Who this instance is, as its reports name it.
@@ -28,7 +28,6 @@ pub struct ReportStats {
     instance: InstanceInfo,
     started_at_ms: u64,
     hub: Arc<Hub>,
-    broker: Arc<dyn MessageBroker>,
     clock: Arc<dyn Clock>,
     activity: Arc<Activity>,
     cluster: Arc<ClusterView>,
@@ -48,15 +47,7 @@ impl ReportStats {
         activity: Arc<Activity>,
         cluster: Arc<ClusterView>,
     ) -> Self {
-        Self {
-            instance,
-            started_at_ms: clock.now().unix_millis(),
-            broker: hub.broker().clone(),
-            hub,
-            clock,
-            activity,
-            cluster,
-        }
+        Self { instance, started_at_ms: clock.now().unix_millis(), hub, clock, activity, cluster }
     }
 
     /// The cluster as this instance sees it.
@@ -75,7 +66,7 @@ impl ReportStats {
             sent_at_ms: self.clock.now().unix_millis(),
             connections: self.hub.len(),
             subscriptions: self.hub.topic_subscriptions(),
-            broker_ready: self.broker.is_ready(),
+            broker_ready: self.hub.broker_ready(),
             draining,
             totals: figures.totals,
             tenants: figures.tenants,
@@ -92,7 +83,8 @@ impl ReportStats {
         let report = self.own_report(draining);
         self.cluster.receive(report.clone());
         self.cluster.take_sample();
-        if let Err(error) = self.broker.publish_control(&ControlCommand::Report(Box::new(report))).await {
+        if let Err(error) = self.hub.broker().publish_control(&ControlCommand::Report(Box::new(report))).await
+        {
             tracing::debug!(%error, "statistics not sent to the other instances");
         }
     }
