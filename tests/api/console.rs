@@ -104,14 +104,7 @@ async fn connect_as(browser: &Browser, url: &str) {
 
 #[tokio::test]
 async fn the_quick_start_two_demo_users_in_two_tabs_exchange_a_direct_message_and_see_a_test_webhook() {
-    let config = bootstrap::config::Config::from_lookup(|name| match name {
-        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
-        "DRAIN_GRACE_SECS" | "DRAIN_SECS" => Some("0".to_owned()),
-        _ => None,
-    })
-    .expect("demo mode");
-    let demo = spawn_app_with(config).await;
-    demo.wait_ready(Duration::from_secs(10)).await;
+    let demo = spawn_demo().await;
     let browser = Browser::start().await;
     connect_as(&browser, &demo.url("/?user=alice")).await;
     let alice = new_tab(&browser).await;

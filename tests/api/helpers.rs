@@ -144,6 +144,20 @@ pub(crate) async fn spawn_ready(vars: &[(&str, &str)]) -> TestApp {
     app
 }
 
+/// An instance in demo mode (no token key, so the console and the dashboard are on), once it
+/// answers `/ready`.
+pub(crate) async fn spawn_demo() -> TestApp {
+    let config = Config::from_lookup(|name| match name {
+        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "DRAIN_GRACE_SECS" | "DRAIN_SECS" => Some("0".to_owned()),
+        _ => None,
+    })
+    .expect("demo mode");
+    let demo = spawn_app_with(config).await;
+    demo.wait_ready(Duration::from_secs(10)).await;
+    demo
+}
+
 pub(crate) async fn spawn_app_with(config: Config) -> TestApp {
     let app = Application::build(config).await.expect("application starts");
     let addr = app.local_addr();

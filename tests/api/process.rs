@@ -350,23 +350,36 @@ async fn the_token_command_explains_what_is_missing() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_PUBLIC_KEY_FILE"));
 }
 
-#[tokio::test]
-async fn in_demo_mode_two_users_get_their_tokens_from_the_instance_and_exchange_a_direct_message() {
+/// Starts the binary with no configuration but a free port (demo mode), and reads the
+/// `name: value` lines it prints until every one of `wanted` is there; the process ends with the
+/// returned child.
+async fn start_demo(wanted: &[&str]) -> (tokio::process::Child, std::collections::HashMap<String, String>) {
     let mut child = command(&[("BIND_ADDR", "127.0.0.1:0"), ("LOG_FORMAT", "json")])
         .stdout(Stdio::piped())
         .spawn()
         .expect("starts");
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = tokio::time::timeout(Duration::from_secs(30), async {
+    let printed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut printed = std::collections::HashMap::new();
         while let Ok(Some(line)) = stdout.next_line().await {
-            if let Some(url) = line.strip_prefix("connect:") {
-                return url.trim().to_owned();
+            if let Some((name, value)) = line.split_once(": ") {
+                printed.insert(name.trim().to_owned(), value.trim().to_owned());
+            }
+            if wanted.iter().all(|name| printed.contains_key(*name)) {
+                return printed;
             }
         }
-        panic!("no connect line");
+        panic!("not every one of {wanted:?} was printed: {printed:?}");
     })
     .await
     .expect("printed in time");
+    (child, printed)
+}
+
+#[tokio::test]
+async fn in_demo_mode_two_users_get_their_tokens_from_the_instance_and_exchange_a_direct_message() {
+    let (_demo, printed) = start_demo(&["connect"]).await;
+    let url = &printed["connect"];
     let addr = url.trim_start_matches("ws://").split('/').next().expect("address").to_owned();
     // Alice's token from the command line, Bob's as the console gets it.
     let output = command(&[("BIND_ADDR", &addr)])
@@ -425,27 +438,10 @@ async fn in_demo_mode_two_users_get_their_tokens_from_the_instance_and_exchange_
 
 #[tokio::test]
 async fn with_no_configuration_at_all_it_prints_a_demo_token_that_works() {
-    let mut child = command(&[("BIND_ADDR", "127.0.0.1:0"), ("LOG_FORMAT", "json")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let (url, console, dashboard) = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut printed = std::collections::HashMap::new();
-        while let Ok(Some(line)) = stdout.next_line().await {
-            if let Some((name, value)) = line.split_once(": ") {
-                printed.insert(name.trim().to_owned(), value.trim().to_owned());
-            }
-            if let (Some(url), Some(console), Some(dashboard)) =
-                (printed.get("connect"), printed.get("console"), printed.get("dashboard"))
-            {
-                return (url.clone(), console.clone(), dashboard.clone());
-            }
-        }
-        panic!("no connect, console and dashboard lines: {printed:?}");
-    })
-    .await
-    .expect("printed in time");
+    let (_demo, mut printed) = start_demo(&["connect", "console", "dashboard"]).await;
+    let url = printed.remove("connect").expect("connect");
+    let (console, dashboard) = (printed.remove("console"), printed.remove("dashboard"));
+    let (console, dashboard) = (console.expect("console"), dashboard.expect("dashboard"));
     let request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).expect("request");
     let mut client = WsClient::connect(request).await.expect("the demo URL connects");

@@ -257,14 +257,7 @@ async fn the_statistics_need_a_key_and_the_dashboard_is_served_only_when_turned_
 
 #[tokio::test]
 async fn in_demo_mode_the_dashboard_is_on_and_hands_its_page_the_key_of_the_process() {
-    let config = bootstrap::config::Config::from_lookup(|name| match name {
-        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
-        "DRAIN_GRACE_SECS" | "DRAIN_SECS" => Some("0".to_owned()),
-        _ => None,
-    })
-    .expect("valid");
-    let demo = spawn_app_with(config).await;
-    demo.wait_ready(Duration::from_secs(10)).await;
+    let demo = spawn_demo().await;
     assert_eq!(demo.get("/admin").await.status, 200);
     let key = demo.get("/admin/config").await.body["demo_key"].as_str().expect("a demo key").to_owned();
     let response = demo.http.get(demo.url("/api/stats")).bearer_auth(&key).send().await.expect("GET");
