@@ -8,6 +8,9 @@ use serde::Serialize;
 use warp::Reply;
 use warp::reply::Response;
 
+/// The message of a path that does not exist.
+pub const NO_SUCH_ROUTE: &str = "no such route";
+
 /// An error answer: `{"code": "...", "message": "..."}` with a status and, for temporary
 /// conditions, a `Retry-After` header.
 #[derive(Debug, Clone)]
@@ -49,7 +52,7 @@ impl ApiError {
     }
 
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+        Self::new(StatusCode::NOT_FOUND, "not_found", NO_SUCH_ROUTE)
     }
 }
 

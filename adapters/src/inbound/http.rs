@@ -19,7 +19,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::inbound::admin::{self, AdminSettings};
 use crate::inbound::console::{self, ConsoleSettings};
-use crate::inbound::error::{ApiError, Refusal, recover};
+use crate::inbound::error::{ApiError, NO_SUCH_ROUTE, Refusal, recover};
 use crate::inbound::server_api;
 use crate::inbound::sse::{self, SseSettings};
 use crate::inbound::ws::{self, WsSettings};
@@ -121,7 +121,7 @@ pub async fn serve(
         // Bounds the kernel's buffering towards a client that stops reading, so a slow
         // consumer fills its (bounded) outbound queue instead of server memory.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
-        let service = TowerToHyperService::new(WithPeer {
+        let service = TowerToHyperService::new(WithContext {
             inner: service.clone(),
             peer: PeerAddr(peer),
             ids: ids.clone(),
@@ -191,9 +191,10 @@ fn names_this_machine(host: &str) -> bool {
         || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// A service that puts the connection's [`PeerAddr`] into every request before `inner` sees it.
+/// A service that puts the connection's [`PeerAddr`] and the request's [`RequestId`] into every
+/// request before `inner` sees it.
 #[derive(Clone)]
-struct WithPeer<S> {
+struct WithContext<S> {
     inner: S,
     peer: PeerAddr,
     ids: Arc<RequestIds>,
@@ -230,7 +231,7 @@ impl RequestIds {
     }
 }
 
-impl<S, B> tower_service::Service<http::Request<B>> for WithPeer<S>
+impl<S, B> tower_service::Service<http::Request<B>> for WithContext<S>
 where
     S: tower_service::Service<http::Request<B>>,
 {
@@ -315,7 +316,7 @@ pub fn routes(
             let id = id.map_or_else(|| Arc::from("-"), |id| id.0);
             let refusal = response.extensions().get::<Refusal>();
             // A path that does not exist is a scanner's, not a refusal worth an INFO line.
-            if let Some(refusal) = refusal.filter(|refusal| refusal.message != "no such route") {
+            if let Some(refusal) = refusal.filter(|refusal| refusal.message != NO_SUCH_ROUTE) {
                 tracing::info!(
                     target: "lq_realtime::http",
                     request_id = %id,

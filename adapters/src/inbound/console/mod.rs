@@ -192,13 +192,15 @@ fn mint(demo: Option<&Demo>, query: &TokenQuery, local: bool) -> Result<Response
     }
     let (user, tenant) =
         (query.user.as_deref().unwrap_or(DEMO_TENANT), query.tenant.as_deref().unwrap_or(DEMO_TENANT));
-    if let Err(error) = UserId::parse(user) {
-        return refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("user: {error}"));
-    }
-    if let Err(error) = TenantId::parse(tenant) {
-        return refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("tenant: {error}"));
-    }
-    let Some(token) = demo_token(demo, user, tenant) else {
+    let user_id = match UserId::parse(user) {
+        Ok(user_id) => user_id,
+        Err(error) => return refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("user: {error}")),
+    };
+    let tenant_id = match TenantId::parse(tenant) {
+        Ok(tenant_id) => tenant_id,
+        Err(error) => return refuse(StatusCode::BAD_REQUEST, "bad_request", &format!("tenant: {error}")),
+    };
+    let Some(token) = (demo.token)(&user_id, &tenant_id) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the token could not be signed");
     };
     let mut response =
